@@ -1,0 +1,232 @@
+"""One configuration system for every run: typed sections, YAML files, dotted CLI overrides.
+
+Order of precedence: schema defaults < YAML file (and the files it ``inherit``s) < ``key=value``
+overrides from the command line.  The result is validated once, before any cluster resource is
+used; a bad key or value raises :class:`ConfigError` naming the key, the value, where it came
+from and what would be accepted.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestrator.data.config import DataConfig
+from orchestrator.tracking.config import TrackingConfig
+from orchestrator.train.config import TrainConfig
+
+WORKLOADS = ("pretrain", "retrieval", "videoqa", "captioning", "classification", "glue")
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message says how."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """Which mPLUG-2 to build and where its starting weights come from."""
+
+    preset: Literal["tiny", "base", "large"] = "tiny"
+    # Hugging Face checkpoints (a local directory or a hub name); None = random init.
+    vision_pretrained: str | None = None
+    text_pretrained: str | None = None
+    # Field-level overrides of model.config.MPlugConfig (e.g. {"num_fusion_layers": 2}).
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    activation_checkpointing: bool = False
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(16, ge=1)
+    every_steps: int = Field(0, ge=0, description="0 = only at the end of training")
+    max_samples: int | None = Field(None, ge=1)
+
+
+class RunConfig(Section):
+    workload: Literal[WORKLOADS] = "pretrain"  # type: ignore[valid-type]
+    name: str | None = Field(None, description="run name; rerunning a name resumes it")
+    experiment: str | None = Field(None, description="MLflow experiment; default: the workload family")
+    storage: str = Field("./demo_output/store", description="URI under which checkpoints are written")
+    seed: int = 0
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    # Workload-specific options, validated by the workload's own schema (workloads.<name>.Config).
+    task: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_path_safe(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "/\\ \t\n:")):
+            raise ValueError("a run name is used in storage paths: letters, digits, '-', '_', '.' only")
+        return v
+
+    def experiment_name(self) -> str:
+        return self.experiment or f"mplug2-{self.workload}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file; ``inherit: other.yaml`` (relative to the file) is merged underneath."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'inherit' cycle through {' -> '.join(map(str, seen))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    base = _read_yaml(path.parent / parent, seen + (path,))
+    return deep_merge(base, data)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=5e-5`` -> (["train", "lr"], 5e-05).  Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.path=value (e.g. train.lr=5e-5)")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _set_path(d: dict[str, Any], parts: list[str], value: Any) -> None:
+    cur = d
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names accepted at ``loc`` (for 'did you mean' hints)."""
+    cls: Any = model
+    for part in loc[:-1]:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cls = field.annotation
+    return list(getattr(cls, "model_fields", {}).keys())
+
+
+def _format_errors(err: ValidationError, sources: dict[str, str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        src = sources.get(key) or next(
+            (s for k, s in sources.items() if key.startswith(k + ".")), sources.get("", "defaults")
+        )
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(RunConfig, loc)
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            accepted = f"; did you mean '{hint[0]}'?" if hint else ""
+            lines.append(f"  unknown key '{key}' (from {src}){accepted} accepted here: {', '.join(known)}")
+        else:
+            lines.append(f"  {key} = {e.get('input')!r} (from {src}): {e['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _flatten_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, dict) and k != "task":
+            keys.extend(_flatten_keys(v, full + "."))
+    return keys
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults < YAML < overrides, validated.  Raises ConfigError with a fixable message."""
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {"": "defaults"}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+        for k in _flatten_keys(raw):
+            sources[k] = str(path)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set_path(raw, parts, value)
+        sources[".".join(parts)] = f"command line '{text}'"
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, sources)) from None
+    _validate_task_section(cfg)
+    return cfg
+
+
+def _validate_task_section(cfg: RunConfig) -> None:
+    """The ``task`` mapping belongs to the workload; its schema validates it when it has one."""
+    try:
+        from workloads import get_workload  # noqa: PLC0415 (workloads are optional at import time)
+    except ImportError:
+        return
+    try:
+        workload = get_workload(cfg.workload)
+    except KeyError:
+        return
+    schema = getattr(workload, "Config", None)
+    if schema is None:
+        return
+    try:
+        schema.model_validate(cfg.task)
+    except ValidationError as e:
+        lines = [
+            f"  task.{'.'.join(map(str, x['loc']))} = {x.get('input')!r}: {x['msg']}" for x in e.errors()
+        ]
+        raise ConfigError(f"invalid 'task' section for workload '{cfg.workload}':\n" + "\n".join(lines)) from None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"a.b.c": value}; lists become their string form (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

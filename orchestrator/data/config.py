@@ -1,0 +1,43 @@
+"""Typed configuration of the data plane (sources, decoding, tokenization, bad-input policy)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Sampling = Literal["rand", "middle", "uniform", "headtail"]
+
+
+class SourceConfig(BaseModel):
+    """One dataset: its annotation format, where its annotation files and media live, its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = Field("msrvtt", description="source adapter name, see orchestrator.data.sources")
+    # Annotation file(s): absolute URIs, or paths relative to data.root.
+    train: list[str] = Field(default_factory=lambda: ["annotations/msrvtt_train.jsonl"])
+    val: list[str] = Field(default_factory=lambda: ["annotations/msrvtt_val.jsonl"])
+    # Where the media referenced by the annotations live (relative to data.root, or a URI).
+    media: str = "videos"
+    weight: float = Field(1.0, gt=0, description="sampling weight when several sources are mixed")
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field("./demo_output/synth", description="dataset root URI (local path or s3://bucket/prefix)")
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig()])
+    num_frames: int = Field(4, ge=1, le=128)
+    sampling: Sampling = "rand"
+    eval_sampling: Sampling = "middle"
+    image_size: int = Field(224, ge=16, le=1024)
+    scale_min: float = Field(0.5, gt=0, le=1, description="random resized crop: smallest area fraction")
+    hflip: bool = Field(True, description="random horizontal flip in training augmentation")
+    tokenizer: str | None = Field(None, description="HF tokenizer dir or hub name; None = <root>/tokenizer")
+    max_text_len: int = Field(40, ge=4, le=512)
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="stop the job past this fraction of bad clips")
+    decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode task")
+    decode_concurrency: int | None = Field(None, ge=1, description="decode actors/tasks at once (None = Ray decides)")
+    decode_batch_size: int = Field(8, ge=1)
+    prefetch_batches: int = Field(2, ge=0)
+    limit: int | None = Field(None, ge=1, description="use only the first N rows of each split (debugging)")

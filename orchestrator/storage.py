@@ -1,0 +1,235 @@
+"""Storage addressed by URI: ``s3://bucket/prefix`` or a local path.
+
+Reads for Ray Data go through :func:`filesystem` (``pyarrow.fs``); listing, writing and deleting go
+through boto3 for S3.  S3-compatible endpoints and credentials come only from the standard AWS
+environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, instance
+profiles ...), never from a config file.  Both clients retry throttling (503 SlowDown) and 5xx
+errors with exponential backoff.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+S3_MAX_ATTEMPTS = int(os.environ.get("MPLUG2_S3_MAX_ATTEMPTS", "10"))
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ("bucket", "a/b")."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key
+
+
+def has_scheme(uri: str) -> bool:
+    return "://" in str(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path segments onto a URI or local path."""
+    out = str(base)
+    for p in parts:
+        p = str(p)
+        if not p:
+            continue
+        out = out.rstrip("/") + "/" + p.lstrip("/") if (has_scheme(out) or out) else p
+    return out
+
+
+def resolve(root: str, path: str) -> str:
+    """A path relative to ``root`` unless it is already absolute (a URI or an absolute local path)."""
+    path = str(path)
+    if has_scheme(path) or os.path.isabs(path):
+        return path
+    return join(root, path)
+
+
+def local_path(uri: str) -> str:
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return os.path.abspath(uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+# ---------------------------------------------------------------------------------------------
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client_cached(endpoint: str | None, region: str, max_attempts: int):
+    import boto3  # noqa: PLC0415
+    from botocore.config import Config  # noqa: PLC0415
+
+    cfg = Config(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=10,
+        read_timeout=60,
+        s3={"addressing_style": "path"} if endpoint else None,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
+
+
+def s3_client():
+    """A boto3 S3 client for the current AWS environment (cached per endpoint)."""
+    return _s3_client_cached(_endpoint(), _region(), S3_MAX_ATTEMPTS)
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = _endpoint()
+    kwargs = dict(
+        region=_region(),
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        connect_timeout=10,
+        request_timeout=60,
+    )
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or endpoint, scheme=scheme if host else "https")
+        kwargs["force_virtual_addressing"] = False
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a URI."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_filesystem(), f"{bucket}/{key}".rstrip("/")
+    return pafs.LocalFileSystem(), local_path(uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations
+# ---------------------------------------------------------------------------------------------
+
+def read_bytes(uri: str) -> bytes:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return Path(local_path(uri)).read_bytes()
+
+
+def read_text(uri: str, encoding: str = "utf-8") -> str:
+    return read_bytes(uri).decode(encoding)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        return
+    p = Path(local_path(uri))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, p)  # atomic: a reader never sees half a file
+
+
+def write_text(uri: str, text: str, encoding: str = "utf-8") -> None:
+    write_bytes(uri, text.encode(encoding))
+
+
+def exists(uri: str) -> bool:
+    if is_s3(uri):
+        from botocore.exceptions import ClientError  # noqa: PLC0415
+
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+    return os.path.exists(local_path(uri))
+
+
+def list_files(prefix: str) -> Iterator[str]:
+    """Every object/file under ``prefix`` (recursively), as URIs, in key order.  Paginated on S3."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        paginator = s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                yield f"s3://{bucket}/{obj['Key']}"
+        return
+    root = Path(local_path(prefix))
+    if root.is_file():
+        yield str(root)
+        return
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            yield str(p)
+
+
+def delete_prefix(prefix: str) -> int:
+    """Delete everything under ``prefix``; returns how many objects/files went."""
+    if is_s3(prefix):
+        bucket, _ = split_s3(prefix)
+        client = s3_client()
+        keys = [split_s3(u)[1] for u in list_files(prefix)]
+        for i in range(0, len(keys), 1000):
+            client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
+        return len(keys)
+    p = Path(local_path(prefix))
+    if not p.exists():
+        return 0
+    n = sum(1 for q in p.rglob("*") if q.is_file()) if p.is_dir() else 1
+    shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return n
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str) -> int:
+    """Copy a local directory tree to ``uri``; returns the number of files."""
+    local_dir = Path(local_dir)
+    n = 0
+    for f in sorted(local_dir.rglob("*")):
+        if f.is_file():
+            rel = f.relative_to(local_dir).as_posix()
+            if is_s3(uri):
+                bucket, key = split_s3(join(uri, rel))
+                s3_client().upload_file(str(f), bucket, key)
+            else:
+                dst = Path(local_path(join(uri, rel)))
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, dst)
+            n += 1
+    return n
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike) -> int:
+    """Copy everything under ``uri`` into ``local_dir``; returns the number of files."""
+    local_dir = Path(local_dir)
+    base = uri.rstrip("/") + "/"
+    n = 0
+    for src in list_files(uri):
+        rel = src[len(base):] if src.startswith(base) else os.path.relpath(src, local_path(uri))
+        dst = local_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if is_s3(src):
+            bucket, key = split_s3(src)
+            s3_client().download_file(bucket, key, str(dst))
+        else:
+            shutil.copyfile(src, dst)
+        n += 1
+    return n

@@ -1,0 +1,44 @@
+"""Typed configuration of the Ray Train + DeepSpeed loop."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # Scaling
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="leave CPUs for decoding: fractional is fine")
+    gpus_per_worker: float = Field(1.0, gt=0)
+    # Schedule
+    batch_size_per_worker: int = Field(8, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    max_steps: int = Field(100, ge=1, description="optimizer steps")
+    lr: float = Field(1e-4, gt=0)
+    vision_lr: float | None = Field(None, gt=0, description="optional lower LR for the vision encoder")
+    weight_decay: float = Field(0.02, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = Field(5000, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    # DeepSpeed
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    deepspeed_config: str | None = Field(None, description="a DeepSpeed JSON whose keys override the generated ones")
+    # Checkpoints and fault tolerance
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(3, ge=0)
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.precision in ("bf16", "fp16") and not self.use_gpu:
+            raise ValueError(f"precision={self.precision} needs use_gpu=true; CPU training runs fp32 (precision: auto)")
+        if self.betas[0] >= 1 or self.betas[1] >= 1 or min(self.betas) < 0:
+            raise ValueError(f"betas {self.betas} must lie in [0, 1)")
+        return self

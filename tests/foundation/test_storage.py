@@ -1,0 +1,64 @@
+import pytest
+
+from orchestrator import storage
+
+
+def test_join_and_resolve(tmp_path):
+    assert storage.join("s3://b/p", "a", "c.mp4") == "s3://b/p/a/c.mp4"
+    assert storage.join("s3://b/p/", "/a") == "s3://b/p/a"
+    assert storage.resolve("s3://b/root", "videos/x.mp4") == "s3://b/root/videos/x.mp4"
+    assert storage.resolve("s3://b/root", "s3://other/x") == "s3://other/x"
+    assert storage.resolve(str(tmp_path), "/abs/x") == "/abs/x"
+    assert storage.split_s3("s3://bucket/k/e/y") == ("bucket", "k/e/y")
+    with pytest.raises(ValueError):
+        storage.split_s3("s3:///nokey")
+
+
+def _roundtrip(base):
+    storage.write_bytes(storage.join(base, "a/1.bin"), b"one")
+    storage.write_text(storage.join(base, "a/b/2.txt"), "two")
+    assert storage.read_bytes(storage.join(base, "a/1.bin")) == b"one"
+    assert storage.exists(storage.join(base, "a/b/2.txt"))
+    assert not storage.exists(storage.join(base, "a/missing"))
+    assert [u.rsplit("/", 1)[1] for u in storage.list_files(storage.join(base, "a"))] == ["1.bin", "2.txt"]
+    assert storage.delete_prefix(storage.join(base, "a")) == 2
+    assert list(storage.list_files(storage.join(base, "a"))) == []
+
+
+def test_local_roundtrip(tmp_path):
+    _roundtrip(str(tmp_path / "store"))
+
+
+def test_s3_roundtrip_over_http(s3_bucket):
+    _roundtrip(s3_bucket + "/prefix")
+
+
+def test_s3_listing_paginates(s3_bucket):
+    client = storage.s3_client()
+    bucket = storage.split_s3(s3_bucket)[0]
+    for i in range(1005):  # > one page of 1000
+        client.put_object(Bucket=bucket, Key=f"many/{i:05d}", Body=b"")
+    assert len(list(storage.list_files(s3_bucket + "/many"))) == 1005
+
+
+def test_upload_download_dir(tmp_path, s3_bucket):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "x.txt").write_text("x")
+    (src / "sub" / "y.txt").write_text("y")
+    assert storage.upload_dir(src, s3_bucket + "/d") == 2
+    assert storage.download_dir(s3_bucket + "/d", tmp_path / "dst") == 2
+    assert (tmp_path / "dst" / "sub" / "y.txt").read_text() == "y"
+
+
+def test_pyarrow_filesystem_reads_s3(s3_bucket):
+    storage.write_bytes(s3_bucket + "/f.bin", b"hello")
+    fs, path = storage.filesystem(s3_bucket + "/f.bin")
+    with fs.open_input_file(path) as f:
+        assert f.read() == b"hello"
+
+
+def test_missing_object_is_a_clear_error(s3_bucket):
+    with pytest.raises(Exception) as e:
+        storage.read_bytes(s3_bucket + "/nope")
+    assert "NoSuchKey" in repr(e.value) or "Not Found" in str(e.value) or "404" in str(e.value)
