@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Sampling = Literal["rand", "middle", "uniform", "headtail"]
 
@@ -13,13 +13,27 @@ class SourceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: str = Field("msrvtt", description="source adapter name, see orchestrator.data.sources")
-    # Annotation file(s): absolute URIs, or paths relative to data.root.
+    format: str = Field("msrvtt", description="source adapter name, see orchestrator.data.sources.SOURCES")
+    # Annotation file(s): absolute URIs, or paths relative to data.root.  For the webdataset formats
+    # (webvid_wds, cc3m_wds, wds) these are tar shards or folders/prefixes holding *.tar shards.
     train: list[str] = Field(default_factory=lambda: ["annotations/msrvtt_train.jsonl"])
     val: list[str] = Field(default_factory=lambda: ["annotations/msrvtt_val.jsonl"])
     # Where the media referenced by the annotations live (relative to data.root, or a URI).
     media: str = "videos"
     weight: float = Field(1.0, gt=0, description="sampling weight when several sources are mixed")
+    # Classification label vocabulary: "youku" = the 45 built-in Youku-mPLUG categories; "train" =
+    # the sorted distinct labels of the training split; "auto" = youku when every training label is
+    # a Youku category, else train; or an explicit list of names (id = position).
+    labels: Literal["auto", "youku", "train"] | list[str] = "auto"
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        from orchestrator.data.sources import SOURCES  # noqa: PLC0415 (registry imports this module)
+
+        if v not in SOURCES:
+            raise ValueError(f"unknown source format {v!r}; accepted: {', '.join(sorted(SOURCES))}")
+        return v
 
 
 class DataConfig(BaseModel):
@@ -33,11 +47,17 @@ class DataConfig(BaseModel):
     image_size: int = Field(224, ge=16, le=1024)
     scale_min: float = Field(0.5, gt=0, le=1, description="random resized crop: smallest area fraction")
     hflip: bool = Field(True, description="random horizontal flip in training augmentation")
-    tokenizer: str | None = Field(None, description="HF tokenizer dir or hub name; None = <root>/tokenizer")
+    tokenizer: str | None = Field(None, description="HF tokenizer dir, s3:// dir or hub name; None = <root>/tokenizer")
     max_text_len: int = Field(40, ge=4, le=512)
+    max_answer_len: int = Field(16, ge=2, le=512, description="padded length of answer_ids (QA, captioning)")
     max_bad_fraction: float = Field(0.05, ge=0, le=1, description="stop the job past this fraction of bad clips")
+    bad_check_min_seen: int = Field(50, ge=1, description="clips seen before the bad fraction can stop a job")
+    min_frames: int = Field(2, ge=1, description="a video with fewer decodable frames is bad (too_few_frames)")
+    max_resolution: int = Field(8192, ge=64, description="a side longer than this is bad (bad_resolution)")
+    min_resolution: int = Field(8, ge=1, description="a side shorter than this is bad (bad_resolution)")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode task")
-    decode_concurrency: int | None = Field(None, ge=1, description="decode actors/tasks at once (None = Ray decides)")
+    decode_concurrency: int | None = Field(None, ge=1, description="decode tasks at once (None = Ray decides)")
     decode_batch_size: int = Field(8, ge=1)
     prefetch_batches: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(0, ge=0, description="local shuffle buffer (rows) when iterating a training shard")
     limit: int | None = Field(None, ge=1, description="use only the first N rows of each split (debugging)")

@@ -1,0 +1,180 @@
+"""The Ray Data pipeline: annotation rows -> decoded, augmented, tokenized contract rows.
+
+``build_dataset`` is called by the driver (or the train loop) and handed to Ray Train as a
+dataset; each worker then iterates its shard with ``iter_worker_batches``::
+
+    ds = build_dataset(cfg.data, "train", training=True, columns=workload.COLUMNS, seed=cfg.seed,
+                       run_name=run_name)
+    trainer = TorchTrainer(..., datasets={"train": ds})
+    # inside the worker:
+    for batch in iter_worker_batches(ray.train.get_dataset_shard("train"), batch_size, device,
+                                     cfg.data.prefetch_batches):
+        ...
+
+Decode tasks reserve ``data.decode_cpus`` CPUs each, so they run beside the training workers
+(which hold their own CPUs/GPUs) on one machine and on a cluster; Ray Data streams, so decoding of
+the next batches overlaps the training step.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Iterator
+
+import numpy as np
+
+from orchestrator import storage
+from orchestrator.data import quality
+from orchestrator.data.config import DataConfig, SourceConfig
+from orchestrator.data.decode import DecodeSpec
+from orchestrator.data.process import ProcessParams, process_batch, to_dataset_row
+from orchestrator.data.sources import SOURCES, is_sharded, read_rows, split_files
+from orchestrator.data.sources.base import ParseReport
+from orchestrator.data.tokenize import default_tokenizer
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("frames", "text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask", "label", "clip_index")
+IMAGE_FORMATS = ("coco_captions", "cc3m_wds")
+TEXT_FORMATS = tuple(f for f in SOURCES if f.startswith("glue_"))
+
+
+def _weighted(rows: list[dict], weight: float, rng: random.Random) -> list[dict]:
+    """``weight`` x the rows: whole copies plus a random fraction (weights < 1 subsample)."""
+    if weight == 1.0:
+        return rows
+    whole, frac = int(weight), weight - int(weight)
+    return rows * whole + rng.sample(rows, int(round(frac * len(rows))))
+
+
+def _expand_shard(item: dict, fmt: str) -> list[dict]:
+    """One shard URI -> its rows with the media bytes inline (one GET per shard)."""
+    from orchestrator.data.sources import wds  # noqa: PLC0415
+
+    shard = item["shard"]
+    report = ParseReport(shard)
+    rows = [to_dataset_row(r) for r in wds.read_shard_rows(fmt, shard, report, with_bytes=True)]
+    broken = [m for m in report.malformed if m.startswith(f"{shard}:0:")]
+    if broken:  # the tar itself broke: count it as one truncated item so the job sees it
+        rows.append(to_dataset_row({"media_uri": shard, "bad": "truncated", "modality": "video", "id": shard}))
+    return rows
+
+
+def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, training: bool, rng: random.Random):
+    import ray  # noqa: PLC0415
+
+    if is_sharded(src.format):
+        from orchestrator.data.sources import wds  # noqa: PLC0415
+
+        shards = [s for f in split_files(src, data_cfg.root, split) for s in wds.list_shards(f)]
+        if training:
+            rng.shuffle(shards)
+        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
+        ds = ds.flat_map(_expand_shard, fn_kwargs={"fmt": src.format})
+        return (ds.limit(data_cfg.limit) if data_cfg.limit else ds), None
+    rows = read_rows(src, data_cfg.root, split, data_cfg.max_bad_fraction)
+    if data_cfg.limit:
+        rows = rows[: data_cfg.limit]
+    if training:
+        rows = _weighted(rows, src.weight, rng)
+        rng.shuffle(rows)
+    if not rows:
+        raise ValueError(f"source {src.format!r} has no usable {split} rows")
+    items = [to_dataset_row(r) for r in rows]
+    blocks = max(1, min(len(items) // max(1, data_cfg.decode_batch_size), 200))
+    return ray.data.from_items(items, override_num_blocks=blocks), len(items)
+
+
+def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...], seed: int,
+                   run_name: str | None) -> ProcessParams:
+    formats = {s.format for s in data_cfg.sources}
+    image_only = formats <= set(IMAGE_FORMATS)
+    return ProcessParams(
+        columns=tuple(columns),
+        decode=DecodeSpec(num_frames=data_cfg.num_frames,
+                          sampling=data_cfg.sampling if training else data_cfg.eval_sampling,
+                          min_frames=data_cfg.min_frames, min_resolution=data_cfg.min_resolution,
+                          max_resolution=data_cfg.max_resolution),
+        frames_out=1 if image_only else data_cfg.num_frames,
+        image_size=data_cfg.image_size, training=training, scale_min=data_cfg.scale_min, hflip=data_cfg.hflip,
+        tokenizer=data_cfg.tokenizer or default_tokenizer(data_cfg.root),
+        max_text_len=data_cfg.max_text_len, max_answer_len=data_cfg.max_answer_len, seed=seed,
+        run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
+        bad_check_min_seen=data_cfg.bad_check_min_seen)
+
+
+def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tuple[str, ...], seed: int = 0,
+                  run_name: str | None = None):
+    """A ``ray.data.Dataset`` of contract rows (only ``columns``), bad clips removed and counted.
+
+    ``split`` is ``"train"`` or ``"val"``; ``training`` picks ``data.sampling`` + random crop/flip,
+    else ``data.eval_sampling`` + centre crop.  Bad clips are counted under ``run_name``
+    (see :func:`orchestrator.data.quality.get_bad_clip_stats`).
+    """
+    import ray  # noqa: PLC0415
+
+    unknown = [c for c in columns if c not in BATCH_KEYS]
+    if unknown:
+        raise ValueError(f"unknown batch column(s) {unknown}; the contract (workloads/base.py) has {BATCH_KEYS}")
+    if not columns:
+        raise ValueError("build_dataset needs at least one column")
+    text_only = {s.format for s in data_cfg.sources} <= set(TEXT_FORMATS)
+    if "frames" in columns and text_only:
+        raise ValueError(f"columns ask for 'frames' but every source is text-only ({[s.format for s in data_cfg.sources]})")
+    params = process_params(data_cfg, training, tuple(columns), seed, run_name)
+    needs_text = bool({"text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask"} & set(columns))
+    if needs_text and not storage.has_scheme(params.tokenizer) and not storage.exists(params.tokenizer):
+        log.info("tokenizer %s is not a local path; treating it as a hub name", params.tokenizer)
+    if needs_text:  # fail early, in the driver, on a bad tokenizer setting
+        from orchestrator.data.tokenize import load_tokenizer  # noqa: PLC0415
+
+        load_tokenizer(params.tokenizer)
+    quality.get_tracker(run_name)  # the named actor exists before any decode task runs
+    rng = random.Random(seed)
+    parts = [_source_dataset(s, data_cfg, split, training, rng)[0] for s in data_cfg.sources]
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    kwargs: dict[str, Any] = {"num_cpus": data_cfg.decode_cpus}
+    if data_cfg.decode_concurrency:
+        kwargs["concurrency"] = data_cfg.decode_concurrency
+    return ds.map_batches(process_batch, fn_kwargs={"params": params}, batch_size=data_cfg.decode_batch_size,
+                          batch_format="numpy", **kwargs)
+
+
+def _contract_collate_cls():
+    from ray.data.collate_fn import NumpyBatchCollateFn  # noqa: PLC0415
+
+    class ContractCollate(NumpyBatchCollateFn):
+        """numpy batch -> tensors: ``frames`` uint8, everything else int64 (moved to the device by Ray)."""
+
+        def __call__(self, batch):
+            import torch  # noqa: PLC0415
+
+            # [B, T, H, W, 3] frames stay uint8; ids, masks, labels become int64
+            return {k: torch.from_numpy(np.require(v, requirements="W")) if k == "frames"
+                    else torch.as_tensor(np.asarray(v, dtype=np.int64)) for k, v in batch.items()}
+
+    return ContractCollate
+
+
+def _ContractCollate():  # noqa: N802 - built lazily so importing this module never imports Ray
+    return _contract_collate_cls()()
+
+
+def iter_worker_batches(dataset_shard, batch_size: int, device=None, prefetch_batches: int = 2, *,
+                        drop_last: bool = False, local_shuffle_buffer_size: int | None = None,
+                        run_name: str | None = None, max_bad_fraction: float | None = None
+                        ) -> Iterator[dict[str, Any]]:
+    """Tensor batches from a worker's shard (``ray.train.get_dataset_shard("train")``) or any dataset.
+
+    ``frames`` stay uint8 (normalised on the device by the model); every other key is int64.  When
+    ``max_bad_fraction`` is given, the run's bad-clip counts are checked at the end of the pass and
+    :class:`~orchestrator.data.quality.TooManyBadClips` raised past it.
+    """
+    iterator = dataset_shard.iter_torch_batches(
+        batch_size=batch_size, prefetch_batches=prefetch_batches, device=device if device is not None else "auto",
+        collate_fn=_ContractCollate(), drop_last=drop_last, local_shuffle_buffer_size=local_shuffle_buffer_size or None)
+    for batch in iterator:
+        if batch and len(next(iter(batch.values()))):
+            yield batch
+    if max_bad_fraction is not None:
+        quality.check_bad_clips(run_name, max_bad_fraction)

@@ -1,0 +1,155 @@
+"""The Ray Data batch function: read bytes, decode and sample frames, augment, tokenize.
+
+Runs inside Ray Data tasks (``map_batches``), so everything it needs arrives in :class:`ProcessParams`
+(no driver globals).  A bad clip is dropped from the batch, counted by reason in the run's
+:class:`~orchestrator.data.quality.BadClipTracker`, and the job stops with
+:class:`~orchestrator.data.quality.TooManyBadClips` once the run's bad fraction passes the limit.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from orchestrator.data import augment, quality
+from orchestrator.data.decode import DecodeSpec, decode_media, read_media
+from orchestrator.data.quality import BadClip
+from orchestrator.data.tokenize import encode, load_tokenizer
+
+# The columns of a dataset row before decoding (no None values, so Arrow types stay fixed).
+EMPTY_ROW = {"media_uri": "", "media_bytes": b"", "bad": "", "start": math.nan, "end": math.nan, "text": "",
+             "text_b": "", "answer": "", "label": -1, "clip_index": -1, "id": "", "modality": "text"}
+
+
+@dataclass(frozen=True)
+class ProcessParams:
+    columns: tuple[str, ...]
+    decode: DecodeSpec
+    frames_out: int  # T of the output (images are repeated to it when videos are mixed in)
+    image_size: int
+    training: bool
+    scale_min: float
+    hflip: bool
+    tokenizer: str
+    max_text_len: int
+    max_answer_len: int
+    seed: int
+    run_name: str | None
+    max_bad_fraction: float
+    bad_check_min_seen: int
+
+
+def to_dataset_row(row: dict) -> dict:
+    """A source row (``sources.base.ROW_KEYS``) as a fixed-type dataset row."""
+    out = dict(EMPTY_ROW)
+    for k in ("media_uri", "text", "text_b", "answer", "id", "modality"):
+        if row.get(k) is not None:
+            out[k] = str(row[k])
+    for k in ("start", "end"):
+        if row.get(k) is not None:
+            out[k] = float(row[k])
+    for k in ("label", "clip_index"):
+        if row.get(k) is not None:
+            out[k] = int(row[k])
+    if row.get("media_bytes") is not None:
+        out["media_bytes"] = bytes(row["media_bytes"])
+    if row.get("bad"):
+        out["bad"] = str(row["bad"])
+    return out
+
+
+def _rng(params: ProcessParams, key: str) -> np.random.Generator:
+    base = [params.seed, zlib.crc32(key.encode())]
+    if params.training:  # fresh randomness every epoch; evaluation is deterministic
+        return np.random.default_rng(np.random.SeedSequence(entropy=None, spawn_key=tuple(base)))
+    return np.random.default_rng(base)
+
+
+def _fetch(uri: str, inline: bytes) -> bytes:
+    if inline:
+        return inline
+    if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
+        from orchestrator.data.sources.wds import read_member  # noqa: PLC0415
+
+        try:
+            return read_member(uri)
+        except (FileNotFoundError, OSError) as e:
+            raise BadClip("missing", uri, str(e)) from None
+    return read_media(uri)
+
+
+def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
+    """uint8 [frames_out, S, S, 3] for row ``i``, or BadClip."""
+    uri = str(batch["media_uri"][i])
+    if batch["bad"][i]:
+        raise BadClip(str(batch["bad"][i]), uri)
+    data = _fetch(uri, bytes(batch["media_bytes"][i]))
+    start, end = float(batch["start"][i]), float(batch["end"][i])
+    rng = _rng(params, f"{uri}|{batch['id'][i]}")
+    dec = decode_media(data, uri, params.decode, rng, str(batch["modality"][i]),
+                       None if math.isnan(start) else start, None if math.isnan(end) else end)
+    if params.training:
+        frames = augment.train_transform(dec.frames, params.image_size, params.scale_min, params.hflip, rng)
+    else:
+        frames = augment.eval_transform(dec.frames, params.image_size)
+    if frames.shape[0] != params.frames_out:  # an image among videos: repeat it
+        frames = np.repeat(frames[:1], params.frames_out, axis=0)
+    return frames
+
+
+def process_batch(batch: dict[str, np.ndarray], params: ProcessParams) -> dict[str, np.ndarray]:
+    """Dataset rows -> contract rows (only ``params.columns``); bad clips dropped and counted."""
+    n = len(batch["text"])
+    keep, frames, bad = [], [], []
+    want_frames = "frames" in params.columns
+    for i in range(n):
+        if not want_frames or batch["modality"][i] == "text":
+            if want_frames:  # a text-only row cannot feed a model that needs frames
+                bad.append(("missing", f"{batch['id'][i]} (text-only row)"))
+                continue
+            keep.append(i)
+            continue
+        try:
+            frames.append(_frames(i, batch, params))
+            keep.append(i)
+        except BadClip as e:
+            bad.append((e.reason, e.uri))
+    seen = n if want_frames else 0
+    if seen:
+        stats = quality.BadClipTracker(params.run_name).record(seen, bad)
+        if stats is not None:
+            quality.check(stats, params.max_bad_fraction, params.bad_check_min_seen)
+    return _assemble(batch, keep, frames, params)
+
+
+def _assemble(batch: dict, keep: list[int], frames: list[np.ndarray], params: ProcessParams) -> dict[str, np.ndarray]:
+    cols = params.columns
+    out: dict[str, np.ndarray] = {}
+    s, t = params.image_size, params.frames_out
+    if "frames" in cols:
+        out["frames"] = np.stack(frames) if frames else np.zeros((0, t, s, s, 3), np.uint8)  # [B, T, S, S, 3]
+    texts = [str(batch["text"][i]) for i in keep]
+    if {"text_ids", "text_mask", "text_type_ids"} & set(cols):
+        pairs = [str(batch["text_b"][i]) for i in keep]
+        tok = load_tokenizer(params.tokenizer)
+        enc = encode(tok, texts, params.max_text_len, pairs if any(pairs) else None) if keep else None
+        empty = np.zeros((0, params.max_text_len), np.int64)
+        for col, key in (("text_ids", "ids"), ("text_mask", "mask"), ("text_type_ids", "type_ids")):
+            if col in cols:
+                out[col] = enc[key] if enc else empty
+    if {"answer_ids", "answer_mask"} & set(cols):
+        # captioning: the caption itself is the generation target when a row has no answer
+        answers = [str(batch["answer"][i]) or str(batch["text"][i]) for i in keep]
+        tok = load_tokenizer(params.tokenizer)
+        enc = encode(tok, answers, params.max_answer_len) if keep else None
+        empty = np.zeros((0, params.max_answer_len), np.int64)
+        if "answer_ids" in cols:
+            out["answer_ids"] = enc["ids"] if enc else empty
+        if "answer_mask" in cols:
+            out["answer_mask"] = enc["mask"] if enc else empty
+    for col in ("label", "clip_index"):
+        if col in cols:
+            out[col] = np.asarray([int(batch[col][i]) for i in keep], np.int64)
+    return out

@@ -1,0 +1,130 @@
+"""Webdataset tar shards: video2dataset (WebVid: mp4 + json), img2dataset (CC3M: jpg + json) and the
+shards written by ``python -m orchestrator shard`` (media + json holding the whole row).
+
+A shard is read as one stream (one GET); members sharing a key (the name up to the first dot of
+the basename, webdataset's rule) form one sample.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from typing import Iterator
+
+from orchestrator import storage
+from orchestrator.data.sources.base import ROW_KEYS, MalformedRow, ParseReport, make_row
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class ShardError(OSError):
+    """A shard that could not be read to the end (truncated tar, storage failure)."""
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    d, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def iter_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of the shard, streamed; ShardError when it breaks."""
+    fs, path = storage.filesystem(uri)
+    key, sample = None, {}
+    try:
+        with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, ext = _split_key(m.name)
+                if k != key and sample:
+                    yield key, sample
+                    sample = {}
+                key = k
+                f = tar.extractfile(m)
+                sample[ext] = f.read() if f is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if sample:
+            yield key, sample
+        raise ShardError(f"{uri}: shard unreadable after key {key!r}: {e}") from None
+    if sample:
+        yield key, sample
+
+
+def list_shards(uri: str) -> list[str]:
+    """A ``.tar`` URI itself, or every ``*.tar`` under a folder / prefix (sorted)."""
+    if uri.endswith(".tar"):
+        return [uri]
+    shards = sorted(u for u in storage.list_files(uri) if u.endswith(".tar"))
+    if not shards:
+        raise FileNotFoundError(f"no *.tar shards under {uri}")
+    return shards
+
+
+def media_of(sample: dict[str, bytes]) -> tuple[str | None, str]:
+    for ext in VIDEO_EXTS:
+        if ext in sample:
+            return ext, "video"
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return ext, "image"
+    return None, "text"
+
+
+def sample_to_row(fmt: str, shard: str, key: str, sample: dict[str, bytes]) -> dict:
+    """One row (``media_uri`` = ``<shard>#<member>``) from a sample; MalformedRow when unusable."""
+    meta = {}
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise MalformedRow(f"{key}.json: not valid JSON ({e})") from None
+    ext, modality = media_of(sample)
+    if ext is None and fmt != "wds":
+        raise MalformedRow(f"sample {key!r} has no media member (has {sorted(sample)})")
+    text = meta.get("text") or meta.get("caption") or sample.get("txt", b"").decode("utf-8", "replace").strip()
+    if fmt != "wds" and not text:
+        raise MalformedRow(f"sample {key!r} has no caption (json 'caption' or .txt)")
+    media_uri = f"{shard}#{key}.{ext}" if ext else None
+    if fmt == "wds":
+        row = make_row(**{k: v for k, v in meta.items() if k in ROW_KEYS and k not in ("media_uri", "modality")})
+        row.update(media_uri=media_uri, modality=meta.get("modality", modality) if ext else "text")
+        row["text"] = row.get("text") or text
+        return row
+    return make_row(media_uri=media_uri, text=text, id=str(meta.get("key") or meta.get("videoid") or key),
+                    modality=modality)
+
+
+def read_shard_rows(fmt: str, shard: str, report: ParseReport, with_bytes: bool = False) -> list[dict]:
+    """Every row of one shard (``media_bytes`` kept when ``with_bytes``); malformed samples are counted."""
+    rows = []
+    try:
+        for i, (key, sample) in enumerate(iter_samples(shard), 1):
+            try:
+                row = sample_to_row(fmt, shard, key, sample)
+            except MalformedRow as e:
+                report.bad(i, str(e))
+                continue
+            if with_bytes:
+                ext, _ = media_of(sample)
+                row["media_bytes"] = sample.get(ext, b"") if ext else b""
+            rows.append(row)
+            report.rows += 1
+    except ShardError as e:
+        report.bad(0, str(e))
+    return rows
+
+
+def read_member(uri: str) -> bytes:
+    """Bytes of ``<shard>.tar#<member>`` (scans the shard; the pipeline streams whole shards instead)."""
+    shard, _, member = uri.partition("#")
+    key, ext = _split_key(member)
+    for k, sample in iter_samples(shard):
+        if k == key:
+            if ext not in sample:
+                break
+            return sample[ext]
+    raise FileNotFoundError(f"{member} not in shard {shard}")
