@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+from model import MPlug2, build_prefix_inputs
+from model import objectives as O
+
+from .conftest import batch, tiny
+
+
+def _train(model, step_loss, steps=15, lr=1e-3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for i in range(steps):
+        loss = step_loss(i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_mask_tokens_rate_and_specials():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 2000, (64, 40), generator=g)
+    ids[:, 0], ids[:, -1] = 2, 3
+    mask = torch.ones_like(ids)
+    masked, labels = O.mask_tokens(ids, mask, 4, 2000, (0, 2, 3), 0.15, g)
+    rate = (labels != -100).float().mean().item()
+    assert 0.11 < rate < 0.19
+    assert (labels[:, 0] == -100).all() and (labels[:, -1] == -100).all()
+    scored = labels != -100
+    assert ((masked == 4) & scored).sum() > 0.7 * scored.sum()
+    assert torch.equal(labels[scored], ids[scored])
+
+
+def test_mlm_loss_falls():
+    torch.manual_seed(0)
+    m = MPlug2(tiny(), "pretrain")
+    frames, ids, mask = batch(b=4)
+
+    def step(i):
+        g = torch.Generator().manual_seed(0)  # same masks every step: overfit
+        vt = m(frames=frames).vision_tokens
+        return O.mlm_loss(m, ids, mask, vision_tokens=vt, generator=g)
+
+    losses = _train(m, step, steps=12, lr=2e-3)
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_contrastive_loss_falls_updates_momentum_and_queue():
+    torch.manual_seed(0)
+    m = MPlug2(tiny(), "retrieval").train()
+    frames, ids, mask = batch(b=4)
+    before = m.momentum.encoders["vision"].blocks[0].fc1.weight.clone()
+    idx = torch.arange(4)
+
+    def step(i):
+        u = m(frames=frames, text_ids=ids, text_mask=mask)
+        return O.contrastive_loss(m, u, frames, ids, mask, idx=idx).loss
+
+    losses = _train(m, step, steps=15, lr=1e-3)
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert int(m.momentum.queue_ptr) == (15 * 4) % 256
+    assert (m.momentum.idx_queue[0, :4] == idx).all()
+    after = m.momentum.encoders["vision"].blocks[0].fc1.weight
+    assert not torch.equal(before, after) and not after.requires_grad
+    online = m.vision.blocks[0].fc1.weight
+    assert (after - online).abs().max() > 0  # EMA, not a copy
+    with torch.no_grad():
+        m.contrastive.temp.fill_(10.0)
+    assert m.temperature().item() == pytest.approx(m.config.temp_max)
+
+
+def test_matching_loss_falls_with_hard_negatives():
+    torch.manual_seed(0)
+    m = MPlug2(tiny(), "retrieval").train()
+    frames, ids, mask = batch(b=4)
+
+    def step(i):
+        u = m(frames=frames, text_ids=ids, text_mask=mask)
+        c = O.contrastive_loss(m, u, frames, ids, mask)
+        return O.matching_loss(m, u, c.sim_i2t, c.sim_t2i, generator=torch.Generator().manual_seed(i))
+
+    losses = _train(m, step, steps=15, lr=1e-3)
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+    u = m(frames=frames[:1], text_ids=ids[:1], text_mask=mask[:1])
+    with pytest.raises(ValueError, match="at least one negative"):
+        O.matching_loss(m, u, torch.zeros(1, 1), torch.zeros(1, 1))
+
+
+def test_hard_negatives_follow_similarity():
+    sim = torch.tensor([[0.0, 50.0, -50.0], [50.0, 0.0, -50.0], [-50.0, 50.0, 0.0]])
+    pos = torch.eye(3, dtype=torch.bool)
+    picks = O._sample_negatives(sim, pos, torch.Generator().manual_seed(0))
+    assert picks.tolist() == [1, 0, 1]
+
+
+def test_lm_loss_falls_and_prompt_is_not_scored():
+    torch.manual_seed(0)
+    m = MPlug2(tiny(), "captioning")
+    frames, ids, mask = batch(b=2)
+    prompt = torch.tensor([[2, 10, 11, 12, 3], [2, 13, 3, 0, 0]])
+    pmask = (prompt != 0).long()
+    target = torch.tensor([[2, 20, 21, 22, 3], [2, 23, 24, 3, 0]])
+    tmask = (target != 0).long()
+
+    def step(i):
+        return O.lm_loss(m, m.universal(vision=m.encode_vision(frames)).vision_tokens, None, prompt, pmask,
+                         target, tmask)
+
+    losses = _train(m, step, steps=12, lr=2e-3)
+    assert losses[-1] < 0.5 * losses[0], losses
+    seq, smask, labels = build_prefix_inputs(prompt, pmask, target[:, 1:], tmask[:, 1:], 0)
+    assert seq[1].tolist() == [2, 13, 3, 23, 24, 3, 0, 0, 0]
+    assert labels[1].tolist() == [-100, -100, -100, 23, 24, 3, -100, -100, -100]
+
+
+def test_instructions():
+    assert O.instruction_for("captioning", "video") == "what does the video describe?"
+    assert O.instruction_for("captioning", "image") == "what does the image describe?"
+    assert O.instruction_for("videoqa", "video", question="what moves?") == "what moves?"
+    with pytest.raises(ValueError, match="no instruction for task='glue'"):
+        O.instruction_for("glue", "text")
