@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from workloads.metrics.retrieval import (rerank_topk, retrieval_metrics, score_all_pairs, t2v_ranks,
+from workloads.metrics.retrieval import (_topk_stable, rerank_topk, retrieval_metrics, score_all_pairs, t2v_ranks,
                                          v2t_ranks)
 
 
@@ -88,6 +88,15 @@ def test_rerank_candidate_choice_on_equal_similarity_is_the_lower_index():
     t, v = head.calls[0]
     assert v[:4].tolist() == [0, 1, 0, 1]                              # texts 0,1 -> clips 0,1
     assert t[4:].tolist() == [0, 1] * 4                                # clips 0..3 -> texts 0,1
+
+
+def test_candidate_choice_equals_a_stable_sort_on_heavily_tied_rows():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 4, (50, 30), generator=g).float()              # many ties at every cut
+    for k in (1, 5, 17, 30):
+        got = _topk_stable(x, k)
+        ref = torch.sort(x, dim=1, descending=True, stable=True).indices[:, :k]
+        assert torch.equal(got, ref.sort(dim=1).values)
 
 
 def test_rerank_k_larger_than_the_set_is_clamped():

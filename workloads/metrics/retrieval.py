@@ -9,8 +9,8 @@ directions, median and mean rank.
 
 Conventions (tested in ``tests/workloads/test_metrics_retrieval.py``):
 
-* Candidate choice: a stable descending sort of ``sim``, so equal similarities go to the lower
-  index first; the choice is deterministic.
+* Candidate choice: the ``k`` largest similarities of a row; equal similarities at the cut go to
+  the lower index, so the choice is deterministic.
 * Ties in the final scores are **pessimistic**: an item's rank is 1 + the number of *wrong* items
   scoring higher than or equal to it.  Ties never inflate recall.
 * Several texts may belong to one clip (``text_to_clip[i]`` is the clip of text ``i``).  A
@@ -59,6 +59,18 @@ def _score_in_batches(score_pairs: ScorePairs, text_idx: torch.Tensor, video_idx
     return scores
 
 
+def _topk_stable(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices ``[R, k]`` of each row's ``k`` largest entries of ``x [R, C]``; among equal
+    values at the cut the lower index wins.  Indices come in ascending order, not score order.
+    (A full stable sort does the same at ~15x the cost of ``topk`` for 1000 x 1000.)"""
+    kth = torch.topk(x, k, dim=1).values[:, -1:]                           # [R, 1] the k-th largest value
+    above = x > kth                                                        # [R, C] surely in
+    at = x == kth                                                          # [R, C] in while room is left
+    room = k - above.sum(dim=1, keepdim=True)                              # [R, 1] >= 1
+    keep = above | (at & (at.cumsum(dim=1) <= room))                       # [R, C], exactly k per row
+    return keep.nonzero()[:, 1].view(x.shape[0], k)                        # row-major -> ascending columns
+
+
 def _fill_rows(sim_rows: torch.Tensor, cand: torch.Tensor, cand_scores: torch.Tensor) -> torch.Tensor:
     """Rows of ``sim_rows [R, C]`` with the candidates ``cand [R, k]`` set to ``cand_scores [R, k]``
     and every other entry placed strictly below the row's lowest candidate score, in ``sim`` order."""
@@ -86,9 +98,9 @@ def rerank_topk(sim: torch.Tensor, k: int, score_pairs: ScorePairs,
     nt, nv = sim.shape
     kt, kv = min(k, nv), min(k, nt)
     arange = lambda n: torch.arange(n, device=sim.device)  # noqa: E731
-    # candidates: stable sort -> equal similarities go to the lower index first
-    t2v_cand = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :kt]     # [Nt, kt]
-    v2t_cand = torch.sort(sim.T, dim=1, descending=True, stable=True).indices[:, :kv]   # [Nv, kv]
+    # candidates: equal similarities at the cut go to the lower index
+    t2v_cand = _topk_stable(sim, kt)                                                    # [Nt, kt]
+    v2t_cand = _topk_stable(sim.T, kv)                                                  # [Nv, kv]
     # one flat list of (text, video) pairs: first the text rows, then the video rows
     text_idx = torch.cat([arange(nt).repeat_interleave(kt), v2t_cand.reshape(-1)])     # [Nt*kt + Nv*kv]
     video_idx = torch.cat([t2v_cand.reshape(-1), arange(nv).repeat_interleave(kv)])    # [Nt*kt + Nv*kv]
