@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from workloads.metrics.retrieval import (_topk_stable, rerank_topk, retrieval_metrics, score_all_pairs, t2v_ranks,
+from workloads.metrics.retrieval import (_topk_stable, assemble_scores, plan_rerank, rerank_topk, retrieval_metrics, score_all_pairs, t2v_ranks,
                                          v2t_ranks)
 
 
@@ -43,6 +43,16 @@ def test_rerank_with_k_equal_n_matches_exhaustive(nt, nv):
     torch.testing.assert_close(t2v, full)
     torch.testing.assert_close(v2t, full.T)
     assert head.num_pairs == 2 * nt * nv
+
+
+def test_rerank_add_sim_with_k_equal_n_matches_exhaustive_plus_sim():
+    nt, nv = 4, 6
+    sim = torch.randn(nt, nv, generator=torch.Generator().manual_seed(5))
+    head = RecordingHead(nt, nv)
+    full = score_all_pairs(nt, nv, head)
+    t2v, v2t = rerank_topk(sim, k=6, score_pairs=head, add_sim=True)
+    torch.testing.assert_close(t2v, full + sim)
+    torch.testing.assert_close(v2t, (full + sim).T)
 
 
 def test_rerank_calls_callback_with_exactly_n_times_k_pairs_in_batches():
@@ -88,6 +98,24 @@ def test_rerank_candidate_choice_on_equal_similarity_is_the_lower_index():
     t, v = head.calls[0]
     assert v[:4].tolist() == [0, 1, 0, 1]                              # texts 0,1 -> clips 0,1
     assert t[4:].tolist() == [0, 1] * 4                                # clips 0..3 -> texts 0,1
+
+
+def test_plan_scored_in_slices_by_several_workers_assembles_to_the_same_result():
+    nt, nv, k, world = 9, 4, 3, 3
+    sim = torch.randn(nt, nv, generator=torch.Generator().manual_seed(6))
+    head = RecordingHead(nt, nv)
+    expect = rerank_topk(sim, k=k, score_pairs=head)
+    plan = plan_rerank(sim, k)
+    assert plan.num_pairs == nt * 3 + nv * 3
+    scores = torch.empty(plan.num_pairs)
+    for rank in range(world):                                    # each worker scores every world-th pair
+        sl = slice(rank, None, world)
+        scores[sl] = head(plan.text_idx[sl], plan.video_idx[sl])
+    got = assemble_scores(sim, plan, scores)
+    torch.testing.assert_close(got[0], expect[0])
+    torch.testing.assert_close(got[1], expect[1])
+    with pytest.raises(ValueError, match="one score per planned pair"):
+        assemble_scores(sim, plan, scores[:-1])
 
 
 def test_candidate_choice_equals_a_stable_sort_on_heavily_tied_rows():

@@ -8,7 +8,8 @@ Ties are pessimistic wherever a rank is computed: an equal score never counts in
 ========================  ==========================================================
 module                    entry points
 ========================  ==========================================================
-``retrieval``             ``rerank_topk``, ``retrieval_metrics``, ``score_all_pairs``
+``retrieval``             ``rerank_topk`` (= ``plan_rerank`` + ``assemble_scores``),
+                          ``retrieval_metrics``, ``score_all_pairs``
 ``captioning``            ``caption_metrics``, ``tokenize_caption``, ``meteor_score``
 ``classification``        ``topk_accuracy``, ``accuracy``, ``f1_binary``, ``glue_metrics``
 ``qa``                    ``normalize_answer``, ``exact_match_accuracy``, ``rank_answers``
@@ -20,8 +21,9 @@ stays cheap.
 from workloads.metrics.captioning import caption_metrics, meteor_score, tokenize_caption
 from workloads.metrics.classification import GLUE_TASKS, accuracy, f1_binary, glue_metrics, topk_accuracy
 from workloads.metrics.qa import exact_match_accuracy, normalize_answer, rank_answers
-from workloads.metrics.retrieval import rerank_topk, retrieval_metrics, score_all_pairs
+from workloads.metrics.retrieval import (RerankPlan, assemble_scores, plan_rerank, rerank_topk,
+                                         retrieval_metrics, score_all_pairs)
 
-__all__ = ["GLUE_TASKS", "accuracy", "caption_metrics", "exact_match_accuracy", "f1_binary", "glue_metrics",
-           "meteor_score", "normalize_answer", "rank_answers", "rerank_topk", "retrieval_metrics",
-           "score_all_pairs", "tokenize_caption", "topk_accuracy"]
+__all__ = ["GLUE_TASKS", "RerankPlan", "accuracy", "assemble_scores", "caption_metrics", "exact_match_accuracy",
+           "f1_binary", "glue_metrics", "meteor_score", "normalize_answer", "plan_rerank", "rank_answers",
+           "rerank_topk", "retrieval_metrics", "score_all_pairs", "tokenize_caption", "topk_accuracy"]

@@ -20,6 +20,7 @@ Conventions (tested in ``tests/workloads/test_metrics_retrieval.py``):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -80,8 +81,62 @@ def _fill_rows(sim_rows: torch.Tensor, cand: torch.Tensor, cand_scores: torch.Te
     return below.scatter(1, cand, cand_scores)
 
 
-def rerank_topk(sim: torch.Tensor, k: int, score_pairs: ScorePairs,
-                batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class RerankPlan:
+    """The (text, video) pairs to re-score: first each text's candidates, then each clip's.
+
+    ``text_idx`` and ``video_idx`` are ``[Nt*kt + Nv*kv]`` int64; ``t2v_cand [Nt, kt]`` and
+    ``v2t_cand [Nv, kv]`` hold the candidate indices per row.  The plan depends only on ``sim``
+    and ``k``, so workers holding the same gathered ``sim`` can each score a slice of the pairs
+    and the gathered scores can be assembled in one place.
+    """
+
+    text_idx: torch.Tensor
+    video_idx: torch.Tensor
+    t2v_cand: torch.Tensor
+    v2t_cand: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.text_idx.numel()
+
+
+def plan_rerank(sim: torch.Tensor, k: int) -> RerankPlan:
+    """Each text's ``min(k, Nv)`` most similar clips and each clip's ``min(k, Nt)`` most similar
+    texts (equal similarities at the cut go to the lower index)."""
+    _check_sim(sim)
+    if k < 1:
+        raise ValueError(f"k (k_test) must be >= 1, got {k}")
+    nt, nv = sim.shape
+    kt, kv = min(k, nv), min(k, nt)
+    arange = lambda n: torch.arange(n, device=sim.device)  # noqa: E731
+    t2v_cand = _topk_stable(sim, kt)                                                    # [Nt, kt]
+    v2t_cand = _topk_stable(sim.T, kv)                                                  # [Nv, kv]
+    text_idx = torch.cat([arange(nt).repeat_interleave(kt), v2t_cand.reshape(-1)])     # [Nt*kt + Nv*kv]
+    video_idx = torch.cat([t2v_cand.reshape(-1), arange(nv).repeat_interleave(kv)])    # [Nt*kt + Nv*kv]
+    return RerankPlan(text_idx, video_idx, t2v_cand, v2t_cand)
+
+
+def assemble_scores(sim: torch.Tensor, plan: RerankPlan, pair_scores: torch.Tensor,
+                    add_sim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t2v_scores [Nt, Nv], v2t_scores [Nv, Nt])`` from the matching scores of ``plan``'s pairs
+    (``pair_scores [num_pairs]``, in plan order); see :func:`rerank_topk`."""
+    pair_scores = torch.as_tensor(pair_scores).to(device=sim.device, dtype=torch.float32)
+    if pair_scores.shape != (plan.num_pairs,):
+        raise ValueError(f"pair_scores must hold one score per planned pair, shape ({plan.num_pairs},), "
+                         f"got {tuple(pair_scores.shape)}")
+    if not torch.isfinite(pair_scores).all():
+        raise ValueError("a matching score is NaN or infinite; the matching head must give finite scores")
+    (nt, kt), (nv, kv) = plan.t2v_cand.shape, plan.v2t_cand.shape
+    t2v_scores, v2t_scores = pair_scores[:nt * kt].view(nt, kt), pair_scores[nt * kt:].view(nv, kv)
+    if add_sim:
+        t2v_scores = t2v_scores + sim.gather(1, plan.t2v_cand).float()
+        v2t_scores = v2t_scores + sim.T.gather(1, plan.v2t_cand).float()
+    return _fill_rows(sim, plan.t2v_cand, t2v_scores), _fill_rows(sim.T, plan.v2t_cand, v2t_scores)
+
+
+def rerank_topk(sim: torch.Tensor, k: int, score_pairs: ScorePairs, batch_size: int = 256,
+                add_sim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-score each text's top-``k`` clips and each clip's top-``k`` texts with ``score_pairs``.
 
     sim: ``[Nt, Nv]`` contrastive similarity (text x video).  ``k`` is clamped to the number of
@@ -91,23 +146,13 @@ def rerank_topk(sim: torch.Tensor, k: int, score_pairs: ScorePairs,
     Returns ``(t2v_scores [Nt, Nv], v2t_scores [Nv, Nt])``, float32 on ``sim``'s device: each
     candidate holds its matching score; the others hold values below every candidate of their row,
     ordered as in ``sim``.  With ``k >= max(Nt, Nv)`` the result is exhaustive matching scoring.
+    ``add_sim=True`` ranks candidates by matching score + similarity, as the public
+    ALBEF/BLIP/mPLUG evaluation code does (``score_matrix[i, topk_idx] = score + topk_sim``).
+    To spread the scoring over workers use :func:`plan_rerank` and :func:`assemble_scores`.
     """
-    _check_sim(sim)
-    if k < 1:
-        raise ValueError(f"k (k_test) must be >= 1, got {k}")
-    nt, nv = sim.shape
-    kt, kv = min(k, nv), min(k, nt)
-    arange = lambda n: torch.arange(n, device=sim.device)  # noqa: E731
-    # candidates: equal similarities at the cut go to the lower index
-    t2v_cand = _topk_stable(sim, kt)                                                    # [Nt, kt]
-    v2t_cand = _topk_stable(sim.T, kv)                                                  # [Nv, kv]
-    # one flat list of (text, video) pairs: first the text rows, then the video rows
-    text_idx = torch.cat([arange(nt).repeat_interleave(kt), v2t_cand.reshape(-1)])     # [Nt*kt + Nv*kv]
-    video_idx = torch.cat([t2v_cand.reshape(-1), arange(nv).repeat_interleave(kv)])    # [Nt*kt + Nv*kv]
-    scores = _score_in_batches(score_pairs, text_idx, video_idx, batch_size, sim.device)
-    t2v = _fill_rows(sim, t2v_cand, scores[:nt * kt].view(nt, kt))
-    v2t = _fill_rows(sim.T, v2t_cand, scores[nt * kt:].view(nv, kv))
-    return t2v, v2t
+    plan = plan_rerank(sim, k)
+    scores = _score_in_batches(score_pairs, plan.text_idx, plan.video_idx, batch_size, sim.device)
+    return assemble_scores(sim, plan, scores, add_sim=add_sim)
 
 
 def score_all_pairs(num_texts: int, num_videos: int, score_pairs: ScorePairs, batch_size: int = 256,
