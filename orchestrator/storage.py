@@ -95,10 +95,15 @@ def s3_client():
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
-    endpoint = _endpoint()
+    """A pyarrow S3 filesystem for the current AWS environment (cached per endpoint and region)."""
+    return _s3_filesystem_cached(_endpoint(), _region(), S3_MAX_ATTEMPTS)
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem_cached(endpoint: str | None, region: str, max_attempts: int) -> pafs.S3FileSystem:
     kwargs = dict(
-        region=_region(),
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+        region=region,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
         connect_timeout=10,
         request_timeout=60,
     )

@@ -151,7 +151,7 @@ def _contract_collate_cls():
 
             # [B, T, H, W, 3] frames stay uint8; ids, masks, labels become int64
             return {k: torch.from_numpy(np.require(v, requirements="W")) if k == "frames"
-                    else torch.as_tensor(np.asarray(v, dtype=np.int64)) for k, v in batch.items()}
+                    else torch.from_numpy(np.array(v, dtype=np.int64)) for k, v in batch.items()}
 
     return ContractCollate
 

@@ -1,0 +1,64 @@
+"""Bad-clip accounting without Ray (counts, examples, threshold, epoch reports) and tokenization."""
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.data import quality
+from orchestrator.data.tokenize import encode, load_tokenizer
+
+
+def test_stats_count_by_reason_and_keep_examples():
+    s = quality.BadClipStats()
+    s.add(10, [("empty", "s3://b/a.mp4"), ("missing", "s3://b/m.mp4")])
+    out = s.add(10, [("empty", f"s3://b/e{i}.mp4") for i in range(10)])
+    assert out["total_seen"] == 20 and out["bad"] == 12
+    assert out["by_reason"] == {"empty": 11, "missing": 1}
+    assert len(out["examples"]["empty"]) == quality.MAX_EXAMPLES
+
+
+def test_threshold_names_reasons_and_uris():
+    stats = {"total_seen": 10, "bad": 2, "by_reason": {"truncated": 2}, "examples": {"truncated": ["s3://b/t.mp4"]}}
+    quality.check(stats, 0.25)
+    with pytest.raises(quality.TooManyBadClips, match=r"truncated=2.*s3://b/t\.mp4.*max_bad_fraction=0\.1"):
+        quality.check(stats, 0.1)
+    quality.check(stats, 0.1, min_seen=11)  # too few clips seen to judge yet
+
+
+def test_epoch_report_and_local_tracker():
+    quality.reset_local()
+    t = quality.BadClipTracker("unit")
+    t.record(5, [("empty", "a")])
+    first = t.end_epoch()
+    t.record(5, [])
+    second = t.end_epoch()
+    assert first["this_epoch"]["bad"] == 1 and second["this_epoch"] == {"total_seen": 5, "by_reason": {}, "bad": 0}
+    assert second["total"]["total_seen"] == 10
+    assert quality.get_bad_clip_stats("unit")["bad"] == 1
+    with pytest.raises(quality.TooManyBadClips):
+        quality.check_bad_clips("unit", 0.05)
+    quality.reset_local()
+
+
+def test_unknown_reason_rejected():
+    with pytest.raises(ValueError, match="unknown bad-clip reason"):
+        quality.BadClip("weird", "u")
+
+
+def test_tokenizer_english_and_chinese(tiny_hf, tmp_path):
+    tok = load_tokenizer(str(tiny_hf.tokenizer))
+    enc = encode(tok, ["a red square moves left", ""], 12)
+    assert enc["ids"].shape == (2, 12) and enc["ids"].dtype.name == "int64"
+    assert enc["mask"][0].sum() == 7  # [CLS] + 5 words + [SEP]
+    assert tok.decode(enc["ids"][0], skip_special_tokens=True) == "a red square moves left"
+    pair = encode(tok, ["the film is dull"], 16, ["a lovely movie"])
+    assert set(pair["type_ids"][0][pair["mask"][0] == 1].tolist()) == {0, 1}
+    from orchestrator.hf_assets import build_wordpiece_tokenizer
+
+    zh = load_tokenizer(build_wordpiece_tokenizer(["一只猫在玩", "风景很美"], tmp_path / "zh", vocab_size=100))
+    ids = encode(zh, ["猫在玩"], 8)["ids"][0]
+    assert zh.convert_ids_to_tokens(ids[1:4].tolist()) == ["猫", "在", "玩"]  # character level
+
+
+def test_missing_tokenizer_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.tokenizer"):
+        load_tokenizer(str(tmp_path / "nothing"))
