@@ -13,6 +13,7 @@ def test_tokenize_english_lowercases_and_drops_punctuation():
     assert tokenize_caption("A man, riding a HORSE... (fast)!") == "a man riding a horse fast"
     assert tokenize_caption("  don't  'quote' ") == "don't quote"
     assert tokenize_caption("?!.") == ""
+    assert tokenize_caption("two\nlines\x00 here") == "two lines here"     # nothing can break METEOR's line protocol
 
 
 def test_tokenize_chinese_is_character_by_character():

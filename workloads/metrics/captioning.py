@@ -30,7 +30,7 @@ METRIC_NAMES = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CI
 # ---------------------------------------------------------------- tokenisation
 
 def _is_punct(ch: str) -> bool:
-    return unicodedata.category(ch)[0] in "PS"          # punctuation and symbols, any script
+    return unicodedata.category(ch)[0] in "PSC"         # punctuation, symbols, control chars; any script
 
 
 def tokenize_caption(text: str, chinese: bool = False) -> str:
