@@ -49,7 +49,7 @@ class EvalConfig(Section):
 
 
 class RunConfig(Section):
-    workload: Literal[WORKLOADS] = "pretrain"  # type: ignore[valid-type]
+    workload: str = Field("pretrain", description=f"one of {', '.join(WORKLOADS)}, or a dotted module path")
     name: str | None = Field(None, description="run name; rerunning a name resumes it")
     experiment: str | None = Field(None, description="MLflow experiment; default: the workload family")
     storage: str = Field("./demo_output/store", description="URI under which checkpoints are written")
@@ -61,6 +61,14 @@ class RunConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     # Workload-specific options, validated by the workload's own schema (workloads.<name>.Config).
     task: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("workload")
+    @classmethod
+    def _known_workload(cls, v: str) -> str:
+        if v in WORKLOADS or ("." in v and all(p.isidentifier() for p in v.split("."))):
+            return v
+        raise ValueError(f"unknown workload; accepted: {', '.join(WORKLOADS)}, or a dotted module path "
+                         "to your own workload module (e.g. mypkg.my_workload)")
 
     @field_validator("name")
     @classmethod

@@ -30,6 +30,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RAY_NUM_CPUS = 8  # logical CPUs for the local Ray (the machine has 2 cores)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -110,7 +111,8 @@ def ray_local(s3_server):
 
     if not ray.is_initialized():
         ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {k: v for k, v in s3_server.env.items()} | {"DS_ACCELERATOR": "cpu"}})
+                 runtime_env={"env_vars": {k: v for k, v in s3_server.env.items()}
+                              | {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO_ROOT)}})
     yield ray
     ray.shutdown()
 

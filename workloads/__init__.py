@@ -12,7 +12,9 @@ NAMES = ("pretrain", "retrieval", "videoqa", "captioning", "classification", "gl
 
 
 def get_workload(name: str):
-    """The workload module ``workloads.<name>``; KeyError for an unknown or not yet built name."""
+    """The workload module ``workloads.<name>`` (or a user module by dotted path); KeyError if unknown."""
+    if "." in name:
+        return importlib.import_module(name)
     if name not in NAMES:
         raise KeyError(f"unknown workload {name!r}; known: {', '.join(NAMES)}")
     try:

@@ -1,0 +1,195 @@
+"""MLflow for every run.
+
+The driver opens (or, for a rerun of the same name, re-opens) the run, logs the flattened resolved
+config as params, the config YAML as an artifact and the lineage/environment tags; rank 0 of the
+training workers logs per-step metrics through :class:`MetricLogger`, which buffers and retries so
+that a tracking server that goes away for a while costs no training time and loses no metrics.
+Nothing is logged without passing through :mod:`orchestrator.tracking.redact`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.tracking.redact import redact, redact_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "sqlite:///demo_output/mlflow.db"
+RUN_NAME_TAG = "mplug2.run_name"
+MAX_PARAM_LEN = 6000
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else a local SQLite store (made absolute)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = Path(uri[len("sqlite:///"):]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{path}"
+    return uri
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parents[2])
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def get_or_create_experiment(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # noqa: BLE001 - created concurrently by another trial
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def find_run(c, experiment_id: str, run_name: str):
+    runs = c.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                         max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], tags: dict[str, str],
+             parent_run_id: str | None = None) -> str:
+    """Create the MLflow run for ``run_name`` or re-open it (a rerun of the same name resumes).
+
+    Logs flattened params (redacted), the resolved config YAML as an artifact and the tags.
+    Returns the run id.
+    """
+    import yaml  # noqa: PLC0415
+
+    from orchestrator.config import flatten  # noqa: PLC0415
+
+    c = client(uri)
+    exp_id = get_or_create_experiment(c, experiment)
+    existing = find_run(c, exp_id, run_name)
+    safe_cfg = redact(config)
+    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **{k: str(v) for k, v in tags.items() if v is not None}}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    all_tags = redact(all_tags)
+    if existing is not None:
+        run_id = existing.info.run_id
+        c.update_run(run_id, status="RUNNING")
+        for k, v in all_tags.items():
+            c.set_tag(run_id, k, v)
+        c.set_tag(run_id, "mplug2.resumed", "true")
+        return run_id
+    run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    from mlflow.entities import Param  # noqa: PLC0415
+
+    params = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flatten(safe_cfg).items()]
+    for i in range(0, len(params), 100):
+        c.log_batch(run_id, params=params[i:i + 100])
+    c.log_text(run_id, yaml.safe_dump(safe_cfg, sort_keys=False, allow_unicode=True), "config/resolved.yaml")
+    return run_id
+
+
+def close_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict[str, Any] | None = None,
+              metrics: dict[str, float] | None = None, step: int | None = None) -> None:
+    c = client(uri)
+    for k, v in redact(tags or {}).items():
+        c.set_tag(run_id, k, str(v))
+    if metrics:
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        now = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+    c.set_terminated(run_id, status=status)
+
+
+def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
+    client(uri).log_text(run_id, redact_text(text), artifact_file)
+
+
+class MetricLogger:
+    """Buffered, retrying metric logging for the training loop (rank 0 only).
+
+    ``log(metrics, step)`` only appends to a buffer; a background thread sends the buffer with
+    ``log_batch`` every ``flush_every_s`` seconds.  When the server is unreachable the buffer is
+    kept (up to ``max_buffer`` points, oldest dropped first and counted) and sent when it comes
+    back, so training never waits for the tracker.  ``close()`` flushes with a deadline and
+    reports what could not be delivered.
+    """
+
+    def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0, max_buffer: int = 200_000):
+        self.uri, self.run_id = uri, run_id
+        self.flush_every_s = flush_every_s
+        self.max_buffer = max_buffer
+        self._buf: list = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.dropped = 0
+        self.failed_flushes = 0
+        self.sent = 0
+        self._client = None
+        self._thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        now = int(time.time() * 1000)
+        with self._lock:
+            self._buf.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
+            overflow = len(self._buf) - self.max_buffer
+            if overflow > 0:
+                del self._buf[:overflow]
+                self.dropped += overflow
+
+    def flush(self) -> bool:
+        with self._lock:
+            batch, self._buf = self._buf, []
+        if not batch:
+            return True
+        sent_upto = 0
+        try:
+            if self._client is None:
+                self._client = client(self.uri)
+            for i in range(0, len(batch), 1000):
+                chunk = batch[i:i + 1000]
+                self._client.log_batch(self.run_id, metrics=chunk)
+                sent_upto = i + len(chunk)
+                self.sent += len(chunk)
+            return True
+        except Exception as e:  # noqa: BLE001 - keep training; retry later
+            with self._lock:
+                self._buf[:0] = batch[sent_upto:]
+            self.failed_flushes += 1
+            log.warning("MLflow unreachable (%s); %d metric points buffered", type(e).__name__, len(self._buf))
+            return False
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.flush_every_s):
+            self.flush()
+
+    def close(self, timeout_s: float = 60.0) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        deadline = time.time() + timeout_s
+        while not self.flush() and time.time() < deadline:
+            time.sleep(min(2.0, max(0.0, deadline - time.time())))
+        with self._lock:
+            undelivered = len(self._buf)
+        return {"sent": self.sent, "undelivered": undelivered, "dropped": self.dropped,
+                "failed_flushes": self.failed_flushes}

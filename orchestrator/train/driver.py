@@ -1,0 +1,197 @@
+"""``run_training(cfg)``: the driver side of every training run (pre-train and fine-tune).
+
+Validates, opens the MLflow run (params, resolved config, lineage and environment tags), builds
+the Ray Data datasets, runs a ``TorchTrainer`` whose workers each drive one DeepSpeed engine, and
+records the checkpoint and exported-model URIs.  Checkpoints live under
+``<storage>/<experiment>/<run name>/``; rerunning a name resumes it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    run_name: str
+    run_dir: str                  # <storage>/<experiment>/<run name>
+    checkpoint_uri: str | None    # the latest reported checkpoint
+    export_uri: str | None        # the consolidated model (model/ save format)
+    metrics: dict[str, Any]
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    return f"{cfg.workload}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _storage_for_ray(uri: str):
+    """(storage_path, storage_filesystem) for ray.train.RunConfig."""
+    if storage.is_s3(uri):
+        fs, path = storage.filesystem(uri)
+        return path, fs
+    return storage.local_path(uri), None
+
+
+def _checkpoint_uri(checkpoint) -> str | None:
+    if checkpoint is None:
+        return None
+    import pyarrow.fs as pafs  # noqa: PLC0415
+
+    if isinstance(checkpoint.filesystem, pafs.S3FileSystem):
+        return f"s3://{checkpoint.path}"
+    return checkpoint.path
+
+
+def model_config_for(cfg: RunConfig, vocab_size: int | None):
+    """The model's typed config: preset + overrides (+ the tokenizer's vocabulary size)."""
+    from model import MPlugConfig  # noqa: PLC0415
+
+    overrides = dict(cfg.model.overrides)
+    if vocab_size is not None:
+        overrides.setdefault("vocab_size", vocab_size)
+    if cfg.model.activation_checkpointing:
+        overrides.setdefault("activation_checkpointing", True)
+    try:
+        return MPlugConfig.from_preset(cfg.model.preset, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | None = None,
+                 extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> TrainOutcome:
+    import ray.train  # noqa: PLC0415
+    from ray.train.torch import TorchTrainer  # noqa: PLC0415
+
+    from orchestrator.ray_env import ensure_ray  # noqa: PLC0415
+    from orchestrator.train.checkpoint import resolve_init_from  # noqa: PLC0415
+    from orchestrator.train.deepspeed_config import load_user_json  # noqa: PLC0415
+    from orchestrator.train.loop import train_loop_per_worker  # noqa: PLC0415
+    from workloads import get_workload  # noqa: PLC0415
+
+    workload = get_workload(cfg.workload)
+    run_name = cfg.name or default_run_name(cfg)
+    experiment = cfg.experiment_name()
+    run_dir = storage.join(cfg.storage, experiment, run_name)
+    export_uri = storage.join(run_dir, "export")
+    tracking_uri = None
+    if cfg.tracking.enabled:
+        from orchestrator.tracking.mlflow_run import resolve_tracking_uri  # noqa: PLC0415
+
+        tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
+    init_uri, init_run = resolve_init_from(init_from, tracking_uri)
+    try:
+        ds_user = load_user_json(cfg.train.deepspeed_config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    ensure_ray()
+    vocab_size = None
+    if datasets is None:
+        from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
+        from orchestrator.data.tokenize import tokenizer_for  # noqa: PLC0415
+
+        datasets = {"train": build_dataset(cfg.data, "train", training=True, columns=workload.COLUMNS,
+                                           seed=cfg.seed, run_name=run_name)}
+        vocab_size = len(tokenizer_for(cfg.data))
+    model_config = model_config_for(cfg, vocab_size) if getattr(workload, "USES_MODEL_CONFIG", True) else None
+
+    mlflow_run_id = None
+    if tracking_uri:
+        from orchestrator.tracking.mlflow_run import git_commit, open_run  # noqa: PLC0415
+
+        tags = {
+            "mplug2.workload": cfg.workload,
+            "mplug2.ray_job_id": os.environ.get("RAY_JOB_ID") or _ray_job_id(),
+            "mplug2.git_commit": git_commit(),
+            "mplug2.num_workers": cfg.train.num_workers,
+            "mplug2.use_gpu": cfg.train.use_gpu,
+            "mplug2.cluster_cpus": _cluster_resource("CPU"),
+            "mplug2.cluster_gpus": _cluster_resource("GPU"),
+            "mplug2.run_dir": run_dir,
+            **(extra_tags or {}),
+        }
+        if init_run:
+            tags["mplug2.init_from_run"] = init_run
+        if init_uri:
+            tags["mplug2.init_from"] = init_uri
+        mlflow_run_id = open_run(tracking_uri, experiment, run_name, cfg.to_dict(), tags,
+                                 parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
+
+    storage_path, storage_fs = _storage_for_ray(storage.join(cfg.storage, experiment))
+    worker_env = {} if cfg.train.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if cfg.train.use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "run": cfg.to_dict(), "run_name": run_name, "model_config": model_config,
+            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "export_uri": export_uri,
+            "init_from": init_uri, "deepspeed_user": ds_user,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+        ),
+        datasets=datasets,
+    )
+    status = "FAILED"
+    result = None
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    finally:
+        ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
+        exported = storage.exists(storage.join(export_uri, "model.safetensors"))
+        if mlflow_run_id:
+            from orchestrator.tracking.mlflow_run import close_run  # noqa: PLC0415
+
+            end_tags = {"mplug2.checkpoint_uri": ckpt_uri, "mplug2.export_uri": export_uri if exported else None}
+            end_tags.update(_bad_clip_tags(run_name))
+            try:
+                close_run(tracking_uri, mlflow_run_id, status=status,
+                          tags={k: v for k, v in end_tags.items() if v is not None})
+            except Exception as e:  # noqa: BLE001 - never mask the training error
+                log.error("could not close MLflow run %s: %s", mlflow_run_id, e)
+    return TrainOutcome(run_name=run_name, run_dir=run_dir, checkpoint_uri=ckpt_uri,
+                        export_uri=export_uri if exported else None, metrics=dict(result.metrics or {}),
+                        mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
+
+
+def _bad_clip_tags(run_name: str) -> dict[str, str]:
+    try:
+        from orchestrator.data import quality  # noqa: PLC0415
+
+        stats = quality.get_bad_clip_stats(run_name) or {}
+    except Exception:  # noqa: BLE001
+        return {}
+    return {f"mplug2.data.{k}": str(v) for k, v in stats.items() if k in ("total_seen", "bad", "by_reason")}
+
+
+def _ray_job_id() -> str | None:
+    try:
+        import ray  # noqa: PLC0415
+
+        return ray.get_runtime_context().get_job_id()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _cluster_resource(name: str) -> float:
+    import ray  # noqa: PLC0415
+
+    return float(ray.cluster_resources().get(name, 0))

@@ -1,0 +1,220 @@
+"""The per-worker training function: one DeepSpeed engine, the workload's dict of losses.
+
+Everything a worker needs arrives in ``config`` (the resolved run config as a dict, plus the
+driver's decisions: MLflow run id, export URI, init-from URI, vocabulary size); nothing is
+captured from the driver's globals.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Iterator
+
+import torch
+
+from orchestrator.train import checkpoint
+from orchestrator.train.deepspeed_config import build_deepspeed_config
+from orchestrator.train.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class StepTimer:
+    """Splits wall time into waiting for data and computing, over a logging window."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.wait = 0.0
+        self.compute = 0.0
+        self.samples = 0
+        self.steps = 0
+        self.start = time.perf_counter()
+
+    def timed_batches(self, batches) -> Iterator[dict]:
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            yield batch
+            self.compute += time.perf_counter() - t1
+
+    def summary(self, world: int) -> dict[str, float]:
+        total = max(self.wait + self.compute, 1e-9)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"samples_per_s": self.samples * world / elapsed, "data_wait_frac": self.wait / total}
+
+
+def _iter_batches(shard, batch_size: int, prefetch: int):
+    try:
+        from orchestrator.data.pipeline import iter_worker_batches  # noqa: PLC0415
+    except ImportError:  # data plane not importable: Ray's own batching
+        return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch)
+    return iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=prefetch)
+
+
+def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1 or not values:
+        return values
+    import torch.distributed as dist  # noqa: PLC0415
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def build_model(run, config: dict[str, Any]):
+    from workloads import get_workload  # noqa: PLC0415
+
+    workload = get_workload(run.workload)
+    task_cfg = workload.Config.model_validate(run.task)
+    model_cfg = config.get("model_config")
+    model = workload.build_model(model_cfg, task_cfg, vision_pretrained=run.model.vision_pretrained,
+                                 text_pretrained=run.model.text_pretrained)
+    return workload, task_cfg, model
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import deepspeed  # noqa: PLC0415
+    import ray.train  # noqa: PLC0415
+    import ray.train.torch  # noqa: PLC0415
+
+    from orchestrator.config import RunConfig  # noqa: PLC0415
+
+    run = RunConfig.model_validate(config["run"])
+    tcfg = run.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
+
+    workload, task_cfg, model = build_model(run, config)
+    if config.get("init_from"):
+        report = checkpoint.load_weights(model, config["init_from"])
+        if rank == 0 and report["missing"]:
+            log.info("init-from: %d weights not in the checkpoint (freshly initialised): %s",
+                     len(report["missing"]), ", ".join(report["missing"][:8]))
+    model.to(device)
+    optimizer, scheduler = build_optimizer(model, tcfg)
+    deepspeed.init_distributed(dist_backend="nccl" if tcfg.use_gpu else "gloo", dist_init_required=False)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=build_deepspeed_config(tcfg, world, config.get("deepspeed_user")), dist_init_required=False)
+
+    state = {"step": 0, "epoch": 0, "samples": 0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            saved = checkpoint.load(engine, d)
+        state.update({k: saved[k] for k in state if k in saved})  # DeepSpeed adds its own keys
+        if rank == 0:
+            log.info("resumed from step %d (epoch %d)", state["step"], state["epoch"])
+
+    metrics_logger = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from orchestrator.tracking.mlflow_run import MetricLogger  # noqa: PLC0415
+
+        metrics_logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"])
+
+    timer = StepTimer()
+    sums: dict[str, float] = {}
+    n_micro = 0
+    last_metrics: dict[str, float] = {}
+    saved_step = state["step"] if ckpt is not None else -1
+    shard = ray.train.get_dataset_shard("train")
+    try:
+        while state["step"] < tcfg.max_steps:
+            got_batch = False
+            for batch in timer.timed_batches(_iter_batches(shard, tcfg.batch_size_per_worker, run.data.prefetch_batches)):
+                got_batch = True
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                losses = workload.loss(engine.module, batch, task_cfg)
+                engine.backward(losses["loss"])
+                engine.step()
+                n_micro += 1
+                timer.samples += tcfg.batch_size_per_worker
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                if engine.global_steps == state["step"]:
+                    continue  # gradient accumulation: no optimizer step yet
+                state["step"] = engine.global_steps
+                state["samples"] += tcfg.batch_size_per_worker * tcfg.grad_accum_steps * world
+                step = state["step"]
+                do_log = step % tcfg.log_every == 0 or step >= tcfg.max_steps
+                do_ckpt = step % tcfg.checkpoint_every == 0 or step >= tcfg.max_steps
+                if do_log or do_ckpt:
+                    means = _mean_across_ranks({k: v / max(n_micro, 1) for k, v in sums.items()}, world)
+                    last_metrics = {**means, "lr": scheduler.get_last_lr()[0], **timer.summary(world),
+                                    "step": step, "epoch": state["epoch"]}
+                    if metrics_logger is not None:
+                        metrics_logger.log({k: v for k, v in last_metrics.items() if k not in ("step",)}, step)
+                    sums, n_micro = {}, 0
+                    timer.reset()
+                if do_ckpt:
+                    t0 = time.perf_counter()
+                    _save_and_report(engine, state, last_metrics, rank)
+                    saved_step = step
+                    if metrics_logger is not None:
+                        metrics_logger.log({"checkpoint_s": time.perf_counter() - t0}, step)
+                    timer.reset()  # checkpoint time is not training throughput
+                elif do_log:
+                    ray.train.report(dict(last_metrics))
+                if step >= tcfg.max_steps:
+                    break
+            if not got_batch:
+                raise RuntimeError("the training dataset yielded no batch: it is empty or smaller than one batch "
+                                   f"per worker (batch_size_per_worker={tcfg.batch_size_per_worker}, workers={world})")
+            if state["step"] < tcfg.max_steps:
+                state["epoch"] += 1
+                _epoch_end(config, state, metrics_logger, rank)
+        if saved_step != state["step"]:
+            _save_and_report(engine, state, last_metrics, rank)
+        _export(engine, tcfg.zero_stage, config.get("export_uri"), rank)
+    finally:
+        if metrics_logger is not None:
+            delivery = metrics_logger.close()
+            if delivery["undelivered"] or delivery["dropped"]:
+                log.error("MLflow: %s metric points could not be delivered", delivery)
+
+
+def _save_and_report(engine, state: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
+    import ray.train  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.save(engine, d, dict(state), rank)
+        ray.train.report({**metrics, "step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint_step_{state['step']:08d}")
+
+
+def _epoch_end(config: dict[str, Any], state: dict[str, Any], metrics_logger, rank: int) -> None:
+    """Bad-clip counts at the end of each epoch: logged, and the job stops past the threshold."""
+    if rank != 0:
+        return
+    try:
+        from orchestrator.data import quality  # noqa: PLC0415
+    except ImportError:
+        return
+    stats = quality.get_bad_clip_stats(config.get("run_name"))
+    if metrics_logger is not None and stats:
+        metrics_logger.log({"data/clips_seen": stats.get("total_seen", 0), "data/clips_bad": stats.get("bad", 0),
+                            **{f"data/bad_{k}": v for k, v in stats.get("by_reason", {}).items()}}, state["step"])
+
+
+def _export(engine, zero_stage: int, export_uri: str | None, rank: int) -> None:
+    if not export_uri:
+        return
+    from orchestrator import storage  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "export")
+        if checkpoint.export(engine, zero_stage, out, rank):
+            storage.upload_dir(out, export_uri)
