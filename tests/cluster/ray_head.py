@@ -117,6 +117,11 @@ class LocalRayHead:
         p = self.temp_dir / "ray-start.log"
         return p.read_text(errors="replace") if p.exists() else ""
 
+    def monitor_log(self) -> str:
+        """The autoscaler's log (``monitor.log`` of the head's session), for failure messages."""
+        logs = sorted(self.temp_dir.glob("session_*/logs/monitor.log"))
+        return logs[-1].read_text(errors="replace") if logs else ""
+
     def cli(self, *args: str, timeout: float = 120.0, cwd: str | os.PathLike | None = None) -> str:
         """Run a ``ray`` CLI command against this head; returns its output, raises on failure."""
         env = dict(self.env, RAY_ADDRESS=self.dashboard_url)
