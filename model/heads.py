@@ -16,7 +16,8 @@ class ContrastiveHeads(nn.Module):
         super().__init__()
         self.vision_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
-        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+        # shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views at init
+        self.temp = nn.Parameter(torch.tensor([float(cfg.temp)]))
         self.temp_min, self.temp_max = cfg.temp_min, cfg.temp_max
 
     def vision(self, vision_tokens: torch.Tensor) -> torch.Tensor:
@@ -26,7 +27,7 @@ class ContrastiveHeads(nn.Module):
         return F.normalize(self.text_proj(text_hidden[:, 0]).float(), dim=-1)      # [B, D]
 
     def temperature(self) -> torch.Tensor:
-        return self.temp.clamp(self.temp_min, self.temp_max)
+        return self.temp.clamp(self.temp_min, self.temp_max)[0]           # scalar
 
 
 class MatchingHead(nn.Module):
