@@ -59,5 +59,4 @@ class DataConfig(BaseModel):
     decode_concurrency: int | None = Field(None, ge=1, description="decode tasks at once (None = Ray decides)")
     decode_batch_size: int = Field(8, ge=1)
     prefetch_batches: int = Field(2, ge=0)
-    shuffle_buffer: int = Field(0, ge=0, description="local shuffle buffer (rows) when iterating a training shard")
     limit: int | None = Field(None, ge=1, description="use only the first N rows of each split (debugging)")

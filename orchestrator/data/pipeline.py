@@ -133,6 +133,8 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     rng = random.Random(seed)
     parts = [_source_dataset(s, data_cfg, split, training, rng)[0] for s in data_cfg.sources]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if training:  # a new block order every epoch (rows were shuffled once, by seed, in the driver)
+        ds = ds.randomize_block_order()
     kwargs: dict[str, Any] = {"num_cpus": data_cfg.decode_cpus}
     if data_cfg.decode_concurrency:
         kwargs["concurrency"] = data_cfg.decode_concurrency

@@ -3,6 +3,7 @@ per-worker shards, bad clips removed and counted, the job stopped past the thres
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 import uuid
 
@@ -142,3 +143,49 @@ def test_bad_clips_skipped_counted_and_stop_the_job(ray_local, tmp_path, clip_by
     collect(build_dataset(cfg, "val", False, ("frames",), run_name=name))
     with pytest.raises(quality.TooManyBadClips):
         quality.check_bad_clips(name, 0.2)
+
+
+def test_missing_object_on_s3_is_counted(ray_local, s3_bucket, synth_data):
+    root = f"{s3_bucket}/m"
+    storage.upload_dir(storage.join(synth_data, "tokenizer"), f"{root}/tokenizer")
+    storage.write_bytes(f"{root}/videos/ok.mp4", (open(f"{synth_data}/videos/clip_00000.mp4", "rb").read()))
+    storage.write_text(f"{root}/ann.jsonl", '{"video": "ok.mp4", "caption": "a red square moves left"}\n'
+                                            '{"video": "gone.mp4", "caption": "a red square moves up"}\n')
+    src = SourceConfig(format="msrvtt", train=["ann.jsonl"], val=["ann.jsonl"])
+    cfg = DataConfig(root=root, sources=[src], num_frames=2, image_size=16, max_bad_fraction=1.0)
+    name = run_name()
+    (b,) = collect(build_dataset(cfg, "val", False, ("frames", "text_ids"), run_name=name))
+    assert len(b["frames"]) == 1
+    stats = quality.get_bad_clip_stats(name)
+    assert stats["by_reason"] == {"missing": 1} and stats["examples"]["missing"] == [f"{root}/videos/gone.mp4"]
+
+
+def test_ray_train_workers_get_their_shards(ray_local, synth_data):
+    """The real thing: TorchTrainer workers read ``get_dataset_shard`` through iter_worker_batches."""
+    import ray.train
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    src = SourceConfig(format="youku_retrieval", train=["annotations/youku_retrieval_train.csv"],
+                       val=["annotations/youku_retrieval_val.csv"])
+    cfg = DataConfig(root=synth_data, sources=[src], num_frames=2, image_size=16)
+    name = run_name()
+    ds = build_dataset(cfg, "train", training=True, columns=("frames", "clip_index"), run_name=name)
+
+    def loop(config):
+        import ray.train as rt
+
+        from orchestrator.data.pipeline import iter_worker_batches as it
+
+        seen = []
+        for batch in it(rt.get_dataset_shard("train"), 4, None, 1, run_name=config["run"], max_bad_fraction=0.0):
+            assert batch["frames"].dtype.__str__() == "torch.uint8"
+            seen += batch["clip_index"].tolist()
+        rt.report({"n": len(seen), "rank": rt.get_context().get_world_rank()})
+
+    trainer = TorchTrainer(loop, train_loop_config={"run": name}, datasets={"train": ds},
+                           scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+                           run_config=ray.train.RunConfig(storage_path=str(Path(synth_data).parent / "train_runs")))
+    result = trainer.fit()
+    assert 0 < result.metrics["n"] < 19  # rank 0 got part of the 19 training clips
+    assert quality.get_bad_clip_stats(name)["total_seen"] == 19
