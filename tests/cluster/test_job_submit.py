@@ -65,8 +65,9 @@ def test_tiny_pretrain_submitted_as_a_job_is_tracked_in_mlflow(ray_head, synth_d
     result = ray_head.submit(
         ["python", "-m", "orchestrator", "train", "--config", "workloads/configs/pretrain_tiny.yaml",
          f"data.root={synth_data}", f"storage={tmp_path / 'store'}", f"tracking.uri={tracking}",
-         f"name={name}", "train.max_steps=4", "train.num_workers=1", "train.checkpoint_every=2"],
-        working_dir=ROOT, runtime_env=runtime_env(), timeout=420)
+         f"name={name}", "train.max_steps=4", "train.num_workers=1", "train.checkpoint_every=2",
+         "train.log_every=1", "eval.max_samples=8"],
+        working_dir=ROOT, runtime_env=runtime_env(), timeout=540)
     assert result.status == "SUCCEEDED", result.logs[-6000:]
     client = MlflowClient(tracking_uri=tracking)
     exp = client.get_experiment_by_name("mplug2-pretrain")
