@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ConfigError, RunConfig
+from orchestrator.config import ConfigError, RunConfig  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +52,6 @@ def _checkpoint_uri(checkpoint) -> str | None:
     return checkpoint.path
 
 
-def model_config_for(cfg: RunConfig, vocab_size: int | None):
-    """The model's typed config: preset + overrides (+ the tokenizer's vocabulary size)."""
-    from model import MPlugConfig  # noqa: PLC0415
-
-    overrides = dict(cfg.model.overrides)
-    if vocab_size is not None:
-        overrides.setdefault("vocab_size", vocab_size)
-    if cfg.model.activation_checkpointing:
-        overrides.setdefault("activation_checkpointing", True)
-    try:
-        return MPlugConfig.from_preset(cfg.model.preset, **overrides)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model: {e}") from None
-
-
 def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | None = None,
                  extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> TrainOutcome:
     import ray.train  # noqa: PLC0415
@@ -76,6 +61,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     from orchestrator.train.checkpoint import resolve_init_from  # noqa: PLC0415
     from orchestrator.train.deepspeed_config import load_user_json  # noqa: PLC0415
     from orchestrator.train.loop import train_loop_per_worker  # noqa: PLC0415
+    from orchestrator.train.model_setup import load_run_tokenizer, model_config_for  # noqa: PLC0415
     from workloads import get_workload  # noqa: PLC0415
 
     workload = get_workload(cfg.workload)
@@ -95,15 +81,14 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
         raise ConfigError(str(e)) from None
 
     ensure_ray()
-    vocab_size = None
+    model_config = None
+    if getattr(workload, "USES_MODEL_CONFIG", True):
+        model_config = model_config_for(cfg, load_run_tokenizer(cfg))
     if datasets is None:
         from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
-        from orchestrator.data.tokenize import tokenizer_for  # noqa: PLC0415
 
         datasets = {"train": build_dataset(cfg.data, "train", training=True, columns=workload.COLUMNS,
                                            seed=cfg.seed, run_name=run_name)}
-        vocab_size = len(tokenizer_for(cfg.data))
-    model_config = model_config_for(cfg, vocab_size) if getattr(workload, "USES_MODEL_CONFIG", True) else None
 
     mlflow_run_id = None
     if tracking_uri:

@@ -53,12 +53,12 @@ class StepTimer:
         return {"samples_per_s": self.samples * world / elapsed, "data_wait_frac": self.wait / total}
 
 
-def _iter_batches(shard, batch_size: int, prefetch: int):
-    try:
-        from orchestrator.data.pipeline import iter_worker_batches  # noqa: PLC0415
-    except ImportError:  # data plane not importable: Ray's own batching
-        return shard.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=prefetch)
-    return iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=prefetch)
+def _iter_batches(shard, batch_size: int, prefetch: int, run_name: str | None, max_bad_fraction: float):
+    """Full batches only: every rank takes the same number of steps (DeepSpeed's collectives)."""
+    from orchestrator.data.pipeline import iter_worker_batches  # noqa: PLC0415
+
+    return iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=prefetch,
+                               drop_last=True, run_name=run_name, max_bad_fraction=max_bad_fraction)
 
 
 def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]:
@@ -98,6 +98,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
 
     workload, task_cfg, model = build_model(run, config)
+    constants: dict[str, torch.Tensor] = {}
+    if hasattr(workload, "batch_constants"):
+        from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
+
+        constants = {k: v.to(device) for k, v in workload.batch_constants(load_run_tokenizer(run), task_cfg).items()}
     if config.get("init_from"):
         report = checkpoint.load_weights(model, config["init_from"])
         if rank == 0 and report["missing"]:
@@ -134,9 +139,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         while state["step"] < tcfg.max_steps:
             got_batch = False
-            for batch in timer.timed_batches(_iter_batches(shard, tcfg.batch_size_per_worker, run.data.prefetch_batches)):
+            batches = _iter_batches(shard, tcfg.batch_size_per_worker, run.data.prefetch_batches,
+                                    config.get("run_name"), run.data.max_bad_fraction)
+            for batch in timer.timed_batches(batches):
                 got_batch = True
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch.update(constants)
                 losses = workload.loss(engine.module, batch, task_cfg)
                 engine.backward(losses["loss"])
                 engine.step()
@@ -199,11 +207,9 @@ def _epoch_end(config: dict[str, Any], state: dict[str, Any], metrics_logger, ra
     """Bad-clip counts at the end of each epoch: logged, and the job stops past the threshold."""
     if rank != 0:
         return
-    try:
-        from orchestrator.data import quality  # noqa: PLC0415
-    except ImportError:
-        return
-    stats = quality.get_bad_clip_stats(config.get("run_name"))
+    from orchestrator.data import quality  # noqa: PLC0415
+
+    stats = quality.end_epoch_report(config.get("run_name")).get("total", {})
     if metrics_logger is not None and stats:
         metrics_logger.log({"data/clips_seen": stats.get("total_seen", 0), "data/clips_bad": stats.get("bad", 0),
                             **{f"data/bad_{k}": v for k, v in stats.get("by_reason", {}).items()}}, state["step"])

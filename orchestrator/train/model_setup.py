@@ -1,0 +1,33 @@
+"""What both the driver and the workers derive from a run config: its tokenizer and the model's
+typed config (preset + overrides + the tokenizer's vocabulary and special token ids)."""
+from __future__ import annotations
+
+from orchestrator.config import ConfigError, RunConfig
+
+
+def load_run_tokenizer(cfg: RunConfig):
+    from orchestrator.data.tokenize import default_tokenizer, load_tokenizer  # noqa: PLC0415
+
+    return load_tokenizer(cfg.data.tokenizer or default_tokenizer(cfg.data.root))
+
+
+def tokenizer_overrides(tokenizer) -> dict[str, int]:
+    """Vocabulary size and the special ids the model must agree on with the data plane."""
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+           "bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id,
+           "mask_token_id": tokenizer.mask_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def model_config_for(cfg: RunConfig, tokenizer=None):
+    """The model's typed config: preset < tokenizer ids < ``model.overrides`` from the run config."""
+    from model import MPlugConfig  # noqa: PLC0415
+
+    overrides = tokenizer_overrides(tokenizer) if tokenizer is not None else {}
+    overrides.update(cfg.model.overrides)
+    if cfg.model.activation_checkpointing:
+        overrides["grad_checkpointing"] = True
+    try:
+        return MPlugConfig.from_preset(cfg.model.preset, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None

@@ -1,0 +1,88 @@
+"""Pieces every workload shares: building the model for a task, preparing frames, and the
+contrastive + matching retrieval evaluation (pre-train zero-shot and fine-tuned retrieval)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from model import MPlug2
+from model.preprocess import normalize_frames
+
+
+def build(task: str, model_cfg, vision_pretrained: str | None = None, text_pretrained: str | None = None) -> MPlug2:
+    """The model for ``task`` (Table 2 modules), from Hugging Face weights when given."""
+    if vision_pretrained or text_pretrained:
+        model, _ = MPlug2.from_hf(model_cfg, task, vision_pretrained=vision_pretrained, text_pretrained=text_pretrained)
+        return model
+    return MPlug2(model_cfg, task=task)
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def frames_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """uint8 [B, T, H, W, 3] -> normalised [B, T, 3, H, W] in the model's dtype, on its device."""
+    return normalize_frames(batch["frames"], dtype=model_dtype(model))
+
+
+@torch.no_grad()
+def embed_for_retrieval(model: MPlug2, batches: Iterable[dict], max_samples: int | None = None) -> dict:
+    """Embeddings + universal outputs kept for matching-head re-ranking.
+
+    Returns {"v": [Nv, D], "t": [Nt, D], "v_tokens": list of [Nv_tok, C], "t_hidden"/"t_mask",
+    "text_to_clip": [Nt]}: clips de-duplicated by ``clip_index`` (several captions share a clip).
+    """
+    model.eval()
+    v_by_clip: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    t_emb, t_hidden, t_mask, t_clip = [], [], [], []
+    seen = 0
+    for batch in batches:
+        u = model(frames=frames_of(model, batch), text_ids=batch["text_ids"], text_mask=batch["text_mask"])
+        v = model.vision_embed(u.vision_tokens)
+        t = model.text_embed(u.text_hidden)
+        clip = batch.get("clip_index")
+        clip = clip.tolist() if clip is not None else list(range(seen, seen + len(t)))
+        for i, c in enumerate(clip):
+            if c not in v_by_clip:
+                v_by_clip[c] = (v[i].float().cpu(), u.vision_tokens[i].cpu())
+        t_emb.append(t.float().cpu())
+        t_hidden.extend(u.text_hidden.cpu())
+        t_mask.extend(u.text_mask.cpu())
+        t_clip.extend(clip)
+        seen += len(t)
+        if max_samples and seen >= max_samples:
+            break
+    clips = sorted(v_by_clip)
+    position = {c: i for i, c in enumerate(clips)}
+    return {
+        "v": torch.stack([v_by_clip[c][0] for c in clips]), "t": torch.cat(t_emb),
+        "v_tokens": [v_by_clip[c][1] for c in clips], "t_hidden": t_hidden, "t_mask": t_mask,
+        "text_to_clip": torch.tensor([position[c] for c in t_clip]),
+    }
+
+
+@torch.no_grad()
+def retrieval_eval(model: MPlug2, batches: Iterable[dict], k_test: int = 128, rerank: bool = True,
+                   max_samples: int | None = None, pair_batch: int = 64) -> dict[str, float]:
+    """R@1/5/10, median and mean rank both ways: contrastive top-k, re-scored by the matching head."""
+    from workloads.metrics.retrieval import rerank_topk, retrieval_metrics  # noqa: PLC0415
+
+    e = embed_for_retrieval(model, batches, max_samples)
+    sim = e["t"] @ e["v"].T                                           # [Nt, Nv]
+    if not rerank or "matching" not in model.modules_built:
+        return retrieval_metrics(sim, sim.T, e["text_to_clip"])
+    device = next(model.parameters()).device
+    lengths = [int(m.sum()) for m in e["t_mask"]]
+    max_len = max(lengths)
+
+    def score_pairs(ti: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
+        th = torch.stack([e["t_hidden"][i][:max_len] for i in ti.tolist()]).to(device)
+        tm = torch.stack([e["t_mask"][i][:max_len] for i in ti.tolist()]).to(device)
+        vt = torch.stack([e["v_tokens"][i] for i in vi.tolist()]).to(device)
+        logits = model.itm_logits(th, tm, vt).float()                # [P, 2]
+        return (logits[:, 1] - logits[:, 0]).cpu()
+
+    t2v, v2t = rerank_topk(sim, k_test, score_pairs, batch_size=pair_batch)
+    return retrieval_metrics(t2v, v2t, e["text_to_clip"])

@@ -1,0 +1,63 @@
+"""Pre-training (paper Sec. 3.3): MLM + vision-language contrastive + matching + instruction LM.
+
+Video-text batches get all four losses; a text-only batch (no ``frames``) gets MLM alone.  Each
+loss is returned under its own name, weighted into ``loss``.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from model import objectives
+from workloads import common
+
+TASK = "pretrain"
+COLUMNS = ("frames", "text_ids", "text_mask", "clip_index")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mlm_weight: float = Field(1.0, ge=0)
+    itc_weight: float = Field(1.0, ge=0)
+    itm_weight: float = Field(1.0, ge=0)
+    lm_weight: float = Field(1.0, ge=0)
+    modality: str = Field("video", description="instruction of the LM loss: video | image")
+    k_test: int = Field(16, ge=1, description="evaluation: candidates re-ranked by the matching head")
+
+
+def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretrained=None):
+    return common.build(TASK, model_cfg, vision_pretrained, text_pretrained)
+
+
+def batch_constants(tokenizer, task_cfg: Config) -> dict[str, torch.Tensor]:
+    """The instruction prompt of the LM loss, tokenised once per worker: [1, Lp]."""
+    enc = tokenizer(objectives.instruction_for(TASK, task_cfg.modality), return_tensors="pt")
+    return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"]}
+
+
+def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    if "frames" not in batch:  # text-only source
+        mlm = objectives.mlm_loss(model, ids, mask)
+        return {"loss": task_cfg.mlm_weight * mlm, "mlm": mlm}
+    frames = common.frames_of(model, batch)                           # [B, T, 3, H, W]
+    idx = batch.get("clip_index")
+    u = model(frames=frames, text_ids=ids, text_mask=mask)
+    itc = objectives.contrastive_loss(model, u, frames, ids, mask, idx=idx)
+    itm = objectives.matching_loss(model, u, itc.sim_i2t, itc.sim_t2i, idx=idx)
+    mlm = objectives.mlm_loss(model, ids, mask, vision_tokens=u.vision_tokens)
+    b = ids.shape[0]
+    prompt_ids = batch["prompt_ids"].expand(b, -1) if "prompt_ids" in batch else ids[:, :1]
+    prompt_mask = batch["prompt_mask"].expand(b, -1) if "prompt_mask" in batch else mask[:, :1]
+    lm = objectives.lm_loss(model, u.vision_tokens, None, prompt_ids, prompt_mask, ids, mask)
+    total = (task_cfg.itc_weight * itc.loss + task_cfg.itm_weight * itm + task_cfg.mlm_weight * mlm
+             + task_cfg.lm_weight * lm)
+    return {"loss": total, "itc": itc.loss, "itm": itm, "mlm": mlm, "lm": lm}
+
+
+def evaluate(model, batches: Iterable[dict], task_cfg: Config) -> dict[str, float]:
+    """Zero-shot text-video retrieval on the validation split (paper Appendix A.2)."""
+    return common.retrieval_eval(model, batches, k_test=task_cfg.k_test)
