@@ -139,31 +139,49 @@ class BadClipTracker:
         self.run_name = run_name
         self._actor = get_tracker(run_name)
 
+    def _call(self, method: str, *args, timeout: float | None):
+        """Call the actor; a dead actor (its owner went away) is looked up / created again once."""
+        import ray  # noqa: PLC0415
+        from ray.exceptions import RayActorError  # noqa: PLC0415
+
+        for attempt in range(2):
+            ref = getattr(self._actor, method).remote(*args)
+            ready, _ = ray.wait([ref], timeout=timeout)
+            if not ready:
+                return None
+            try:
+                return ray.get(ready[0])
+            except RayActorError:
+                if attempt:
+                    raise
+                log.warning("bad-clip tracker %s died; starting a new one", actor_name(self.run_name))
+                _HANDLES.pop(actor_name(self.run_name), None)
+                self._actor = get_tracker(self.run_name)
+        return None
+
     def record(self, seen: int, bad: list[tuple[str, str]]) -> dict[str, Any] | None:
         """Add counts; returns the run's totals, or None when the actor did not answer in time."""
         for reason, uri in bad:
             log.warning("skipping bad clip (%s): %s", reason, uri)
         if self._actor is None:
             return _LOCAL.setdefault(actor_name(self.run_name), BadClipStats()).add(seen, bad)
-        import ray  # noqa: PLC0415
-
-        ref = self._actor.add.remote(seen, bad)
-        ready, _ = ray.wait([ref], timeout=RECORD_TIMEOUT_S)
-        return ray.get(ready[0]) if ready else None
+        return self._call("add", seen, bad, timeout=RECORD_TIMEOUT_S)
 
     def stats(self, timeout: float = 30.0) -> dict[str, Any]:
         if self._actor is None:
             return _LOCAL.setdefault(actor_name(self.run_name), BadClipStats()).to_dict()
-        import ray  # noqa: PLC0415
-
-        return ray.get(self._actor.to_dict.remote(), timeout=timeout)
+        out = self._call("to_dict", timeout=timeout)
+        if out is None:
+            raise TimeoutError(f"bad-clip tracker {actor_name(self.run_name)} did not answer in {timeout}s")
+        return out
 
     def end_epoch(self, timeout: float = 30.0) -> dict[str, Any]:
         if self._actor is None:
             return _LOCAL.setdefault(actor_name(self.run_name), BadClipStats()).end_epoch()
-        import ray  # noqa: PLC0415
-
-        return ray.get(self._actor.end_epoch.remote(), timeout=timeout)
+        out = self._call("end_epoch", timeout=timeout)
+        if out is None:
+            raise TimeoutError(f"bad-clip tracker {actor_name(self.run_name)} did not answer in {timeout}s")
+        return out
 
 
 def get_bad_clip_stats(run_name: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
@@ -187,6 +205,5 @@ def check_bad_clips(run_name: str | None, max_fraction: float, min_seen: int = 1
 
 
 def reset_local() -> None:
-    """Forget process-local counts and actor handles (tests)."""
+    """Forget process-local counts (tests); actor handles stay, so named actors stay alive."""
     _LOCAL.clear()
-    _HANDLES.clear()

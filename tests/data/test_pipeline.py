@@ -181,11 +181,13 @@ def test_ray_train_workers_get_their_shards(ray_local, synth_data):
         for batch in it(rt.get_dataset_shard("train"), 4, None, 1, run_name=config["run"], max_bad_fraction=0.0):
             assert batch["frames"].dtype.__str__() == "torch.uint8"
             seen += batch["clip_index"].tolist()
-        rt.report({"n": len(seen), "rank": rt.get_context().get_world_rank()})
+        # Ray Train splits "train" equally between the 2 workers: 19 clips -> 9 each (+1 dropped)
+        assert 9 <= len(seen) <= 10 and len(set(seen)) == len(seen), seen
+        rt.report({"n": len(seen)})
 
     trainer = TorchTrainer(loop, train_loop_config={"run": name}, datasets={"train": ds},
                            scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
                            run_config=ray.train.RunConfig(storage_path=str(Path(synth_data).parent / "train_runs")))
     result = trainer.fit()
-    assert 0 < result.metrics["n"] < 19  # rank 0 got part of the 19 training clips
+    assert result.error is None
     assert quality.get_bad_clip_stats(name)["total_seen"] == 19
