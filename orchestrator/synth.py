@@ -122,14 +122,19 @@ def encode_h264(frames: np.ndarray, fps: int, gop: int) -> bytes:
     return buf.getvalue()
 
 
-def make_clips(n: int, seed: int) -> list[ClipMeta]:
-    """Balanced over directions; colour/shape cycle so every combination appears."""
+def make_clips(n: int, seed: int, n_val: int = 0) -> list[ClipMeta]:
+    """The first ``n - n_val`` clips (train) are balanced over directions with random colour and
+    shape; the last ``n_val`` (val) enumerate every (colour, shape, direction) combination in turn,
+    so with ``n_val`` = 48 each val caption is unique and text-to-video R@1 has chance 1/48."""
     rng = random.Random(seed)
     metas = []
+    combos = [(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
+    rng.shuffle(combos)
     for i in range(n):
-        direction = DIRECTIONS[i % len(DIRECTIONS)]
-        color = rng.choice(list(COLORS))
-        shape = rng.choice(SHAPES)
+        if i < n - n_val:
+            direction, color, shape = DIRECTIONS[i % len(DIRECTIONS)], rng.choice(list(COLORS)), rng.choice(SHAPES)
+        else:
+            color, shape, direction = combos[(i - (n - n_val)) % len(combos)]
         metas.append(ClipMeta(f"clip_{i:05d}", f"clip_{i:05d}.mp4", color, shape, direction, 0.0))
     return metas
 
@@ -187,7 +192,8 @@ def generate(out: str, n: int = 200, seed: int = 0, spec: ClipSpec = ClipSpec(),
     if n < 4:
         raise ValueError(f"--n must be at least 4 (one clip per direction), got {n}")
     rng = random.Random(seed)
-    metas = make_clips(n, seed)
+    n_val = max(len(DIRECTIONS), int(round(n * val_fraction)))
+    metas = make_clips(n, seed, n_val)
     done = []
     for i, m in enumerate(metas):
         frames = render_frames(m, spec, random.Random(seed * 1_000_003 + i))
@@ -196,7 +202,6 @@ def generate(out: str, n: int = 200, seed: int = 0, spec: ClipSpec = ClipSpec(),
         if (i + 1) % 100 == 0:
             log(f"synth: {i + 1}/{n} clips")
     metas = done
-    n_val = max(len(DIRECTIONS), int(round(n * val_fraction)))
     splits = {"train": metas[: n - n_val], "val": metas[n - n_val:]}
     ann = lambda name: storage.join(out, "annotations", name)  # noqa: E731
     for split, ms in splits.items():

@@ -193,3 +193,15 @@ class MetricLogger:
             undelivered = len(self._buf)
         return {"sent": self.sent, "undelivered": undelivered, "dropped": self.dropped,
                 "failed_flushes": self.failed_flushes}
+
+
+def log_table(uri: str, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:
+    """A list of row dicts as an MLflow table artifact (shown in the UI's artifact and eval views)."""
+    columns: dict[str, list] = {}
+    for r in rows:
+        for k in r:
+            columns.setdefault(k, [])
+    for r in rows:
+        for k, col in columns.items():
+            col.append(redact(r.get(k)))
+    client(uri).log_table(run_id, data=columns, artifact_file=artifact_file)

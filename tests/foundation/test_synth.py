@@ -90,3 +90,11 @@ def test_synth_to_s3_via_cli(s3_bucket):
     assert sum(f.endswith(".mp4") for f in files) == 4
     assert any(f.endswith("tokenizer/vocab.txt") for f in files)
     assert storage.read_bytes(f"{out}/videos/clip_00000.mp4")[4:8] == b"ftyp"
+
+
+def test_val_split_enumerates_every_caption_once():
+    metas = make_clips(240, 0, n_val=48)
+    val = [m.caption for m in metas[-48:]]
+    assert len(set(val)) == 48
+    train_dirs = [m.direction for m in metas[:-48]]
+    assert {d: train_dirs.count(d) for d in set(train_dirs)} == {"left": 48, "right": 48, "up": 48, "down": 48}

@@ -1,0 +1,41 @@
+"""Video-text (and image-text: T = 1) retrieval: fine-tune with contrastive + matching; evaluate
+with contrastive top-k_test candidates re-scored by the matching head (R@1/5/10 both ways,
+median and mean rank)."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from model import objectives
+from workloads import common
+
+TASK = "retrieval"
+COLUMNS = ("frames", "text_ids", "text_mask", "clip_index")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    itc_weight: float = Field(1.0, ge=0)
+    itm_weight: float = Field(1.0, ge=0)
+    k_test: int = Field(128, ge=1, description="candidates per query re-scored by the matching head")
+    rerank: bool = True
+
+
+def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretrained=None):
+    return common.build(TASK, model_cfg, vision_pretrained, text_pretrained)
+
+
+def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
+    frames = common.frames_of(model, batch)
+    ids, mask, idx = batch["text_ids"], batch["text_mask"], batch.get("clip_index")
+    u = model(frames=frames, text_ids=ids, text_mask=mask)
+    itc = objectives.contrastive_loss(model, u, frames, ids, mask, idx=idx)
+    itm = objectives.matching_loss(model, u, itc.sim_i2t, itc.sim_t2i, idx=idx)
+    return {"loss": task_cfg.itc_weight * itc.loss + task_cfg.itm_weight * itm, "itc": itc.loss, "itm": itm}
+
+
+def evaluate(model, batches: Iterable[dict], task_cfg: Config) -> dict[str, float]:
+    return common.retrieval_eval(model, batches, k_test=task_cfg.k_test, rerank=task_cfg.rerank)
