@@ -161,7 +161,7 @@ class LocalRayHead:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # `ray start --block` takes its node down on SIGTERM
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
         if self.proc is not None:
