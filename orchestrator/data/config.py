@@ -55,6 +55,7 @@ class DataConfig(BaseModel):
     min_frames: int = Field(2, ge=1, description="a video with fewer decodable frames is bad (too_few_frames)")
     max_resolution: int = Field(8192, ge=64, description="a side longer than this is bad (bad_resolution)")
     min_resolution: int = Field(8, ge=1, description="a side shorter than this is bad (bad_resolution)")
+    decode_timeout_s: float = Field(60.0, gt=0, description="a clip that takes longer to decode is bad (undecodable)")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode task")
     decode_concurrency: int | None = Field(None, ge=1, description="decode tasks at once (None = Ray decides)")
     decode_batch_size: int = Field(8, ge=1)

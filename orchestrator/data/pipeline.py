@@ -100,7 +100,7 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
         tokenizer=data_cfg.tokenizer or default_tokenizer(data_cfg.root),
         max_text_len=data_cfg.max_text_len, max_answer_len=data_cfg.max_answer_len, seed=seed,
         run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
-        bad_check_min_seen=data_cfg.bad_check_min_seen)
+        bad_check_min_seen=data_cfg.bad_check_min_seen, decode_timeout_s=data_cfg.decode_timeout_s)
 
 
 def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tuple[str, ...], seed: int = 0,

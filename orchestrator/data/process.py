@@ -8,6 +8,7 @@ Runs inside Ray Data tasks (``map_batches``), so everything it needs arrives in 
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ class ProcessParams:
     run_name: str | None
     max_bad_fraction: float
     bad_check_min_seen: int
+    decode_timeout_s: float = 60.0
 
 
 def to_dataset_row(row: dict) -> dict:
@@ -80,6 +82,27 @@ def _fetch(uri: str, inline: bytes) -> bytes:
     return read_media(uri)
 
 
+def with_timeout(seconds: float, uri: str, fn, *args):
+    """Run ``fn(*args)`` in a daemon thread; past ``seconds`` the clip is bad and the thread is abandoned
+    (decord releases the GIL while decoding, so one pathological file cannot stall the batch)."""
+    box: dict = {}
+
+    def target():
+        try:
+            box["out"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["err"] = e
+
+    t = threading.Thread(target=target, daemon=True, name=f"decode:{uri[-40:]}")
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise BadClip("undecodable", uri, f"decoding took longer than {seconds}s (data.decode_timeout_s)")
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
+
+
 def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
     """uint8 [frames_out, S, S, 3] for row ``i``, or BadClip."""
     uri = str(batch["media_uri"][i])
@@ -88,8 +111,8 @@ def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
     data = _fetch(uri, bytes(batch["media_bytes"][i]))
     start, end = float(batch["start"][i]), float(batch["end"][i])
     rng = _rng(params, f"{uri}|{batch['id'][i]}")
-    dec = decode_media(data, uri, params.decode, rng, str(batch["modality"][i]),
-                       None if math.isnan(start) else start, None if math.isnan(end) else end)
+    dec = with_timeout(params.decode_timeout_s, uri, decode_media, data, uri, params.decode, rng,
+                       str(batch["modality"][i]), None if math.isnan(start) else start, None if math.isnan(end) else end)
     if params.training:
         frames = augment.train_transform(dec.frames, params.image_size, params.scale_min, params.hflip, rng)
     else:

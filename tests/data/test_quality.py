@@ -62,3 +62,18 @@ def test_tokenizer_english_and_chinese(tiny_hf, tmp_path):
 def test_missing_tokenizer_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.tokenizer"):
         load_tokenizer(str(tmp_path / "nothing"))
+
+
+def test_a_hanging_decode_is_a_bad_clip_not_a_hang():
+    import time
+
+    from orchestrator.data.process import with_timeout
+
+    t0 = time.perf_counter()
+    with pytest.raises(quality.BadClip) as e:
+        with_timeout(0.2, "s3://b/slow.mp4", time.sleep, 5)
+    assert e.value.reason == "undecodable" and "decode_timeout_s" in str(e.value)
+    assert time.perf_counter() - t0 < 2
+    assert with_timeout(1.0, "u", lambda x: x + 1, 1) == 2
+    with pytest.raises(quality.BadClip, match="empty"):
+        with_timeout(1.0, "u", lambda: (_ for _ in ()).throw(quality.BadClip("empty", "u")))
