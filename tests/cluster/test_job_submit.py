@@ -40,7 +40,7 @@ def test_head_runs_the_job_cli_and_uploads_the_checkout(ray_head, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(list((out / "videos").glob("*.mp4"))) == 4
     assert (out / "annotations" / "msrvtt_train.jsonl").exists() and manifest
-    # The job ran from the uploaded copy of this checkout, not from /work/main itself.
+    # What the README tells users to run to find and follow a job.
     listed = ray_head.cli("job", "list", "--address", ray_head.dashboard_url)
     assert result.submission_id in listed
     logs = ray_head.cli("job", "logs", "--address", ray_head.dashboard_url, result.submission_id)
