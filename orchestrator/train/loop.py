@@ -130,6 +130,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         metrics_logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"])
 
+    if metrics_logger is not None and ckpt is not None:
+        metrics_logger.log({"resumed_from_step": state["step"]}, state["step"])
+
     timer = StepTimer()
     sums: dict[str, float] = {}
     n_micro = 0
