@@ -79,11 +79,9 @@ def run_evaluation(cfg: RunConfig, checkpoint: str, split: str = "val", track: b
     batches = iter_worker_batches(ds, batch_size=cfg.eval.batch_size, device="cpu",
                                   prefetch_batches=cfg.data.prefetch_batches, drop_last=False)
     with torch.no_grad():
-        result = workload.evaluate(model, _with_constants(batches, constants, device), task_cfg)
+        result = workload.evaluate(model, _with_constants(batches, constants, device), task_cfg, tokenizer=tokenizer)
     metrics, predictions = result if isinstance(result, tuple) else (result, [])
     metrics = {k: float(v) for k, v in metrics.items()}
-    if getattr(workload, "decode_predictions", None) and predictions:
-        predictions = workload.decode_predictions(predictions, tokenizer)
 
     run_id = None
     if tracking_uri:

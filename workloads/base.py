@@ -24,7 +24,10 @@ A workload module ``workloads/<name>.py`` exposes::
     class Config(pydantic.BaseModel)  # schema of the run config's ``task:`` section
     def build_model(model_cfg, task_cfg) -> torch.nn.Module
     def loss(model, batch, task_cfg) -> dict[str, torch.Tensor]   # total under "loss"
-    def evaluate(model, batches, task_cfg) -> dict[str, float]
+    def evaluate(model, batches, task_cfg, tokenizer=None) -> dict[str, float]
+        # or (metrics, predictions: list[dict]) — predictions become an MLflow table
+    def batch_constants(tokenizer, task_cfg) -> dict[str, Tensor]   # optional: tensors added to
+        # every batch on the worker, computed once (e.g. the tokenised instruction prompt)
 
 The train loop only knows this interface, never the model's insides.
 """
@@ -43,4 +46,4 @@ class WorkloadModule(Protocol):  # pragma: no cover - typing only
 
     def loss(self, model, batch: dict, task_cfg) -> dict: ...
 
-    def evaluate(self, model, batches: Iterable[dict], task_cfg) -> dict[str, float]: ...
+    def evaluate(self, model, batches: Iterable[dict], task_cfg, tokenizer=None) -> dict[str, float]: ...

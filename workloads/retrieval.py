@@ -37,5 +37,5 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
     return {"loss": task_cfg.itc_weight * itc.loss + task_cfg.itm_weight * itm, "itc": itc.loss, "itm": itm}
 
 
-def evaluate(model, batches: Iterable[dict], task_cfg: Config) -> dict[str, float]:
+def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) -> dict[str, float]:
     return common.retrieval_eval(model, batches, k_test=task_cfg.k_test, rerank=task_cfg.rerank)

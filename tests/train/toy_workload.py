@@ -40,7 +40,7 @@ def loss(model, batch, task_cfg):
     return {"loss": ce, "acc": acc}
 
 
-def evaluate(model, batches, task_cfg):
+def evaluate(model, batches, task_cfg, tokenizer=None):
     correct = total = 0
     with torch.no_grad():
         for b in batches:
