@@ -1,0 +1,109 @@
+"""One trial: a Tune function that runs a whole Ray Train fine-tune, then the dev evaluation.
+
+Runs inside the Tune trial's actor.  The ``TorchTrainer`` gets Ray's ``TuneReportCallback``, so
+every ``ray.train.report`` of rank 0 (loss, lr, step ... every ``train.log_every`` steps and at
+each checkpoint) reaches Tune as an intermediate result that ASHA can cut on.  After training,
+the workload's evaluation of the exported model gives the sweep metric, logged to the trial's
+MLflow run (nested under the sweep's parent run) and reported to Tune as the last result, with
+``TRIAL_DONE_KEY`` set: a trial that ends without it was stopped early.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TRIAL_DONE_KEY = "mplug2_trial_done"
+STATUS_TAG = "mplug2.trial_status"
+SWEEP_TAG = "mplug2.sweep"
+
+
+def trial_index(trial_id: str) -> int:
+    """Tune's trial ids end in the trial's index in the sweep (``3f2a1_00003`` -> 3)."""
+    tail = trial_id.rsplit("_", 1)[-1]
+    if not tail.isdigit():
+        raise ValueError(f"unexpected Tune trial id {trial_id!r}: expected '<experiment>_<index>'")
+    return int(tail)
+
+
+def trial_run_name(sweep_name: str, trial_id: str) -> str:
+    """Deterministic per trial, so a retried or resumed trial re-opens its MLflow run and checkpoints."""
+    return f"{sweep_name}-t{trial_index(trial_id):03d}"
+
+
+@contextlib.contextmanager
+def _tune_report_callback():
+    """Yields the Train callbacks that forward worker reports to this Tune trial.
+
+    ``run_training`` builds the ``ray.train.RunConfig``; until it takes a ``callbacks`` argument,
+    this trial process (and only it) adds the callback where that RunConfig is constructed."""
+    import ray.train  # noqa: PLC0415
+    from ray.tune.integration.ray_train import TuneReportCallback  # noqa: PLC0415
+
+    from orchestrator.train.driver import run_training  # noqa: PLC0415
+
+    callbacks = [TuneReportCallback()]
+    if "callbacks" in inspect.signature(run_training).parameters:
+        yield {"callbacks": callbacks}
+        return
+    original = ray.train.RunConfig
+
+    def run_config_with_tune_reporting(*args, **kwargs):
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *callbacks]
+        return original(*args, **kwargs)
+
+    ray.train.RunConfig = run_config_with_tune_reporting
+    try:
+        yield {}
+    finally:
+        ray.train.RunConfig = original
+
+
+def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
+    """The Tune trainable.  ``config``: the sampled assignment {dotted key: value}; ``plan``: what
+    the sweep driver decided (sweep file, parent run id, tracking URI, metric, init_from)."""
+    from ray import tune  # noqa: PLC0415
+
+    from orchestrator.evaluate import run_evaluation  # noqa: PLC0415
+    from orchestrator.sweep.spec import load_sweep  # noqa: PLC0415
+    from orchestrator.tracking.mlflow_run import client  # noqa: PLC0415
+    from orchestrator.train.driver import run_training  # noqa: PLC0415
+
+    if os.path.isdir(plan["cwd"]):
+        os.chdir(plan["cwd"])  # Tune starts trials in their own folder; relative config paths are the driver's
+    sweep = load_sweep(plan["sweep_file"], plan["sweep_overrides"])
+    spec = sweep.spec
+    run_name = trial_run_name(spec.name, tune.get_context().get_trial_id())
+    assignment = dict(config)
+    cfg = sweep.run_config(assignment, name=run_name)
+    if plan.get("tracking_uri"):
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": plan["tracking_uri"]})})
+    tags = {SWEEP_TAG: spec.name, STATUS_TAG: "running", "mplug2.kind": "sweep_trial",
+            **{f"mplug2.search.{k}": str(v) for k, v in assignment.items()}}
+    with _tune_report_callback() as extra:
+        outcome = run_training(cfg, init_from=spec.init_from, extra_tags=tags,
+                               parent_run_id=plan.get("parent_run_id"), **extra)
+    step = int(outcome.metrics.get("step", cfg.train.max_steps))
+    model_uri = outcome.export_uri or outcome.checkpoint_uri
+    if model_uri is None:
+        raise RuntimeError(f"trial {run_name}: training finished without an exported model or checkpoint")
+    ev = run_evaluation(cfg, model_uri, split=spec.eval_split, track=False)
+    if spec.eval_metric not in ev.metrics:
+        raise ValueError(f"sweep metric {spec.metric!r}: the {cfg.workload} evaluation returned "
+                         f"{sorted(ev.metrics)}; set metric to eval/<one of them>")
+    if outcome.mlflow_run_id:
+        from mlflow.entities import Metric  # noqa: PLC0415
+
+        c = client(outcome.tracking_uri)
+        now = int(time.time() * 1000)
+        c.log_batch(outcome.mlflow_run_id, metrics=[Metric(f"eval/{k}", float(v), now, step)
+                                                    for k, v in ev.metrics.items()])
+        c.set_tag(outcome.mlflow_run_id, STATUS_TAG, "completed")
+    tune.report({spec.metric: float(ev.metrics[spec.eval_metric]), "step": step, TRIAL_DONE_KEY: 1,
+                 "mlflow_run_id": outcome.mlflow_run_id or "",
+                 **{f"eval/{k}": float(v) for k, v in ev.metrics.items() if f"eval/{k}" != spec.metric}})
