@@ -13,8 +13,8 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_output", help="local folder for data, checkpoints and MLflow")
     p.add_argument("--n", type=int, default=240, help="synthetic clips (the last 20%% are the val split)")
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--finetune-steps", type=int, default=100)
+    p.add_argument("--pretrain-steps", type=int, default=200)
+    p.add_argument("--finetune-steps", type=int, default=60)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--tag", default="demo", help="prefix of the run names (rerunning a tag resumes it)")
 
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator import storage  # noqa: PLC0415
     from orchestrator.config import load_config  # noqa: PLC0415
     from orchestrator.evaluate import run_evaluation  # noqa: PLC0415
-    from orchestrator.synth import generate  # noqa: PLC0415
+    from orchestrator.synth import ClipSpec, generate  # noqa: PLC0415
     from orchestrator.train.driver import run_training  # noqa: PLC0415
 
     out = os.path.abspath(args.out)
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if storage.exists(os.path.join(data, "manifest.json")):
         print(f"demo: dataset already at {data}")
     else:
-        generate(data, n=args.n, seed=0)
+        generate(data, n=args.n, seed=0, spec=ClipSpec(width=160, height=120, fps=8, seconds=3.0, gop=16))
     common = [f"data.root={data}", f"storage={os.path.join(out, 'store')}", f"tracking.uri={tracking}",
               f"train.num_workers={args.workers}"]
 

@@ -60,4 +60,7 @@ class DataConfig(BaseModel):
     decode_concurrency: int | None = Field(None, ge=1, description="decode tasks at once (None = Ray decides)")
     decode_batch_size: int = Field(8, ge=1)
     prefetch_batches: int = Field(2, ge=0)
+    cache: bool = Field(False, description="decode once and keep the decoded rows in Ray's object store for "
+                        "every epoch (small datasets: frame sampling and augmentation are then drawn once per clip)")
+    shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer (0 = off)")
     limit: int | None = Field(None, ge=1, description="use only the first N rows of each split (debugging)")

@@ -87,8 +87,9 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     if datasets is None:
         from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
 
-        datasets = {"train": build_dataset(cfg.data, "train", training=True, columns=workload.COLUMNS,
-                                           seed=cfg.seed, run_name=run_name)}
+        train_ds = build_dataset(cfg.data, "train", training=True, columns=workload.COLUMNS, seed=cfg.seed,
+                                 run_name=run_name)
+        datasets = {"train": train_ds.materialize() if cfg.data.cache else train_ds}
 
     mlflow_run_id = None
     if tracking_uri:

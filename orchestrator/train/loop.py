@@ -53,12 +53,13 @@ class StepTimer:
         return {"samples_per_s": self.samples * world / elapsed, "data_wait_frac": self.wait / total}
 
 
-def _iter_batches(shard, batch_size: int, prefetch: int, run_name: str | None, max_bad_fraction: float):
+def _iter_batches(shard, batch_size: int, data_cfg, run_name: str | None):
     """Full batches only: every rank takes the same number of steps (DeepSpeed's collectives)."""
     from orchestrator.data.pipeline import iter_worker_batches  # noqa: PLC0415
 
-    return iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=prefetch,
-                               drop_last=True, run_name=run_name, max_bad_fraction=max_bad_fraction)
+    return iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=data_cfg.prefetch_batches,
+                               drop_last=True, local_shuffle_buffer_size=data_cfg.shuffle_buffer or None,
+                               run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction)
 
 
 def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]:
@@ -142,8 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         while state["step"] < tcfg.max_steps:
             got_batch = False
-            batches = _iter_batches(shard, tcfg.batch_size_per_worker, run.data.prefetch_batches,
-                                    config.get("run_name"), run.data.max_bad_fraction)
+            batches = _iter_batches(shard, tcfg.batch_size_per_worker, run.data, config.get("run_name"))
             for batch in timer.timed_batches(batches):
                 got_batch = True
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
