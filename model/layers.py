@@ -57,6 +57,7 @@ class Attention(nn.Module):
         if zero_init_out:
             nn.init.zeros_(self.o.weight)
             nn.init.zeros_(self.o.bias)
+            self.o.keep_zero_init = True   # MPlug2.init_weights leaves it at zero
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:

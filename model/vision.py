@@ -44,6 +44,7 @@ class LocalTemporal(nn.Module):
         self.up = nn.Linear(mid, width)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.up.keep_zero_init = True      # a fresh LT is the identity: MPlug2.init_weights keeps it
 
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
         bt, n, _ = x.shape                                             # x [B*T, N, C] patch tokens
