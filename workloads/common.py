@@ -86,3 +86,52 @@ def retrieval_eval(model: MPlug2, batches: Iterable[dict], k_test: int = 128, re
 
     t2v, v2t = rerank_topk(sim, k_test, score_pairs, batch_size=pair_batch)
     return retrieval_metrics(t2v, v2t, e["text_to_clip"])
+
+
+# ------------------------------------------------------------------ generation / text helpers
+def need_tokenizer(tokenizer, task: str):
+    """Generative evaluations turn ids back into strings; they cannot run without the tokenizer."""
+    if tokenizer is None:
+        raise ValueError(f"evaluating {task} needs the run's tokenizer (evaluate(..., tokenizer=...)) to "
+                         "turn generated ids into strings; orchestrator.evaluate passes it")
+    return tokenizer
+
+
+def decode_texts(tokenizer, ids: torch.Tensor) -> list[str]:
+    """[B, L] token ids -> B strings, special tokens (pad, [CLS], [SEP]) dropped."""
+    return [t.strip() for t in tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
+
+
+def expand_prompt(batch: dict, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch constant ``prompt_ids``/``prompt_mask`` [1, Lp] -> [B, Lp]; KeyError names the fix."""
+    if "prompt_ids" not in batch:
+        raise KeyError("the batch has no 'prompt_ids': add the workload's batch_constants(tokenizer, task_cfg) "
+                       "to every batch (the train loop and orchestrator.evaluate do)")
+    return batch["prompt_ids"].expand(b, -1), batch["prompt_mask"].expand(b, -1)
+
+
+def drop_leading_bos(ids: torch.Tensor, mask: torch.Tensor, bos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets tokenised with a leading [CLS] lose it (the prompt already starts with one)."""
+    if ids.shape[1] > 1 and bool((ids[:, 0] == bos).all()):
+        return ids[:, 1:], mask[:, 1:]
+    return ids, mask
+
+
+def sequence_logprob(model: MPlug2, cross_states: torch.Tensor, cross_mask: torch.Tensor | None,
+                     prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, target_ids: torch.Tensor,
+                     target_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(target token | prompt, earlier target tokens, cross states) per row: [B] fp32.
+
+    Rows are scored exactly as the LM loss trains them (``build_prefix_inputs``: [prompt; target],
+    only the target's tokens counted, its final [SEP] included)."""
+    from model import build_prefix_inputs  # noqa: PLC0415
+
+    cfg = model.config
+    target_ids, target_mask = drop_leading_bos(target_ids, target_mask, cfg.bos_token_id)
+    ids, mask, labels = build_prefix_inputs(prompt_ids, prompt_mask, target_ids, target_mask, cfg.pad_token_id)
+    logits = model.decode(ids, mask, cross_states, cross_mask).logits    # [B, L, V]
+    logp = logits[:, :-1].float().log_softmax(-1)                       # predicts positions 1..L-1
+    nxt = labels[:, 1:]                                                 # [B, L-1]
+    scored = nxt != -100
+    tok = logp.gather(2, nxt.clamp_min(0)[..., None]).squeeze(2)        # [B, L-1]
+    return (tok * scored).sum(1)

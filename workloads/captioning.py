@@ -1,0 +1,93 @@
+"""Video (and image: T = 1) captioning (paper Table 2: vision + universal + shared decoder).
+
+The decoder cross-attends to the universal visual tokens, prompted with the instruction "what does
+the video describe?" (Appendix B.2.3; "... image ..." for images); fine-tuned with cross-entropy on
+the caption.  Evaluation generates one caption per clip (beam 5, at most 25 tokens) and scores it
+against every reference caption of that clip: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap);
+Chinese captions (Youku-mPLUG) character by character.
+
+References: rows of the validation split that share ``clip_index`` are one clip; their captions
+(``answer_ids``, decoded) are its references (MSR-VTT and COCO list one row per caption).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from model import objectives
+from workloads import common
+
+TASK = "captioning"
+COLUMNS = ("frames", "answer_ids", "answer_mask", "clip_index")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    modality: Literal["video", "image"] = Field("video", description="picks the instruction prompt")
+    num_beams: int = Field(5, ge=1)
+    max_length: int = Field(25, ge=1, description="generated tokens at most, [SEP] included")
+    length_penalty: float = 1.0
+    chinese: bool = Field(False, description="score character by character (Youku-mPLUG captions)")
+    with_meteor: bool = Field(True, description="METEOR needs Java; false skips it")
+
+
+def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretrained=None):
+    return common.build(TASK, model_cfg, vision_pretrained, text_pretrained)
+
+
+def batch_constants(tokenizer, task_cfg: Config) -> dict[str, torch.Tensor]:
+    """The instruction prompt, tokenised once per worker: [1, Lp]."""
+    enc = tokenizer(objectives.instruction_for(TASK, task_cfg.modality), return_tensors="pt")
+    return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"]}
+
+
+def visual_tokens(model, batch: dict) -> torch.Tensor:
+    """Universal visual tokens [B, 1+T*N, Ct]: the decoder's cross states."""
+    return model(frames=common.frames_of(model, batch)).vision_tokens
+
+
+def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
+    v = visual_tokens(model, batch)
+    prompt_ids, prompt_mask = common.expand_prompt(batch, v.shape[0])
+    lm = objectives.lm_loss(model, v, None, prompt_ids, prompt_mask, batch["answer_ids"], batch["answer_mask"])
+    return {"loss": lm, "lm": lm}
+
+
+@torch.no_grad()
+def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
+    """Caption metrics over the clips of ``batches``; predictions: clip_index, prediction, references."""
+    from workloads.metrics.captioning import caption_metrics  # noqa: PLC0415
+
+    tok = common.need_tokenizer(tokenizer, "captioning")
+    model.eval()
+    predictions: dict[int, str] = {}
+    references: dict[int, list[str]] = {}
+    seen = 0
+    for batch in batches:
+        refs = common.decode_texts(tok, batch["answer_ids"])
+        clips = batch["clip_index"].tolist() if "clip_index" in batch else list(range(seen, seen + len(refs)))
+        seen += len(refs)
+        new = [i for i, c in enumerate(clips) if c not in predictions and clips.index(c) == i]
+        for c, r in zip(clips, refs):
+            if r:
+                references.setdefault(c, []).append(r)
+        if not new:
+            continue
+        v = visual_tokens(model, {"frames": batch["frames"][new]})           # [n_new, Nv, Ct]
+        prompt_ids, prompt_mask = common.expand_prompt(batch, len(new))
+        g = model.generate(v, None, prompt_ids, prompt_mask, num_beams=task_cfg.num_beams,
+                           max_length=task_cfg.max_length, length_penalty=task_cfg.length_penalty)
+        for c, text in zip((clips[i] for i in new), common.decode_texts(tok, g.sequences)):
+            predictions[c] = text
+    scored = sorted(c for c in predictions if references.get(c))
+    if not scored:
+        raise ValueError("captioning evaluation got no clip with a reference caption: the validation split is "
+                         "empty, every clip was bad, or every caption is empty")
+    metrics = caption_metrics({c: predictions[c] for c in scored}, {c: references[c] for c in scored},
+                              chinese=task_cfg.chinese, with_meteor=task_cfg.with_meteor)
+    metrics["num_clips"] = float(len(scored))
+    rows = [{"clip_index": c, "prediction": predictions[c], "references": references[c]} for c in scored]
+    return metrics, rows
