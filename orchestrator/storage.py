@@ -17,6 +17,7 @@ from typing import Iterator
 import pyarrow.fs as pafs
 
 S3_MAX_ATTEMPTS = int(os.environ.get("MPLUG2_S3_MAX_ATTEMPTS", "10"))
+S3_READ_TIMEOUT_S = float(os.environ.get("MPLUG2_S3_READ_TIMEOUT_S", "60"))  # per request, then retried
 
 
 def is_s3(uri: str) -> bool:
@@ -76,14 +77,14 @@ def _region() -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_client_cached(endpoint: str | None, region: str, max_attempts: int):
+def _s3_client_cached(endpoint: str | None, region: str, max_attempts: int, read_timeout: float = 60.0):
     import boto3  # noqa: PLC0415
     from botocore.config import Config  # noqa: PLC0415
 
     cfg = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
         connect_timeout=10,
-        read_timeout=60,
+        read_timeout=read_timeout,
         s3={"addressing_style": "path"} if endpoint else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
@@ -91,21 +92,22 @@ def _s3_client_cached(endpoint: str | None, region: str, max_attempts: int):
 
 def s3_client():
     """A boto3 S3 client for the current AWS environment (cached per endpoint)."""
-    return _s3_client_cached(_endpoint(), _region(), S3_MAX_ATTEMPTS)
+    return _s3_client_cached(_endpoint(), _region(), S3_MAX_ATTEMPTS, S3_READ_TIMEOUT_S)
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
     """A pyarrow S3 filesystem for the current AWS environment (cached per endpoint and region)."""
-    return _s3_filesystem_cached(_endpoint(), _region(), S3_MAX_ATTEMPTS)
+    return _s3_filesystem_cached(_endpoint(), _region(), S3_MAX_ATTEMPTS, S3_READ_TIMEOUT_S)
 
 
 @functools.lru_cache(maxsize=8)
-def _s3_filesystem_cached(endpoint: str | None, region: str, max_attempts: int) -> pafs.S3FileSystem:
+def _s3_filesystem_cached(endpoint: str | None, region: str, max_attempts: int,
+                          request_timeout: float = 60.0) -> pafs.S3FileSystem:
     kwargs = dict(
         region=region,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
         connect_timeout=10,
-        request_timeout=60,
+        request_timeout=request_timeout,
     )
     if endpoint:
         scheme, _, host = endpoint.partition("://")
@@ -129,8 +131,28 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return _get_object_body(bucket, key)
     return Path(local_path(uri)).read_bytes()
+
+
+def _get_object_body(bucket: str, key: str) -> bytes:
+    """GetObject and read its body.  botocore retries the request but not a body that breaks off
+    mid-stream (connection reset, truncated response, read timeout): retry those here too, with
+    the same attempt budget and exponential backoff; the last error is raised."""
+    import random  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from botocore.exceptions import ConnectionError as BotoConnectionError  # noqa: PLC0415
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError  # noqa: PLC0415
+
+    for attempt in range(1, S3_MAX_ATTEMPTS + 1):
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, BotoConnectionError):
+            if attempt == S3_MAX_ATTEMPTS:
+                raise
+            time.sleep(min(20.0, random.random() * 2 ** attempt * 0.1))
+    raise AssertionError("unreachable")
 
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:
