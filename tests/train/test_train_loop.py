@@ -92,3 +92,36 @@ def test_resume_continues_step_and_schedule(ray_local, tmp_path, mlflow_uri):
     c, runs = _runs(mlflow_uri, cfg.experiment_name())
     steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "loss")]
     assert steps == [2, 4, 6, 8]
+
+
+def test_init_from_zero_checkpoint_export_and_mlflow_lineage(ray_local, tmp_path, mlflow_uri):
+    """A downstream start loads the same weights from the exported model and straight from the ZeRO
+    checkpoint, and ``mlflow:<run_id>`` resolves to that run's export and records it as the parent."""
+    import torch
+
+    from orchestrator.train.checkpoint import load_weights, resolve_init_from, state_dict_from
+    from orchestrator.train.driver import run_training
+    from tests.train.toy_workload import Config, build_model
+
+    cfg = _cfg(str(tmp_path / "store"), mlflow_uri, "toy-parent", **{
+        "train.max_steps": 2, "train.checkpoint_every": 2, "train.num_workers": 2, "train.zero_stage": 2})
+    parent = run_training(cfg, datasets=_datasets())
+    from_export = state_dict_from(parent.export_uri)
+    from_zero = state_dict_from(parent.checkpoint_uri)
+    assert set(from_export) == set(from_zero)
+    for k in from_export:
+        torch.testing.assert_close(from_export[k].float(), from_zero[k].float())
+
+    uri, run_id = resolve_init_from(f"mlflow:{parent.mlflow_run_id}", mlflow_uri)
+    assert (uri, run_id) == (parent.export_uri, parent.mlflow_run_id)
+    fresh = build_model(None, Config())
+    assert load_weights(fresh, uri) == {"missing": [], "unexpected": [], "shape_mismatch": []}
+    torch.testing.assert_close(fresh.state_dict()["head.weight"], from_export["head.weight"])
+    with pytest.raises(ValueError, match="no such MLflow run"):
+        resolve_init_from("mlflow:0123456789abcdef", mlflow_uri)
+
+    child_cfg = cfg.model_copy(update={"name": "toy-child"})
+    child = run_training(child_cfg, init_from=f"mlflow:{parent.mlflow_run_id}", datasets=_datasets())
+    c, _ = _runs(mlflow_uri, cfg.experiment_name())
+    tags = c.get_run(child.mlflow_run_id).data.tags
+    assert tags["mplug2.init_from_run"] == parent.mlflow_run_id and tags["mplug2.init_from"] == parent.export_uri
