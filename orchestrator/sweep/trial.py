@@ -41,7 +41,7 @@ def _tune_report_callback():
     """Yields the Train callbacks that forward worker reports to this Tune trial.
 
     ``run_training`` builds the ``ray.train.RunConfig``; until it takes a ``callbacks`` argument,
-    this trial process (and only it) adds the callback where that RunConfig is constructed."""
+    this trial process (and only it) adds the callback to every RunConfig built inside the block."""
     import ray.train  # noqa: PLC0415
     from ray.tune.integration.ray_train import TuneReportCallback  # noqa: PLC0415
 
@@ -51,17 +51,20 @@ def _tune_report_callback():
     if "callbacks" in inspect.signature(run_training).parameters:
         yield {"callbacks": callbacks}
         return
-    original = ray.train.RunConfig
+    # Extend the RunConfig class in place (its instances must still pickle by reference: a
+    # replacement object under the name ray.train.RunConfig would make cloudpickle copy the class).
+    cls = ray.train.RunConfig
+    original = cls.__post_init__
 
-    def run_config_with_tune_reporting(*args, **kwargs):
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), *callbacks]
-        return original(*args, **kwargs)
+    def post_init_with_tune_reporting(self):
+        self.callbacks = [*(self.callbacks or []), *callbacks]
+        original(self)
 
-    ray.train.RunConfig = run_config_with_tune_reporting
+    cls.__post_init__ = post_init_with_tune_reporting
     try:
         yield {}
     finally:
-        ray.train.RunConfig = original
+        cls.__post_init__ = original
 
 
 def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
