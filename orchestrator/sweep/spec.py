@@ -19,6 +19,7 @@ Every candidate value is validated against the run config schema (``load_config`
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -28,6 +29,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.config import ConfigError, RunConfig, load_config, parse_override
+
+
+EPOCHS = "epochs"  # the one searched key that is not a run config key (needs train_examples)
 
 
 class _Section(BaseModel):
@@ -111,6 +115,8 @@ class SweepSpec(_Section):
     init_from: str | None = Field(None, description="every trial starts from this checkpoint URI or mlflow:<run id>")
     eval_split: str = "val"
     trial_cpus: float = Field(1.0, ge=0, description="CPUs of each trial's driver (its evaluation runs there)")
+    train_examples: int | None = Field(None, ge=1, description="training set size; lets the search space hold "
+                                       "'epochs', turned into train.max_steps with each trial's batch size")
 
     @field_validator("name")
     @classmethod
@@ -157,8 +163,18 @@ class LoadedSweep:
         self.spec, self.base_path, self.run_overrides, self.source = spec, base_path, run_overrides, source
 
     def run_config(self, assignment: dict[str, Any] | None = None, name: str | None = None) -> RunConfig:
-        extra = assignment_overrides(assignment or {}) + ([f"name={name}"] if name else [])
-        return load_config(self.base_path, self.run_overrides + extra)
+        """The run config of one trial.  ``epochs`` (when searched) becomes ``train.max_steps``:
+        ceil(epochs * train_examples / (batch_size_per_worker * num_workers * grad_accum_steps))."""
+        assignment = dict(assignment or {})
+        epochs = assignment.pop(EPOCHS, None)
+        extra = assignment_overrides(assignment) + ([f"name={name}"] if name else [])
+        cfg = load_config(self.base_path, self.run_overrides + extra)
+        if epochs is None:
+            return cfg
+        t = cfg.train
+        steps = math.ceil(float(epochs) * self.spec.train_examples
+                          / (t.batch_size_per_worker * t.num_workers * t.grad_accum_steps))
+        return load_config(self.base_path, self.run_overrides + extra + [f"train.max_steps={max(1, steps)}"])
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedSweep:
@@ -208,7 +224,11 @@ def validate_search_space(sweep: LoadedSweep) -> RunConfig:
         raise ConfigError(f"sweep {sweep.source}: the base config {sweep.base_path} does not load:\n{e}") from None
     known = set(_flat_keys(base.to_dict()))
     for key, space in sweep.spec.search.items():
-        if key not in known and not _under_free_mapping(key):
+        if key == EPOCHS:
+            if sweep.spec.train_examples is None:
+                raise ConfigError(f"sweep {sweep.source}: searching 'epochs' needs train_examples (the training "
+                                  "set size) to turn epochs into train.max_steps; or search train.max_steps")
+        elif key not in known and not _under_free_mapping(key):
             raise ConfigError(f"sweep {sweep.source}: searched key '{key}' is not a run config key "
                               f"(e.g. train.lr, train.batch_size_per_worker, data.num_frames, task.<option>)")
         for value in space.candidates():
@@ -222,7 +242,8 @@ def validate_search_space(sweep: LoadedSweep) -> RunConfig:
     except ConfigError as e:
         raise ConfigError(f"sweep {sweep.source}: the combination {first} is invalid:\n{e}") from None
     if sweep.spec.scheduler is not None and sweep.spec.scheduler.max_t is None:
-        sweep.spec.scheduler.max_t = base.train.max_steps
+        sweep.spec.scheduler.max_t = max(sweep.run_config(dict(zip(sweep.spec.search, combo))).train.max_steps
+                                         for combo in itertools.product(*(s.candidates() for s in sweep.spec.search.values())))
     return base
 
 

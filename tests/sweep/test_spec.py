@@ -71,3 +71,13 @@ def test_shipped_sweeps_validate(path):
     base = load_config(sw.base_path, sw.run_overrides)
     assert base.workload in ("glue", "retrieval")
     assert yaml.safe_load(path.read_text())["metric"].startswith("eval/")
+
+
+def test_epochs_become_max_steps(write_sweep):
+    sw = load_sweep(write_sweep("ep", search={"epochs": {"grid": [5, 10]}, "train.batch_size_per_worker": {"grid": [4, 8]}},
+                                metric="eval/t2v_r1", mode="max", train_examples=100, overrides=["train.num_workers=2"]))
+    assert sw.spec.num_trials() == 4
+    assert sw.run_config({"epochs": 5, "train.batch_size_per_worker": 4}).train.max_steps == 63   # ceil(500 / 8)
+    assert sw.run_config({"epochs": 10, "train.batch_size_per_worker": 8}).train.max_steps == 63
+    with pytest.raises(ConfigError, match="train_examples"):
+        load_sweep(write_sweep("ep2", search={"epochs": {"grid": [5]}}, metric="eval/t2v_r1", mode="max"))
