@@ -107,6 +107,9 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
         c.log_batch(outcome.mlflow_run_id, metrics=[Metric(f"eval/{k}", float(v), now, step)
                                                     for k, v in ev.metrics.items()])
         c.set_tag(outcome.mlflow_run_id, STATUS_TAG, "completed")
-    tune.report({spec.metric: float(ev.metrics[spec.eval_metric]), "step": step, TRIAL_DONE_KEY: 1,
+    # The last training metrics ride along: Tune checks every result for the scheduler's metric.
+    last_train = {k: float(v) for k, v in outcome.metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tune.report({**last_train, spec.metric: float(ev.metrics[spec.eval_metric]), "step": step, TRIAL_DONE_KEY: 1,
                  "mlflow_run_id": outcome.mlflow_run_id or "",
                  **{f"eval/{k}": float(v) for k, v in ev.metrics.items() if f"eval/{k}" != spec.metric}})
