@@ -35,13 +35,14 @@ def _model(tok, task_cfg):
     return videoqa.build_model(MPlugConfig.from_preset("tiny", **tokenizer_overrides(tok)), task_cfg)
 
 
+@pytest.mark.slow  # ~10-30 s of CPU: trains a few steps, then beam search
 def test_loss_falls_then_evaluate_reports_accuracy_and_ranking(tok):
     cfg = videoqa.Config(num_beams=2, max_length=4, answer_list=["red", "left", "circle", "blue", "up"])
     model, batch = _model(tok, cfg), _batch(tok)
     assert set(videoqa.COLUMNS) <= set(batch)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         out = videoqa.loss(model.train(), batch, cfg)
         opt.zero_grad()
         out["loss"].backward()
