@@ -105,17 +105,46 @@ def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], t
     return run_id
 
 
+CLOSE_RETRY_S = float(os.environ.get("MPLUG2_MLFLOW_CLOSE_RETRY_S", "300"))
+
+
+def retry_until(fn, what: str, budget_s: float, first_wait_s: float = 1.0):
+    """``fn()``, retried with backoff (capped at 15 s) while it raises, for at most ``budget_s``;
+    the last error is raised after that.  For the few MLflow calls a run cannot skip (closing it)."""
+    deadline = time.time() + budget_s
+    wait = first_wait_s
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - the tracking server is away; decide below
+            left = deadline - time.time()
+            if left <= 0:
+                raise
+            log.warning("MLflow: %s failed (%s); retrying for up to %.0f s more", what, type(e).__name__, left)
+            time.sleep(min(wait, left))
+            wait = min(wait * 2, 15.0)
+
+
 def close_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict[str, Any] | None = None,
-              metrics: dict[str, float] | None = None, step: int | None = None) -> None:
+              metrics: dict[str, float] | None = None, step: int | None = None,
+              retry_s: float | None = None) -> None:
+    """Set the end tags/metrics and the final status; a tracking server that is down at the end of a
+    run is waited for (``retry_s``, default $MPLUG2_MLFLOW_CLOSE_RETRY_S = 300 s) before giving up."""
+    budget = CLOSE_RETRY_S if retry_s is None else retry_s
     c = client(uri)
-    for k, v in redact(tags or {}).items():
-        c.set_tag(run_id, k, str(v))
+    safe_tags = {k: str(v) for k, v in redact(tags or {}).items()}
+    if safe_tags:
+        from mlflow.entities import RunTag  # noqa: PLC0415
+
+        retry_until(lambda: c.log_batch(run_id, tags=[RunTag(k, v) for k, v in safe_tags.items()]),
+                    "setting end tags", budget)
     if metrics:
         from mlflow.entities import Metric  # noqa: PLC0415
 
         now = int(time.time() * 1000)
-        c.log_batch(run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
-    c.set_terminated(run_id, status=status)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        retry_until(lambda: c.log_batch(run_id, metrics=batch), "logging end metrics", budget)
+    retry_until(lambda: c.set_terminated(run_id, status=status), f"marking the run {status}", budget)
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:

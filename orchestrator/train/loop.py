@@ -116,7 +116,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=build_deepspeed_config(tcfg, world, config.get("deepspeed_user")), dist_init_required=False)
 
-    state = {"step": 0, "epoch": 0, "samples": 0}
+    # epoch_batches: this worker's micro-batches consumed in the current epoch, so a resumed epoch
+    # skips what was already trained on instead of repeating it.
+    state = {"step": 0, "epoch": 0, "samples": 0, "epoch_batches": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -139,6 +141,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     n_micro = 0
     last_metrics: dict[str, float] = {}
     saved_step = state["step"] if ckpt is not None else -1
+    skip = state["epoch_batches"]  # resuming mid-epoch: these batches were trained on before the fault
+    preemption = PreemptionCheckpointer()
     shard = ray.train.get_dataset_shard("train")
     try:
         while state["step"] < tcfg.max_steps:
@@ -146,6 +150,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batches = _iter_batches(shard, tcfg.batch_size_per_worker, run.data, config.get("run_name"))
             for batch in timer.timed_batches(batches):
                 got_batch = True
+                if skip:
+                    skip -= 1
+                    continue
+                state["epoch_batches"] += 1
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch.update(constants)
                 losses = workload.loss(engine.module, batch, task_cfg)
@@ -179,6 +187,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     timer.reset()  # checkpoint time is not training throughput
                 elif do_log:
                     ray.train.report(dict(last_metrics))
+                if not do_ckpt and preemption.should_checkpoint():
+                    _save_and_report(engine, state, last_metrics, rank)
+                    saved_step = step
+                    if metrics_logger is not None:
+                        metrics_logger.log({"preemption_checkpoint_step": step}, step)
                 if step >= tcfg.max_steps:
                     break
             if not got_batch:
@@ -186,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    f"per worker (batch_size_per_worker={tcfg.batch_size_per_worker}, workers={world})")
             if state["step"] < tcfg.max_steps:
                 state["epoch"] += 1
+                state["epoch_batches"] = 0
                 _epoch_end(config, state, metrics_logger, rank)
         if saved_step != state["step"]:
             _save_and_report(engine, state, last_metrics, rank)
@@ -195,6 +209,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             delivery = metrics_logger.close()
             if delivery["undelivered"] or delivery["dropped"]:
                 log.error("MLflow: %s metric points could not be delivered", delivery)
+
+
+class PreemptionCheckpointer:
+    """Checkpoint once when Ray signals that a node of this run is being preempted (a spot reclaim
+    drains the node before it goes).  ``ray.train.get_preemption_info`` is a barrier, so every rank
+    calls :meth:`should_checkpoint` at the same step; it answers True once per preemption event."""
+
+    def __init__(self) -> None:
+        import ray.train  # noqa: PLC0415
+
+        self._get = getattr(ray.train, "get_preemption_info", None)  # Ray Train V2 (2.55+)
+        self._handled: tuple | None = None
+
+    def should_checkpoint(self) -> bool:
+        if self._get is None:
+            return False
+        info = self._get()
+        if info is None:
+            return False
+        key = (info.deadline_ms, tuple(info.preempted_node_ids))
+        if key == self._handled:
+            return False
+        self._handled = key
+        log.warning("node preemption signalled (nodes %s, ranks %s, deadline %s ms): checkpointing now",
+                    info.preempted_node_ids, info.preempted_ranks, info.deadline_ms)
+        return True
 
 
 def _save_and_report(engine, state: dict[str, Any], metrics: dict[str, float], rank: int) -> None:

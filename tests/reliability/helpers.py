@@ -1,0 +1,95 @@
+"""Shared helpers for the fault tests: a toy run config, our own Ray's train workers, MLflow servers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from orchestrator.config import load_config
+from tests.conftest import wait_http
+
+SLOW_TOY = "tests.reliability.slow_toy"
+
+
+def toy_cfg(storage_uri: str, tracking_uri: str | None, name: str, trace: str | None = None, sleep_s: float = 0.0,
+            **over):
+    base = {"workload": SLOW_TOY, "name": name, "storage": storage_uri, "train.num_workers": 1,
+            "train.batch_size_per_worker": 4, "train.max_steps": 24, "train.checkpoint_every": 4,
+            "train.log_every": 1, "train.warmup_steps": 2, "train.lr": 0.01, "train.keep_checkpoints": 2,
+            "train.max_failures": 4, "task.sleep_s": sleep_s,
+            "data.prefetch_batches": 0}  # no prefetch threads: batches reach the loop in dataset order
+    if tracking_uri:
+        base["tracking.uri"] = tracking_uri
+    else:
+        base["tracking.enabled"] = False
+    if trace:
+        base["task.trace_file"] = trace
+    base.update(over)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def toy_datasets(n: int = 64):
+    """One block, so the single worker sees the same order in every epoch and after every restart."""
+    import ray
+
+    from tests.reliability.slow_toy import make_rows
+
+    return {"train": ray.data.from_items(make_rows(n), override_num_blocks=1)}
+
+
+def train_workers(root_pid: int | None = None) -> list[psutil.Process]:
+    """RayTrainWorker processes descended from ``root_pid`` (this process): never another run's."""
+    out = []
+    for p in psutil.Process(root_pid or os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def checkpoint_steps(run_dir: str) -> list[int]:
+    d = Path(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name.rsplit("_", 1)[1]) for p in d.glob("checkpoint_step_*") if p.name.rsplit("_", 1)[1].isdigit())
+
+
+class MlflowServer:
+    """An ``mlflow server`` on a fixed port and store that can be stopped and started again."""
+
+    def __init__(self, root: Path, port: int):
+        self.root, self.port = Path(root), port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+        self._log = open(self.root / "server.log", "a")
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_http(self.uri + "/health", timeout=120, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, 9)  # the server and its gunicorn/uvicorn workers
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc = None
+        deadline = time.time() + 30
+        while time.time() < deadline:  # the port is free again
+            try:
+                wait_http(self.uri + "/health", timeout=0.5)
+                time.sleep(0.2)
+            except TimeoutError:
+                return
