@@ -50,16 +50,25 @@ def git_commit() -> str | None:
         return None
 
 
-def get_or_create_experiment(c, name: str) -> str:
+def get_or_create_experiment(c, name: str, tracking_uri: str | None = None) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name))
     except Exception:  # noqa: BLE001 - created concurrently by another trial
         return c.get_experiment_by_name(name).experiment_id
+
+
+def _artifact_location(uri: str | None, experiment: str) -> str | None:
+    """A SQLite store keeps its artifacts beside the database (not in ./mlruns of whatever the
+    current directory is); servers and other stores decide for themselves."""
+    if uri and uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+    return None
 
 
 def find_run(c, experiment_id: str, run_name: str):
@@ -80,7 +89,7 @@ def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], t
     from orchestrator.config import flatten  # noqa: PLC0415
 
     c = client(uri)
-    exp_id = get_or_create_experiment(c, experiment)
+    exp_id = get_or_create_experiment(c, experiment, uri)
     existing = find_run(c, exp_id, run_name)
     safe_cfg = redact(config)
     all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **{k: str(v) for k, v in tags.items() if v is not None}}

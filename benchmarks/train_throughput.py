@@ -1,0 +1,146 @@
+"""Training throughput: a plain single-process PyTorch loop vs this Ray Train + DeepSpeed stack with
+one worker, on the same pre-train batches; then the same stack fed by the Ray Data plane, for its
+data-wait fraction.  Prints the overhead ratio (target <= 1.10x) and data-wait (target <= 5%).
+
+    .venv/bin/python benchmarks/train_throughput.py                      # tiny on CPU
+    .venv/bin/python benchmarks/train_throughput.py --presets tiny base --image-size 224 --gpu
+
+Last line: a JSON object with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def make_batches(tokenizer, n_batches: int, batch: int, frames: int, size: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    texts = [f"a red square moves {d}" for d in ("left", "right", "up", "down")]
+    out = []
+    for i in range(n_batches):
+        enc = tokenizer([texts[(i + j) % 4] for j in range(batch)], padding="max_length", max_length=16,
+                        truncation=True, return_tensors="pt")
+        out.append({"frames": torch.randint(0, 255, (batch, frames, size, size, 3), dtype=torch.uint8, generator=g),
+                    "text_ids": enc["input_ids"], "text_mask": enc["attention_mask"],
+                    "clip_index": torch.arange(i * batch, (i + 1) * batch)})
+    return out
+
+
+def plain_loop(cfg, model_cfg, batches, warmup: int, device) -> float:
+    """samples/s of model + AdamW + the workload's losses, one process, no Ray, no DeepSpeed."""
+    import torch
+
+    from orchestrator.train.optim import build_optimizer
+    from workloads import pretrain
+
+    torch.manual_seed(0)
+    task_cfg = pretrain.Config.model_validate(cfg.task)
+    model = pretrain.build_model(model_cfg, task_cfg).to(device).train()
+    opt, sched = build_optimizer(model, cfg.train)
+    consts = {k: v.to(device) for k, v in batches[0].get("_consts", {}).items()}
+    t0, seen = None, 0
+    for i, b in enumerate(batches):
+        if i == warmup:
+            t0, seen = time.perf_counter(), 0
+        b = {k: v.to(device) for k, v in b.items() if not k.startswith("_")} | consts
+        loss = pretrain.loss(model, b, task_cfg)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        seen += len(b["text_ids"])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t0)
+
+
+def ray_stack(cfg, datasets, steps: int, log_every: int) -> dict:
+    """The real driver: TorchTrainer, one DeepSpeed engine, checkpoints off until the end."""
+    from orchestrator.train.driver import run_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = cfg.model_copy(update={"storage": tmp, "name": f"bench-{time.time_ns()}",
+                                     "tracking": cfg.tracking.model_copy(update={"enabled": False}),
+                                     "train": cfg.train.model_copy(update={
+                                         "max_steps": steps, "log_every": log_every, "checkpoint_every": 10**6,
+                                         "num_workers": 1, "warmup_steps": 1})})
+        out = run_training(cfg, datasets=datasets)
+    return out.metrics
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["tiny"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=None, help="default: the preset's image size")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--data-clips", type=int, default=64, help="synthetic clips for the data-plane run")
+    args = p.parse_args(argv)
+
+    import ray
+    import torch
+
+    from orchestrator import hf_assets, synth
+    from orchestrator.config import load_config
+    from orchestrator.train.model_setup import model_config_for
+    from workloads import pretrain
+
+    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}})
+    device = torch.device("cuda" if args.gpu else "cpu")
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "synth")
+        synth.generate(data, n=args.data_clips, seed=0, log=lambda *_: None,
+                       spec=synth.ClipSpec(width=160, height=120, fps=8, seconds=3.0, gop=16))
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.path.join(data, "tokenizer"))
+        for preset in args.presets:
+            size = args.image_size or (32 if preset == "tiny" else 224)
+            over = [f"model.preset={preset}", f"data.root={data}", f"data.image_size={size}",
+                    f"data.num_frames={args.frames}", f"train.batch_size_per_worker={args.batch}",
+                    f"train.use_gpu={str(args.gpu).lower()}", "data.cache=false"]
+            cfg = load_config(REPO / "workloads/configs/pretrain_tiny.yaml", over)
+            model_cfg = model_config_for(cfg, tok)
+            batches = make_batches(tok, args.steps, args.batch, args.frames, size)
+            consts = pretrain.batch_constants(tok, pretrain.Config.model_validate(cfg.task))
+            batches[0]["_consts"] = consts
+            warm = max(2, args.steps // 5)  # steps excluded from the timing (start-up, allocator warm-up)
+            plain = plain_loop(cfg, model_cfg, batches, warm, device)
+            rows = [{k: v[j].numpy() for k, v in b.items() if not k.startswith("_")}
+                    for b in batches for j in range(args.batch)]
+            # the last report covers the steps after the final multiple of `warm`: steady state
+            m = ray_stack(cfg, {"train": ray.data.from_items(rows)}, steps=args.steps, log_every=warm)
+            fed = ray_stack(cfg, None, steps=args.steps, log_every=warm)
+            results[preset] = {
+                "plain_samples_per_s": plain, "ray_ds_samples_per_s": m["samples_per_s"],
+                "overhead_ratio": plain / m["samples_per_s"], "ray_ds_data_wait_frac_inmemory": m["data_wait_frac"],
+                "data_plane_samples_per_s": fed["samples_per_s"], "data_plane_wait_frac": fed["data_wait_frac"],
+            }
+            r = results[preset]
+            print(f"{preset}: plain {r['plain_samples_per_s']:.2f} samples/s | Ray Train + DeepSpeed {r['ray_ds_samples_per_s']:.2f} "
+                  f"(overhead {r['overhead_ratio']:.2f}x, target <= 1.10x) | fed by Ray Data {r['data_plane_samples_per_s']:.2f}, "
+                  f"data wait {100 * r['data_plane_wait_frac']:.1f}% (target <= 5%)", flush=True)
+    ray.shutdown()
+    print(json.dumps({"batch": args.batch, "frames": args.frames, "steps": args.steps, "device": device.type,
+                      "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
