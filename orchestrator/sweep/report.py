@@ -56,6 +56,33 @@ def tag_trial_runs(uri: str, trials: list[TrialRecord], best: TrialRecord | None
             c.set_terminated(t.run_id, status=end_status[t.status])
 
 
+TUNE_KEYS = {"timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "time_since_restore",
+             "iterations_since_restore", "pid", "done", "step", "epoch"}
+
+
+def backfill_training_metrics(uri: str, run_id: str, history: list[dict[str, Any]]) -> int:
+    """A trial Tune stops ends its workers before their metric buffer reaches MLflow; the points
+    Tune received (every training report) are logged to the trial's run for the steps it lacks."""
+    from mlflow.entities import Metric  # noqa: PLC0415
+
+    from orchestrator.tracking.mlflow_run import client  # noqa: PLC0415
+
+    c = client(uri)
+    have = {m.step for m in c.get_metric_history(run_id, "loss")}
+    points = []
+    for row in history:
+        step = row.get("step")
+        if step is None or (isinstance(step, float) and math.isnan(step)) or int(step) in have:
+            continue
+        ts = int(float(row.get("timestamp") or 0) * 1000)
+        points += [Metric(k, float(v), ts, int(step)) for k, v in row.items()
+                   if k not in TUNE_KEYS and "/" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and not math.isnan(float(v))]
+    for i in range(0, len(points), 1000):
+        c.log_batch(run_id, metrics=points[i:i + 1000])
+    return len(points)
+
+
 def log_parent_summary(uri: str, parent_run_id: str, trials: list[TrialRecord], best: TrialRecord | None,
                        metric: str, best_yaml: str | None) -> None:
     from orchestrator.tracking.mlflow_run import client, log_table, log_text  # noqa: PLC0415

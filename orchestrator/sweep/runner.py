@@ -18,7 +18,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import ConfigError, RunConfig
-from orchestrator.sweep.report import TrialRecord, log_parent_summary, pick_best, tag_trial_runs
+from orchestrator.sweep.report import TrialRecord, backfill_training_metrics, log_parent_summary, pick_best, tag_trial_runs
 from orchestrator.sweep.spec import LoadedSweep, load_sweep
 from orchestrator.sweep.trial import TRIAL_DONE_KEY, run_trial, trial_index, trial_run_name
 
@@ -112,6 +112,9 @@ def _records(results, sweep: LoadedSweep, tracking_uri: str | None, experiment: 
         status = "failed" if r.error else ("completed" if m.get(TRIAL_DONE_KEY) else "early_stopped")
         name = trial_run_name(sweep.spec.name, trial_id)
         run = find_run(c, exp_id, name) if c else None
+        if run is not None and status != "completed" and r.metrics_dataframe is not None:
+            history = [row for row in r.metrics_dataframe.to_dict("records") if not row.get(TRIAL_DONE_KEY)]
+            backfill_training_metrics(tracking_uri, run.info.run_id, history)
         value = m.get(sweep.spec.metric) if status == "completed" else None
         out.append(TrialRecord(index=trial_index(trial_id), trial_id=trial_id, run_name=name, status=status,
                                params={k: (r.config or {}).get(k) for k in sweep.spec.search},
