@@ -91,19 +91,25 @@ class RunConfig(Section):
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML file; ``inherit: other.yaml`` (relative to the file) is merged underneath."""
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: 'inherit' cycle through {' -> '.join(map(str, seen))}")
+def read_yaml_mapping(path: Path, what: str, expected: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, or a ConfigError naming the file and the problem."""
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{path}: the top level must be a mapping of {expected}, got {type(data).__name__}")
+    return data
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file; ``inherit: other.yaml`` (relative to the file) is merged underneath."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'inherit' cycle through {' -> '.join(map(str, seen))}")
+    data = read_yaml_mapping(path, "config", "sections")
     parent = data.pop("inherit", None)
     if parent is None:
         return data

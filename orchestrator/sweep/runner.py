@@ -104,7 +104,7 @@ def _records(results, sweep: LoadedSweep, tracking_uri: str | None, experiment: 
     from orchestrator.tracking.mlflow_run import client, find_run, get_or_create_experiment  # noqa: PLC0415
 
     c = client(tracking_uri) if tracking_uri else None
-    exp_id = get_or_create_experiment(c, experiment) if c else None
+    exp_id = get_or_create_experiment(c, experiment, tracking_uri) if c else None
     out = []
     for r in results:
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name

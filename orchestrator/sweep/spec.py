@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from orchestrator.config import ConfigError, RunConfig, load_config, parse_override
+from orchestrator.config import ConfigError, RunConfig, load_config, parse_override, read_yaml_mapping
 
 
 EPOCHS = "epochs"  # the one searched key that is not a run config key (needs train_examples)
@@ -182,14 +182,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     (``num_samples=2``, ``storage=s3://b/p``, ``scheduler.grace_period=5``) sets it, any other key
     (``train.max_steps=10``) is a run-config override for every trial."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (name, base, search, metric, mode ...)")
+    raw = read_yaml_mapping(path, "sweep", "sweep keys (name, base, search, metric, mode ...)")
     extra_run: list[str] = []
     for text in overrides:
         parts, value = parse_override(text)

@@ -9,8 +9,6 @@ MLflow run (nested under the sweep's parent run) and reported to Tune as the las
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 import logging
 import os
 import time
@@ -36,35 +34,11 @@ def trial_run_name(sweep_name: str, trial_id: str) -> str:
     return f"{sweep_name}-t{trial_index(trial_id):03d}"
 
 
-@contextlib.contextmanager
-def _tune_report_callback():
-    """Yields the Train callbacks that forward worker reports to this Tune trial.
-
-    ``run_training`` builds the ``ray.train.RunConfig``; until it takes a ``callbacks`` argument,
-    this trial process (and only it) adds the callback to every RunConfig built inside the block."""
-    import ray.train  # noqa: PLC0415
+def _tune_report_callbacks() -> dict[str, list]:
+    """Train callbacks that forward every worker report of this trial's run to Tune (ASHA cuts on them)."""
     from ray.tune.integration.ray_train import TuneReportCallback  # noqa: PLC0415
 
-    from orchestrator.train.driver import run_training  # noqa: PLC0415
-
-    callbacks = [TuneReportCallback()]
-    if "callbacks" in inspect.signature(run_training).parameters:
-        yield {"callbacks": callbacks}
-        return
-    # Extend the RunConfig class in place (its instances must still pickle by reference: a
-    # replacement object under the name ray.train.RunConfig would make cloudpickle copy the class).
-    cls = ray.train.RunConfig
-    original = cls.__post_init__
-
-    def post_init_with_tune_reporting(self):
-        self.callbacks = [*(self.callbacks or []), *callbacks]
-        original(self)
-
-    cls.__post_init__ = post_init_with_tune_reporting
-    try:
-        yield {}
-    finally:
-        cls.__post_init__ = original
+    return {"callbacks": [TuneReportCallback()]}
 
 
 def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
@@ -88,9 +62,8 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
         cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"uri": plan["tracking_uri"]})})
     tags = {SWEEP_TAG: spec.name, STATUS_TAG: "running", "mplug2.kind": "sweep_trial",
             **{f"mplug2.search.{k}": str(v) for k, v in assignment.items()}}
-    with _tune_report_callback() as extra:
-        outcome = run_training(cfg, init_from=spec.init_from, extra_tags=tags,
-                               parent_run_id=plan.get("parent_run_id"), **extra)
+    outcome = run_training(cfg, init_from=spec.init_from, extra_tags=tags, parent_run_id=plan.get("parent_run_id"),
+                           **_tune_report_callbacks())
     step = int(outcome.metrics.get("step", cfg.train.max_steps))
     model_uri = outcome.export_uri or outcome.checkpoint_uri
     if model_uri is None:

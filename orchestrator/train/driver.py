@@ -53,7 +53,9 @@ def _checkpoint_uri(checkpoint) -> str | None:
 
 
 def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | None = None,
-                 extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> TrainOutcome:
+                 extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+                 callbacks: list | None = None) -> TrainOutcome:
+    """``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a sweep trial)."""
     import ray.train  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
@@ -132,6 +134,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
+            callbacks=callbacks,
         ),
         datasets=datasets,
     )
