@@ -34,6 +34,8 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0)
     log_every: int = Field(10, ge=1)
+    preemption_check_every: int = Field(5, ge=1, description="optimizer steps between asking Ray whether a node "
+                                        "is being preempted (a barrier across workers); a notice triggers a checkpoint")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -187,7 +187,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     timer.reset()  # checkpoint time is not training throughput
                 elif do_log:
                     ray.train.report(dict(last_metrics))
-                if not do_ckpt and preemption.should_checkpoint():
+                if not do_ckpt and step % tcfg.preemption_check_every == 0 and preemption.should_checkpoint():
                     _save_and_report(engine, state, last_metrics, rank)
                     saved_step = step
                     if metrics_logger is not None:
