@@ -13,6 +13,7 @@ from orchestrator.config import load_config
 from tests.conftest import wait_http
 
 SLOW_TOY = "tests.reliability.slow_toy"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def toy_cfg(storage_uri: str, tracking_uri: str | None, name: str, trace: str | None = None, sleep_s: float = 0.0,

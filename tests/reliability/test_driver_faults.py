@@ -1,0 +1,90 @@
+"""The driver killed and the job resubmitted with the same name (issue 9, item 2), and a simulated
+spot preemption (item 5): both as real processes, each with its own local Ray."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.faults.report import record
+from tests.reliability.helpers import REPO, checkpoint_steps
+
+pytestmark = pytest.mark.slow
+EXPERIMENT = "mplug2-tests.reliability.slow_toy"
+
+
+def _job(storage: str, name: str, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    return subprocess.Popen([sys.executable, "-m", "tests.reliability.toy_job", storage, name, *extra], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for k in kids:  # Ray's GCS / raylet / workers, wherever their session is
+        try:
+            k.kill()
+        except psutil.Error:
+            pass
+    proc.wait()
+
+
+def test_driver_killed_and_resubmitted_resumes_from_last_complete_checkpoint(tmp_path):
+    storage = str(tmp_path / "store")
+    run_dir = Path(storage) / EXPERIMENT / "drv"
+    first = _job(storage, "drv")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (checkpoint_steps(str(run_dir)) and max(checkpoint_steps(str(run_dir))) >= 8):
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.2)
+    time.sleep(0.5)  # a little past the checkpoint: those steps are lost
+    _kill_tree(first)
+    # the latest checkpoint Ray registered (a directory still being persisted is not in the snapshot)
+    snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    last_complete = max(int(s) for s in re.findall(r"checkpoint_step_(\d{8})", snapshot))
+    # a checkpoint that was being written when the fault hit: a shard without the completion marker
+    partial = run_dir / "checkpoint_step_99999999" / "ds"
+    partial.mkdir(parents=True)
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02partial")
+
+    second = _job(storage, "drv")
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out[-4000:]
+    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", out)]
+    assert resumed and resumed[0] == last_complete, (resumed, last_complete)
+    assert "99999999" not in " ".join(re.findall(r"resumed from step \d+", out))
+    result = json.loads([line for line in out.splitlines() if line.startswith('{"result_step"')][-1])
+    assert result["result_step"] == 24 and result["checkpoint"].endswith("checkpoint_step_00000024")
+    record("driver SIGKILL + resubmit same name (+ a half-written checkpoint)", 1, True,
+           "< 4 (since the last checkpoint)", 0, f"resumed from step {resumed[0]}; partial checkpoint ignored")
+
+
+def test_preemption_signal_takes_a_checkpoint_before_the_node_goes(tmp_path):
+    storage = str(tmp_path / "store")
+    job = _job(storage, "pre", "--drain-after", "4", "--steps", "16")
+    try:
+        out, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            _kill_tree(job)
+    assert job.returncode == 0, out[-4000:]
+    drained = json.loads([line for line in out.splitlines() if line.startswith('{"drained"')][-1])
+    assert drained["drained"], drained
+    steps = [int(s) for s in re.findall(r"checkpointing now", out) and re.findall(
+        r"checkpoint_step_(\d{8})", out)]
+    assert "node preemption signalled" in out, out[-3000:]
+    off_schedule = sorted({s for s in steps if s % 4})  # checkpoint_every=4: any other step came from preemption
+    assert off_schedule, f"no checkpoint outside the schedule: {sorted(set(steps))}"
+    record("spot preemption (node drain, reason PREEMPTION)", 1, True, 0, 0,
+           f"checkpoint taken at step {off_schedule[0]} on the signal (schedule: every 4)")
