@@ -45,6 +45,8 @@ def plain_loop(cfg, model_cfg, batches, warmup: int, device) -> float:
     from workloads import pretrain
 
     torch.manual_seed(0)
+    # like for like: a Ray worker with cpus_per_worker CPUs runs torch with that many threads
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     task_cfg = pretrain.Config.model_validate(cfg.task)
     model = pretrain.build_model(model_cfg, task_cfg).to(device).train()
     opt, sched = build_optimizer(model, cfg.train)

@@ -113,6 +113,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent = data.pop("inherit", None)
     if parent is None:
         return data
+    if not isinstance(parent, str) or not parent.strip() or "\0" in parent:
+        raise ConfigError(f"{path}: 'inherit' must name one YAML file (a relative or absolute path), got {parent!r}")
     base = _read_yaml(path.parent / parent, seen + (path,))
     return deep_merge(base, data)
 

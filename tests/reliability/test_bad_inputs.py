@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.config import ConfigError, RunConfig, load_config
@@ -47,7 +47,6 @@ def test_random_overrides_validate_or_raise_config_error(overrides):
 @given(st.one_of(st.text(max_size=200), st.builds(lambda d: yaml.safe_dump(d), st.dictionaries(
     st.sampled_from(["train", "data", "model", "workload", "inherit", "task", "eval", "x"]), values, max_size=4))))
 def test_random_yaml_validates_or_raises_config_error(tmp_path, text):
-    assume(not _non_string_inherit(text))  # a known bug, pinned by the xfail test below
     path = tmp_path / "cfg.yaml"
     path.write_text(text, encoding="utf-8")
     _config_or_config_error(lambda: load_config(path))
@@ -62,9 +61,7 @@ def _non_string_inherit(text: str) -> bool:
     return inherit is not None and (not isinstance(inherit, str) or "\0" in inherit)
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError),
-                   reason="found by hypothesis: orchestrator/config.py _read_yaml joins a non-string (or NUL) "
-                          "'inherit' onto a path: TypeError/ValueError instead of ConfigError; reported to its owner")
+# found by hypothesis: a non-string (or NUL) 'inherit' used to escape as TypeError/ValueError
 @pytest.mark.parametrize("text", ["inherit: []\n", 'inherit: "\\0"\n'])
 def test_bad_inherit_is_a_config_error(tmp_path, text):
     path = tmp_path / "cfg.yaml"
