@@ -89,9 +89,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     if datasets is None:
         from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
 
-        train_ds = build_dataset(cfg.data, "train", training=True, columns=workload.COLUMNS, seed=cfg.seed,
-                                 run_name=run_name)
-        datasets = {"train": train_ds.materialize() if cfg.data.cache else train_ds}
+        datasets = build_train_datasets(cfg, workload.COLUMNS, run_name)
 
     mlflow_run_id = None
     if tracking_uri:
@@ -126,6 +124,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             "run": cfg.to_dict(), "run_name": run_name, "model_config": model_config,
             "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "export_uri": export_uri,
             "init_from": init_uri, "deepspeed_user": ds_user,
+            "text_fraction": text_fraction(cfg) if "train_text" in datasets else 0.0,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker=resources),
@@ -159,6 +158,37 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     return TrainOutcome(run_name=run_name, run_dir=run_dir, checkpoint_uri=ckpt_uri,
                         export_uri=export_uri if exported else None, metrics=dict(result.metrics or {}),
                         mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
+
+
+def build_train_datasets(cfg: RunConfig, columns: tuple[str, ...], run_name: str) -> dict:
+    """``train`` from the media sources; when a video/image workload also lists text-only sources
+    (pre-training's text corpora), those become ``train_text``, drawn by the loop in proportion to
+    their weights (``train.text_fraction`` in the loop's config, see :func:`text_fraction`)."""
+    from orchestrator.data.pipeline import TEXT_FORMATS, build_dataset  # noqa: PLC0415
+
+    media = [s for s in cfg.data.sources if s.format not in TEXT_FORMATS]
+    text = [s for s in cfg.data.sources if s.format in TEXT_FORMATS]
+    out = {}
+    if "frames" in columns and media and text:
+        text_cols = tuple(c for c in columns if c in ("text_ids", "text_mask"))
+        text_ds = build_dataset(cfg.data.model_copy(update={"sources": text}), "train", training=True,
+                                columns=text_cols, seed=cfg.seed, run_name=run_name)
+        out["train_text"] = text_ds.materialize() if cfg.data.cache else text_ds
+        data_cfg = cfg.data.model_copy(update={"sources": media})
+    else:
+        data_cfg = cfg.data
+    train = build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name)
+    out["train"] = train.materialize() if cfg.data.cache else train
+    return out
+
+
+def text_fraction(cfg: RunConfig) -> float:
+    """Share of micro-batches drawn from text-only sources: their weight over all sources' weight."""
+    from orchestrator.data.pipeline import TEXT_FORMATS  # noqa: PLC0415
+
+    total = sum(s.weight for s in cfg.data.sources)
+    text = sum(s.weight for s in cfg.data.sources if s.format in TEXT_FORMATS)
+    return text / total if total and text < total else 0.0
 
 
 def _bad_clip_tags(run_name: str) -> dict[str, str]:

@@ -73,6 +73,34 @@ def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
 
 
+STALE_LOCK_S = 600  # far longer than DeepSpeed's CPU op takes to compile (~30 s)
+
+
+def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
+    """Remove torch JIT-extension build locks left by a killed process.
+
+    DeepSpeed's CPU backend JIT-builds its shared-memory allreduce op under a lock file in the
+    torch extensions directory; a worker SIGKILLed while holding it (a preemption, a fault) leaves
+    the file behind and every later worker on that node waits for it forever.  A lock older than
+    any real build is stale: remove it, and say so.
+    """
+    import glob  # noqa: PLC0415
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions")
+    removed = []
+    for lock in glob.glob(os.path.join(root, "**", "lock"), recursive=True):
+        try:
+            if time.time() - os.path.getmtime(lock) > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+        except OSError:
+            continue  # another worker removed it first
+    if removed:
+        log.warning("removed stale torch extension build lock(s) left by a killed process: %s", removed)
+    return removed
+
+
 def build_model(run, config: dict[str, Any]):
     from workloads import get_workload  # noqa: PLC0415
 
@@ -111,6 +139,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      len(report["missing"]), ", ".join(report["missing"][:8]))
     model.to(device)
     optimizer, scheduler = build_optimizer(model, tcfg)
+    if not tcfg.use_gpu:
+        clear_stale_extension_locks()
     deepspeed.init_distributed(dist_backend="nccl" if tcfg.use_gpu else "gloo", dist_init_required=False)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -138,22 +168,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     timer = StepTimer()
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     n_micro = 0
     last_metrics: dict[str, float] = {}
     saved_step = state["step"] if ckpt is not None else -1
     skip = state["epoch_batches"]  # resuming mid-epoch: these batches were trained on before the fault
     preemption = PreemptionCheckpointer()
     shard = ray.train.get_dataset_shard("train")
+    text_mix = None
+    if config.get("text_fraction"):
+        text_mix = TextMix(ray.train.get_dataset_shard("train_text"), config["text_fraction"], tcfg.batch_size_per_worker,
+                           run.data, run.seed)
     try:
         while state["step"] < tcfg.max_steps:
             got_batch = False
             batches = _iter_batches(shard, tcfg.batch_size_per_worker, run.data, config.get("run_name"))
+            if text_mix is not None:
+                batches = text_mix.interleave(batches, state["step"])
             for batch in timer.timed_batches(batches):
                 got_batch = True
-                if skip:
+                is_text = text_mix is not None and "frames" not in batch
+                if skip and not is_text:
                     skip -= 1
                     continue
-                state["epoch_batches"] += 1
+                if is_text and skip:
+                    continue  # still skipping the media already trained on: no text steps in between
+                if not is_text:
+                    state["epoch_batches"] += 1  # media batches only: what a resumed epoch skips
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch.update(constants)
                 losses = workload.loss(engine.module, batch, task_cfg)
@@ -161,8 +202,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 engine.step()
                 n_micro += 1
                 timer.samples += tcfg.batch_size_per_worker
-                for k, v in losses.items():
+                for k, v in losses.items():  # each loss averaged over the micro-batches that had it
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    counts[k] = counts.get(k, 0) + 1
+                if text_mix is not None:
+                    sums["text_batch_frac"] = sums.get("text_batch_frac", 0.0) + float(is_text)
+                    counts["text_batch_frac"] = counts.get("text_batch_frac", 0) + 1
                 if engine.global_steps == state["step"]:
                     continue  # gradient accumulation: no optimizer step yet
                 state["step"] = engine.global_steps
@@ -171,12 +216,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 do_log = step % tcfg.log_every == 0 or step >= tcfg.max_steps
                 do_ckpt = step % tcfg.checkpoint_every == 0 or step >= tcfg.max_steps
                 if do_log or do_ckpt:
-                    means = _mean_across_ranks({k: v / max(n_micro, 1) for k, v in sums.items()}, world)
+                    means = _mean_across_ranks({k: v / max(counts[k], 1) for k, v in sums.items()}, world)
                     last_metrics = {**means, "lr": scheduler.get_last_lr()[0], **timer.summary(world),
                                     "step": step, "epoch": state["epoch"]}
                     if metrics_logger is not None:
                         metrics_logger.log({k: v for k, v in last_metrics.items() if k not in ("step",)}, step)
-                    sums, n_micro = {}, 0
+                    sums, counts, n_micro = {}, {}, 0
                     timer.reset()
                 if do_ckpt:
                     t0 = time.perf_counter()
@@ -209,6 +254,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             delivery = metrics_logger.close()
             if delivery["undelivered"] or delivery["dropped"]:
                 log.error("MLflow: %s metric points could not be delivered", delivery)
+
+
+class TextMix:
+    """Interleaves text-only batches (e.g. pre-training's text corpora, MLM only) with the media
+    batches: before each media batch, text batches are drawn while a coin with P(text) = ``fraction``
+    says so.  The coin is seeded by (seed, step) alone, so every rank makes the same draws and the
+    workers' collectives stay in step; the text stream restarts whenever it runs out."""
+
+    def __init__(self, shard, fraction: float, batch_size: int, data_cfg, seed: int):
+        self.shard, self.fraction, self.batch_size, self.data_cfg, self.seed = shard, fraction, batch_size, data_cfg, seed
+        self._it = None
+        self.drawn = 0
+
+    def _next_text(self) -> dict:
+        from orchestrator.data.pipeline import iter_worker_batches  # noqa: PLC0415
+
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(iter_worker_batches(self.shard, batch_size=self.batch_size, device="cpu",
+                                                    prefetch_batches=self.data_cfg.prefetch_batches, drop_last=True))
+            try:
+                batch = next(self._it)
+                self.drawn += 1
+                return batch
+            except StopIteration:
+                self._it = None
+        raise RuntimeError("the text-only training dataset yielded no full batch")
+
+    def interleave(self, media_batches, step: int):
+        import random  # noqa: PLC0415
+
+        coin = random.Random(f"{self.seed}-{step}")  # same draws on every rank
+        for batch in media_batches:
+            while coin.random() < self.fraction:
+                yield self._next_text()
+            yield batch
 
 
 class PreemptionCheckpointer:

@@ -6,23 +6,14 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from orchestrator import storage
 from orchestrator.config import load_config
+from tests.reliability.helpers import train_workers
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "workloads/configs/pretrain_tiny.yaml"
-
-
-def _train_workers() -> list[psutil.Process]:
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
-            out.append(p)
-    return out
 
 
 @pytest.mark.slow
@@ -36,46 +27,51 @@ def test_pretrain_e2e_survives_worker_kill_and_rerun_is_noop(ray_local, s3_bucke
     generate(data, n=24, seed=1, spec=ClipSpec(width=96, height=64, fps=8, seconds=2.0, gop=8), log=lambda *_: None)
     cfg = load_config(CONFIG, [
         f"data.root={data}", f"storage={s3_bucket}/ckpt", f"tracking.uri={mlflow_server.uri}", "name=e2e",
-        "train.max_steps=8", "train.checkpoint_every=2", "train.log_every=1", "train.batch_size_per_worker=4",
-        "train.warmup_steps=2", "train.max_failures=2", "train.keep_checkpoints=2"])
+        "train.max_steps=16", "train.checkpoint_every=4", "train.log_every=2", "train.batch_size_per_worker=4",
+        "train.warmup_steps=2", "train.max_failures=2", "train.keep_checkpoints=2",
+        # video-text plus a text-only corpus (MLM only), mixed by weight: 1 : 0.5
+        "data.sources=[{format: youku_pretrain, train: [annotations/youku_pretrain_train.csv], "
+        "val: [annotations/youku_pretrain_val.csv]}, {format: glue_sst2, train: [annotations/sst2_train.tsv], "
+        "val: [annotations/sst2_dev.tsv], weight: 0.5}]"])
     run_dir = f"{s3_bucket}/ckpt/mplug2-pretrain/e2e"
 
     killed = []
-    client = MlflowClient(mlflow_server.uri)
 
-    def kill_after_checkpoint_4_is_reported():
-        """Step 5 logged => checkpoint 4 was reported by every rank (a checkpoint whose files are
-        still being written is never taken as the latest: that is checked by resuming >= 4)."""
+    def kill_after_checkpoint_4_is_registered():
+        """Ray's Train controller registers a reported checkpoint asynchronously and persists its
+        registry in checkpoint_manager_snapshot.json; only a registered checkpoint is resumed from
+        (one still being reported when the fault hits is not taken as the latest)."""
         deadline = time.time() + 600
+        snapshot = f"{run_dir}/checkpoint_manager_snapshot.json"
         while time.time() < deadline and not killed:
-            exp = client.get_experiment_by_name("mplug2-pretrain")
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            if runs and any(m.step >= 5 for m in client.get_metric_history(runs[0].info.run_id, "loss")):
-                workers = _train_workers()
+            if storage.exists(snapshot) and "checkpoint_step_00000004" in storage.read_text(snapshot):
+                workers = train_workers()  # this test's Ray only, never another run's
                 if workers:
                     workers[-1].kill()  # SIGKILL one training worker process
                     killed.append(workers[-1].pid)
                     return
             time.sleep(0.5)
 
-    watcher = threading.Thread(target=kill_after_checkpoint_4_is_reported, daemon=True)
+    watcher = threading.Thread(target=kill_after_checkpoint_4_is_registered, daemon=True)
     watcher.start()
     out = run_training(cfg)
     watcher.join(timeout=5)
-    assert killed, "the watcher never saw step 5 (training too fast or stuck?)"
-    assert out.metrics["step"] == 8
+    assert killed, "the watcher never saw checkpoint 4 registered (training too fast or stuck?)"
+    assert out.metrics["step"] == 16
 
     c = MlflowClient(mlflow_server.uri)
     run = c.get_run(out.mlflow_run_id)
     assert run.info.status == "FINISHED"
     resumed = c.get_metric_history(run.info.run_id, "resumed_from_step")
     assert resumed and all(m.value >= 4 for m in resumed)        # restarted from a checkpoint, not from 0
-    assert max(m.step for m in c.get_metric_history(run.info.run_id, "loss")) == 8
+    assert max(m.step for m in c.get_metric_history(run.info.run_id, "loss")) == 16
     assert {"itc", "itm", "mlm", "lm", "lr", "samples_per_s", "data_wait_frac"} <= set(run.data.metrics)
-    assert run.data.params["data.root"] == data and run.data.params["train.max_steps"] == "8"
+    text_frac = [m.value for m in c.get_metric_history(run.info.run_id, "text_batch_frac")]
+    assert text_frac and 0 < sum(text_frac) / len(text_frac) < 1  # text-only batches were mixed in
+    assert run.data.params["data.root"] == data and run.data.params["train.max_steps"] == "16"
     assert "config/resolved.yaml" in [a.path for a in c.list_artifacts(run.info.run_id, "config")]
     ckpts = sorted({u.split("/checkpoint_step_")[1][:8] for u in storage.list_files(run_dir) if "checkpoint_step_" in u})
-    assert ckpts == ["00000006", "00000008"]                      # keep_checkpoints=2
+    assert ckpts == ["00000012", "00000016"]                      # keep_checkpoints=2
     assert storage.exists(f"{run_dir}/export/model.safetensors")
     assert run.data.tags["mplug2.export_uri"] == f"{run_dir}/export"
 

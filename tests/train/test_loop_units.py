@@ -1,0 +1,35 @@
+"""Small pieces of the train loop that need no Ray."""
+import os
+import time
+
+from orchestrator.train.loop import TextMix, clear_stale_extension_locks
+
+
+def test_stale_extension_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for p in (stale, fresh):
+        p.parent.mkdir(parents=True)
+        p.write_text("")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clear_stale_extension_locks(max_age_s=600) == [str(stale)]
+    assert not stale.exists() and fresh.exists()  # a build in progress elsewhere keeps its lock
+
+
+def test_text_mix_is_the_same_on_every_rank_and_follows_the_weight():
+    class Shard:
+        def __init__(self):
+            self.n = 0
+
+    def draws(seed, step):
+        mix = TextMix(Shard(), 1 / 3, 4, None, seed)
+        mix._next_text = lambda: "text"  # the coin is what is under test
+        return list(mix.interleave(iter(["media"] * 3000), step))
+
+    a, b = draws(0, 7), draws(0, 7)
+    assert a == b                                    # every rank: same draws at the same step
+    assert a != draws(0, 8)
+    frac = a.count("text") / len(a)
+    assert 0.30 < frac < 0.37 and a.count("media") == 3000
