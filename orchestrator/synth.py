@@ -128,8 +128,9 @@ def make_clips(n: int, seed: int, n_val: int = 0) -> list[ClipMeta]:
     so with ``n_val`` = 48 each val caption is unique and text-to-video R@1 has chance 1/48."""
     rng = random.Random(seed)
     metas = []
-    combos = [(c, s, d) for c in COLORS for s in SHAPES for d in DIRECTIONS]
-    rng.shuffle(combos)
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    rng.shuffle(pairs)
+    combos = [(c, s, d) for c, s in pairs for d in DIRECTIONS]  # every 4 in a row cover all directions
     for i in range(n):
         if i < n - n_val:
             direction, color, shape = DIRECTIONS[i % len(DIRECTIONS)], rng.choice(list(COLORS)), rng.choice(SHAPES)

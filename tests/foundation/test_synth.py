@@ -98,3 +98,5 @@ def test_val_split_enumerates_every_caption_once():
     assert len(set(val)) == 48
     train_dirs = [m.direction for m in metas[:-48]]
     assert {d: train_dirs.count(d) for d in set(train_dirs)} == {"left": 48, "right": 48, "up": 48, "down": 48}
+    small_val = make_clips(24, 0, n_val=5)[-5:]  # even a tiny val split has every direction (class)
+    assert {m.direction for m in small_val} == {"left", "right", "up", "down"}
