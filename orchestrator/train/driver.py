@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ConfigError, RunConfig  # noqa: F401
+from orchestrator.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 

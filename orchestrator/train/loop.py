@@ -167,7 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics_logger.log({"resumed_from_step": state["step"]}, state["step"])
 
     timer = StepTimer()
-    sums: dict[str, float] = {}
+    sums: dict[str, Any] = {}  # loss name -> running sum (a device tensor until logged)
     counts: dict[str, int] = {}
     n_micro = 0
     last_metrics: dict[str, float] = {}
@@ -203,7 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 n_micro += 1
                 timer.samples += tcfg.batch_size_per_worker
                 for k, v in losses.items():  # each loss averaged over the micro-batches that had it
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    sums[k] = sums.get(k, 0.0) + v.detach()  # stays on the device: no sync per step
                     counts[k] = counts.get(k, 0) + 1
                 if text_mix is not None:
                     sums["text_batch_frac"] = sums.get("text_batch_frac", 0.0) + float(is_text)
@@ -216,7 +216,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 do_log = step % tcfg.log_every == 0 or step >= tcfg.max_steps
                 do_ckpt = step % tcfg.checkpoint_every == 0 or step >= tcfg.max_steps
                 if do_log or do_ckpt:
-                    means = _mean_across_ranks({k: v / max(counts[k], 1) for k, v in sums.items()}, world)
+                    means = _mean_across_ranks({k: float(v) / max(counts[k], 1) for k, v in sums.items()}, world)
                     last_metrics = {**means, "lr": scheduler.get_last_lr()[0], **timer.summary(world),
                                     "step": step, "epoch": state["epoch"]}
                     if metrics_logger is not None:
@@ -265,7 +265,6 @@ class TextMix:
     def __init__(self, shard, fraction: float, batch_size: int, data_cfg, seed: int):
         self.shard, self.fraction, self.batch_size, self.data_cfg, self.seed = shard, fraction, batch_size, data_cfg, seed
         self._it = None
-        self.drawn = 0
 
     def _next_text(self) -> dict:
         from orchestrator.data.pipeline import iter_worker_batches  # noqa: PLC0415
@@ -275,9 +274,7 @@ class TextMix:
                 self._it = iter(iter_worker_batches(self.shard, batch_size=self.batch_size, device="cpu",
                                                     prefetch_batches=self.data_cfg.prefetch_batches, drop_last=True))
             try:
-                batch = next(self._it)
-                self.drawn += 1
-                return batch
+                return next(self._it)
             except StopIteration:
                 self._it = None
         raise RuntimeError("the text-only training dataset yielded no full batch")
