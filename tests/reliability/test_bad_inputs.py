@@ -2,6 +2,9 @@
 error (ConfigError) or is skipped and counted (BadClip with a known reason); nothing else escapes."""
 from __future__ import annotations
 
+import uuid
+from unittest import mock
+
 import numpy as np
 import pytest
 import yaml
@@ -115,12 +118,22 @@ def test_mutated_real_clips_decode_or_are_counted_bad(real_clip, data):
 def test_bad_rows_in_a_batch_are_dropped_and_counted(blobs):
     """The Ray Data batch function itself: a batch of garbage clips never raises; every row is counted."""
     from orchestrator.data import quality
+
+    # A fresh run name per example (id() is recycled between examples, and counts under a reused name
+    # accumulate), and the process-local tracker even when an earlier test left Ray up: this tests the
+    # batch function, not actor start-up (one actor per example was ~30 worker processes on 2 cores).
+    run = f"hyp-{uuid.uuid4().hex}"
+    quality.reset_local()
+    with mock.patch.object(quality, "_ray_up", lambda: False):
+        _drop_and_count(blobs, run)
+
+
+def _drop_and_count(blobs, run):
+    from orchestrator.data import quality
     from orchestrator.data.config import DataConfig
     from orchestrator.data.pipeline import process_params
     from orchestrator.data.process import process_batch, to_dataset_row
 
-    run = f"hyp-{id(blobs)}-{len(blobs)}"
-    quality.reset_local()
     rows = [to_dataset_row({"media_uri": f"mem://{i}.mp4", "media_bytes": b, "text": "t", "id": str(i),
                             "modality": "video"}) for i, b in enumerate(blobs)]
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
