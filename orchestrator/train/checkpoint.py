@@ -20,11 +20,29 @@ META = "mplug2_checkpoint.json"  # written by rank 0 after every rank saved: mar
 EXPORT_FILES = ("config.json", "model.safetensors")
 
 
-def save(engine, directory: str, client_state: dict[str, Any], rank: int) -> None:
-    """Every rank saves its DeepSpeed shard into ``directory``; rank 0 then writes the marker."""
+def save(engine, directory: str, client_state: dict[str, Any], rank: int,
+         metrics: dict[str, float] | None = None) -> None:
+    """Every rank saves its DeepSpeed shard into ``directory``; rank 0 then writes the marker
+    (the client state and the metrics reported with this checkpoint)."""
     engine.save_checkpoint(directory, tag=TAG, client_state=client_state)
     if rank == 0:
-        Path(directory, META).write_text(json.dumps({"complete": True, **client_state}))
+        Path(directory, META).write_text(json.dumps({"complete": True, **client_state, "metrics": metrics or {}},
+                                                   default=float))
+
+
+def finished_run(run_dir: str, max_steps: int) -> tuple[str, dict[str, Any]] | None:
+    """``(checkpoint URI, its marker)`` when the run in ``run_dir`` already reached ``max_steps``
+    and exported its model, else None: a rerun of a finished name then needs no workers at all."""
+    if not storage.exists(storage.join(run_dir, "export", "model.safetensors")):
+        return None
+    markers = [u for u in storage.list_files(run_dir) if u.endswith("/" + META) and "/checkpoint_step_" in u]
+    if not markers:
+        return None
+    last = max(markers)  # the step in the directory name is zero-padded: key order is step order
+    meta = json.loads(storage.read_text(last))
+    if int(meta.get("step", -1)) < max_steps:
+        return None
+    return last[: -len(META) - 1], meta
 
 
 def load(engine, directory: str) -> dict[str, Any]:

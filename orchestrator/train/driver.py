@@ -3,7 +3,8 @@
 Validates, opens the MLflow run (params, resolved config, lineage and environment tags), builds
 the Ray Data datasets, runs a ``TorchTrainer`` whose workers each drive one DeepSpeed engine, and
 records the checkpoint and exported-model URIs.  Checkpoints live under
-``<storage>/<experiment>/<run name>/``; rerunning a name resumes it.
+``<storage>/<experiment>/<run name>/``; rerunning a name resumes it, and rerunning a finished
+name returns at once (no workers, no data read).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
     from orchestrator.ray_env import ensure_ray  # noqa: PLC0415
-    from orchestrator.train.checkpoint import resolve_init_from  # noqa: PLC0415
+    from orchestrator.train.checkpoint import finished_run, resolve_init_from  # noqa: PLC0415
     from orchestrator.train.deepspeed_config import load_user_json  # noqa: PLC0415
     from orchestrator.train.loop import train_loop_per_worker  # noqa: PLC0415
     from orchestrator.train.model_setup import load_run_tokenizer, model_config_for  # noqa: PLC0415
@@ -81,6 +82,11 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
         ds_user = load_user_json(cfg.train.deepspeed_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+    done = finished_run(run_dir, cfg.train.max_steps)
+    if done is not None:
+        return _already_finished(cfg, run_name, run_dir, export_uri, tracking_uri, experiment, done,
+                                 extra_tags, parent_run_id)
 
     ensure_ray()
     model_config = None
@@ -158,6 +164,30 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     return TrainOutcome(run_name=run_name, run_dir=run_dir, checkpoint_uri=ckpt_uri,
                         export_uri=export_uri if exported else None, metrics=dict(result.metrics or {}),
                         mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
+
+
+def _already_finished(cfg: RunConfig, run_name: str, run_dir: str, export_uri: str, tracking_uri: str | None,
+                      experiment: str, done: tuple[str, dict[str, Any]], extra_tags: dict[str, str] | None,
+                      parent_run_id: str | None) -> TrainOutcome:
+    """A rerun of a name that already trained to ``max_steps`` and exported: no Ray Train workers,
+    no data read; its MLflow run is closed as FINISHED (it may still say RUNNING if the driver that
+    trained it died after the export) and the outcome comes from the last checkpoint's marker."""
+    ckpt_uri, meta = done
+    log.info("run %s already finished at step %s (%s); nothing to train. Raise train.max_steps or "
+             "choose a new name to train more.", run_name, meta.get("step"), ckpt_uri)
+    mlflow_run_id = None
+    if tracking_uri:
+        from orchestrator.tracking.mlflow_run import close_run, open_run  # noqa: PLC0415
+
+        tags = {"mplug2.workload": cfg.workload, "mplug2.run_dir": run_dir, **(extra_tags or {})}
+        mlflow_run_id = open_run(tracking_uri, experiment, run_name, cfg.to_dict(), tags,
+                                 parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
+        close_run(tracking_uri, mlflow_run_id, status="FINISHED",
+                  tags={"mplug2.checkpoint_uri": ckpt_uri, "mplug2.export_uri": export_uri})
+    metrics = dict(meta.get("metrics") or {})
+    metrics.setdefault("step", meta.get("step"))
+    return TrainOutcome(run_name=run_name, run_dir=run_dir, checkpoint_uri=ckpt_uri, export_uri=export_uri,
+                        metrics=metrics, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
 
 
 def build_train_datasets(cfg: RunConfig, columns: tuple[str, ...], run_name: str) -> dict:

@@ -319,7 +319,7 @@ def _save_and_report(engine, state: dict[str, Any], metrics: dict[str, float], r
     import ray.train  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as d:
-        checkpoint.save(engine, d, dict(state), rank)
+        checkpoint.save(engine, d, dict(state), rank, metrics={**metrics, "step": state["step"]})
         ray.train.report({**metrics, "step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"checkpoint_step_{state['step']:08d}")
 

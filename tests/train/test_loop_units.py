@@ -33,3 +33,31 @@ def test_text_mix_is_the_same_on_every_rank_and_follows_the_weight():
     assert a != draws(0, 8)
     frac = a.count("text") / len(a)
     assert 0.30 < frac < 0.37 and a.count("media") == 3000
+
+
+def test_finished_run_needs_the_export_and_a_marker_at_max_steps(tmp_path):
+    """What lets a rerun of a finished name skip Ray Train: an export and a complete checkpoint
+    (its marker) at or past max_steps; anything less trains (resumes) as usual."""
+    import json
+
+    from orchestrator.train.checkpoint import META, finished_run
+
+    run = tmp_path / "exp" / "run"
+
+    def ckpt(step, marker=True):
+        d = run / f"checkpoint_step_{step:08d}"
+        (d / "ds").mkdir(parents=True)
+        if marker:
+            (d / META).write_text(json.dumps({"complete": True, "step": step, "metrics": {"loss": 1.5}}))
+
+    ckpt(4)
+    ckpt(8)
+    assert finished_run(str(run), 8) is None                   # no export yet
+    (run / "export").mkdir()
+    (run / "export" / "model.safetensors").write_bytes(b"x")
+    uri, meta = finished_run(str(run), 8)
+    assert uri == str(run / "checkpoint_step_00000008") and meta["metrics"] == {"loss": 1.5}
+    assert finished_run(str(run), 12) is None                  # more steps asked for: train on
+    ckpt(12, marker=False)                                     # a checkpoint some rank never finished
+    assert finished_run(str(run), 12) is None
+    assert finished_run(str(run), 8)[1]["step"] == 8

@@ -75,11 +75,14 @@ def test_pretrain_e2e_survives_worker_kill_and_rerun_is_noop(ray_local, s3_bucke
     assert storage.exists(f"{run_dir}/export/model.safetensors")
     assert run.data.tags["mplug2.export_uri"] == f"{run_dir}/export"
 
-    # rerun of a finished name: nothing retrained, no new metric points
+    # rerun of a finished name: no workers started (no new resume point), nothing retrained
     n_points = len(c.get_metric_history(run.info.run_id, "loss"))
     again = run_training(cfg)
     assert again.mlflow_run_id == out.mlflow_run_id
     assert len(c.get_metric_history(run.info.run_id, "loss")) == n_points
+    assert len(c.get_metric_history(run.info.run_id, "resumed_from_step")) == len(resumed)
+    assert again.checkpoint_uri.endswith("checkpoint_step_00000016") and again.metrics["step"] == 16
+    assert again.export_uri == f"{run_dir}/export" and c.get_run(out.mlflow_run_id).info.status == "FINISHED"
 
 
 def test_bad_config_fails_before_ray_starts(tmp_path):
