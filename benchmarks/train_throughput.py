@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--image-size", type=int, default=None, help="default: the preset's image size")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=120,
+                   help="steps per run; the first fifth is warm-up and the figure is the last window")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--data-clips", type=int, default=64, help="synthetic clips for the data-plane run")
     args = p.parse_args(argv)
