@@ -118,6 +118,8 @@ def main(argv=None) -> int:
             over = [f"model.preset={preset}", f"data.root={data}", f"data.image_size={size}",
                     f"data.num_frames={args.frames}", f"train.batch_size_per_worker={args.batch}",
                     f"train.use_gpu={str(args.gpu).lower()}", "data.cache=false"]
+            if args.image_size:  # the model's patch grid follows the frames
+                over.append(f"model.overrides={{image_size: {size}}}")
             cfg = load_config(REPO / "workloads/configs/pretrain_tiny.yaml", over)
             model_cfg = model_config_for(cfg, tok)
             batches = make_batches(tok, args.steps, args.batch, args.frames, size)
