@@ -318,9 +318,10 @@ class PreemptionCheckpointer:
 def _save_and_report(engine, state: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
     import ray.train  # noqa: PLC0415
 
+    reported = {**metrics, "step": state["step"]}
     with tempfile.TemporaryDirectory() as d:
-        checkpoint.save(engine, d, dict(state), rank, metrics={**metrics, "step": state["step"]})
-        ray.train.report({**metrics, "step": state["step"]}, checkpoint=ray.train.Checkpoint.from_directory(d),
+        checkpoint.save(engine, d, dict(state), rank, metrics=reported)
+        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"checkpoint_step_{state['step']:08d}")
 
 
