@@ -169,7 +169,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     timer = StepTimer()
     sums: dict[str, Any] = {}  # loss name -> running sum (a device tensor until logged)
     counts: dict[str, int] = {}
-    n_micro = 0
     last_metrics: dict[str, float] = {}
     saved_step = state["step"] if ckpt is not None else -1
     skip = state["epoch_batches"]  # resuming mid-epoch: these batches were trained on before the fault
@@ -200,7 +199,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 losses = workload.loss(engine.module, batch, task_cfg)
                 engine.backward(losses["loss"])
                 engine.step()
-                n_micro += 1
                 timer.samples += tcfg.batch_size_per_worker
                 for k, v in losses.items():  # each loss averaged over the micro-batches that had it
                     sums[k] = sums.get(k, 0.0) + v.detach()  # stays on the device: no sync per step
@@ -221,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                     "step": step, "epoch": state["epoch"]}
                     if metrics_logger is not None:
                         metrics_logger.log({k: v for k, v in last_metrics.items() if k not in ("step",)}, step)
-                    sums, counts, n_micro = {}, {}, 0
+                    sums, counts = {}, {}
                     timer.reset()
                 if do_ckpt:
                     t0 = time.perf_counter()
