@@ -1,31 +1,50 @@
 # The two commands a user needs: `make demo` (the main job) and `make test` (the whole suite).
-# Both build .venv/ on first use: PyTorch first, pinned (CPU build here, CUDA build on GPU
-# machines), then this project with its test extras, then any Debian package the tests need.
+# Both build .venv/ on first use from the locked environment (requirements/*.lock, exact versions
+# with hashes): PyTorch first (the CPU build, or the CUDA build where `nvidia-smi` exists or
+# TORCH=cuda), then every other dependency, then this project itself, then any Debian package the
+# tests need. `make lock` refreshes the lock and the pins derived from it.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TORCH_PIN := torch==2.13.0
+TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+# Where pip finds the CPU build when no local wheel folder has it.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_SOURCE_cpu := --extra-index-url $(TORCH_CPU_INDEX) --retries 1
+LOCKS := requirements/main.lock requirements/torch-$(TORCH).lock
+UV_PIN := uv==0.13.9
 # Debian packages the suite uses: a Java runtime for pycocoevalcap (METEOR, SPICE tokenizer),
 # Chromium for the MLflow UI screenshot test.
 APT_PACKAGES := default-jre-headless chromium
 PIP := $(BIN)/python -m pip
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-$(TORCH)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean apt
+.PHONY: install demo test test-fast clean apt lock
 
 install: $(STAMP)
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip wheel setuptools
 
-$(STAMP): pyproject.toml Makefile | $(BIN)/python
-	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[test]'
+# Exact versions and hashes only (--no-deps: the lock lists every package); `pip check` then
+# proves the set is consistent. The project itself is installed editable, without fetching a
+# build backend (setuptools comes from the lock).
+$(STAMP): pyproject.toml Makefile $(LOCKS) | $(BIN)/python
+	$(PIP) install -q --no-deps --require-hashes $(TORCH_SOURCE_$(TORCH)) -r requirements/torch-$(TORCH).lock
+	$(PIP) install -q --no-deps --require-hashes -r requirements/main.lock
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check
 	@$(MAKE) --no-print-directory apt
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
+
+# Re-resolve every dependency from pyproject.toml (new upstream releases come in here, and only
+# here), then rewrite the pins derived from the lock (cluster/runtime_env.yaml). Run `make test`
+# afterwards and commit requirements/ and cluster/ together.
+lock: | $(BIN)/python
+	$(PIP) install -q $(UV_PIN)
+	$(BIN)/python requirements/lock.py
 
 # Debian packages: installed as root when missing; otherwise say what to install.
 apt:

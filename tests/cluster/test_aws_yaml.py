@@ -98,9 +98,10 @@ def test_setup_installs_this_project_at_its_pinned_version(cfg):
     setup = "\n".join(cfg["setup_commands"])
     version = project_version()
     assert f"mplug2_ray-{version}-py3-none-any.whl" in setup
-    assert "torch==2.13.0" in setup
-    assert setup.index("torch==") < setup.index("mplug2_ray-"), "torch is installed before the project"
-    assert "./dist" in cfg["file_mounts"].values()
+    assert "--require-hashes -r /home/ray/requirements/torch-cuda.lock" in setup
+    assert setup.index("torch-cuda.lock") < setup.index("main.lock") < setup.index("mplug2_ray-"), \
+        "torch, then the locked dependencies, then the project"
+    assert "./dist" in cfg["file_mounts"].values() and "./requirements" in cfg["file_mounts"].values()
 
 
 def test_no_credentials_in_the_cluster_file():

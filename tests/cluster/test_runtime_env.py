@@ -1,8 +1,7 @@
-"""``cluster/runtime_env.yaml``: Ray accepts it, its pins are the versions this checkout runs, and
-it carries no secrets."""
+"""``cluster/runtime_env.yaml``: Ray accepts it, its pins are the locked versions, and it carries no
+secrets."""
 from __future__ import annotations
 
-import importlib.metadata
 import re
 from pathlib import Path
 
@@ -26,17 +25,20 @@ def test_ray_accepts_the_runtime_env():
     assert {".venv", ".git", "demo_output"} <= set(env["excludes"])
 
 
-def test_pins_are_exact_and_match_the_installed_versions():
-    packages = load()["pip"]["packages"]
+def test_pins_are_exact_and_equal_the_lock(lock_module):
+    """Cluster pins = tested versions: each pin is the version in requirements/*.lock."""
+    locked = lock_module.locked_versions(lock_module.MAIN_LOCK.read_text())
+    torch = lock_module.locked_versions(lock_module.TORCH_CUDA_LOCK.read_text())["torch"]
     names = set()
-    for line in packages:
+    for line in load()["pip"]["packages"]:
         req = Requirement(line)
         spec = list(req.specifier)
         assert len(spec) == 1 and spec[0].operator == "==", f"{line}: pin an exact version"
-        installed = importlib.metadata.version(req.name)
-        assert req.specifier.contains(installed, prereleases=True), \
-            f"{line}: this checkout runs {req.name} {installed}; update the pin or the environment"
-        names.add(req.name.lower())
+        name = lock_module._norm(req.name)
+        want = torch if name == "torch" else locked.get(name)
+        assert spec[0].version == want, \
+            f"{line}: the lock has {req.name} {want}; run `make lock` instead of editing the pins by hand"
+        names.add(name)
     assert {"torch", "ray", "deepspeed", "transformers", "mlflow", "decord"} <= names
 
 
