@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from orchestrator.config import ConfigError
+from orchestrator.console import configure_logging
 
 # verb -> one-line help.  Order is the order users meet them.
 VERBS = {
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m orchestrator",
         description="Pre-train and fine-tune mPLUG-2-style video-language models on Ray.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's own INFO logs from every process of the run")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, mod in _available_verbs().items():
         p = sub.add_parser(verb, help=VERBS[verb], description=(mod.__doc__ or VERBS[verb]).strip())
@@ -52,8 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from orchestrator.console import ray_init_options
+
 LOCAL_NUM_CPUS = int(os.environ.get("MPLUG2_LOCAL_NUM_CPUS", "8"))
 
 
@@ -23,7 +25,8 @@ def ensure_ray() -> None:
     quiet_progress_bars()
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+    options = ray_init_options()
+    if os.environ.get("RAY_ADDRESS"):  # a job's runtime env is the submitter's: only the log level here
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_config=options["logging_config"])
         return
-    ray.init(num_cpus=max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False)
+    ray.init(num_cpus=max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False, **options)

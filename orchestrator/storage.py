@@ -12,7 +12,7 @@ import functools
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -260,3 +260,13 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> int:
             shutil.copyfile(src, dst)
         n += 1
     return n
+
+
+def stat(uri: str) -> dict[str, Any]:
+    """``{"size", "etag" | "mtime"}`` of one object/file (no body read)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        head = s3_client().head_object(Bucket=bucket, Key=key)
+        return {"size": head["ContentLength"], "etag": head.get("ETag", "").strip('"')}
+    st = os.stat(local_path(uri))
+    return {"size": st.st_size, "mtime": st.st_mtime_ns}

@@ -13,6 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", default=None, metavar="URI|mlflow:RUN_ID",
                    help="start from pre-trained weights: an exported model or DeepSpeed checkpoint URI, or the "
                         "MLflow run id of a pre-train (recorded as this run's parent in lineage tags)")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="register the exported model in the MLflow model registry under NAME")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from orchestrator.train.driver import run_training  # noqa: PLC0415
 
-    out = run_training(cfg, init_from=args.init_from)
+    out = run_training(cfg, init_from=args.init_from, register=args.register)
     print(json.dumps({"run_name": out.run_name, "mlflow_run_id": out.mlflow_run_id, "checkpoint": out.checkpoint_uri,
                       "export": out.export_uri, "metrics": {k: v for k, v in out.metrics.items()
                                                             if isinstance(v, (int, float))}}, indent=2))

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.tracking import lineage
 from orchestrator.tracking.redact import redact, redact_text
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,20 @@ def git_commit() -> str | None:
 
 
 def get_or_create_experiment(c, name: str, tracking_uri: str | None = None) -> str:
+    """The experiment's id, created (or restored) as a model-training experiment."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    try:
-        return c.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name))
-    except Exception:  # noqa: BLE001 - created concurrently by another trial
-        return c.get_experiment_by_name(name).experiment_id
+        exp_id = exp.experiment_id
+    else:
+        try:
+            exp_id = c.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name),
+                                         tags={lineage.EXPERIMENT_KIND_TAG: lineage.EXPERIMENT_KIND})
+        except Exception:  # noqa: BLE001 - created concurrently by another trial
+            exp_id = c.get_experiment_by_name(name).experiment_id
+    lineage.mark_training_experiment(c, exp_id)
+    return exp_id
 
 
 def _artifact_location(uri: str | None, experiment: str) -> str | None:
@@ -92,7 +98,9 @@ def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], t
     exp_id = get_or_create_experiment(c, experiment, uri)
     existing = find_run(c, exp_id, run_name)
     safe_cfg = redact(config)
-    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name, **{k: str(v) for k, v in tags.items() if v is not None}}
+    all_tags = {RUN_NAME_TAG: run_name, "mlflow.runName": run_name,
+                **lineage.source_tags(tags.get("mplug2.git_commit") or git_commit()),
+                **{k: str(v) for k, v in tags.items() if v is not None}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     all_tags = redact(all_tags)
@@ -170,8 +178,10 @@ class MetricLogger:
     reports what could not be delivered.
     """
 
-    def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0, max_buffer: int = 200_000):
+    def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0, max_buffer: int = 200_000,
+                 system_metrics: bool = False):
         self.uri, self.run_id = uri, run_id
+        self._system = lineage.start_system_metrics(uri, run_id) if system_metrics else None
         self.flush_every_s = flush_every_s
         self.max_buffer = max_buffer
         self._buf: list = []
@@ -222,6 +232,11 @@ class MetricLogger:
             self.flush()
 
     def close(self, timeout_s: float = 60.0) -> dict[str, int]:
+        if self._system is not None:
+            try:
+                self._system.finish()
+            except Exception as e:  # noqa: BLE001 - the run's own metrics matter more
+                log.warning("MLflow system metrics did not stop cleanly: %s", type(e).__name__)
         self._stop.set()
         self._thread.join(timeout=5)
         deadline = time.time() + timeout_s

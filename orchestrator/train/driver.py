@@ -16,6 +16,10 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import ConfigError, RunConfig
+from orchestrator.console import Progress, summary
+from orchestrator.data.catalog import describe_sources
+from orchestrator.data.tokenize import default_tokenizer
+from orchestrator.tracking import lineage
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,9 @@ def _checkpoint_uri(checkpoint) -> str | None:
 
 def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | None = None,
                  extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
-                 callbacks: list | None = None) -> TrainOutcome:
-    """``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a sweep trial)."""
+                 callbacks: list | None = None, register: str | None = None) -> TrainOutcome:
+    """``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a sweep trial);
+    ``register``: a model-registry name for the exported model."""
     import ray.train  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 
@@ -118,8 +123,10 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             tags["mplug2.init_from"] = init_uri
         mlflow_run_id = open_run(tracking_uri, experiment, run_name, cfg.to_dict(), tags,
                                  parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
+        lineage.record_datasets(tracking_uri, mlflow_run_id, describe_sources(cfg.data, ("train",)))
 
     storage_path, storage_fs = _storage_for_ray(storage.join(cfg.storage, experiment))
+    progress = Progress(run_name, cfg.train.max_steps, printer=log.info)
     worker_env = {} if cfg.train.use_gpu else {"DS_ACCELERATOR": "cpu"}
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
@@ -139,15 +146,19 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), progress.callback()],
         ),
         datasets=datasets,
     )
     status = "FAILED"
     result = None
+    started = time.time()
     try:
-        result = trainer.fit()
+        with progress:
+            result = trainer.fit()
         status = "FINISHED"
+        log.info(summary(run_name, result.metrics or progress.last, cfg.train.max_steps, time.time() - started,
+                         _checkpoint_uri(result.checkpoint), export_uri, mlflow_run_id))
     finally:
         ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
         exported = storage.exists(storage.join(export_uri, "model.safetensors"))
@@ -156,11 +167,21 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
 
             end_tags = {"mplug2.checkpoint_uri": ckpt_uri, "mplug2.export_uri": export_uri if exported else None}
             end_tags.update(_bad_clip_tags(run_name))
+            register_error = None
+            if exported and status == "FINISHED":
+                try:
+                    lineage.record_model(tracking_uri, mlflow_run_id, export_uri, run_name,
+                                         cfg.data.tokenizer or default_tokenizer(cfg.data.root),
+                                         result.metrics, register)
+                except RuntimeError as e:  # asked to register and could not: said after the run is closed
+                    register_error = e
             try:
                 close_run(tracking_uri, mlflow_run_id, status=status,
                           tags={k: v for k, v in end_tags.items() if v is not None})
             except Exception as e:  # noqa: BLE001 - never mask the training error
                 log.error("could not close MLflow run %s: %s", mlflow_run_id, e)
+            if register_error is not None:
+                raise register_error
     return TrainOutcome(run_name=run_name, run_dir=run_dir, checkpoint_uri=ckpt_uri,
                         export_uri=export_uri if exported else None, metrics=dict(result.metrics or {}),
                         mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)

@@ -161,7 +161,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and config.get("mlflow_run_id"):
         from orchestrator.tracking.mlflow_run import MetricLogger  # noqa: PLC0415
 
-        metrics_logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"])
+        metrics_logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"],
+                                      system_metrics=run.tracking.system_metrics)
 
     if metrics_logger is not None and ckpt is not None:
         metrics_logger.log({"resumed_from_step": state["step"]}, state["step"])

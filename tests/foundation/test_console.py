@@ -1,0 +1,54 @@
+"""The console: progress lines, durations, the end summary, and Ray's logging options."""
+from __future__ import annotations
+
+import logging
+
+from orchestrator import console
+
+
+def test_progress_line_has_step_losses_throughput_wait_and_eta():
+    line = console.format_progress({"step": 40, "loss": 5.12341, "itc": 1.9, "itm": 0.61, "mlm": 2.1, "lm": 0.52,
+                                    "lr": 1e-4, "samples_per_s": 35.24, "data_wait_frac": 0.123,
+                                    "eval/t2v_r1": 12.5}, 200, 130.0)
+    assert line == ("step  40/200  loss 5.1234 (itc 1.900 itm 0.610 mlm 2.100 lm 0.520)  35.2 samples/s  "
+                    "data wait 12%  eval/t2v_r1 12.500  ETA 2m10s")
+    assert console.format_progress({"step": 1}, 5, None) == "step 1/5"
+
+
+def test_durations_read_naturally():
+    assert [console.format_duration(s) for s in (0, 59.6, 61, 3600 * 2 + 120)] == ["0s", "1m00s", "1m01s", "2h02m"]
+
+
+def test_eta_is_measured_from_the_reports_not_assumed():
+    clock = iter([100.0, 110.0])
+    p = console.Progress.__new__(console.Progress)
+    p.max_steps, p._first = 100, None
+    import time as _time
+    real = _time.time
+    try:
+        console.time.time = lambda: next(clock)
+        assert p.eta(10) is None              # one report: no rate yet
+        assert p.eta(20) == 10.0 / 10 * 80    # 1 s per step measured, 80 steps left
+    finally:
+        console.time.time = real
+
+
+def test_summary_names_the_outcome():
+    text = console.summary("pt", {"step": 200, "loss": 1.5, "itc": 0.3, "lr": 1e-5}, 200, 95, "/s/ckpt", "/s/export", "abc")
+    assert text.splitlines() == ["pt: finished step 200/200 in 1m35s", "  last losses: loss 1.5000 itc 0.3000",
+                                 "  checkpoint: /s/ckpt", "  export: /s/export", "  MLflow run: abc"]
+
+
+def test_ray_is_quiet_unless_verbose(monkeypatch):
+    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    opts = console.ray_init_options()
+    assert opts["logging_config"].log_level == "WARNING"
+    assert opts["runtime_env"]["worker_process_setup_hook"] == "orchestrator.console.quiet_ray_internals"
+    noisy = logging.getLogger(console.NOISY_RAY_LOGGERS[0])
+    noisy.setLevel(logging.NOTSET)
+    console.quiet_ray_internals()
+    assert noisy.level == logging.ERROR
+    monkeypatch.setenv(console.VERBOSE_ENV, "1")
+    noisy.setLevel(logging.NOTSET)
+    console.quiet_ray_internals()
+    assert noisy.level == logging.NOTSET and console.ray_init_options()["logging_config"].log_level == "INFO"

@@ -1,0 +1,47 @@
+"""What a new user sees: the shipped tiny config, run from a folder where its relative default
+``data.root: ./demo_output/synth`` exists, as ``python -m orchestrator train``: it trains (the
+relative paths reach the workers), prints one progress line per logged step and a summary, and
+none of Ray's internal chatter; ``--verbose`` brings Ray's INFO logs back."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "workloads" / "configs" / "pretrain_tiny.yaml"
+RAY_NOISE = ("Failed to query Ray Train Controller", "State API may be temporarily unavailable",
+             "Started a local Ray instance", "Registered dataset logger", "Starting execution of Dataset")
+
+
+def _train(cwd: Path, *extra: str, verbose: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MPLUG2_VERBOSE"))}
+    env["PYTHONPATH"] = str(REPO)
+    cmd = [sys.executable, "-m", "orchestrator", *(["--verbose"] if verbose else []), "train", "--config", str(CONFIG),
+           "storage=./store", f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", "train.max_steps=4", "train.log_every=2",
+           "train.checkpoint_every=4", "train.batch_size_per_worker=4", "train.num_workers=2", *extra]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_shipped_tiny_config_runs_from_its_relative_root_with_a_quiet_console(tmp_path):
+    from orchestrator.synth import ClipSpec, generate
+
+    generate(str(tmp_path / "demo_output" / "synth"), n=24, seed=0,
+             spec=ClipSpec(width=96, height=64, fps=8, seconds=2.0, gop=8), log=lambda *_: None)
+    out = _train(tmp_path, "name=quiet")
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    progress = [line for line in text.splitlines() if "quiet: step " in line]
+    assert len(progress) >= 2, text[-4000:]        # steps 2 and 4 (log_every=2)
+    assert " 4/4" in progress[-1] and "samples/s" in progress[-1] and "data wait" in progress[-1]
+    assert "quiet: finished step 4/4" in text
+    for noise in RAY_NOISE:
+        assert noise not in text, f"Ray chatter on the default console: {noise!r}"
+    assert len(text.splitlines()) < 80, f"{len(text.splitlines())} lines:\n{text}"
+    verbose = _train(tmp_path, "name=loud", "train.max_steps=2", verbose=True)
+    assert verbose.returncode == 0, verbose.stderr[-4000:]
+    assert any(noise in verbose.stdout + verbose.stderr for noise in RAY_NOISE[2:]), "--verbose shows Ray's logs"
