@@ -55,3 +55,46 @@ def test_experiment_page_lists_the_runs(mlflow_server, tmp_path):
     assert shot.stat().st_size > 10_000, "the screenshot is (nearly) blank"
     if shot.stat().st_size < 300_000 and not KEEP_SCREENSHOT.exists():
         shutil.copyfile(shot, KEEP_SCREENSHOT)  # the picture cluster/README.md shows
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                    reason=f"{CHROMIUM} is absent: install Debian's chromium package (make apt does it as root)")
+def test_a_training_run_shows_its_dataset_model_and_system_metrics(mlflow_server, tmp_path, synth_data, tiny_hf,
+                                                                   monkeypatch):
+    """A run recorded the way `train` records it opens in the UI with its dataset inputs, its
+    logged model and system metrics (the experiment opens on runs, not the GenAI views)."""
+    import json
+    import time
+
+    from orchestrator.data.catalog import describe_sources
+    from orchestrator.data.config import DataConfig, SourceConfig
+    from orchestrator.tracking import lineage, mlflow_run
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    uri, tag = mlflow_server.uri, uuid.uuid4().hex[:6]
+    run_id = mlflow_run.open_run(uri, f"mplug2-pretrain-{tag}", f"pt-{tag}", {"train": {"max_steps": 4}}, {})
+    data = DataConfig(root=synth_data, sources=[SourceConfig(format="msrvtt", train=["annotations/msrvtt_train.jsonl"],
+                                                             val=["annotations/msrvtt_val.jsonl"])])
+    lineage.record_datasets(uri, run_id, describe_sources(data, ("train",), rows={("msrvtt", "train"): 19}))
+    logger = mlflow_run.MetricLogger(uri, run_id, flush_every_s=3600, system_metrics=True)
+    logger.log({"loss": 2.0}, 1)
+    time.sleep(3)
+    logger.close(timeout_s=10)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"preset": "tiny"}))
+    (export / "model.safetensors").write_bytes(b"w")
+    lineage.record_model(uri, run_id, str(export), f"pt-{tag}", str(tiny_hf.tokenizer), {"loss": 2.0})
+    mlflow_run.close_run(uri, run_id)
+    c = mlflow_run.client(uri)
+    exp_id = c.get_run(run_id).info.experiment_id
+    assert c.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    dom = render(f"{uri}/#/experiments/{exp_id}/runs/{run_id}", tmp_path, tmp_path / "run.png")
+    assert "msrvtt:train" in dom, "the run page shows no dataset"
+    assert f"pt-{tag}" in dom
+    models = c.search_logged_models(experiment_ids=[exp_id])
+    assert [m.name for m in models] == [f"pt-{tag}"] and models[0].source_run_id == run_id
+    assert any(k.startswith("system/") for k in c.get_run(run_id).data.metrics)
+    dom_sys = render(f"{uri}/#/experiments/{exp_id}/runs/{run_id}/system-metrics", tmp_path, tmp_path / "sys.png")
+    assert "cpu_utilization_percentage" in dom_sys, "the system metrics tab is empty"
