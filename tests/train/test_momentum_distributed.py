@@ -103,7 +103,8 @@ def _worker(rank: int, port: int, out: str, precision: str, zero_stage: int) -> 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("precision,zero_stage", [("bf16", 2), ("fp32", 0)])
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,zero_stage", [("bf16", 1), ("bf16", 2), ("fp32", 0)])
 def test_two_workers_share_one_queue_and_ema_once_per_optimizer_step(tmp_path, precision, zero_stage):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
