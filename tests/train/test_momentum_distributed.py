@@ -109,6 +109,8 @@ def test_two_workers_share_one_queue_and_ema_once_per_optimizer_step(tmp_path, p
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
+    from orchestrator.train.checkpoint import state_dict_from
+
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), precision, zero_stage), nprocs=WORLD, join=True)
     r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(WORLD)]
     # 6 micro-batches, accumulation 2: 3 optimizer steps, one EMA after each
@@ -130,5 +132,7 @@ def test_two_workers_share_one_queue_and_ema_once_per_optimizer_step(tmp_path, p
         assert back["restored_equal"] == back["keys"] and len(back["keys"]) > 100
     live = torch.load(tmp_path / "restore0.pt")["live"]
     exported = load_file(tmp_path / "export" / "model.safetensors")
+    consolidated = state_dict_from(str(tmp_path / "ckpt"))  # what --init-from a checkpoint reads
     for k, v in live.items():
         assert exported[k].dtype == v.dtype and torch.equal(exported[k], v), k
+        assert torch.equal(consolidated[k], v), k
