@@ -44,10 +44,11 @@ Heads::
 
 Objectives (``model.objectives``): ``mlm_loss``, ``contrastive_loss`` (momentum encoder + queue +
 clamped temperature + distillation alpha; calls ``model.momentum_update()`` itself in train mode
-and enqueues), ``matching_loss`` (hard negatives sampled from the similarity matrix), ``lm_loss``
+unless ``model.momentum.update_each_forward`` is off, and enqueues through ``model.momentum.gather``
+when a distributed loop set one), ``matching_loss`` (hard negatives sampled from the similarity matrix), ``lm_loss``
 (prompt-prefixed LM; ``INSTRUCTIONS`` / ``instruction_for(task, modality)``).
 
-The momentum encoders (``requires_grad=False``) and the queues (buffers) are never optimised;
+The momentum encoders and the queues are fp32 buffers (never optimised, never cast to bf16);
 ``python -m model --preset NAME [--task TASK]`` prints module parameter counts.
 """
 from .config import MODULES, PRESETS, TASKS, MPlugConfig

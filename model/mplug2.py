@@ -158,7 +158,9 @@ class MPlug2(nn.Module):
 
     # -- momentum encoders -----------------------------------------------------------------------
     def momentum_update(self) -> None:
-        """EMA of the online unimodal encoders into the momentum copies (called by the objective)."""
+        """EMA of the online unimodal encoders into the fp32 momentum copies: once per optimizer
+        step (``contrastive_loss`` calls it per training forward unless ``momentum.update_each_forward``
+        was turned off by a loop that calls it after each optimizer step)."""
         self._need("momentum", "momentum_update").update(self._momentum_sources())
 
     def momentum_reset(self) -> None:
@@ -171,8 +173,11 @@ class MPlug2(nn.Module):
                         text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Momentum-encoder contrastive embeddings ([B, D], [B, D]) of a batch."""
         enc = self._need("momentum", "momentum_embeds").encoders
-        u = enc["universal_layers"](vision=enc["vision"](frames), text=enc["text"](text_ids, text_mask))
-        return enc["contrastive"].vision(u.vision_tokens), enc["contrastive"].text(u.text_hidden)
+        # fp32 momentum weights: computed at the inputs' precision when the online model is bf16/fp16
+        low = frames.dtype if frames.dtype in (torch.bfloat16, torch.float16) else None
+        with torch.autocast(frames.device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+            u = enc["universal_layers"](vision=enc["vision"](frames), text=enc["text"](text_ids, text_mask))
+            return enc["contrastive"].vision(u.vision_tokens), enc["contrastive"].text(u.text_hidden)
 
     # -- persistence (implemented in model/io.py and model/hf_loading.py) -------------------------
     def save_pretrained(self, directory: str) -> None:
@@ -191,5 +196,8 @@ class MPlug2(nn.Module):
         return from_hf(cls, config, task, vision_pretrained, text_pretrained)
 
     def param_counts(self) -> dict[str, int]:
-        """Parameters per top-level module (momentum copies included, listed apart)."""
-        return {name: sum(p.numel() for p in mod.parameters()) for name, mod in self.named_children()}
+        """Parameters per top-level module (momentum copies included, listed apart: fp32 buffers)."""
+        counts = {name: sum(p.numel() for p in mod.parameters()) for name, mod in self.named_children()}
+        if self.momentum is not None:
+            counts["momentum"] = sum(p.numel() for _, mod in self._momentum_sources().items() for p in mod.parameters())
+        return counts

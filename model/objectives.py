@@ -109,7 +109,7 @@ def contrastive_loss(model, u: UniversalOutput, frames: torch.Tensor, text_ids: 
             all_idx = torch.cat([idx.view(1, -1), mom.idx_queue], 1)   # [1, B+Q]
             pos = (idx.view(-1, 1) == all_idx).float()
             targets = pos / pos.sum(1, keepdim=True)
-        if model.training:
+        if model.training and mom.update_each_forward:
             model.momentum_update()
         vm, tm = model.momentum_embeds(frames, text_ids, text_mask)   # [B, D] each
         vm_all = torch.cat([vm.T, mom.vision_queue.float()], 1)        # [D, B+Q]

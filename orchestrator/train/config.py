@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ZERO3_REFUSED = ("ZeRO stage 3 is refused until it trains, checkpoints and exports correctly: the model reads "
+                 "some parameters outside their own module's forward (tied MLM head, temperature, position "
+                 "embeddings), which ZeRO-3 leaves as empty shards; use zero_stage 0, 1 or 2")
 
 
 class TrainConfig(BaseModel):
@@ -36,6 +40,13 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, ge=1)
     preemption_check_every: int = Field(5, ge=1, description="optimizer steps between asking Ray whether a node "
                                         "is being preempted (a barrier across workers); a notice triggers a checkpoint")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _no_zero3(cls, v: int) -> int:
+        if v == 3:
+            raise ValueError(ZERO3_REFUSED)
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from orchestrator.train.config import TrainConfig
+from orchestrator.train.config import ZERO3_REFUSED, TrainConfig
 
 
 def resolve_precision(train: TrainConfig) -> str:
@@ -60,4 +60,7 @@ def load_user_json(path: str | None) -> dict[str, Any] | None:
         raise ValueError(f"train.deepspeed_config={path!r}: cannot read a JSON object ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"train.deepspeed_config={path!r}: the top level must be a JSON object")
+    stage = data.get("zero_optimization", {}).get("stage") if isinstance(data.get("zero_optimization"), dict) else None
+    if stage == 3:
+        raise ValueError(f"train.deepspeed_config={path!r} sets zero_optimization.stage=3: {ZERO3_REFUSED}")
     return data

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from orchestrator.train import checkpoint
+from orchestrator.train import checkpoint, momentum_sync
 from orchestrator.train.deepspeed_config import build_deepspeed_config
 from orchestrator.train.optim import build_optimizer
 
@@ -112,6 +112,19 @@ def build_model(run, config: dict[str, Any]):
     return workload, task_cfg, model
 
 
+def micro_step(engine, workload, batch: dict, task_cfg, ema_per_step: bool) -> dict[str, torch.Tensor]:
+    """One micro-batch: forward, backward, ``engine.step()`` (the optimizer steps at the
+    accumulation boundary only); after an optimizer step, the momentum EMA (``ema_per_step``,
+    see ``momentum_sync.attach``): once per optimizer step, not per micro-batch."""
+    losses = workload.loss(engine.module, batch, task_cfg)
+    engine.backward(losses["loss"])
+    boundary = engine.is_gradient_accumulation_boundary()  # before step(), which advances the count
+    engine.step()
+    if ema_per_step and boundary:
+        engine.module.momentum_update()  # after the optimizer step, before the next forward
+    return losses
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed  # noqa: PLC0415
     import ray.train  # noqa: PLC0415
@@ -145,6 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=build_deepspeed_config(tcfg, world, config.get("deepspeed_user")), dist_init_required=False)
+    ema_per_step = momentum_sync.attach(engine.module, world)  # EMA once per optimizer step, global queue
 
     # epoch_batches: this worker's micro-batches consumed in the current epoch, so a resumed epoch
     # skips what was already trained on instead of repeating it.
@@ -197,9 +211,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     state["epoch_batches"] += 1  # media batches only: what a resumed epoch skips
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch.update(constants)
-                losses = workload.loss(engine.module, batch, task_cfg)
-                engine.backward(losses["loss"])
-                engine.step()
+                losses = micro_step(engine, workload, batch, task_cfg, ema_per_step)
                 timer.samples += tcfg.batch_size_per_worker
                 for k, v in losses.items():  # each loss averaged over the micro-batches that had it
                     sums[k] = sums.get(k, 0.0) + v.detach()  # stays on the device: no sync per step

@@ -159,4 +159,4 @@ def test_fresh_model_is_bert_initialised():
     loss = obj.mlm_loss(m, ids, torch.ones_like(ids))
     assert abs(float(loss) - math.log(200)) < 1.0
     zero = [n for n, mod in m.named_modules() if getattr(mod, "keep_zero_init", False)]
-    assert zero and all(float(dict(m.named_parameters())[f"{n}.weight"].abs().sum()) == 0 for n in zero)
+    assert zero and all(float(m.state_dict()[f"{n}.weight"].abs().sum()) == 0 for n in zero)  # momentum: buffers
