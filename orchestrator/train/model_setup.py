@@ -25,9 +25,14 @@ def model_config_for(cfg: RunConfig, tokenizer=None):
 
     overrides = tokenizer_overrides(tokenizer) if tokenizer is not None else {}
     overrides.update(cfg.model.overrides)
+    # The model's patch grid follows the frames the data plane produces: one place sets the size.
+    size = overrides.setdefault("image_size", cfg.data.image_size)
+    if size != cfg.data.image_size:
+        raise ConfigError(f"model.overrides.image_size={size} but data.image_size={cfg.data.image_size}: the "
+                          "model would get frames of another size; set only data.image_size (the model follows it)")
     if cfg.model.activation_checkpointing:
         overrides["grad_checkpointing"] = True
     try:
         return MPlugConfig.from_preset(cfg.model.preset, **overrides)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"model: {e}") from None
+        raise ConfigError(f"model: {e} (the model's image_size is data.image_size={cfg.data.image_size})") from None
