@@ -280,7 +280,7 @@ def _train(config: dict[str, Any], phase) -> None:
                         metrics_logger.log({"preemption_checkpoint_step": step}, step)
                 if step >= tcfg.max_steps:
                     break
-            if not got_batch:
+            if not got_batch and not progress.has_keys("train"):  # (a resumed pass may have nothing left)
                 raise RuntimeError("the training dataset yielded no batch: it is empty or smaller than one batch "
                                    f"per worker (batch_size_per_worker={tcfg.batch_size_per_worker}, workers={world})")
             if state["step"] < tcfg.max_steps:
