@@ -62,19 +62,33 @@ def get_registry(run_name: str | None):
     return _HANDLES[name]
 
 
+def _call(run_name: str | None, method: str, *args):
+    """Call the registry; a handle to an actor that died (its owner went away) is dropped and the
+    actor looked up / created again once."""
+    import ray  # noqa: PLC0415
+    from ray.exceptions import RayActorError  # noqa: PLC0415
+
+    for attempt in range(2):
+        try:
+            return ray.get(getattr(get_registry(run_name), method).remote(*args))
+        except RayActorError:
+            if attempt:
+                raise
+            log.warning("progress registry %s died; looking it up again", actor_name(run_name))
+            _HANDLES.pop(actor_name(run_name), None)
+            _CACHE.clear()
+    return None
+
+
 def publish(run_name: str | None, stream: str, epoch: int, keys) -> None:
     """Rows of ``stream`` whose key is in ``keys`` are left out from now on; rows are stamped ``epoch``.
     Call before the pass starts (its first batch is requested): the filter reads it per block."""
-    import ray  # noqa: PLC0415
-
-    ray.get(get_registry(run_name).publish.remote(stream, epoch, np.asarray(keys, np.int64)))
+    _call(run_name, "publish", stream, epoch, np.asarray(keys, np.int64))
 
 
 def _current(run_name: str | None, stream: str) -> tuple[int, np.ndarray]:
-    import ray  # noqa: PLC0415
-
     cached = _CACHE.get((run_name or "", stream), (0, 0, np.zeros(0, np.int64)))
-    newer = ray.get(get_registry(run_name).get.remote(stream, cached[0]))
+    newer = _call(run_name, "get", stream, cached[0])
     if newer is not None:
         cached = newer
         _CACHE[(run_name or "", stream)] = newer

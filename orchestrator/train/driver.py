@@ -263,6 +263,8 @@ def _stream_dataset(cfg: RunConfig, data_cfg, columns: tuple[str, ...], run_name
     from orchestrator.data import progress  # noqa: PLC0415
     from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
 
+    progress.get_registry(run_name)  # owned by the driver: outlives every worker restart
+
     if not cfg.data.cache:
         return build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
                              progress_stream=stream)
