@@ -30,7 +30,9 @@ def _uses_frames(cfg: RunConfig) -> bool:
 
 
 def model_config_for(cfg: RunConfig, tokenizer=None):
-    """The model's typed config: preset < tokenizer ids < ``model.overrides`` from the run config."""
+    """The model's typed config: preset < tokenizer ids < ``model.overrides`` from the run config.
+    For workloads that read frames the model's ``image_size`` is ``data.image_size`` (a different
+    ``model.overrides.image_size`` is a ConfigError)."""
     from model import MPlugConfig  # noqa: PLC0415
 
     overrides = tokenizer_overrides(tokenizer) if tokenizer is not None else {}
