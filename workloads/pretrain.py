@@ -33,9 +33,14 @@ def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretra
 
 
 def batch_constants(tokenizer, task_cfg: Config) -> dict[str, torch.Tensor]:
-    """The instruction prompt of the LM loss, tokenised once per worker: [1, Lp]."""
-    enc = tokenizer(objectives.instruction_for(TASK, task_cfg.modality), return_tensors="pt")
-    return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"]}
+    """The instruction prompts of the LM loss, tokenised once per worker: [1, Lp] each.  ``prompt_*``
+    follows ``task.modality``; ``image_prompt_*`` / ``video_prompt_*`` are picked per batch by its
+    frame count (a run mixing images and videos has batches of each)."""
+    out = {}
+    for prefix, modality in (("", task_cfg.modality), ("image_", "image"), ("video_", "video")):
+        enc = tokenizer(objectives.instruction_for(TASK, modality), return_tensors="pt")
+        out[f"{prefix}prompt_ids"], out[f"{prefix}prompt_mask"] = enc["input_ids"], enc["attention_mask"]
+    return out
 
 
 def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
@@ -50,8 +55,10 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
     itm = objectives.matching_loss(model, u, itc.sim_i2t, itc.sim_t2i, idx=idx)
     mlm = objectives.mlm_loss(model, ids, mask, vision_tokens=u.vision_tokens)
     b = ids.shape[0]
-    prompt_ids = batch["prompt_ids"].expand(b, -1) if "prompt_ids" in batch else ids[:, :1]
-    prompt_mask = batch["prompt_mask"].expand(b, -1) if "prompt_mask" in batch else mask[:, :1]
+    kind = "image_" if frames.shape[1] == 1 else "video_"            # T = 1: an image batch
+    key = kind if f"{kind}prompt_ids" in batch else ""
+    prompt_ids = batch[f"{key}prompt_ids"].expand(b, -1) if f"{key}prompt_ids" in batch else ids[:, :1]
+    prompt_mask = batch[f"{key}prompt_mask"].expand(b, -1) if f"{key}prompt_mask" in batch else mask[:, :1]
     lm = objectives.lm_loss(model, u.vision_tokens, None, prompt_ids, prompt_mask, ids, mask)
     total = (task_cfg.itc_weight * itc.loss + task_cfg.itm_weight * itm + task_cfg.mlm_weight * mlm
              + task_cfg.lm_weight * lm)

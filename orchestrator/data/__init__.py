@@ -32,5 +32,10 @@ Public API (what the train loop, the evaluators and the CLI call)::
 Modules: ``config`` (typed config), ``sources`` (annotation adapters), ``sampling`` (frame index
 strategies), ``decode`` (bytes -> frames with decord / Pillow), ``augment`` (crop + resize),
 ``tokenize``, ``process`` (the Ray Data batch function), ``pipeline`` (Ray Data + Ray Train glue),
-``quality`` (bad-clip accounting), ``shards`` (webdataset writer).
+``quality`` (bad-clip accounting), ``shards`` (webdataset writer), ``progress`` (rows a resumed
+epoch leaves out).
+
+Ids: ``clip_index`` is unique across a run's sources (each parsed source's clips are numbered after
+the previous sources'; webdataset rows get a 63-bit hash of their source and stored id, or of their
+media URI and segment), and the train loop's datasets carry a per-row ``sample_key``.
 """

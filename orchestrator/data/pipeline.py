@@ -17,6 +17,7 @@ the next batches overlaps the training step.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from typing import Any, Iterator
@@ -35,6 +36,10 @@ from orchestrator.data.tokenize import default_tokenizer
 log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("frames", "text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask", "label", "clip_index")
+# Not part of the workload contract: a per-row id unique within an epoch, which the train loop
+# records so a resumed epoch leaves out the rows it already trained on (orchestrator.data.progress).
+SAMPLE_KEY = "sample_key"
+HASHED = 1 << 62  # ids hashed from a URI carry this bit; counted ids (offsets, positions) stay below it
 IMAGE_FORMATS = ("coco_captions", "cc3m_wds")
 TEXT_FORMATS = tuple(f for f in SOURCES if f.startswith("glue_"))
 
@@ -47,29 +52,55 @@ def _weighted(rows: list[dict], weight: float, rng: random.Random) -> list[dict]
     return rows * whole + rng.sample(rows, int(round(frac * len(rows))))
 
 
+def stable_id(*parts: Any) -> int:
+    """A 63-bit id from ``parts`` (the same in every process and run), with the :data:`HASHED` bit
+    set so it never equals a counted id."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return HASHED | (int.from_bytes(digest, "big") & (HASHED - 1))
+
+
 def _expand_shard(item: dict, fmt: str) -> list[dict]:
-    """One shard URI -> its rows with the media bytes inline (one GET per shard)."""
+    """One shard URI -> its rows with the media bytes inline (one GET per shard).
+
+    Clip ids are made unique across the run's sources: a stored ``clip_index`` (shards written by
+    ``orchestrator shard``) is hashed with the source it belongs to (``item["ns"]``), so captions of
+    one clip still share an id; a sample without one (video2dataset / img2dataset) is its own clip,
+    hashed from its media URI and segment.  ``sample_key`` is hashed from the shard and position."""
     from orchestrator.data.sources import wds  # noqa: PLC0415
 
-    shard = item["shard"]
+    shard, ns = item["shard"], item.get("ns", "")
     report = ParseReport(shard)
-    rows = [to_dataset_row(r) for r in wds.read_shard_rows(fmt, shard, report, with_bytes=True)]
+    rows = []
+    for i, r in enumerate(wds.read_shard_rows(fmt, shard, report, with_bytes=True)):
+        local = r.get("clip_index")
+        r["clip_index"] = (stable_id(ns, "clip", local) if local is not None
+                           else stable_id(r.get("media_uri") or r.get("id"), r.get("start"), r.get("end")))
+        row = to_dataset_row(r)
+        row[SAMPLE_KEY] = stable_id(shard, i)
+        rows.append(row)
     broken = [m for m in report.malformed if m.startswith(f"{shard}:0:")]
     if broken:  # the tar itself broke: count it as one truncated item so the job sees it
-        rows.append(to_dataset_row({"media_uri": shard, "bad": "truncated", "modality": "video", "id": shard}))
+        row = to_dataset_row({"media_uri": shard, "bad": "truncated", "modality": "video", "id": shard})
+        row[SAMPLE_KEY] = stable_id(shard, "broken")
+        rows.append(row)
     return rows
 
 
-def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, training: bool, rng: random.Random):
+def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, training: bool, rng: random.Random,
+                    offsets: list[int]):
+    """One source's rows as a dataset.  ``offsets`` = [next clip id, next sample key] of the counted
+    (parsed) sources before this one; advanced past this source's ids, so ids never collide."""
     import ray  # noqa: PLC0415
 
     if is_sharded(src.format):
         from orchestrator.data.sources import wds  # noqa: PLC0415
 
-        shards = [s for f in split_files(src, data_cfg.root, split) for s in wds.list_shards(f)]
+        files = split_files(src, data_cfg.root, split)
+        shards = [s for f in files for s in wds.list_shards(f)]
         if training:
             rng.shuffle(shards)
-        ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
+        ns = f"{src.format}|{'|'.join(sorted(files))}"
+        ds = ray.data.from_items([{"shard": s, "ns": ns} for s in shards], override_num_blocks=max(1, len(shards)))
         ds = ds.flat_map(_expand_shard, fn_kwargs={"fmt": src.format})
         return (ds.limit(data_cfg.limit) if data_cfg.limit else ds), None
     rows = read_rows(src, data_cfg.root, split, data_cfg.max_bad_fraction)
@@ -80,7 +111,14 @@ def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trainin
         rng.shuffle(rows)
     if not rows:
         raise ValueError(f"source {src.format!r} has no usable {split} rows")
-    items = [to_dataset_row(r) for r in rows]
+    items = []
+    for i, r in enumerate(rows):
+        item = to_dataset_row(r)
+        item["clip_index"] += offsets[0]  # clip ids are numbered per source: shift past the earlier sources
+        item[SAMPLE_KEY] = offsets[1] + i
+        items.append(item)
+    offsets[0] += max(int(r["clip_index"]) for r in rows) + 1
+    offsets[1] += len(items)
     blocks = max(1, min(len(items) // max(1, data_cfg.decode_batch_size), 200))
     return ray.data.from_items(items, override_num_blocks=blocks), len(items)
 
@@ -104,16 +142,19 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
 
 
 def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tuple[str, ...], seed: int = 0,
-                  run_name: str | None = None):
+                  run_name: str | None = None, progress_stream: str | None = None):
     """A ``ray.data.Dataset`` of contract rows (only ``columns``), bad clips removed and counted.
 
     ``split`` is ``"train"`` or ``"val"``; ``training`` picks ``data.sampling`` + random crop/flip,
     else ``data.eval_sampling`` + centre crop.  Bad clips are counted under ``run_name``
-    (see :func:`orchestrator.data.quality.get_bad_clip_stats`).
+    (see :func:`orchestrator.data.quality.get_bad_clip_stats`).  Clip ids are unique across the
+    sources.  ``progress_stream`` (the train loop's datasets): rows the run's progress registry
+    publishes as consumed are dropped before decoding and frame sampling is seeded by the epoch
+    (:mod:`orchestrator.data.progress`); ``columns`` may then also ask for :data:`SAMPLE_KEY`.
     """
     import ray  # noqa: PLC0415
 
-    unknown = [c for c in columns if c not in BATCH_KEYS]
+    unknown = [c for c in columns if c not in BATCH_KEYS + (SAMPLE_KEY,)]
     if unknown:
         raise ValueError(f"unknown batch column(s) {unknown}; the contract (workloads/base.py) has {BATCH_KEYS}")
     if not columns:
@@ -131,10 +172,17 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
         load_tokenizer(params.tokenizer)
     quality.get_tracker(run_name)  # the named actor exists before any decode task runs
     rng = random.Random(seed)
-    parts = [_source_dataset(s, data_cfg, split, training, rng)[0] for s in data_cfg.sources]
+    offsets = [0, 0]  # next clip id, next sample key: ids stay unique across the sources
+    parts = [_source_dataset(s, data_cfg, split, training, rng, offsets)[0] for s in data_cfg.sources]
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if training:  # a new block order every epoch (rows were shuffled once, by seed, in the driver)
-        ds = ds.randomize_block_order()
+    if training:  # rows were shuffled once, by seed, in the driver; blocks are dealt in a seeded order
+        ds = ds.randomize_block_order(seed=seed)
+    if progress_stream is not None:
+        from orchestrator.data import progress  # noqa: PLC0415
+
+        progress.get_registry(run_name)  # the named actor exists (owned by the driver) before any task
+        ds = ds.map_batches(progress.skip_consumed, fn_kwargs={"run_name": run_name, "stream": progress_stream},
+                            batch_size=None, batch_format="numpy", num_cpus=0.1)
     kwargs: dict[str, Any] = {"num_cpus": data_cfg.decode_cpus}
     if data_cfg.decode_concurrency:
         kwargs["concurrency"] = data_cfg.decode_concurrency
@@ -164,8 +212,8 @@ def _ContractCollate():  # noqa: N802 - built lazily so importing this module ne
 
 def iter_worker_batches(dataset_shard, batch_size: int, device=None, prefetch_batches: int = 2, *,
                         drop_last: bool = False, local_shuffle_buffer_size: int | None = None,
-                        run_name: str | None = None, max_bad_fraction: float | None = None
-                        ) -> Iterator[dict[str, Any]]:
+                        run_name: str | None = None, max_bad_fraction: float | None = None,
+                        local_shuffle_seed: int | None = None) -> Iterator[dict[str, Any]]:
     """Tensor batches from a worker's shard (``ray.train.get_dataset_shard("train")``) or any dataset.
 
     ``frames`` stay uint8 (normalised on the device by the model); every other key is int64.  When
@@ -174,7 +222,8 @@ def iter_worker_batches(dataset_shard, batch_size: int, device=None, prefetch_ba
     """
     iterator = dataset_shard.iter_torch_batches(
         batch_size=batch_size, prefetch_batches=prefetch_batches, device=device if device is not None else "auto",
-        collate_fn=_ContractCollate(), drop_last=drop_last, local_shuffle_buffer_size=local_shuffle_buffer_size or None)
+        collate_fn=_ContractCollate(), drop_last=drop_last, local_shuffle_buffer_size=local_shuffle_buffer_size or None,
+        local_shuffle_seed=local_shuffle_seed if local_shuffle_buffer_size else None)
     for batch in iterator:
         if batch and len(next(iter(batch.values()))):
             yield batch

@@ -62,11 +62,13 @@ def to_dataset_row(row: dict) -> dict:
     return out
 
 
-def _rng(params: ProcessParams, key: str) -> np.random.Generator:
+def _rng(params: ProcessParams, key: str, epoch: int | None = None) -> np.random.Generator:
+    """Evaluation: the same frames every time.  Training: seeded by (seed, epoch, clip) when the
+    row carries its epoch (the train loop's datasets), else fresh randomness every pass."""
     base = [params.seed, zlib.crc32(key.encode())]
-    if params.training:  # fresh randomness every epoch; evaluation is deterministic
+    if params.training and epoch is None:
         return np.random.default_rng(np.random.SeedSequence(entropy=None, spawn_key=tuple(base)))
-    return np.random.default_rng(base)
+    return np.random.default_rng(base if epoch is None else [params.seed, int(epoch), base[1]])
 
 
 def _fetch(uri: str, inline: bytes) -> bytes:
@@ -110,7 +112,7 @@ def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
         raise BadClip(str(batch["bad"][i]), uri)
     data = _fetch(uri, bytes(batch["media_bytes"][i]))
     start, end = float(batch["start"][i]), float(batch["end"][i])
-    rng = _rng(params, f"{uri}|{batch['id'][i]}")
+    rng = _rng(params, f"{uri}|{batch['id'][i]}", int(batch["epoch"][i]) if "epoch" in batch else None)
     dec = with_timeout(params.decode_timeout_s, uri, decode_media, data, uri, params.decode, rng,
                        str(batch["modality"][i]), None if math.isnan(start) else start, None if math.isnan(end) else end)
     if params.training:
@@ -172,7 +174,7 @@ def _assemble(batch: dict, keep: list[int], frames: list[np.ndarray], params: Pr
             out["answer_ids"] = enc["ids"] if enc else empty
         if "answer_mask" in cols:
             out["answer_mask"] = enc["mask"] if enc else empty
-    for col in ("label", "clip_index"):
+    for col in ("label", "clip_index", "sample_key"):
         if col in cols:
             out[col] = np.asarray([int(batch[col][i]) for i in keep], np.int64)
     return out

@@ -68,10 +68,12 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     from orchestrator.ray_env import ensure_ray  # noqa: PLC0415
     from orchestrator.train.checkpoint import finished_run, resolve_init_from  # noqa: PLC0415
     from orchestrator.train.deepspeed_config import load_user_json  # noqa: PLC0415
+    from orchestrator.train.failures import fail_fast_callback, find_setup_error  # noqa: PLC0415
     from orchestrator.train.loop import train_loop_per_worker  # noqa: PLC0415
     from orchestrator.train.model_setup import load_run_tokenizer, model_config_for  # noqa: PLC0415
     from workloads import get_workload  # noqa: PLC0415
 
+    cfg = absolute_paths(cfg)  # workers run in other directories (and on other machines)
     workload = get_workload(cfg.workload)
     run_name = cfg.name or default_run_name(cfg)
     experiment = cfg.experiment_name()
@@ -93,10 +95,10 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
         return _already_finished(cfg, run_name, run_dir, export_uri, tracking_uri, experiment, done,
                                  extra_tags, parent_run_id)
 
-    ensure_ray()
-    model_config = None
+    model_config = None  # before Ray starts: a bad model/data combination is a ConfigError, not a worker crash
     if getattr(workload, "USES_MODEL_CONFIG", True):
         model_config = model_config_for(cfg, load_run_tokenizer(cfg))
+    ensure_ray()
     if datasets is None:
         from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
 
@@ -138,6 +140,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "export_uri": export_uri,
             "init_from": init_uri, "deepspeed_user": ds_user,
             "text_fraction": text_fraction(cfg) if "train_text" in datasets else 0.0,
+            "stream_fractions": stream_fractions(cfg, datasets),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker=resources),
@@ -146,7 +149,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
-            callbacks=[*(callbacks or []), progress.callback()],
+            callbacks=[fail_fast_callback(), *(callbacks or []), progress.callback()],
         ),
         datasets=datasets,
     )
@@ -154,8 +157,14 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     result = None
     started = time.time()
     try:
-        with progress:
-            result = trainer.fit()
+        try:
+            with progress:
+                result = trainer.fit()
+        except Exception as e:
+            setup = find_setup_error(e)
+            if setup is not None:  # the same on every restart: say it once, as a configuration error
+                raise ConfigError(str(setup)) from None
+            raise
         status = "FINISHED"
         log.info(summary(run_name, result.metrics or progress.last, cfg.train.max_steps, time.time() - started,
                          _checkpoint_uri(result.checkpoint), export_uri, mlflow_run_id))
@@ -187,6 +196,25 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
                         mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
 
 
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The config with its relative local paths made absolute against the driver's working directory:
+    ``data.root`` and ``storage`` always; ``data.tokenizer`` and the ``model.*_pretrained`` checkpoints
+    when they exist here (otherwise they are hub names).  Workers then find the same files."""
+
+    def absolute(path: str | None, must_exist: bool) -> str | None:
+        if not path or storage.has_scheme(path) or os.path.isabs(path):
+            return path
+        if must_exist and not os.path.exists(path):
+            return path
+        return os.path.abspath(path)
+
+    data = cfg.data.model_copy(update={"root": absolute(cfg.data.root, False),
+                                       "tokenizer": absolute(cfg.data.tokenizer, True)})
+    model = cfg.model.model_copy(update={"vision_pretrained": absolute(cfg.model.vision_pretrained, True),
+                                         "text_pretrained": absolute(cfg.model.text_pretrained, True)})
+    return cfg.model_copy(update={"data": data, "model": model, "storage": absolute(cfg.storage, False)})
+
+
 def _already_finished(cfg: RunConfig, run_name: str, run_dir: str, export_uri: str, tracking_uri: str | None,
                       experiment: str, done: tuple[str, dict[str, Any]], extra_tags: dict[str, str] | None,
                       parent_run_id: str | None) -> TrainOutcome:
@@ -212,25 +240,69 @@ def _already_finished(cfg: RunConfig, run_name: str, run_dir: str, export_uri: s
 
 
 def build_train_datasets(cfg: RunConfig, columns: tuple[str, ...], run_name: str) -> dict:
-    """``train`` from the media sources; when a video/image workload also lists text-only sources
-    (pre-training's text corpora), those become ``train_text``, drawn by the loop in proportion to
-    their weights (``train.text_fraction`` in the loop's config, see :func:`text_fraction`)."""
-    from orchestrator.data.pipeline import TEXT_FORMATS, build_dataset  # noqa: PLC0415
+    """One dataset per stream of the run.  ``train`` is the epoch's stream: the video sources (or,
+    in an image-only run, the image sources).  A video run that also lists image sources gets
+    ``train_image`` (images kept as T = 1 frame: no T-fold vision compute, no temporal module, the
+    image instruction) and a video/image workload that lists text-only sources (pre-training's
+    text corpora) gets ``train_text``; the loop mixes those in per step in proportion to their
+    sources' weights (see :func:`stream_fractions`).  Every row carries a ``sample_key`` and every
+    stream a progress filter, so a resumed pass leaves out what it already trained on."""
+    from orchestrator.data.pipeline import SAMPLE_KEY  # noqa: PLC0415
 
-    media = [s for s in cfg.data.sources if s.format not in TEXT_FORMATS]
-    text = [s for s in cfg.data.sources if s.format in TEXT_FORMATS]
+    groups = _stream_sources(cfg, columns)
     out = {}
-    if "frames" in columns and media and text:
-        text_cols = tuple(c for c in columns if c in ("text_ids", "text_mask"))
-        text_ds = build_dataset(cfg.data.model_copy(update={"sources": text}), "train", training=True,
-                                columns=text_cols, seed=cfg.seed, run_name=run_name)
-        out["train_text"] = text_ds.materialize() if cfg.data.cache else text_ds
-        data_cfg = cfg.data.model_copy(update={"sources": media})
-    else:
-        data_cfg = cfg.data
-    train = build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name)
-    out["train"] = train.materialize() if cfg.data.cache else train
+    for name, sources in groups.items():
+        cols = tuple(c for c in columns if c in ("text_ids", "text_mask")) if name == "train_text" else columns
+        out[name] = _stream_dataset(cfg, cfg.data.model_copy(update={"sources": sources}), cols + (SAMPLE_KEY,),
+                                    run_name, name)
     return out
+
+
+def _stream_sources(cfg: RunConfig, columns: tuple[str, ...]) -> dict[str, list]:
+    from orchestrator.data.pipeline import IMAGE_FORMATS, TEXT_FORMATS  # noqa: PLC0415
+
+    if "frames" not in columns:
+        return {"train": list(cfg.data.sources)}
+    text = [s for s in cfg.data.sources if s.format in TEXT_FORMATS]
+    image = [s for s in cfg.data.sources if s.format in IMAGE_FORMATS]
+    video = [s for s in cfg.data.sources if s.format not in TEXT_FORMATS and s.format not in IMAGE_FORMATS]
+    groups: dict[str, list] = {}
+    if video:
+        groups["train"] = video
+        if image:
+            groups["train_image"] = image
+    elif image:
+        groups["train"] = image
+    else:
+        return {"train": list(cfg.data.sources)}  # only text sources: build_dataset explains the problem
+    if text:
+        groups["train_text"] = text
+    return groups
+
+
+def _stream_dataset(cfg: RunConfig, data_cfg, columns: tuple[str, ...], run_name: str, stream: str):
+    from orchestrator.data import progress  # noqa: PLC0415
+    from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
+
+    progress.get_registry(run_name)  # owned by the driver: outlives every worker restart
+
+    if not cfg.data.cache:
+        return build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
+                             progress_stream=stream)
+    # cached: decoded once here; the progress filter then runs on the decoded rows every pass
+    ds = build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name)
+    return ds.materialize().map_batches(progress.skip_consumed, batch_size=None, batch_format="numpy", num_cpus=0.1,
+                                        fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": False})
+
+
+def stream_fractions(cfg: RunConfig, streams) -> dict[str, float]:
+    """Share of micro-batches drawn from each mixed-in stream: its sources' weight over all sources' weight."""
+    from orchestrator.data.pipeline import IMAGE_FORMATS, TEXT_FORMATS  # noqa: PLC0415
+
+    total = sum(s.weight for s in cfg.data.sources)
+    formats = {"train_text": TEXT_FORMATS, "train_image": IMAGE_FORMATS}
+    return {name: sum(s.weight for s in cfg.data.sources if s.format in formats[name]) / total
+            for name in streams if name in formats and total}
 
 
 def text_fraction(cfg: RunConfig) -> float:

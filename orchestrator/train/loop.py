@@ -17,6 +17,10 @@ import torch
 from orchestrator.train import checkpoint, momentum_sync
 from orchestrator.train.deepspeed_config import build_deepspeed_config
 from orchestrator.train.optim import build_optimizer
+from orchestrator.train.progress import EpochProgress
+
+SAMPLE_KEY = "sample_key"  # orchestrator.data.pipeline.SAMPLE_KEY (not imported: keeps Ray Data out of import time)
+STREAM_KEY = "_stream"     # set by StreamMix on the batches it mixes in
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +57,22 @@ class StepTimer:
         return {"samples_per_s": self.samples * world / elapsed, "data_wait_frac": self.wait / total}
 
 
-def _iter_batches(shard, batch_size: int, data_cfg, run_name: str | None):
-    """Full batches only: every rank takes the same number of steps (DeepSpeed's collectives)."""
+def _iter_batches(shard, batch_size: int, data_cfg, run_name: str | None, shuffle_seed: int | None = None):
+    """Full batches only: every rank takes the same number of steps (DeepSpeed's collectives).
+    The local shuffle buffer is seeded by ``shuffle_seed`` (the loop passes one per (seed, epoch, rank))."""
     from orchestrator.data.pipeline import iter_worker_batches  # noqa: PLC0415
 
     return iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=data_cfg.prefetch_batches,
                                drop_last=True, local_shuffle_buffer_size=data_cfg.shuffle_buffer or None,
-                               run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction)
+                               run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
+                               local_shuffle_seed=shuffle_seed)
+
+
+def pass_seed(seed: int, stream: str, epoch: int, rank: int) -> int:
+    """The local shuffle seed of one pass of one stream on one rank."""
+    import zlib  # noqa: PLC0415
+
+    return zlib.crc32(f"{seed}-{stream}-{epoch}-{rank}".encode())
 
 
 def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]:
@@ -126,6 +139,21 @@ def micro_step(engine, workload, batch: dict, task_cfg, ema_per_step: bool) -> d
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's worker function: a config or file error during setup is raised as
+    :class:`~orchestrator.train.failures.SetupError`, which ends the run at once (no restarts)."""
+    from orchestrator.train.failures import SetupPhase  # noqa: PLC0415
+
+    phase = SetupPhase()
+    try:
+        _train(config, phase)
+    except Exception as e:  # noqa: BLE001 - re-raised, classified
+        classified = phase.classify(e)
+        if classified is e:
+            raise
+        raise classified from e
+
+
+def _train(config: dict[str, Any], phase) -> None:
     import deepspeed  # noqa: PLC0415
     import ray.train  # noqa: PLC0415
     import ray.train.torch  # noqa: PLC0415
@@ -160,13 +188,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config=build_deepspeed_config(tcfg, world, config.get("deepspeed_user")), dist_init_required=False)
     ema_per_step = momentum_sync.attach(engine.module, world)  # EMA once per optimizer step, global queue
 
-    # epoch_batches: this worker's micro-batches consumed in the current epoch, so a resumed epoch
-    # skips what was already trained on instead of repeating it.
+    # epoch_batches: this worker's micro-batches consumed in the current epoch.  A resumed epoch
+    # leaves out the rows recorded in the checkpoint's progress (datasets with sample keys), or
+    # else skips this many batches (datasets without keys, e.g. a single-block in-memory one).
     state = {"step": 0, "epoch": 0, "samples": 0, "epoch_batches": 0}
+    progress = EpochProgress(config.get("run_name"), rank, world)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             saved = checkpoint.load(engine, d)
+            progress.load(d)
         state.update({k: saved[k] for k in state if k in saved})  # DeepSpeed adds its own keys
         if rank == 0:
             log.info("resumed from step %d (epoch %d)", state["step"], state["epoch"])
@@ -186,29 +217,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     counts: dict[str, int] = {}
     last_metrics: dict[str, float] = {}
     saved_step = state["step"] if ckpt is not None else -1
-    skip = state["epoch_batches"]  # resuming mid-epoch: these batches were trained on before the fault
+    # resuming mid-epoch without recorded rows: these batches were trained on before the fault
+    skip = 0 if progress.has_keys("train") else state["epoch_batches"]
     preemption = PreemptionCheckpointer()
     shard = ray.train.get_dataset_shard("train")
-    text_mix = None
-    if config.get("text_fraction"):
-        text_mix = TextMix(ray.train.get_dataset_shard("train_text"), config["text_fraction"], tcfg.batch_size_per_worker,
-                           run.data, run.seed)
+    mix = None
+    fractions = dict(config.get("stream_fractions") or {})
+    if config.get("text_fraction") and not fractions:
+        fractions = {"train_text": config["text_fraction"]}
+    if fractions:
+        mix = StreamMix({k: ray.train.get_dataset_shard(k) for k in fractions}, fractions, tcfg.batch_size_per_worker,
+                        run.data, run.seed, progress=progress, rank=rank, run_name=config.get("run_name"))
+    phase.done()  # from here on a failure is a fault to restart from
     try:
         while state["step"] < tcfg.max_steps:
             got_batch = False
-            batches = _iter_batches(shard, tcfg.batch_size_per_worker, run.data, config.get("run_name"))
-            if text_mix is not None:
-                batches = text_mix.interleave(batches, state["step"])
+            progress.begin_pass("train", state["epoch"])
+            batches = _iter_batches(shard, tcfg.batch_size_per_worker, run.data, config.get("run_name"),
+                                    pass_seed(run.seed, "train", state["epoch"], rank))
+            if mix is not None:
+                batches = mix.interleave(batches, state["step"])
             for batch in timer.timed_batches(batches):
                 got_batch = True
-                is_text = text_mix is not None and "frames" not in batch
+                stream = batch.pop(STREAM_KEY, "train")
+                is_text = stream != "train"  # a mixed-in stream (text-only or images), not the epoch's
                 if skip and not is_text:
                     skip -= 1
                     continue
                 if is_text and skip:
                     continue  # still skipping the media already trained on: no text steps in between
                 if not is_text:
-                    state["epoch_batches"] += 1  # media batches only: what a resumed epoch skips
+                    state["epoch_batches"] += 1  # the epoch's batches only: what a resumed epoch skips
+                if SAMPLE_KEY in batch:
+                    progress.record(stream, batch.pop(SAMPLE_KEY))
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch.update(constants)
                 losses = micro_step(engine, workload, batch, task_cfg, ema_per_step)
@@ -216,9 +257,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 for k, v in losses.items():  # each loss averaged over the micro-batches that had it
                     sums[k] = sums.get(k, 0.0) + v.detach()  # stays on the device: no sync per step
                     counts[k] = counts.get(k, 0) + 1
-                if text_mix is not None:
-                    sums["text_batch_frac"] = sums.get("text_batch_frac", 0.0) + float(is_text)
-                    counts["text_batch_frac"] = counts.get("text_batch_frac", 0) + 1
+                if mix is not None:
+                    for name in mix.fractions:
+                        key = f"{name.removeprefix('train_')}_batch_frac"
+                        sums[key] = sums.get(key, 0.0) + float(stream == name)
+                        counts[key] = counts.get(key, 0) + 1
                 if engine.global_steps == state["step"]:
                     continue  # gradient accumulation: no optimizer step yet
                 state["step"] = engine.global_steps
@@ -236,7 +279,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     timer.reset()
                 if do_ckpt:
                     t0 = time.perf_counter()
-                    _save_and_report(engine, state, last_metrics, rank)
+                    _save_and_report(engine, state, last_metrics, rank, progress)
                     saved_step = step
                     if metrics_logger is not None:
                         metrics_logger.log({"checkpoint_s": time.perf_counter() - t0}, step)
@@ -244,21 +287,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 elif do_log:
                     ray.train.report(dict(last_metrics))
                 if not do_ckpt and step % tcfg.preemption_check_every == 0 and preemption.should_checkpoint():
-                    _save_and_report(engine, state, last_metrics, rank)
+                    _save_and_report(engine, state, last_metrics, rank, progress)
                     saved_step = step
                     if metrics_logger is not None:
                         metrics_logger.log({"preemption_checkpoint_step": step}, step)
                 if step >= tcfg.max_steps:
                     break
-            if not got_batch:
+            if not got_batch and not progress.has_keys("train"):  # (a resumed pass may have nothing left)
                 raise RuntimeError("the training dataset yielded no batch: it is empty or smaller than one batch "
                                    f"per worker (batch_size_per_worker={tcfg.batch_size_per_worker}, workers={world})")
             if state["step"] < tcfg.max_steps:
                 state["epoch"] += 1
                 state["epoch_batches"] = 0
+                progress.end_pass("train")
                 _epoch_end(config, state, metrics_logger, rank)
         if saved_step != state["step"]:
-            _save_and_report(engine, state, last_metrics, rank)
+            _save_and_report(engine, state, last_metrics, rank, progress)
         _export(engine, tcfg.zero_stage, config.get("export_uri"), rank)
     finally:
         if metrics_logger is not None:
@@ -267,37 +311,72 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.error("MLflow: %s metric points could not be delivered", delivery)
 
 
-class TextMix:
-    """Interleaves text-only batches (e.g. pre-training's text corpora, MLM only) with the media
-    batches: before each media batch, text batches are drawn while a coin with P(text) = ``fraction``
-    says so.  The coin is seeded by (seed, step) alone, so every rank makes the same draws and the
-    workers' collectives stay in step; the text stream restarts whenever it runs out."""
+class StreamMix:
+    """Interleaves batches of other streams with the epoch's batches: mixed-in text-only batches
+    (pre-training's text corpora, MLM only) and, in a run mixing images and videos, image batches
+    (T = 1 frame, so images skip the temporal module and are prompted as images).  Before each
+    epoch batch, a coin decides whether a mixed-in batch comes first and from which stream
+    (P(stream) = ``fractions[stream]``); the coin is seeded by (seed, step) alone, so every rank
+    makes the same draws, runs the same modules in the same order (ZeRO-3, DeepSpeed's
+    collectives) and stays in step.  A mixed-in stream starts a new pass whenever it runs out.
+    Each mixed-in batch carries its stream's name under ``STREAM_KEY``."""
 
-    def __init__(self, shard, fraction: float, batch_size: int, data_cfg, seed: int):
-        self.shard, self.fraction, self.batch_size, self.data_cfg, self.seed = shard, fraction, batch_size, data_cfg, seed
-        self._it = None
+    def __init__(self, shards: dict, fractions: dict[str, float], batch_size: int, data_cfg, seed: int,
+                 progress: EpochProgress | None = None, rank: int = 0, run_name: str | None = None):
+        if sum(fractions.values()) >= 1:
+            raise ValueError(f"mixed-in stream fractions {fractions} must sum to less than 1")
+        self.shards, self.fractions, self.batch_size, self.data_cfg, self.seed = shards, dict(fractions), batch_size, \
+            data_cfg, seed
+        self.progress, self.rank, self.run_name = progress, rank, run_name
+        self._its: dict[str, Any] = {}
 
-    def _next_text(self) -> dict:
-        from orchestrator.data.pipeline import iter_worker_batches  # noqa: PLC0415
-
+    def _next(self, name: str) -> dict:
         for _ in range(2):
-            if self._it is None:
-                self._it = iter(iter_worker_batches(self.shard, batch_size=self.batch_size, device="cpu",
-                                                    prefetch_batches=self.data_cfg.prefetch_batches, drop_last=True))
+            if name not in self._its:
+                epoch = 0
+                if self.progress is not None:
+                    self.progress.begin_pass(name)
+                    epoch = self.progress.passes[name]
+                self._its[name] = iter(_iter_batches(self.shards[name], self.batch_size, self.data_cfg, self.run_name,
+                                                     pass_seed(self.seed, name, epoch, self.rank)))
             try:
-                return next(self._it)
+                return {**next(self._its[name]), STREAM_KEY: name}
             except StopIteration:
-                self._it = None
-        raise RuntimeError("the text-only training dataset yielded no full batch")
+                del self._its[name]
+                if self.progress is not None:
+                    self.progress.end_pass(name)
+        raise RuntimeError(f"the {name} training dataset yielded no full batch")
 
-    def interleave(self, media_batches, step: int):
+    def interleave(self, batches, step: int):
         import random  # noqa: PLC0415
 
         coin = random.Random(f"{self.seed}-{step}")  # same draws on every rank
-        for batch in media_batches:
-            while coin.random() < self.fraction:
-                yield self._next_text()
+        streams = sorted(self.fractions)
+        for batch in batches:
+            while True:
+                r, edge, pick = coin.random(), 0.0, None
+                for name in streams:
+                    edge += self.fractions[name]
+                    if r < edge:
+                        pick = name
+                        break
+                if pick is None:
+                    break
+                yield self._next(pick)
             yield batch
+
+
+class TextMix(StreamMix):
+    """:class:`StreamMix` with one mixed-in stream, the text-only ``train_text``."""
+
+    def __init__(self, shard, fraction: float, batch_size: int, data_cfg, seed: int):
+        super().__init__({"train_text": shard}, {"train_text": fraction}, batch_size, data_cfg, seed)
+
+    def _next(self, name: str) -> dict:
+        return self._next_text()
+
+    def _next_text(self) -> dict:
+        return StreamMix._next(self, "train_text")
 
 
 class PreemptionCheckpointer:
@@ -326,12 +405,16 @@ class PreemptionCheckpointer:
         return True
 
 
-def _save_and_report(engine, state: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
+def _save_and_report(engine, state: dict[str, Any], metrics: dict[str, float], rank: int,
+                     progress: "EpochProgress | None" = None) -> None:
     import ray.train  # noqa: PLC0415
 
     reported = {**metrics, "step": state["step"]}
+    consumed = progress.gather() if progress is not None else None  # collective: before any rank saves
     with tempfile.TemporaryDirectory() as d:
         checkpoint.save(engine, d, dict(state), rank, metrics=reported)
+        if consumed is not None:
+            progress.save(d, consumed)
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"checkpoint_step_{state['step']:08d}")
 

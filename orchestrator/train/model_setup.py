@@ -19,15 +19,32 @@ def tokenizer_overrides(tokenizer) -> dict[str, int]:
     return {k: v for k, v in ids.items() if v is not None}
 
 
+def _uses_frames(cfg: RunConfig) -> bool:
+    """Whether the run's workload reads frames (text-only workloads keep the preset's image size)."""
+    from workloads import get_workload  # noqa: PLC0415
+
+    try:
+        return "frames" in getattr(get_workload(cfg.workload), "COLUMNS", ("frames",))
+    except Exception:  # noqa: BLE001 - an unknown workload is reported where it is loaded
+        return True
+
+
 def model_config_for(cfg: RunConfig, tokenizer=None):
-    """The model's typed config: preset < tokenizer ids < ``model.overrides`` from the run config."""
+    """The model's typed config: preset < tokenizer ids < ``model.overrides`` from the run config.
+    For workloads that read frames the model's ``image_size`` is ``data.image_size`` (a different
+    ``model.overrides.image_size`` is a ConfigError)."""
     from model import MPlugConfig  # noqa: PLC0415
 
     overrides = tokenizer_overrides(tokenizer) if tokenizer is not None else {}
     overrides.update(cfg.model.overrides)
+    # The model's patch grid follows the frames the data plane produces: one place sets the size.
+    size = overrides.setdefault("image_size", cfg.data.image_size) if _uses_frames(cfg) else cfg.data.image_size
+    if size != cfg.data.image_size:
+        raise ConfigError(f"model.overrides.image_size={size} but data.image_size={cfg.data.image_size}: the "
+                          "model would get frames of another size; set only data.image_size (the model follows it)")
     if cfg.model.activation_checkpointing:
         overrides["grad_checkpointing"] = True
     try:
         return MPlugConfig.from_preset(cfg.model.preset, **overrides)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"model: {e}") from None
+        raise ConfigError(f"model: {e} (the model's image_size is data.image_size={cfg.data.image_size})") from None
