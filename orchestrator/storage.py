@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -56,6 +57,36 @@ def resolve(root: str, path: str) -> str:
     if has_scheme(path) or os.path.isabs(path):
         return path
     return join(root, path)
+
+
+SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
+
+
+def check_segment(value: str, what: str) -> str:
+    """``value`` used as one folder name of a storage path: letters, digits, '-', '_', '.', not
+    starting with '.' or '-' (so never '..', never a hidden or option-like name); ValueError otherwise."""
+    if not isinstance(value, str) or not SAFE_SEGMENT.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is used as a folder name in storage paths: letters, digits, '-', '_' "
+                         "and '.' only, starting with a letter, digit or '_' (at most 200 characters)")
+    return value
+
+
+class UnsafeKey(ValueError):
+    """An object key that would name a file outside the folder it is being copied into."""
+
+
+def safe_destination(local_dir: str | os.PathLike, rel: str) -> Path:
+    """``local_dir / rel`` for a key-derived relative name, refusing any that leaves ``local_dir``:
+    absolute names, ``..`` segments, empty segments (``a//b``), backslashes and NUL."""
+    parts = rel.split("/")
+    if (not rel or "\\" in rel or "\0" in rel or rel.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)):
+        raise UnsafeKey(f"refusing object key {rel!r}: it would be written outside {local_dir}")
+    root = Path(local_dir).resolve()
+    dst = (root / rel).resolve()
+    if dst == root or root not in dst.parents:
+        raise UnsafeKey(f"refusing object key {rel!r}: it resolves to {dst}, outside {root}")
+    return dst
 
 
 def local_path(uri: str) -> str:
@@ -245,13 +276,19 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> int:
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike) -> int:
-    """Copy everything under ``uri`` into ``local_dir``; returns the number of files."""
+    """Copy everything under ``uri`` into ``local_dir``; returns the number of files.
+
+    Object keys are untrusted: a key whose remainder after the prefix would name a file outside
+    ``local_dir`` (``..`` segments, ``//``, an absolute name, a symlinked folder) raises
+    :class:`UnsafeKey` before anything is written; nothing is followed or overwritten outside."""
     local_dir = Path(local_dir)
     base = uri.rstrip("/") + "/"
-    n = 0
+    plan = []
     for src in list_files(uri):
         rel = src[len(base):] if src.startswith(base) else os.path.relpath(src, local_path(uri))
-        dst = local_dir / rel
+        plan.append((src, safe_destination(local_dir, Path(rel).as_posix() if not is_s3(src) else rel)))
+    n = 0
+    for src, dst in plan:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if is_s3(src):
             bucket, key = split_s3(src)
