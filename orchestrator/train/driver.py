@@ -129,7 +129,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
         train_loop_config={
             "run": cfg.to_dict(), "run_name": run_name, "model_config": model_config,
             "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "export_uri": export_uri,
-            "init_from": init_uri, "deepspeed_user": ds_user,
+            "init_from": init_uri, "deepspeed_user": ds_user, "run_dir": run_dir,
             "text_fraction": text_fraction(cfg) if "train_text" in datasets else 0.0,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
@@ -151,6 +151,13 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     finally:
         ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
         exported = storage.exists(storage.join(export_uri, "model.safetensors"))
+        if exported and model_config is not None:
+            from orchestrator.train.checkpoint import write_vocab  # noqa: PLC0415
+
+            try:  # checked when a fine-tune starts from this export
+                write_vocab(load_run_tokenizer(cfg), export_uri)
+            except Exception as e:  # noqa: BLE001 - never mask the training outcome
+                log.error("could not record the vocabulary beside %s: %s", export_uri, e)
         if mlflow_run_id:
             from orchestrator.tracking.mlflow_run import close_run  # noqa: PLC0415
 

@@ -133,7 +133,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         constants = {k: v.to(device) for k, v in workload.batch_constants(load_run_tokenizer(run), task_cfg).items()}
     if config.get("init_from"):
-        report = checkpoint.load_weights(model, config["init_from"])
+        from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
+
+        tokenizer = load_run_tokenizer(run) if config.get("model_config") is not None else None
+        report = checkpoint.load_weights(model, config["init_from"], tcfg.init_allow_mismatch, tokenizer,
+                                         tcfg.init_allow_new_vocab)
         if rank == 0 and report["missing"]:
             log.info("init-from: %d weights not in the checkpoint (freshly initialised): %s",
                      len(report["missing"]), ", ".join(report["missing"][:8]))
@@ -151,6 +155,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = {"step": 0, "epoch": 0, "samples": 0, "epoch_batches": 0}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
+        checkpoint.check_own(ckpt.path, config.get("run_dir"))
         with ckpt.as_directory() as d:
             saved = checkpoint.load(engine, d)
         state.update({k: saved[k] for k in state if k in saved})  # DeepSpeed adds its own keys
