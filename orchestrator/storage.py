@@ -159,14 +159,25 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 # Operations
 # ---------------------------------------------------------------------------------------------
 
-def read_bytes(uri: str) -> bytes:
+class TooLarge(ValueError):
+    """An object larger than the cap its reader was given."""
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole object; with ``max_bytes``, one larger than that raises :class:`TooLarge` after
+    reading at most ``max_bytes + 1`` bytes of it (the size is not taken on trust from metadata)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return _get_object_body(bucket, key)
-    return Path(local_path(uri)).read_bytes()
+        data = _get_object_body(bucket, key, max_bytes)
+    else:
+        with open(local_path(uri), "rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise TooLarge(f"{uri} is larger than {max_bytes} bytes")
+    return data
 
 
-def _get_object_body(bucket: str, key: str) -> bytes:
+def _get_object_body(bucket: str, key: str, max_bytes: int | None = None) -> bytes:
     """GetObject and read its body.  botocore retries the request but not a body that breaks off
     mid-stream (connection reset, truncated response, read timeout): retry those here too, with
     the same attempt budget and exponential backoff; the last error is raised."""
@@ -178,12 +189,28 @@ def _get_object_body(bucket: str, key: str) -> bytes:
 
     for attempt in range(1, S3_MAX_ATTEMPTS + 1):
         try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            resp = s3_client().get_object(Bucket=bucket, Key=key)
+            if max_bytes is not None and resp.get("ContentLength", 0) > max_bytes:
+                resp["Body"].close()  # not read: its ContentLength already says it is too large
+                raise TooLarge(f"s3://{bucket}/{key} is {resp['ContentLength']} bytes, larger than {max_bytes}")
+            return resp["Body"].read() if max_bytes is None else _read_capped(resp["Body"], max_bytes)
         except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, BotoConnectionError):
             if attempt == S3_MAX_ATTEMPTS:
                 raise
             time.sleep(min(20.0, random.random() * 2 ** attempt * 0.1))
     raise AssertionError("unreachable")
+
+
+def _read_capped(body, max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes of a botocore body; reading on to the empty chunk lets
+    botocore check the length (a body cut short raises IncompleteReadError, retried above)."""
+    out = bytearray()
+    while len(out) <= max_bytes:
+        chunk = body.read(max_bytes + 1 - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
 
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:

@@ -47,16 +47,20 @@ def _weighted(rows: list[dict], weight: float, rng: random.Random) -> list[dict]
     return rows * whole + rng.sample(rows, int(round(frac * len(rows))))
 
 
-def _expand_shard(item: dict, fmt: str) -> list[dict]:
+def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> list[dict]:
     """One shard URI -> its rows with the media bytes inline (one GET per shard)."""
     from orchestrator.data.sources import wds  # noqa: PLC0415
 
     shard = item["shard"]
     report = ParseReport(shard)
-    rows = [to_dataset_row(r) for r in wds.read_shard_rows(fmt, shard, report, with_bytes=True)]
-    broken = [m for m in report.malformed if m.startswith(f"{shard}:0:")]
-    if broken:  # the tar itself broke: count it as one truncated item so the job sees it
-        rows.append(to_dataset_row({"media_uri": shard, "bad": "truncated", "modality": "video", "id": shard}))
+    rows = [to_dataset_row(r) for r in wds.read_shard_rows(fmt, shard, report, with_bytes=True,
+                                                           max_member_bytes=max_member_bytes)]
+    for msg in report.malformed:  # each reaches the bad-clip counts (and the job's bad fraction)
+        if msg.startswith(f"{shard}:0:"):  # the tar itself broke: one truncated item
+            bad, where = "truncated", shard
+        else:  # one sample: over the size cap, or its JSON unusable
+            bad, where = ("too_large" if "max_object_bytes" in msg else "malformed"), msg
+        rows.append(to_dataset_row({"media_uri": where, "bad": bad, "modality": "video", "id": where}))
     return rows
 
 
@@ -70,9 +74,9 @@ def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trainin
         if training:
             rng.shuffle(shards)
         ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=max(1, len(shards)))
-        ds = ds.flat_map(_expand_shard, fn_kwargs={"fmt": src.format})
+        ds = ds.flat_map(_expand_shard, fn_kwargs={"fmt": src.format, "max_member_bytes": data_cfg.max_object_bytes})
         return (ds.limit(data_cfg.limit) if data_cfg.limit else ds), None
-    rows = read_rows(src, data_cfg.root, split, data_cfg.max_bad_fraction)
+    rows = read_rows(src, data_cfg.root, split, data_cfg.max_bad_fraction, data_cfg.caps())
     if data_cfg.limit:
         rows = rows[: data_cfg.limit]
     if training:
@@ -100,7 +104,8 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
         tokenizer=data_cfg.tokenizer or default_tokenizer(data_cfg.root),
         max_text_len=data_cfg.max_text_len, max_answer_len=data_cfg.max_answer_len, seed=seed,
         run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
-        bad_check_min_seen=data_cfg.bad_check_min_seen, decode_timeout_s=data_cfg.decode_timeout_s)
+        bad_check_min_seen=data_cfg.bad_check_min_seen, decode_timeout_s=data_cfg.decode_timeout_s,
+        max_object_bytes=data_cfg.max_object_bytes)
 
 
 def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tuple[str, ...], seed: int = 0,
