@@ -332,7 +332,10 @@ def resolve_init_from(spec: str | None, tracking_uri: str | None) -> tuple[str |
     try:
         run = client(tracking_uri).get_run(run_id)
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"--init-from {spec}: no such MLflow run at {tracking_uri} ({type(e).__name__})") from None
+        from orchestrator.tracking.redact import redact_text  # noqa: PLC0415
+
+        raise ValueError(f"--init-from {spec}: no such MLflow run at {redact_text(str(tracking_uri))} "
+                         f"({type(e).__name__})") from None
     tags = run.data.tags
     uri = tags.get("mplug2.export_uri") or tags.get("mplug2.checkpoint_uri")
     if not uri:

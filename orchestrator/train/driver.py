@@ -63,7 +63,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     from orchestrator.ray_env import ensure_ray  # noqa: PLC0415
     from orchestrator.train.checkpoint import finished_run, resolve_init_from  # noqa: PLC0415
     from orchestrator.train.deepspeed_config import load_user_json  # noqa: PLC0415
-    from orchestrator.train.loop import train_loop_per_worker  # noqa: PLC0415
+    from orchestrator.train.loop import redacted_train_loop  # noqa: PLC0415
     from orchestrator.train.model_setup import load_run_tokenizer, model_config_for  # noqa: PLC0415
     from workloads import get_workload  # noqa: PLC0415
 
@@ -125,7 +125,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     if cfg.train.use_gpu:
         resources["GPU"] = cfg.train.gpus_per_worker
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        redacted_train_loop,
         train_loop_config={
             "run": cfg.to_dict(), "run_name": run_name, "model_config": model_config,
             "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "export_uri": export_uri,

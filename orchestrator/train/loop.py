@@ -112,6 +112,17 @@ def build_model(run, config: dict[str, Any]):
     return workload, task_cfg, model
 
 
+def redacted_train_loop(config: dict[str, Any]) -> None:
+    """:func:`train_loop_per_worker` whose exceptions leave the worker (to Ray's logs, the driver,
+    MLflow) with credentials masked in their messages."""
+    from orchestrator.tracking.redact import redact_exception  # noqa: PLC0415
+
+    try:
+        train_loop_per_worker(config)
+    except BaseException as e:
+        raise redact_exception(e)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import deepspeed  # noqa: PLC0415
     import ray.train  # noqa: PLC0415
