@@ -110,7 +110,7 @@ def test_a_run_leaks_no_secret_anywhere(ray_local, tmp_path, mlflow_uri, capfd):
         "workload=tests.tracking.leaky_workload", "name=leak-check", f"storage={tmp_path / 'store'}",
         f"tracking.uri={mlflow_uri}", "train.num_workers=2", "train.batch_size_per_worker=4", "train.max_steps=2",
         "train.checkpoint_every=2", "train.warmup_steps=1",
-        f"task.note={note}", f"task.leak={leak}",
+        f"task.note='{note}'", f"task.leak='{leak}'",
         f"model.overrides={{hf_token: {HF}, db: 'host=db password={DB_PW}'}}"])
     out = run_training(cfg, datasets={"train": ray.data.from_items(make_rows(32))})
 
