@@ -240,10 +240,9 @@ def _check_vocab(ckpt_vocab: dict[str, int] | None, tokenizer, uri: str, allow_n
     ours = tokenizer.get_vocab()
     if ours == ckpt_vocab:
         return
-    differ = sorted(i for i in set(ours.values()) | set(ckpt_vocab.values())
-                    if {t for t, j in ours.items() if j == i} != {t for t, j in ckpt_vocab.items() if j == i})
     by_id_ours = {i: t for t, i in ours.items()}
     by_id_ckpt = {i: t for t, i in ckpt_vocab.items()}
+    differ = sorted(i for i in set(by_id_ours) | set(by_id_ckpt) if by_id_ours.get(i) != by_id_ckpt.get(i))
     examples = ", ".join(f"id {i}: {by_id_ckpt.get(i)!r} in the checkpoint vs {by_id_ours.get(i)!r}" for i in differ[:5])
     msg = (f"init-from {uri}: the checkpoint was trained with another vocabulary ({len(ckpt_vocab)} tokens) than "
            f"data.tokenizer ({len(ours)} tokens); {len(differ)} ids differ ({examples})")
