@@ -54,11 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
+    from orchestrator.tracking.redact import redact_exception  # noqa: PLC0415
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_exception(e)}", file=sys.stderr)
         return 2
+    except BaseException as e:  # the traceback printed on the way out carries no credential either
+        raise redact_exception(e)
 
 
 if __name__ == "__main__":  # pragma: no cover

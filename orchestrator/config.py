@@ -70,12 +70,16 @@ class RunConfig(Section):
         raise ValueError(f"unknown workload; accepted: {', '.join(WORKLOADS)}, or a dotted module path "
                          "to your own workload module (e.g. mypkg.my_workload)")
 
-    @field_validator("name")
+    @field_validator("name", "experiment")
     @classmethod
-    def _name_is_path_safe(cls, v: str | None) -> str | None:
-        if v is not None and (not v or any(c in v for c in "/\\ \t\n:")):
-            raise ValueError("a run name is used in storage paths: letters, digits, '-', '_', '.' only")
-        return v
+    def _path_safe(cls, v: str | None, info) -> str | None:
+        """Both name a folder: ``<storage>/<experiment>/<name>/`` (``name=..`` or ``experiment=../x``
+        would leave the storage root)."""
+        if v is None:
+            return v
+        from orchestrator.storage import check_segment  # noqa: PLC0415
+
+        return check_segment(v, "a run name" if info.field_name == "name" else "an experiment name")
 
     def experiment_name(self) -> str:
         return self.experiment or f"mplug2-{self.workload}"

@@ -42,7 +42,7 @@ def load_model_for_eval(cfg: RunConfig, checkpoint_uri: str, tokenizer, device):
     workload = get_workload(cfg.workload)
     task_cfg = workload.Config.model_validate(cfg.task)
     model = workload.build_model(model_config_for(cfg, tokenizer), task_cfg)
-    report = load_weights(model, checkpoint_uri)
+    report = load_weights(model, checkpoint_uri, cfg.train.init_allow_mismatch, tokenizer, cfg.train.init_allow_new_vocab)
     n_own = len(model.state_dict())
     if len(report["missing"]) >= n_own:
         raise ValueError(f"{checkpoint_uri}: none of the model's {n_own} weights are in the checkpoint")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -56,6 +57,36 @@ def resolve(root: str, path: str) -> str:
     if has_scheme(path) or os.path.isabs(path):
         return path
     return join(root, path)
+
+
+SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
+
+
+def check_segment(value: str, what: str) -> str:
+    """``value`` used as one folder name of a storage path: letters, digits, '-', '_', '.', not
+    starting with '.' or '-' (so never '..', never a hidden or option-like name); ValueError otherwise."""
+    if not isinstance(value, str) or not SAFE_SEGMENT.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is used as a folder name in storage paths: letters, digits, '-', '_' "
+                         "and '.' only, starting with a letter, digit or '_' (at most 200 characters)")
+    return value
+
+
+class UnsafeKey(ValueError):
+    """An object key that would name a file outside the folder it is being copied into."""
+
+
+def safe_destination(local_dir: str | os.PathLike, rel: str) -> Path:
+    """``local_dir / rel`` for a key-derived relative name, refusing any that leaves ``local_dir``:
+    absolute names, ``..`` segments, empty segments (``a//b``), backslashes and NUL."""
+    parts = rel.split("/")
+    if (not rel or "\\" in rel or "\0" in rel or rel.startswith("/")
+            or any(p in ("", ".", "..") for p in parts)):
+        raise UnsafeKey(f"refusing object key {rel!r}: it would be written outside {local_dir}")
+    root = Path(local_dir).resolve()
+    dst = (root / rel).resolve()
+    if dst == root or root not in dst.parents:
+        raise UnsafeKey(f"refusing object key {rel!r}: it resolves to {dst}, outside {root}")
+    return dst
 
 
 def local_path(uri: str) -> str:
@@ -128,14 +159,25 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 # Operations
 # ---------------------------------------------------------------------------------------------
 
-def read_bytes(uri: str) -> bytes:
+class TooLarge(ValueError):
+    """An object larger than the cap its reader was given."""
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole object; with ``max_bytes``, one larger than that raises :class:`TooLarge` after
+    reading at most ``max_bytes + 1`` bytes of it (the size is not taken on trust from metadata)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return _get_object_body(bucket, key)
-    return Path(local_path(uri)).read_bytes()
+        data = _get_object_body(bucket, key, max_bytes)
+    else:
+        with open(local_path(uri), "rb") as f:
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise TooLarge(f"{uri} is larger than {max_bytes} bytes")
+    return data
 
 
-def _get_object_body(bucket: str, key: str) -> bytes:
+def _get_object_body(bucket: str, key: str, max_bytes: int | None = None) -> bytes:
     """GetObject and read its body.  botocore retries the request but not a body that breaks off
     mid-stream (connection reset, truncated response, read timeout): retry those here too, with
     the same attempt budget and exponential backoff; the last error is raised."""
@@ -147,12 +189,28 @@ def _get_object_body(bucket: str, key: str) -> bytes:
 
     for attempt in range(1, S3_MAX_ATTEMPTS + 1):
         try:
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            resp = s3_client().get_object(Bucket=bucket, Key=key)
+            if max_bytes is not None and resp.get("ContentLength", 0) > max_bytes:
+                resp["Body"].close()  # not read: its ContentLength already says it is too large
+                raise TooLarge(f"s3://{bucket}/{key} is {resp['ContentLength']} bytes, larger than {max_bytes}")
+            return resp["Body"].read() if max_bytes is None else _read_capped(resp["Body"], max_bytes)
         except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, BotoConnectionError):
             if attempt == S3_MAX_ATTEMPTS:
                 raise
             time.sleep(min(20.0, random.random() * 2 ** attempt * 0.1))
     raise AssertionError("unreachable")
+
+
+def _read_capped(body, max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes of a botocore body; reading on to the empty chunk lets
+    botocore check the length (a body cut short raises IncompleteReadError, retried above)."""
+    out = bytearray()
+    while len(out) <= max_bytes:
+        chunk = body.read(max_bytes + 1 - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
 
 
 def read_text(uri: str, encoding: str = "utf-8") -> str:
@@ -245,13 +303,19 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> int:
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike) -> int:
-    """Copy everything under ``uri`` into ``local_dir``; returns the number of files."""
+    """Copy everything under ``uri`` into ``local_dir``; returns the number of files.
+
+    Object keys are untrusted: a key whose remainder after the prefix would name a file outside
+    ``local_dir`` (``..`` segments, ``//``, an absolute name, a symlinked folder) raises
+    :class:`UnsafeKey` before anything is written; nothing is followed or overwritten outside."""
     local_dir = Path(local_dir)
     base = uri.rstrip("/") + "/"
-    n = 0
+    plan = []
     for src in list_files(uri):
         rel = src[len(base):] if src.startswith(base) else os.path.relpath(src, local_path(uri))
-        dst = local_dir / rel
+        plan.append((src, safe_destination(local_dir, Path(rel).as_posix() if not is_s3(src) else rel)))
+    n = 0
+    for src, dst in plan:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if is_s3(src):
             bucket, key = split_s3(src)

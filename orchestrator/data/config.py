@@ -55,6 +55,10 @@ class DataConfig(BaseModel):
     min_frames: int = Field(2, ge=1, description="a video with fewer decodable frames is bad (too_few_frames)")
     max_resolution: int = Field(8192, ge=64, description="a side longer than this is bad (bad_resolution)")
     min_resolution: int = Field(8, ge=1, description="a side shorter than this is bad (bad_resolution)")
+    max_annotation_bytes: int = Field(4 * 2**30, ge=1, description="an annotation file larger than this is an "
+                                      "error (it is read whole into the driver's memory)")
+    max_object_bytes: int = Field(2**30, ge=1, description="a clip/image object or shard member larger than "
+                                  "this is a bad clip (too_large), never read whole")
     decode_timeout_s: float = Field(60.0, gt=0, description="a clip that takes longer to decode is bad (undecodable)")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode task")
     decode_concurrency: int | None = Field(None, ge=1, description="decode tasks at once (None = Ray decides)")
@@ -64,3 +68,9 @@ class DataConfig(BaseModel):
                         "every epoch (small datasets: frame sampling and augmentation are then drawn once per clip)")
     shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer (0 = off)")
     limit: int | None = Field(None, ge=1, description="use only the first N rows of each split (debugging)")
+
+    def caps(self):
+        """The size caps the source readers apply (see ``orchestrator.data.sources.base.Caps``)."""
+        from orchestrator.data.sources.base import Caps  # noqa: PLC0415 (sources import this module)
+
+        return Caps(annotation_bytes=self.max_annotation_bytes, object_bytes=self.max_object_bytes)

@@ -29,12 +29,13 @@ class DecodeSpec:
     max_resolution: int = 8192
 
 
-def read_media(uri: str) -> bytes:
-    """The object's bytes through pyarrow.fs (local or S3); BadClip('missing'/'read_error') on failure."""
+def read_media(uri: str, max_bytes: int | None = None) -> bytes:
+    """The object's bytes through pyarrow.fs (local or S3); BadClip('missing'/'read_error') on failure,
+    BadClip('too_large') past ``max_bytes`` (at most ``max_bytes + 1`` bytes are read)."""
     try:
         fs, path = storage.filesystem(uri)
         with fs.open_input_stream(path) as f:
-            return f.read()
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except FileNotFoundError as e:
         raise BadClip("missing", uri, str(e)) from None
     except OSError as e:
@@ -42,6 +43,9 @@ def read_media(uri: str) -> bytes:
         if "does not exist" in text or "NoSuchKey" in text or "Not Found" in text or "404" in text:
             raise BadClip("missing", uri, text) from None
         raise BadClip("read_error", uri, text) from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise BadClip("too_large", uri, f"larger than data.max_object_bytes={max_bytes}")
+    return data
 
 
 def _has_video_signature(data: bytes) -> bool:
@@ -80,6 +84,8 @@ def decode_video(data: bytes, uri: str, spec: DecodeSpec, rng: np.random.Generat
     if n < spec.min_frames:
         raise BadClip("too_few_frames", uri, f"{n} frame(s), need {spec.min_frames}")
     first, last = 0, n
+    if any(v is not None and not (math.isfinite(v) and v >= 0) for v in (start, end)):
+        raise BadClip("undecodable", uri, f"segment [{start}, {end}] s is not finite and non-negative")
     if start is not None or end is not None:
         fps = float(vr.get_avg_fps()) or 1.0
         first = min(max(0, int(math.floor((start or 0.0) * fps))), n - 1)
@@ -102,12 +108,20 @@ def decode_image(data: bytes, uri: str, spec: DecodeSpec) -> Decoded:
 
     if not data:
         raise BadClip("empty", uri)
+    import warnings  # noqa: PLC0415
+
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size  # from the header: checked before a pixel is decoded
+                _check_resolution(uri, h, w, spec)
+                arr = np.asarray(im.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadClip("too_large", uri, str(e)[:200]) from None
     except UnidentifiedImageError as e:
         raise BadClip("not_video", uri, str(e)[:200]) from None
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:
         raise BadClip("truncated", uri, str(e)[:200]) from None
     _check_resolution(uri, arr.shape[0], arr.shape[1], spec)
     return Decoded(arr[None], 1)

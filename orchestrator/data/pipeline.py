@@ -59,29 +59,33 @@ def stable_id(*parts: Any) -> int:
     return HASHED | (int.from_bytes(digest, "big") & (HASHED - 1))
 
 
-def _expand_shard(item: dict, fmt: str) -> list[dict]:
+def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> list[dict]:
     """One shard URI -> its rows with the media bytes inline (one GET per shard).
 
     Clip ids are made unique across the run's sources: a stored ``clip_index`` (shards written by
     ``orchestrator shard``) is hashed with the source it belongs to (``item["ns"]``), so captions of
     one clip still share an id; a sample without one (video2dataset / img2dataset) is its own clip,
-    hashed from its media URI and segment.  ``sample_key`` is hashed from the shard and position."""
+    hashed from its media URI and segment.  ``sample_key`` is hashed from the shard and position.
+    Members over ``max_member_bytes`` and samples with unusable JSON become counted bad rows."""
     from orchestrator.data.sources import wds  # noqa: PLC0415
 
     shard, ns = item["shard"], item.get("ns", "")
     report = ParseReport(shard)
     rows = []
-    for i, r in enumerate(wds.read_shard_rows(fmt, shard, report, with_bytes=True)):
+    for i, r in enumerate(wds.read_shard_rows(fmt, shard, report, with_bytes=True, max_member_bytes=max_member_bytes)):
         local = r.get("clip_index")
         r["clip_index"] = (stable_id(ns, "clip", local) if local is not None
                            else stable_id(r.get("media_uri") or r.get("id"), r.get("start"), r.get("end")))
         row = to_dataset_row(r)
         row[SAMPLE_KEY] = stable_id(shard, i)
         rows.append(row)
-    broken = [m for m in report.malformed if m.startswith(f"{shard}:0:")]
-    if broken:  # the tar itself broke: count it as one truncated item so the job sees it
-        row = to_dataset_row({"media_uri": shard, "bad": "truncated", "modality": "video", "id": shard})
-        row[SAMPLE_KEY] = stable_id(shard, "broken")
+    for msg in report.malformed:  # each reaches the bad-clip counts (and the job's bad fraction)
+        if msg.startswith(f"{shard}:0:"):  # the tar itself broke: one truncated item
+            bad, where = "truncated", shard
+        else:  # one sample: over the size cap, or its JSON unusable
+            bad, where = ("too_large" if "max_object_bytes" in msg else "malformed"), msg
+        row = to_dataset_row({"media_uri": where, "bad": bad, "modality": "video", "id": where})
+        row[SAMPLE_KEY] = stable_id(shard, "bad", msg)
         rows.append(row)
     return rows
 
@@ -101,9 +105,9 @@ def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trainin
             rng.shuffle(shards)
         ns = f"{src.format}|{'|'.join(sorted(files))}"
         ds = ray.data.from_items([{"shard": s, "ns": ns} for s in shards], override_num_blocks=max(1, len(shards)))
-        ds = ds.flat_map(_expand_shard, fn_kwargs={"fmt": src.format})
+        ds = ds.flat_map(_expand_shard, fn_kwargs={"fmt": src.format, "max_member_bytes": data_cfg.max_object_bytes})
         return (ds.limit(data_cfg.limit) if data_cfg.limit else ds), None
-    rows = read_rows(src, data_cfg.root, split, data_cfg.max_bad_fraction)
+    rows = read_rows(src, data_cfg.root, split, data_cfg.max_bad_fraction, data_cfg.caps())
     if data_cfg.limit:
         rows = rows[: data_cfg.limit]
     if training:
@@ -138,7 +142,8 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
         tokenizer=data_cfg.tokenizer or default_tokenizer(data_cfg.root),
         max_text_len=data_cfg.max_text_len, max_answer_len=data_cfg.max_answer_len, seed=seed,
         run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
-        bad_check_min_seen=data_cfg.bad_check_min_seen, decode_timeout_s=data_cfg.decode_timeout_s)
+        bad_check_min_seen=data_cfg.bad_check_min_seen, decode_timeout_s=data_cfg.decode_timeout_s,
+        max_object_bytes=data_cfg.max_object_bytes)
 
 
 def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tuple[str, ...], seed: int = 0,

@@ -41,6 +41,7 @@ class ProcessParams:
     max_bad_fraction: float
     bad_check_min_seen: int
     decode_timeout_s: float = 60.0
+    max_object_bytes: int | None = None  # a larger clip/image is bad (too_large), never read whole
 
 
 def to_dataset_row(row: dict) -> dict:
@@ -71,17 +72,20 @@ def _rng(params: ProcessParams, key: str, epoch: int | None = None) -> np.random
     return np.random.default_rng(base if epoch is None else [params.seed, int(epoch), base[1]])
 
 
-def _fetch(uri: str, inline: bytes) -> bytes:
+def _fetch(uri: str, inline: bytes, max_bytes: int | None = None) -> bytes:
     if inline:
         return inline
     if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
+        from orchestrator import storage  # noqa: PLC0415
         from orchestrator.data.sources.wds import read_member  # noqa: PLC0415
 
         try:
-            return read_member(uri)
+            return read_member(uri, max_bytes)
+        except storage.TooLarge as e:
+            raise BadClip("too_large", uri, str(e)) from None
         except (FileNotFoundError, OSError) as e:
             raise BadClip("missing", uri, str(e)) from None
-    return read_media(uri)
+    return read_media(uri, max_bytes)
 
 
 def with_timeout(seconds: float, uri: str, fn, *args):
@@ -110,7 +114,7 @@ def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
     uri = str(batch["media_uri"][i])
     if batch["bad"][i]:
         raise BadClip(str(batch["bad"][i]), uri)
-    data = _fetch(uri, bytes(batch["media_bytes"][i]))
+    data = _fetch(uri, bytes(batch["media_bytes"][i]), params.max_object_bytes)
     start, end = float(batch["start"][i]), float(batch["end"][i])
     rng = _rng(params, f"{uri}|{batch['id'][i]}", int(batch["epoch"][i]) if "epoch" in batch else None)
     dec = with_timeout(params.decode_timeout_s, uri, decode_media, data, uri, params.decode, rng,
@@ -131,6 +135,8 @@ def process_batch(batch: dict[str, np.ndarray], params: ProcessParams) -> dict[s
     want_frames = "frames" in params.columns
     for i in range(n):
         if not want_frames or batch["modality"][i] == "text":
+            if batch["bad"][i] and not want_frames:
+                continue  # the placeholder of a broken shard / sample: nothing to train on
             if want_frames:  # a text-only row cannot feed a model that needs frames
                 bad.append(("missing", f"{batch['id'][i]} (text-only row)"))
                 continue

@@ -9,7 +9,9 @@ the same :class:`BadClipStats` counts in-process.
 
 Reasons: ``missing`` (no such object), ``empty`` (zero bytes), ``not_video`` (no known container
 signature), ``truncated`` (a container signature but unreadable), ``undecodable`` (opens, frames
-fail), ``too_few_frames``, ``bad_resolution``, ``read_error`` (storage failed after retries).
+fail), ``too_few_frames``, ``bad_resolution``, ``read_error`` (storage failed after retries),
+``too_large`` (an object or shard member over ``data.max_object_bytes``, an image over
+Pillow's decompression-bomb limit), ``malformed`` (a shard sample whose metadata is unusable).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 REASONS = ("missing", "empty", "not_video", "truncated", "undecodable", "too_few_frames", "bad_resolution",
-           "read_error")
+           "read_error", "too_large", "malformed")
 NAMESPACE = "mplug2"
 MAX_EXAMPLES = 5
 RECORD_TIMEOUT_S = 5.0

@@ -121,9 +121,9 @@ class SweepSpec(_Section):
     @field_validator("name")
     @classmethod
     def _path_safe(cls, v: str) -> str:
-        if not v or any(c in v for c in "/\\ \t\n:"):
-            raise ValueError("a sweep name is used in storage paths: letters, digits, '-', '_', '.' only")
-        return v
+        from orchestrator.storage import check_segment  # noqa: PLC0415
+
+        return check_segment(v, "a sweep name")
 
     @field_validator("search")
     @classmethod

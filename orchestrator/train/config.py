@@ -38,6 +38,11 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0)
     log_every: int = Field(10, ge=1)
+    # --init-from strictness (a tensor whose shape differs from the model's is an error otherwise)
+    init_allow_mismatch: list[str] = Field(default_factory=list, description="globs of state-dict keys that may "
+                                           "differ in shape from the --init-from checkpoint: they start fresh "
+                                           "(e.g. ['text.embeddings.word.*', 'mlm.*'] for a new vocabulary)")
+    init_allow_new_vocab: bool = Field(False, description="fine-tune on another vocabulary than the checkpoint's")
     preemption_check_every: int = Field(5, ge=1, description="optimizer steps between asking Ray whether a node "
                                         "is being preempted (a barrier across workers); a notice triggers a checkpoint")
 
@@ -46,6 +51,15 @@ class TrainConfig(BaseModel):
     def _no_zero3(cls, v: int) -> int:
         if v == 3:
             raise ValueError(ZERO3_REFUSED)
+        return v
+
+    @field_validator("init_allow_mismatch")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        bad = [p for p in v if not p.strip() or p.strip() in ("*", "**")]
+        if bad:
+            raise ValueError(f"{bad}: each entry is a glob of state-dict keys (e.g. 'classifier.*'); an empty or "
+                             "match-everything pattern would turn the check off entirely")
         return v
 
     @model_validator(mode="after")

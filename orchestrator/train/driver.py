@@ -69,7 +69,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     from orchestrator.train.checkpoint import finished_run, resolve_init_from  # noqa: PLC0415
     from orchestrator.train.deepspeed_config import load_user_json  # noqa: PLC0415
     from orchestrator.train.failures import fail_fast_callback, find_setup_error  # noqa: PLC0415
-    from orchestrator.train.loop import train_loop_per_worker  # noqa: PLC0415
+    from orchestrator.train.loop import redacted_train_loop  # noqa: PLC0415
     from orchestrator.train.model_setup import load_run_tokenizer, model_config_for  # noqa: PLC0415
     from workloads import get_workload  # noqa: PLC0415
 
@@ -134,11 +134,11 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     if cfg.train.use_gpu:
         resources["GPU"] = cfg.train.gpus_per_worker
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        redacted_train_loop,
         train_loop_config={
             "run": cfg.to_dict(), "run_name": run_name, "model_config": model_config,
             "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "export_uri": export_uri,
-            "init_from": init_uri, "deepspeed_user": ds_user,
+            "init_from": init_uri, "deepspeed_user": ds_user, "run_dir": run_dir,
             "text_fraction": text_fraction(cfg) if "train_text" in datasets else 0.0,
             "stream_fractions": stream_fractions(cfg, datasets),
         },
@@ -171,6 +171,13 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     finally:
         ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
         exported = storage.exists(storage.join(export_uri, "model.safetensors"))
+        if exported and model_config is not None:
+            from orchestrator.train.checkpoint import write_vocab  # noqa: PLC0415
+
+            try:  # checked when a fine-tune starts from this export
+                write_vocab(load_run_tokenizer(cfg), export_uri)
+            except Exception as e:  # noqa: BLE001 - never mask the training outcome
+                log.error("could not record the vocabulary beside %s: %s", export_uri, e)
         if mlflow_run_id:
             from orchestrator.tracking.mlflow_run import close_run  # noqa: PLC0415
 

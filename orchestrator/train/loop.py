@@ -138,6 +138,17 @@ def micro_step(engine, workload, batch: dict, task_cfg, ema_per_step: bool) -> d
     return losses
 
 
+def redacted_train_loop(config: dict[str, Any]) -> None:
+    """:func:`train_loop_per_worker` whose exceptions leave the worker (to Ray's logs, the driver,
+    MLflow) with credentials masked in their messages."""
+    from orchestrator.tracking.redact import redact_exception  # noqa: PLC0415
+
+    try:
+        train_loop_per_worker(config)
+    except BaseException as e:
+        raise redact_exception(e)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's worker function: a config or file error during setup is raised as
     :class:`~orchestrator.train.failures.SetupError`, which ends the run at once (no restarts)."""
@@ -174,7 +185,11 @@ def _train(config: dict[str, Any], phase) -> None:
 
         constants = {k: v.to(device) for k, v in workload.batch_constants(load_run_tokenizer(run), task_cfg).items()}
     if config.get("init_from"):
-        report = checkpoint.load_weights(model, config["init_from"])
+        from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
+
+        tokenizer = load_run_tokenizer(run) if config.get("model_config") is not None else None
+        report = checkpoint.load_weights(model, config["init_from"], tcfg.init_allow_mismatch, tokenizer,
+                                         tcfg.init_allow_new_vocab)
         if rank == 0 and report["missing"]:
             log.info("init-from: %d weights not in the checkpoint (freshly initialised): %s",
                      len(report["missing"]), ", ".join(report["missing"][:8]))
@@ -195,6 +210,7 @@ def _train(config: dict[str, Any], phase) -> None:
     progress = EpochProgress(config.get("run_name"), rank, world)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
+        checkpoint.check_own(ckpt.path, config.get("run_dir"))
         with ckpt.as_directory() as d:
             saved = checkpoint.load(engine, d)
             progress.load(d)

@@ -108,3 +108,121 @@ def test_no_credentials_in_the_cluster_file():
     text = AWS_YAML.read_text()
     for needle in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "aws_secret", "password", "AKIA"):
         assert needle.lower() not in text.lower(), needle
+
+
+# --- security settings (issue 16, items 6-8) ----------------------------------------------------
+
+AWS_DIR = ROOT / "cluster" / "aws"
+
+
+def _commands(cfg) -> str:
+    return "\n".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+
+
+def test_dashboard_listens_on_loopback_only(cfg):
+    head = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head
+    assert "0.0.0.0" not in _commands(cfg), "nothing listens on every interface"
+
+
+def test_ray_token_auth_on_every_node(cfg):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        cmds = "\n".join(cfg[key])
+        start = next(c for c in cfg[key] if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start, f"{key}: ray start without token authentication"
+        assert "node_secrets.py ray-token ~/.ray/auth_token" in cmds, f"{key}: the node gets no token"
+        assert cmds.index("ray-token") < cmds.index("ray start"), key
+
+
+def test_mlflow_requires_a_login_and_gets_no_secret_on_its_command_line(cfg):
+    head = "\n".join(cfg["head_start_ray_commands"])
+    server = next(c for c in cfg["head_start_ray_commands"] if "mlflow server" in c)
+    assert "--app-name basic-auth" in server
+    assert "--backend-store-uri" not in server and "MLFLOW_DB" not in server, "the database URI would be in argv"
+    assert ". ~/.mlflow/server.env" in server and "MLFLOW_AUTH_CONFIG_PATH=" in server
+    assert "--host 0.0.0.0" not in server
+    assert "AWS_PROFILE=mplug2-mlflow" in server, "MLflow runs as its own identity"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cfg[key] if "ray start" in c)
+        assert ". ~/.mlflow/client.env" in start, f"{key}: jobs would have no MLflow login"
+    assert "mlflow-client-env" in head
+
+
+def test_no_secret_value_is_expanded_into_any_argv(cfg):
+    """A secret may reach a process only through a 0600 file or its environment: no $(...) that
+    prints a secret into a command line, no secret-bearing variable expanded into arguments."""
+    for cmd in cfg["setup_commands"] + cfg["head_setup_commands"] + cfg["head_start_ray_commands"] \
+            + cfg["worker_start_ray_commands"]:
+        assert "get_secret_value" not in cmd and "secretsmanager" not in cmd, cmd
+        assert "node_secrets.py print" not in cmd, cmd
+        for var in re.findall(r"\$\{?([A-Z_]+)", cmd):
+            assert var in ("RAY_HEAD_IP", "HEAD_IP"), f"${var} expanded into a command line: {cmd}"
+
+
+def test_private_subnets_one_explicit_security_group_and_own_profiles(cfg):
+    assert cfg["provider"]["use_internal_ips"] is True
+    profiles = {}
+    for name, t in cfg["available_node_types"].items():
+        nc = t["node_config"]
+        assert nc.get("SecurityGroupIds"), f"{name}: without SecurityGroupIds Ray creates a group open to SSH from 0.0.0.0/0"
+        assert nc.get("SubnetIds"), f"{name}: no private subnets"
+        profiles[name] = nc["IamInstanceProfile"]["Name"]
+    assert profiles["head"] == "mplug2-ray-head"
+    assert profiles["cpu_decode"] == "mplug2-ray-decode"
+    assert profiles["gpu_spot"] == profiles["gpu_ondemand"] == "mplug2-ray-trainer"
+    sg = json.loads((AWS_DIR / "security-group.json").read_text())
+    assert {g for t in cfg["available_node_types"].values() for g in t["node_config"]["SecurityGroupIds"]} == \
+        {sg["IpPermissions"][0]["UserIdGroupPairs"][0]["GroupId"]}
+    for rule in sg["IpPermissions"]:
+        for r in rule.get("IpRanges", []) + rule.get("Ipv6Ranges", []):
+            assert r.get("CidrIp", r.get("CidrIpv6")) not in ("0.0.0.0/0", "::/0"), rule
+
+
+def _statements(name):
+    return json.loads((AWS_DIR / "iam" / name).read_text())["Statement"]
+
+
+def _allowed(name, action_prefix):
+    out = []
+    for st in _statements(name):
+        actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+        resources = st["Resource"] if isinstance(st["Resource"], list) else [st["Resource"]]
+        if st["Effect"] == "Allow" and any(a.startswith(action_prefix) or a == "*" for a in actions):
+            out += [(a, r) for a in actions for r in resources]
+    return out
+
+
+def test_least_privilege_policies():
+    for name in ("head-policy.json", "decode-policy.json", "trainer-policy.json", "mlflow-policy.json"):
+        for st in _statements(name):
+            actions = st["Action"] if isinstance(st["Action"], list) else [st["Action"]]
+            assert "*" not in actions and not any(a.endswith(":*") for a in actions), f"{name}: wildcard action"
+    decode = _allowed("decode-policy.json", "s3:")
+    assert {a for a, _ in decode} <= {"s3:GetObject", "s3:ListBucket"}, "decode nodes only read"
+    assert all("mplug2-data" in r for _, r in decode)
+    trainer_writes = [r for a, r in _allowed("trainer-policy.json", "s3:") if a in ("s3:PutObject", "s3:DeleteObject")]
+    assert trainer_writes and all(r.startswith("arn:aws:s3:::mplug2-checkpoints/") for r in trainer_writes)
+    mlflow = _allowed("mlflow-policy.json", "")
+    assert mlflow and all("mplug2-mlflow-artifacts" in r for _, r in mlflow), "MLflow: the artifact bucket only"
+    head = _statements("head-policy.json")
+    pass_role = [st for st in head if st["Action"] == "iam:PassRole"]
+    assert pass_role and all("mplug2-ray-" in r for r in pass_role[0]["Resource"])
+    terminate = [st for st in head if "ec2:TerminateInstances" in st["Action"]]
+    assert terminate and terminate[0]["Condition"]["StringEquals"]["aws:ResourceTag/ray-cluster-name"] == "mplug2"
+
+
+def test_node_secrets_writes_private_files(tmp_path):
+    import importlib.util
+    import stat
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location("node_secrets", AWS_DIR / "node_secrets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = tmp_path / "d" / "client.env"
+    value = "p'w $(touch x) /+="
+    mod.write_private(str(path), mod.env_file({"MLFLOW_TRACKING_PASSWORD": value}))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    out = subprocess.run(["bash", "-c", f"set -a; . {path}; set +a; printf %s \"$MLFLOW_TRACKING_PASSWORD\""],
+                         capture_output=True, text=True, cwd=tmp_path).stdout
+    assert out == value and not (tmp_path / "x").exists()

@@ -147,10 +147,81 @@ def test_every_pod_reaches_the_team_mlflow_server():
     assert f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local" in args  # --allowed-hosts
 
 
-@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-pretrain.yaml", "mlflow.yaml", "serviceaccount.yaml"])
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob-pretrain.yaml", "mlflow.yaml", "serviceaccount.yaml",
+                                  "networkpolicy.yaml"])
 def test_no_credentials_in_manifests(name):
     text = (KUBERAY / name).read_text().lower()
     for needle in ("aws_secret_access_key", "aws_access_key_id", "akia", "password:"):
         assert needle not in text, f"{name} contains {needle}"
     for doc in load_docs(name):
         assert doc.get("kind") != "Secret", f"{name}: Secrets are created out of band, not committed"
+
+
+# --- security settings (issue 16, items 6-8) ----------------------------------------------------
+
+def test_token_auth_and_no_public_dashboard():
+    rc = one("raycluster.yaml", "RayCluster")
+    job = one("rayjob-pretrain.yaml", "RayJob")
+    for where, spec in (("RayCluster", rc["spec"]), ("RayJob", job["spec"]["rayClusterSpec"])):
+        assert spec.get("authOptions", {}).get("mode") == "token", f"{where}: Ray token authentication is off"
+    # the long-lived cluster: dashboard on the head pod's loopback, reached by kubectl port-forward
+    assert rc["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert rc["spec"]["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP"
+    # a RayJob's operator and submitter reach the Jobs API through the head Service: allowed only with
+    # token auth (above) and a NetworkPolicy that admits only the operator and Ray pods to 8265
+    if job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].get("dashboard-host") == "0.0.0.0":
+        policies = {d["metadata"]["name"]: d for d in load_docs("networkpolicy.yaml")}
+        dash = policies["ray-dashboard-from-operator"]
+        assert [p["port"] for r in dash["spec"]["ingress"] for p in r["ports"]] == [8265]
+        assert all("namespaceSelector" in f for r in dash["spec"]["ingress"] for f in r["from"])
+
+
+def test_network_policies_fence_the_gcs_and_mlflow():
+    docs = load_docs("networkpolicy.yaml")
+    assert all(d["kind"] == "NetworkPolicy" and d["metadata"]["namespace"] == "mplug2" for d in docs)
+    by_name = {d["metadata"]["name"]: d for d in docs}
+    deny = by_name["default-deny-ingress"]["spec"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    ray_only = by_name["ray-pods-only"]["spec"]
+    sel = ray_only["podSelector"]["matchLabels"]
+    assert [f["podSelector"]["matchLabels"] for r in ray_only["ingress"] for f in r["from"]] == [sel], \
+        "only Ray pods reach Ray pods (GCS, raylets, object managers)"
+    mlflow = by_name["mlflow-from-ray-and-team"]["spec"]
+    assert mlflow["podSelector"]["matchLabels"] == one("mlflow.yaml", "Deployment")["spec"]["selector"]["matchLabels"]
+    sources = [f for r in mlflow["ingress"] for f in r["from"]]
+    assert {"podSelector", "ipBlock"} >= {k for f in sources for k in f}
+    assert all(f["ipBlock"]["cidr"] != "0.0.0.0/0" for f in sources if "ipBlock" in f)
+
+
+def test_mlflow_requires_a_login_and_its_secrets_stay_out_of_argv():
+    dep = one("mlflow.yaml", "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    args = " ".join(c["args"])
+    assert "--app-name basic-auth" in args
+    assert "--backend-store-uri" not in args and "$" not in args, "no secret is expanded into the server's argv"
+    env = {e["name"]: e for e in c["env"]}
+    for name in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+        assert "secretKeyRef" in env[name]["valueFrom"], name
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith("/etc/mlflow-auth/")
+    vol = next(v for v in pod["volumes"] if v["name"] == "auth-config")
+    assert vol["secret"]["secretName"] == "mplug2-mlflow-auth"
+    assert pod["serviceAccountName"] == "mplug2-mlflow", "MLflow runs as its own identity"
+    for name, kind in (("raycluster.yaml", "RayCluster"), ("rayjob-pretrain.yaml", "RayJob")):
+        text = (KUBERAY / name).read_text()
+        assert "MLFLOW_TRACKING_PASSWORD" in text and "mplug2-mlflow-client" in text, f"{name}: jobs have no login"
+
+
+def test_each_role_has_its_own_service_account():
+    accounts = {d["metadata"]["name"]: d for d in load_docs("serviceaccount.yaml")}
+    assert set(accounts) == {"mplug2-ray-head", "mplug2-ray-decode", "mplug2-ray-train", "mplug2-mlflow"}
+    roles = {n: a["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] for n, a in accounts.items()}
+    assert len(set(roles.values())) == 4, "one IAM role per identity"
+    for name, kind in (("raycluster.yaml", "RayCluster"), ("rayjob-pretrain.yaml", "RayJob")):
+        doc = one(name, kind)
+        spec = doc["spec"] if kind == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        assert spec["headGroupSpec"]["template"]["spec"]["serviceAccountName"] == "mplug2-ray-head"
+        for g in spec["workerGroupSpecs"]:
+            sa = g["template"]["spec"]["serviceAccountName"]
+            gpu = "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+            assert sa == ("mplug2-ray-train" if gpu else "mplug2-ray-decode"), (name, g["groupName"], sa)

@@ -100,3 +100,16 @@ def test_resolved_yaml_round_trips(tmp_path):
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": "x"}}, "e": []}) == {"a.b": 1, "a.c.d": "x", "e": []}
+
+
+@pytest.mark.parametrize("override", ["name=..", "name=.", "experiment=../../x", "experiment=..", "name=.hidden",
+                                      "experiment=a/b", "name=-rf", "name=a\\b"])
+def test_path_naming_values_cannot_leave_the_storage_root(override):
+    """``name`` and ``experiment`` become folders of ``<storage>/<experiment>/<name>/`` (issue 16, item 5)."""
+    with pytest.raises(ConfigError, match="folder name"):
+        load_config(None, [override])
+
+
+def test_ordinary_names_still_pass():
+    cfg = load_config(None, ["name=retrieval-ft_2.1", "experiment=mplug2-retrieval"])
+    assert cfg.name == "retrieval-ft_2.1" and cfg.experiment == "mplug2-retrieval"

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from orchestrator import storage
@@ -62,3 +64,54 @@ def test_missing_object_is_a_clear_error(s3_bucket):
     with pytest.raises(Exception) as e:
         storage.read_bytes(s3_bucket + "/nope")
     assert "NoSuchKey" in repr(e.value) or "Not Found" in str(e.value) or "404" in str(e.value)
+
+
+# --- untrusted object keys (issue 16, item 1) --------------------------------------------------
+
+CRAFTED_KEYS = ["ckpt/../../../{victim}/x", "ckpt//{victim_abs}/x", "ckpt/a/../../../{victim}/y",
+                "ckpt/..", "ckpt/sub/..\\..\\..\\x"]
+
+
+@pytest.mark.parametrize("key", CRAFTED_KEYS)
+def test_download_dir_refuses_keys_that_leave_the_folder(tmp_path, s3_bucket, key):
+    """A key under the prefix that names a path outside the destination is refused, and nothing is
+    written anywhere (the good file beside it is not half-copied either)."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    dst = tmp_path / "a" / "b" / "c" / "dst"
+    dst.mkdir(parents=True)
+    key = key.format(victim=os.path.relpath(victim, dst.parent).replace(os.sep, "/"),
+                     victim_abs=str(victim).lstrip("/"))
+    client = storage.s3_client()
+    bucket = storage.split_s3(s3_bucket)[0]
+    client.put_object(Bucket=bucket, Key="ckpt/good.txt", Body=b"ok")
+    client.put_object(Bucket=bucket, Key=key, Body=b"pwned")
+    assert key in [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]], "the server kept the key"
+    with pytest.raises(storage.UnsafeKey):
+        storage.download_dir(s3_bucket + "/ckpt", dst)
+    assert list(victim.rglob("*")) == [] and list(dst.rglob("*")) == []
+    assert not any(p.read_bytes() == b"pwned" for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_download_dir_does_not_follow_a_symlinked_folder_out(tmp_path, s3_bucket):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "link").symlink_to(outside, target_is_directory=True)
+    storage.write_bytes(s3_bucket + "/p/link/x", b"pwned")
+    with pytest.raises(storage.UnsafeKey):
+        storage.download_dir(s3_bucket + "/p", dst)
+    assert not (outside / "x").exists()
+
+
+@pytest.mark.parametrize("rel", ["../x", "a/../../x", "/etc/x", "a//b", "a/./b", "a\\..\\b", "", "a/\0"])
+def test_safe_destination_rejects(tmp_path, rel):
+    with pytest.raises(storage.UnsafeKey):
+        storage.safe_destination(tmp_path, rel)
+
+
+def test_safe_destination_accepts_ordinary_keys(tmp_path):
+    assert storage.safe_destination(tmp_path, "ds/mp_rank_00_model_states.pt") == \
+        (tmp_path / "ds" / "mp_rank_00_model_states.pt").resolve()
+    assert storage.safe_destination(tmp_path, "a..b/..c") == (tmp_path / "a..b" / "..c").resolve()

@@ -2,6 +2,11 @@
 error (ConfigError) or is skipped and counted (BadClip with a known reason); nothing else escapes."""
 from __future__ import annotations
 
+import gzip
+import io
+import json
+import math
+import tarfile
 import uuid
 from unittest import mock
 
@@ -143,3 +148,122 @@ def _drop_and_count(blobs, run):
     stats = quality.get_bad_clip_stats(run)
     assert stats["total_seen"] == len(blobs)
     assert len(out["frames"]) + stats["bad"] == len(blobs)
+
+
+# --- annotation files and shard tars (issue 16, item 3) ----------------------------------------
+# Every adapter, fed random files in (and near) its own format: the result is rows that the dataset
+# accepts, or an AnnotationError naming the file; nothing else escapes.
+
+CSV_COLUMNS = {
+    "youku_pretrain": ["video_id:FILE", "title"], "youku_classification": ["video_id:FILE", "title", "label"],
+    "youku_retrieval": ["clip_name:FILE", "caption"], "youku_captioning": ["video_id:FILE", "golden_caption"],
+    "webvid_csv": ["videoid", "contentUrl", "duration", "page_dir", "name"],
+    "glue_rte": ["index", "sentence1", "sentence2", "label"], "glue_sst2": ["sentence", "label"],
+}
+JSON_KEYS = {
+    "msrvtt": ["video", "caption", "duration"], "msrvtt_qa": ["video_id", "question", "answer", "video", "id"],
+    "internvid": ["YoutubeID", "Start_timestamp", "End_timestamp", "Caption"],
+    "coco_captions": ["images", "annotations", "id", "file_name", "image_id", "caption"],
+}
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+              st.text(max_size=12), st.sampled_from(["00:00:01.5", "inf", "nan", "-3", "1e999", "[]", "a.mp4", "../x"])),
+    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=6), c, max_size=3)), max_leaves=8)
+csv_fields = st.one_of(st.text(max_size=30), st.sampled_from(['"', '""', "\n", "['a', 'b']", "[" * 300, "\0",
+                                                              "PT00H00M09S", "篮球", "x" * 140_000]))
+
+
+@st.composite
+def annotation_file(draw):
+    if draw(st.booleans()):
+        fmt = draw(st.sampled_from(sorted(CSV_COLUMNS)))
+        cols = CSV_COLUMNS[fmt]
+        header = draw(st.one_of(st.just(cols), st.permutations(cols), st.lists(st.sampled_from(cols + ["x"]), max_size=4)))
+        sep = "\t" if fmt.startswith("glue") else ","
+        lines = [sep.join(header)] + [sep.join(draw(st.lists(csv_fields, min_size=0, max_size=len(cols) + 1)))
+                                      for _ in range(draw(st.integers(0, 5)))]
+        return fmt, "\n".join(lines) + draw(st.sampled_from(["", "\n", '"']))
+    fmt = draw(st.sampled_from(sorted(JSON_KEYS)))
+    keys = JSON_KEYS[fmt]
+    record = st.dictionaries(st.sampled_from(keys), json_values, max_size=len(keys))
+    records = draw(st.lists(st.one_of(record, json_values), max_size=5))
+    depth = draw(st.sampled_from([0, 0, 0, 3000]))
+    texts = [json.dumps(r) for r in records] + (["[" * depth + "]" * depth] if depth else [])
+    if fmt == "coco_captions":
+        return fmt, json.dumps({"images": draw(st.lists(record, max_size=3)), "annotations": records})
+    if draw(st.booleans()):
+        return fmt, "[" + ",\n".join(texts) + "]"
+    return fmt, "\n".join(texts)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                    HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(annotation_file())
+def test_random_annotation_files_give_rows_or_an_annotation_error(tmp_path, fmt_text):
+    from orchestrator.data.config import SourceConfig
+    from orchestrator.data.process import to_dataset_row
+    from orchestrator.data.sources import AnnotationError, read_rows
+
+    fmt, text = fmt_text
+    name = f"ann-{uuid.uuid4().hex}.txt"
+    (tmp_path / name).write_text(text, encoding="utf-8", errors="surrogatepass")
+    src = SourceConfig(format=fmt, train=[name], val=[name], media="videos", labels="train")
+    try:
+        rows = read_rows(src, str(tmp_path), "train", 1.0)
+    except AnnotationError as e:
+        assert name in str(e)
+        return
+    for r in rows:
+        to_dataset_row(r)
+        assert isinstance(r["text"], str)
+        for k in ("start", "end"):
+            assert r[k] is None or (math.isfinite(r[k]) and r[k] >= 0)
+
+
+@st.composite
+def shard_tar(draw):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for _ in range(draw(st.integers(0, 6))):
+            key = draw(st.sampled_from(["000", "001", "a/002", "../x", ".hidden", "003.tar"]))
+            ext = draw(st.sampled_from(["json", "mp4", "jpg", "txt", "png", "JSON", "", "json.gz"]))
+            if ext.lower() == "json":
+                data = draw(st.one_of(st.builds(lambda v: json.dumps(v).encode(), json_values),
+                                      st.builds(lambda d: json.dumps(d).encode(), st.dictionaries(
+                                          st.sampled_from(["caption", "text", "start", "end", "label", "clip_index",
+                                                           "references", "modality", "id", "key"]), json_values)),
+                                      st.binary(max_size=40), st.just(b"[" * 5000)))
+            else:
+                data = draw(st.binary(max_size=64))
+            info = tarfile.TarInfo(f"{key}.{ext}" if ext else key)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    mode = draw(st.sampled_from(["plain", "plain", "truncated", "gzip"]))
+    if mode == "truncated" and raw:
+        raw = raw[: draw(st.integers(0, len(raw) - 1))]
+    elif mode == "gzip":
+        raw = gzip.compress(raw)
+    return raw
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                    HealthCheck.too_slow])
+@given(shard_tar(), st.sampled_from(["wds", "webvid_wds", "cc3m_wds"]), st.sampled_from([None, 16]))
+def test_random_shard_tars_give_rows_or_counted_bad_samples(tmp_path, raw, fmt, cap):
+    from orchestrator.data.pipeline import _expand_shard
+    from orchestrator.data.process import to_dataset_row
+    from orchestrator.data.sources import wds
+    from orchestrator.data.sources.base import ParseReport
+
+    shard = tmp_path / f"{uuid.uuid4().hex}.tar"
+    shard.write_bytes(raw)
+    report = ParseReport(str(shard))
+    rows = wds.read_shard_rows(fmt, str(shard), report, with_bytes=True, max_member_bytes=cap)
+    for r in rows:
+        to_dataset_row(r)
+        if cap is not None:
+            assert len(r["media_bytes"]) <= cap
+    expanded = _expand_shard({"shard": str(shard)}, fmt, max_member_bytes=cap)
+    assert len(expanded) == len(rows) + len(report.malformed)
+    assert all(r["bad"] in ("", *REASONS) for r in expanded)

@@ -26,15 +26,15 @@ from typing import TYPE_CHECKING, Callable
 
 from orchestrator import storage
 from orchestrator.data.sources import glue, misc, msrvtt, wds, youku
-from orchestrator.data.sources.base import (ROW_KEYS, AnnotationError, MalformedRow, ParseReport, assign_clip_index,
-                                            read_text)
+from orchestrator.data.sources.base import (ROW_KEYS, AnnotationError, Caps, MalformedRow, ParseReport,
+                                            assign_clip_index, read_text)
 
 if TYPE_CHECKING:
     from orchestrator.data.config import SourceConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SOURCES", "ROW_KEYS", "AnnotationError", "MalformedRow", "Source", "read_rows", "label_vocabulary",
+__all__ = ["SOURCES", "ROW_KEYS", "AnnotationError", "Caps", "MalformedRow", "Source", "read_rows", "label_vocabulary",
            "is_sharded", "YOUKU_CATEGORIES"]
 
 YOUKU_CATEGORIES = youku.YOUKU_CATEGORIES
@@ -84,7 +84,8 @@ def split_files(source: "SourceConfig", root: str, split: str) -> list[str]:
     return [storage.resolve(root, f) for f in files]
 
 
-def _read_split(source: "SourceConfig", root: str, split: str, max_bad_fraction: float) -> list[dict]:
+def _read_split(source: "SourceConfig", root: str, split: str, max_bad_fraction: float,
+                caps: Caps = Caps()) -> list[dict]:
     spec = SOURCES[source.format]
     ctx = Context(media=storage.resolve(root, source.media), split=split)
     rows: list[dict] = []
@@ -92,22 +93,23 @@ def _read_split(source: "SourceConfig", root: str, split: str, max_bad_fraction:
         if spec.sharded:
             for shard in wds.list_shards(uri):
                 report = ParseReport(shard)
-                rows.extend(wds.read_shard_rows(source.format, shard, report))
+                rows.extend(wds.read_shard_rows(source.format, shard, report, max_member_bytes=caps.object_bytes))
                 report.check(max_bad_fraction)
             continue
         report = ParseReport(uri)
-        rows.extend(spec.parse(uri, read_text(uri), ctx, report))
+        rows.extend(spec.parse(uri, read_text(uri, caps.annotation_bytes), ctx, report))
         report.check(max_bad_fraction)
     return rows
 
 
-def label_vocabulary(source: "SourceConfig", root: str, max_bad_fraction: float = 0.05) -> list[str]:
+def label_vocabulary(source: "SourceConfig", root: str, max_bad_fraction: float = 0.05,
+                     caps: Caps = Caps()) -> list[str]:
     """Label names in id order: the 45 Youku categories, the training split's sorted labels, or a list."""
     if isinstance(source.labels, list):
         return list(source.labels)
     if source.labels == "youku":
         return list(YOUKU_CATEGORIES)
-    names = sorted({r["label_name"] for r in _read_split(source, root, "train", max_bad_fraction)
+    names = sorted({r["label_name"] for r in _read_split(source, root, "train", max_bad_fraction, caps)
                     if r["label_name"] is not None})
     if source.labels == "auto" and names and all(n in YOUKU_CATEGORIES or n.isdigit() for n in names):
         return list(YOUKU_CATEGORIES)
@@ -131,14 +133,16 @@ def _apply_labels(rows: list[dict], vocab: list[str], source: "SourceConfig") ->
     return kept
 
 
-def read_rows(source: "SourceConfig", root: str, split: str, max_bad_fraction: float = 0.05) -> list[dict]:
-    """Rows of one source's ``train`` or ``val`` split, with clip indices and label ids assigned."""
+def read_rows(source: "SourceConfig", root: str, split: str, max_bad_fraction: float = 0.05,
+              caps: Caps = Caps()) -> list[dict]:
+    """Rows of one source's ``train`` or ``val`` split, with clip indices and label ids assigned.
+    ``caps`` bounds what is read (``DataConfig.caps()``)."""
     spec = SOURCES.get(source.format)
     if spec is None:
         raise AnnotationError(f"unknown source format {source.format!r}; accepted: {', '.join(sorted(SOURCES))}")
-    rows = _read_split(source, root, split, max_bad_fraction)
+    rows = _read_split(source, root, split, max_bad_fraction, caps)
     if spec.classification:
-        rows = _apply_labels(rows, label_vocabulary(source, root, max_bad_fraction), source)
+        rows = _apply_labels(rows, label_vocabulary(source, root, max_bad_fraction, caps), source)
     if not (spec.sharded and any(r["clip_index"] is not None for r in rows)):
         assign_clip_index(rows)
     return rows

@@ -24,6 +24,8 @@ import csv
 import io
 import json
 import logging
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -33,6 +35,15 @@ log = logging.getLogger(__name__)
 
 ROW_KEYS = ("media_uri", "start", "end", "text", "text_b", "answer", "label", "label_name", "clip_index", "id",
             "modality", "references")
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Size caps for untrusted input (``data.max_annotation_bytes`` / ``data.max_object_bytes``);
+    None = unbounded."""
+
+    annotation_bytes: int | None = None
+    object_bytes: int | None = None
 
 
 class AnnotationError(ValueError):
@@ -75,9 +86,14 @@ class ParseReport:
                                   f"(limit {max_bad_fraction:.0%}); first ones:\n  {shown}")
 
 
-def read_text(uri: str) -> str:
+def read_text(uri: str, max_bytes: int | None = None) -> str:
+    """The whole annotation file as text; larger than ``max_bytes`` (``data.max_annotation_bytes``)
+    is an AnnotationError before it is read."""
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, max_bytes=max_bytes)
+    except storage.TooLarge as e:
+        raise AnnotationError(f"{e}; raise data.max_annotation_bytes if this file is meant to be this big, "
+                              "or split it") from None
     except FileNotFoundError:
         raise AnnotationError(f"annotation file not found: {uri}") from None
     except Exception as e:  # noqa: BLE001 - boto's NoSuchKey and friends
@@ -98,12 +114,21 @@ def csv_records(uri: str, text: str, required: tuple[str, ...], delimiter: str =
         header = next(reader)
     except StopIteration:
         raise AnnotationError(f"{uri}: empty file, expected a header with {', '.join(required)}") from None
+    except csv.Error as e:
+        raise AnnotationError(f"{uri}:1: unreadable header: {e}") from None
     header = [h.strip() for h in header]
     missing = [c for c in required if c not in header]
     if missing:
         raise AnnotationError(f"{uri}:1: header {header} lacks column(s) {missing}; this format needs "
                               f"{', '.join(required)}")
-    for values in reader:
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # a field over csv.field_size_limit() (128 KiB), a NUL byte ...: this row only
+            yield reader.line_num, {"__error__": f"unreadable CSV row: {e}"}
+            continue
         line = reader.line_num
         if not values or all(not v.strip() for v in values):
             continue
@@ -121,15 +146,60 @@ def json_records(uri: str, text: str) -> Iterator[tuple[int, Any]]:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise AnnotationError(f"{uri}:{e.lineno}: not valid JSON: {e.msg}") from None
+        except (RecursionError, ValueError):  # an element nested too deep, a 5000-digit number ...
+            yield from _json_array_elements(uri, text)
+            return
         yield from ((i + 1, r) for i, r in enumerate(items))
         return
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            yield i, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield i, {"__error__": f"not valid JSON: {e.msg}"}
+        yield i, _loads_record(line)
+
+
+def _loads_record(text: str) -> Any:
+    """One JSON record, or an ``__error__`` record saying why not (never an exception)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        return {"__error__": f"not valid JSON: {e.msg}"}
+    except RecursionError:
+        return {"__error__": "JSON nested too deeply"}
+    except ValueError as e:  # e.g. an integer past sys.get_int_max_str_digits()
+        return {"__error__": f"not usable JSON: {str(e)[:120]}"}
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+
+
+def _json_array_elements(uri: str, text: str) -> Iterator[tuple[int, Any]]:
+    """The elements of a top-level JSON array one by one (index + 1, record), so one element that
+    cannot be decoded (nested too deep) is one malformed row; strings are skipped whole by the regex."""
+    depth, start, index = 0, None, 0
+    for m in _JSON_TOKEN.finditer(text):
+        tok = m.group()
+        if tok[0] == '"':
+            continue
+        if tok in "[{":
+            depth += 1
+            if depth == 1:
+                start = m.end()
+        elif tok in "]}":
+            depth -= 1
+            if depth == 0:
+                break
+        elif depth == 1:  # a comma between top-level elements
+            index += 1
+            yield index, _loads_record(text[start:m.start()])
+            start = m.end()
+        if depth < 0:
+            break
+    if depth != 0 or start is None:
+        raise AnnotationError(f"{uri}: not valid JSON: unbalanced brackets")
+    last = text[start:m.start()]
+    if last.strip():
+        index += 1
+        yield index, _loads_record(last)
 
 
 def parse_records(uri: str, records: Iterator[tuple[int, Any]], to_row, report: ParseReport) -> list[dict]:
@@ -144,8 +214,12 @@ def parse_records(uri: str, records: Iterator[tuple[int, Any]], to_row, report: 
         except KeyError as e:
             report.bad(line, f"missing field {e}")
             continue
-        except (MalformedRow, ValueError, TypeError) as e:
-            report.bad(line, str(e))
+        except RecursionError:
+            report.bad(line, "record nested too deeply")
+            continue
+        except (MalformedRow, ValueError, TypeError, AttributeError, IndexError, OverflowError) as e:
+            # a field of the wrong type (a list where a string belongs ...) is this row's problem only
+            report.bad(line, str(e)[:300] or type(e).__name__)
             continue
         for r in out if isinstance(out, list) else [out]:
             rows.append(r)
@@ -170,6 +244,8 @@ def parse_timestamp(text: str) -> float:
     secs = 0.0
     for v in vals:
         secs = secs * 60 + v
+    if not math.isfinite(secs) or secs < 0:
+        raise MalformedRow(f"bad timestamp {text!r}: expected a finite, non-negative HH:MM:SS.mmm")
     return secs
 
 

@@ -36,20 +36,26 @@ def coco_captions(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{uri}:{e.lineno}: not valid JSON: {e.msg}") from None
-    if not isinstance(doc, dict) or "images" not in doc or "annotations" not in doc:
-        raise AnnotationError(f"{uri}: a COCO captions file needs top-level 'images' and 'annotations'")
+    except (RecursionError, ValueError) as e:  # one document: nested too deep, a 5000-digit number ...
+        raise AnnotationError(f"{uri}: not usable JSON: {str(e)[:120] or type(e).__name__}") from None
+    if (not isinstance(doc, dict) or not isinstance(doc.get("images"), list)
+            or not isinstance(doc.get("annotations"), list)):
+        raise AnnotationError(f"{uri}: a COCO captions file needs top-level lists 'images' and 'annotations'")
     files = {}
     for i, im in enumerate(doc["images"]):
-        if isinstance(im, dict) and "id" in im and im.get("file_name"):
+        if (isinstance(im, dict) and isinstance(im.get("id"), (int, str)) and isinstance(im.get("file_name"), str)
+                and im["file_name"]):
             files[im["id"]] = im["file_name"]
         else:
             report.bad(i + 1, f"images[{i}] lacks id/file_name")
     by_image: dict = {}
     for a in doc["annotations"]:
-        if isinstance(a, dict) and isinstance(a.get("caption"), str):
+        if isinstance(a, dict) and isinstance(a.get("caption"), str) and isinstance(a.get("image_id"), (int, str)):
             by_image.setdefault(a.get("image_id"), []).append(a["caption"].strip())
 
     def row(a, line):
+        if not isinstance(a, dict) or not isinstance(a.get("image_id"), (int, str)):
+            raise MalformedRow(f"annotations[{line - 1}]: not an object with an image_id")
         if a.get("image_id") not in files:
             raise MalformedRow(f"annotations[{line - 1}]: image_id {a.get('image_id')!r} not in 'images'")
         cap = need(a, "caption")

@@ -30,12 +30,18 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{d}/{stem}" if d else stem), ext.lower()
 
 
-def iter_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) for each sample of the shard, streamed; ShardError when it breaks."""
+TOO_LARGE = "__too_large__"  # sample entry naming a member over the size cap (its bytes are never read)
+
+
+def iter_samples(uri: str, max_member_bytes: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) for each sample of the shard, streamed; ShardError when it breaks.
+
+    Shards are plain (uncompressed) tars: a gzip/bz2/xz stream is a ShardError, never inflated. A
+    member larger than ``max_member_bytes`` is skipped unread and named under ``TOO_LARGE``."""
     fs, path = storage.filesystem(uri)
     key, sample = None, {}
     try:
-        with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for m in tar:
                 if not m.isfile():
                     continue
@@ -44,6 +50,9 @@ def iter_samples(uri: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     yield key, sample
                     sample = {}
                 key = k
+                if max_member_bytes is not None and m.size > max_member_bytes:
+                    sample[TOO_LARGE] = f"{m.name} is {m.size} bytes, over data.max_object_bytes={max_member_bytes}".encode()
+                    continue
                 f = tar.extractfile(m)
                 sample[ext] = f.read() if f is not None else b""
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -74,14 +83,48 @@ def media_of(sample: dict[str, bytes]) -> tuple[str | None, str]:
     return None, "text"
 
 
+# The fields a shard's JSON may carry, with the types a row accepts (None = absent).
+_STR = (str,)
+META_TYPES = {"text": _STR, "text_b": _STR, "answer": _STR, "label_name": _STR, "caption": _STR,
+              "modality": _STR, "id": (str, int), "key": (str, int), "videoid": (str, int),
+              "label": (int,), "clip_index": (int,), "start": (int, float), "end": (int, float),
+              "references": (list,)}
+
+
+def _check_meta(key: str, meta) -> dict:
+    """The sample's JSON, checked field by field: a wrong type is this sample's MalformedRow."""
+    import math  # noqa: PLC0415
+
+    if not isinstance(meta, dict):
+        raise MalformedRow(f"{key}.json: the top level is a {type(meta).__name__}, expected an object")
+    for k, types in META_TYPES.items():
+        v = meta.get(k)
+        if v is None:
+            continue
+        if not isinstance(v, types) or isinstance(v, bool):
+            raise MalformedRow(f"{key}.json: {k!r} is a {type(v).__name__}, expected {'/'.join(t.__name__ for t in types)}")
+        if k in ("start", "end") and (not math.isfinite(v) or v < 0):
+            raise MalformedRow(f"{key}.json: {k}={v!r} is not a finite, non-negative number of seconds")
+        if k == "references" and not all(isinstance(r, str) for r in v):
+            raise MalformedRow(f"{key}.json: 'references' must be a list of strings")
+        if k == "modality" and v not in ("video", "image", "text"):
+            raise MalformedRow(f"{key}.json: modality {v!r} is not video, image or text")
+    if meta.get("start") is not None and meta.get("end") is not None and meta["end"] <= meta["start"]:
+        raise MalformedRow(f"{key}.json: end {meta['end']} is not after start {meta['start']}")
+    return meta
+
+
 def sample_to_row(fmt: str, shard: str, key: str, sample: dict[str, bytes]) -> dict:
     """One row (``media_uri`` = ``<shard>#<member>``) from a sample; MalformedRow when unusable."""
+    if TOO_LARGE in sample:
+        raise MalformedRow(sample[TOO_LARGE].decode())
     meta = {}
     if "json" in sample:
         try:
             meta = json.loads(sample["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MalformedRow(f"{key}.json: not valid JSON ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise MalformedRow(f"{key}.json: not valid JSON ({str(e)[:120] or type(e).__name__})") from None
+        meta = _check_meta(key, meta)
     ext, modality = media_of(sample)
     if ext is None and fmt != "wds":
         raise MalformedRow(f"sample {key!r} has no media member (has {sorted(sample)})")
@@ -98,11 +141,12 @@ def sample_to_row(fmt: str, shard: str, key: str, sample: dict[str, bytes]) -> d
                     modality=modality)
 
 
-def read_shard_rows(fmt: str, shard: str, report: ParseReport, with_bytes: bool = False) -> list[dict]:
+def read_shard_rows(fmt: str, shard: str, report: ParseReport, with_bytes: bool = False,
+                    max_member_bytes: int | None = None) -> list[dict]:
     """Every row of one shard (``media_bytes`` kept when ``with_bytes``); malformed samples are counted."""
     rows = []
     try:
-        for i, (key, sample) in enumerate(iter_samples(shard), 1):
+        for i, (key, sample) in enumerate(iter_samples(shard, max_member_bytes), 1):
             try:
                 row = sample_to_row(fmt, shard, key, sample)
             except MalformedRow as e:
@@ -118,12 +162,14 @@ def read_shard_rows(fmt: str, shard: str, report: ParseReport, with_bytes: bool 
     return rows
 
 
-def read_member(uri: str) -> bytes:
+def read_member(uri: str, max_bytes: int | None = None) -> bytes:
     """Bytes of ``<shard>.tar#<member>`` (scans the shard; the pipeline streams whole shards instead)."""
     shard, _, member = uri.partition("#")
     key, ext = _split_key(member)
-    for k, sample in iter_samples(shard):
+    for k, sample in iter_samples(shard, max_bytes):
         if k == key:
+            if TOO_LARGE in sample and ext not in sample:
+                raise storage.TooLarge(sample[TOO_LARGE].decode())
             if ext not in sample:
                 break
             return sample[ext]

@@ -48,10 +48,10 @@ def parse_caption_list(value: str) -> list[str]:
         return [v]
     try:
         caps = json.loads(v)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON (or nested too deep): try a Python literal
         try:
             caps = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):  # untrusted text
             raise MalformedRow(f"golden_caption {v[:60]!r} is neither a caption nor a list literal") from None
     if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
         raise MalformedRow(f"golden_caption {v[:60]!r}: expected a non-empty list of strings")
