@@ -27,9 +27,10 @@ COLUMNS = ("frames", "text_ids", "text_mask", "answer_ids", "answer_mask")
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    num_beams: int = Field(3, ge=1, description="beam width of answer generation (1 = greedy)")
+    num_beams: int = Field(5, ge=1, description="beam width of answer generation (1 = greedy; reference: 5)")
     max_length: int = Field(10, ge=1, description="generated answer tokens at most, [SEP] included")
-    length_penalty: float = 1.0
+    min_length: int = Field(1, ge=0, description="tokens before [SEP] may end an answer (reference: 1)")
+    length_penalty: float = Field(0.6, description="GNMT alpha: beams ranked by score / ((5 + len) / 6) ** alpha")
     # Closed-set evaluation: the candidate answers (a list, or a local JSON file holding one).
     answer_list: list[str] | str | None = None
     rank_batch: int = Field(128, ge=1, description="candidate answers scored per decoder call")
@@ -112,7 +113,8 @@ def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
         states, states_mask = cross_states(model, batch)
         ids, mask = batch["text_ids"], batch["text_mask"]
         g = model.generate(states, states_mask, ids, mask, num_beams=task_cfg.num_beams,
-                           max_length=task_cfg.max_length, length_penalty=task_cfg.length_penalty)
+                           max_length=task_cfg.max_length, length_penalty=task_cfg.length_penalty,
+                           min_length=min(task_cfg.min_length, task_cfg.max_length - 1))
         preds += common.decode_texts(tok, g.sequences)
         questions += common.decode_texts(tok, ids)
         golds += common.decode_texts(tok, batch["answer_ids"])
