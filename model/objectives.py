@@ -86,6 +86,14 @@ class ContrastiveOutput:
     text_embed: torch.Tensor
 
 
+def distill_alpha(alpha: float, step: int | None, ramp_steps: int | None) -> float:
+    """Distillation weight at optimizer step ``step``: ALBEF / mPLUG ramp it up over the first epoch,
+    ``alpha * min(1, step / steps_per_epoch)``; full ``alpha`` when the step or the ramp is unknown."""
+    if step is None or not ramp_steps:
+        return alpha
+    return alpha * min(1.0, step / ramp_steps)
+
+
 def contrastive_loss(model, u: UniversalOutput, frames: torch.Tensor, text_ids: torch.Tensor,
                      text_mask: torch.Tensor, idx: torch.Tensor | None = None,
                      alpha: float | None = None) -> ContrastiveOutput:
