@@ -27,9 +27,6 @@ class Config(BaseModel):
     modality: Literal["auto", "video", "image"] = Field(
         "auto", description="instruction of the LM loss: auto = from the batch (T = 1: image), or forced")
     k_test: int = Field(16, ge=1, description="evaluation: candidates re-ranked by the matching head")
-    alpha_ramp_steps: int | None = Field(
-        None, ge=1, description="optimizer steps of the first epoch (train rows / global batch): the distillation "
-        "weight ramps up over them as in the reference, alpha * min(1, step / alpha_ramp_steps); none: no ramp")
 
 
 def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretrained=None):
@@ -50,7 +47,7 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
     frames = common.frames_of(model, batch)                           # [B, T, 3, H, W]
     idx = batch.get("clip_index")
     u = model(frames=frames, text_ids=ids, text_mask=mask)
-    alpha = objectives.distill_alpha(model.config.alpha, batch.get("train_step"), task_cfg.alpha_ramp_steps)
+    alpha = objectives.distill_alpha(model.config.alpha, batch.get("epoch_progress"))  # ramps over epoch 1
     itc = objectives.contrastive_loss(model, u, frames, ids, mask, idx=idx, alpha=alpha)
     itm = objectives.matching_loss(model, u, itc.sim_i2t, itc.sim_t2i, idx=idx)
     mlm = objectives.mlm_loss(model, ids, mask, vision_tokens=u.vision_tokens)

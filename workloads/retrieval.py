@@ -22,9 +22,6 @@ class Config(BaseModel):
     itm_weight: float = Field(1.0, ge=0)
     k_test: int = Field(128, ge=1, description="candidates per query re-scored by the matching head")
     rerank: bool = True
-    alpha_ramp_steps: int | None = Field(
-        None, ge=1, description="optimizer steps of the first epoch (train rows / global batch): the distillation "
-        "weight ramps up over them as in the reference, alpha * min(1, step / alpha_ramp_steps); none: no ramp")
 
 
 def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretrained=None):
@@ -35,7 +32,7 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
     frames = common.frames_of(model, batch)
     ids, mask, idx = batch["text_ids"], batch["text_mask"], batch.get("clip_index")
     u = model(frames=frames, text_ids=ids, text_mask=mask)
-    alpha = objectives.distill_alpha(model.config.alpha, batch.get("train_step"), task_cfg.alpha_ramp_steps)
+    alpha = objectives.distill_alpha(model.config.alpha, batch.get("epoch_progress"))  # ramps over epoch 1
     itc = objectives.contrastive_loss(model, u, frames, ids, mask, idx=idx, alpha=alpha)
     itm = objectives.matching_loss(model, u, itc.sim_i2t, itc.sim_t2i, idx=idx)
     return {"loss": task_cfg.itc_weight * itc.loss + task_cfg.itm_weight * itm, "itc": itc.loss, "itm": itm}

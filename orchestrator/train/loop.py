@@ -196,7 +196,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     state["epoch_batches"] += 1  # media batches only: what a resumed epoch skips
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch.update(constants)
-                batch["train_step"] = state["step"]  # optimizer steps so far (e.g. the distillation-weight ramp)
+                if tcfg.steps_per_epoch:  # e.g. the distillation-weight ramp over the first epoch
+                    batch["epoch_progress"] = state["step"] / tcfg.steps_per_epoch
                 losses = workload.loss(engine.module, batch, task_cfg)
                 engine.backward(losses["loss"])
                 engine.step()

@@ -182,11 +182,11 @@ def test_temperature_is_clamped_in_place_and_keeps_its_gradient(dtype):
 
 
 def test_distillation_alpha_ramps_over_the_first_epoch(monkeypatch):
-    assert O.distill_alpha(0.4, 0, 100) == 0.0
-    assert O.distill_alpha(0.4, 50, 100) == pytest.approx(0.2)
-    assert O.distill_alpha(0.4, 250, 100) == 0.4
-    assert O.distill_alpha(0.4, None, 100) == 0.4 and O.distill_alpha(0.4, 7, None) == 0.4
-    # the workloads read the loop's optimizer step from the batch
+    assert O.distill_alpha(0.4, 0.0) == 0.0
+    assert O.distill_alpha(0.4, 0.5) == pytest.approx(0.2)
+    assert O.distill_alpha(0.4, 2.5) == 0.4
+    assert O.distill_alpha(0.4, None) == 0.4
+    # the workloads read the loop's epoch progress (step / train.steps_per_epoch) from the batch
     from workloads import pretrain, retrieval
     seen = []
     real = O.contrastive_loss
@@ -201,10 +201,10 @@ def test_distillation_alpha_ramps_over_the_first_epoch(monkeypatch):
     for wl in (retrieval, pretrain):
         torch.manual_seed(0)
         m = wl.build_model(tiny(), wl.Config()).eval()
-        for step in (0, 30, None):
+        for progress in (0.0, 0.5, None):
             b = {"frames": frames, "text_ids": ids, "text_mask": mask}
-            if step is not None:
-                b["train_step"] = step
+            if progress is not None:
+                b["epoch_progress"] = progress
             with torch.no_grad():
-                wl.loss(m, b, wl.Config(alpha_ramp_steps=60))
+                wl.loss(m, b, wl.Config())
     assert seen == [0.0, pytest.approx(0.2), 0.4] * 2
