@@ -10,7 +10,7 @@ from .layers import ACT
 
 
 class ContrastiveHeads(nn.Module):
-    """Project the [CLS] of each modality to embed_dim; temperature learnable, clamped on use."""
+    """Project the [CLS] of each modality to embed_dim; temperature learnable, clamped in place."""
 
     def __init__(self, cfg: MPlugConfig) -> None:
         super().__init__()
@@ -27,7 +27,12 @@ class ContrastiveHeads(nn.Module):
         return F.normalize(self.text_proj(text_hidden[:, 0]).float(), dim=-1)      # [B, D]
 
     def temperature(self) -> torch.Tensor:
-        return self.temp.clamp(self.temp_min, self.temp_max)[0]           # scalar
+        """The learnable temperature, clamped in place first (the reference's ``temp.clamp_`` under
+        no_grad): the value used is always in range and its gradient never vanishes. A clamp on use
+        (``temp.clamp(...)``) would give a zero gradient for good once the parameter left the range."""
+        with torch.no_grad():
+            self.temp.clamp_(self.temp_min, self.temp_max)
+        return self.temp[0]                                            # scalar
 
 
 class MatchingHead(nn.Module):

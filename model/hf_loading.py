@@ -1,5 +1,6 @@
 """Starting weights from Hugging Face: CLIP vision -> dual-vision encoder, BERT -> text encoder,
-universal layers (last S BERT layers) and warm starts for the decoder / fusion self-attention+FFN.
+universal layers (last S BERT layers), BERT's pre-trained MLM head (transform + bias: the MLM head
+and the decoder's LM head) and warm starts for the decoder / fusion self-attention+FFN.
 
 ``vision_pretrained`` / ``text_pretrained`` are local directories or hub names; both go through
 transformers' ``from_pretrained``. The checkpoint's architecture must match the MPlugConfig
@@ -50,10 +51,19 @@ BERT_LAYER_RULES = [  # relative to encoder.layer.<i>.
     (r"^output\.LayerNorm\.", "ffn_ln."),
 ]
 
+# cls.predictions.* -> (MLM head, decoder LM head); both are BERT's LMPredictionHead
+MLM_HEAD_RULES = [
+    (r"^cls\.predictions\.transform\.dense\.(weight|bias)$", (r"dense.\1", r"head_dense.\1")),
+    (r"^cls\.predictions\.transform\.LayerNorm\.(weight|bias)$", (r"ln.\1", r"head_ln.\1")),
+    (r"^cls\.predictions\.bias$", ("bias", "head_bias")),
+]
 
-def _apply(rules, key: str) -> str | None:
+
+def _apply(rules, key: str):
     for pat, rep in rules:
         if re.search(pat, key):
+            if isinstance(rep, tuple):
+                return tuple(re.sub(pat, r, key) for r in rep)
             return re.sub(pat, rep, key)
     return None
 
@@ -98,13 +108,16 @@ def load_hf_vision(path: str, cfg: MPlugConfig) -> tuple[dict[str, torch.Tensor]
 
 def load_hf_text(path: str, cfg: MPlugConfig, built: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """-> (hf state dict, {our key: hf key}) for text encoder, universal, decoder and fusion warm starts."""
-    from transformers import AutoConfig, BertModel  # noqa: PLC0415
+    from transformers import AutoConfig, BertForMaskedLM  # noqa: PLC0415
 
     mt = AutoConfig.from_pretrained(path).model_type
     if mt not in TEXT_TYPES:
         raise ValueError(f"text_pretrained={path!r} is a {mt!r} checkpoint; expected a BERT checkpoint "
                          f"(BertModel / BertForMaskedLM, model_type one of {TEXT_TYPES})")
-    hf = BertModel.from_pretrained(path, add_pooling_layer=False)
+    # BertForMaskedLM: the pre-trained MLM head (transform + bias) comes too when the checkpoint has it
+    # (hub BERTs do: BertForPreTraining); a bare BertModel checkpoint leaves it freshly initialised.
+    hf, info = BertForMaskedLM.from_pretrained(path, output_loading_info=True)
+    fresh = set(info.get("missing_keys", ()))
     c = hf.config
     _check_arch("BERT", path, [
         ("hidden_size", c.hidden_size, "text_width", cfg.text_width),
@@ -117,10 +130,18 @@ def load_hf_text(path: str, cfg: MPlugConfig, built: set[str]) -> tuple[dict[str
         ("hidden_act", c.hidden_act, "text_act", cfg.text_act),
         ("layer_norm_eps", c.layer_norm_eps, "text_ln_eps", cfg.text_ln_eps),
     ])
-    state = {k.removeprefix("bert."): v for k, v in hf.state_dict().items()}
+    tied = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")  # = word embeddings / bias
+    state = {k.removeprefix("bert."): v for k, v in hf.state_dict().items() if k not in fresh and k not in tied}
     m, n_layers = cfg.text_encoder_layers, cfg.text_layers
     mapping = {}
     for k in state:
+        head = _apply(MLM_HEAD_RULES, k)
+        if head is not None:                                       # MLM head and the decoder's LM head
+            if "mlm" in built:
+                mapping["mlm." + head[0]] = k
+            if "decoder" in built:
+                mapping["decoder." + head[1]] = k
+            continue
         emb = _apply(BERT_EMBED_RULES, k)
         if emb is not None:
             if "text" in built:

@@ -59,15 +59,20 @@ class Attention(nn.Module):
             nn.init.zeros_(self.o.bias)
             self.o.keep_zero_init = True   # MPlug2.init_weights leaves it at zero
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        # x [B, Lq, C], kv [B, Lk, Ckv], mask bool [B|1, 1, Lq|1, Lk] (True = attend)
-        kv = x if kv is None else kv
-        b, lq, c = x.shape
-        lk = kv.shape[1]
-        q = self.q(x).view(b, lq, self.heads, -1).transpose(1, 2)     # [B, H, Lq, D]
+    def kv_heads(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``kv`` [B, Lk, Ckv], split into heads: two [B, H, Lk, D]."""
+        b, lk, _ = kv.shape
         k = self.k(kv).view(b, lk, self.heads, -1).transpose(1, 2)    # [B, H, Lk, D]
         v = self.v(kv).view(b, lk, self.heads, -1).transpose(1, 2)    # [B, H, Lk, D]
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                kv_heads: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        # x [B, Lq, C], kv [B, Lk, Ckv], mask bool [B|1, 1, Lq|1, Lk] (True = attend);
+        # kv_heads: precomputed (cached) keys/values [B, H, Lk, D], used instead of projecting kv
+        b, lq, c = x.shape
+        q = self.q(x).view(b, lq, self.heads, -1).transpose(1, 2)     # [B, H, Lq, D]
+        k, v = kv_heads if kv_heads is not None else self.kv_heads(x if kv is None else kv)
         p = self.dropout if self.training else 0.0
         if self.impl == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -112,6 +117,21 @@ class PostLNLayer(nn.Module):
         if kv is not None:
             x = self.cross_block(x, kv, kv_mask)
         return self.ffn_block(x)
+
+    def step(self, x: torch.Tensor, mask: torch.Tensor | None, past: tuple[torch.Tensor, torch.Tensor] | None,
+             cross_kv: tuple[torch.Tensor, torch.Tensor] | None, cross_mask: torch.Tensor | None,
+             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Incremental decoding: ``x`` [B, n, C] are the new positions, ``past`` the cached self-attention
+        keys/values [B, H, L, D] of the earlier ones, ``cross_kv`` the cross-attention keys/values
+        computed once. ``mask`` [B, 1, n, L+n]. Returns (output [B, n, C], keys/values [B, H, L+n, D])."""
+        k, v = self.self_attn.kv_heads(x)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        x = self.self_ln(x + self.drop(self.self_attn(x, mask=mask, kv_heads=(k, v))))
+        if cross_kv is not None:
+            assert self.cross_attn is not None and self.cross_ln is not None
+            x = self.cross_ln(x + self.drop(self.cross_attn(x, mask=cross_mask, kv_heads=cross_kv)))
+        return self.ffn_block(x), (k, v)
 
 
 def run_layers(layers: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool, **kwargs) -> torch.Tensor:

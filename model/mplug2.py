@@ -107,11 +107,17 @@ class MPlug2(nn.Module):
     @torch.no_grad()
     def generate(self, cross_states: torch.Tensor, cross_mask: torch.Tensor | None = None,
                  prompt_ids: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
-                 num_beams: int = 1, max_length: int = 20, length_penalty: float = 1.0) -> generation.GenerationOutput:
-        """Greedy (num_beams=1) or beam search. Prompts default to [CLS]; max_length counts new tokens."""
+                 num_beams: int = 1, max_length: int = 20, length_penalty: float = 0.6, min_length: int = 0,
+                 use_cache: bool = True) -> generation.GenerationOutput:
+        """Greedy (num_beams=1) or beam search. Prompts default to [CLS]; max_length counts new tokens,
+        min_length the tokens before [SEP] may end it; beams are ranked with the GNMT length penalty
+        ((5 + len) / 6) ** length_penalty. ``use_cache=False`` re-runs the decoder on the whole
+        sequence every step (same ids, far slower)."""
         dec = self._need("decoder", "generate")
         if num_beams < 1 or max_length < 1:
             raise ValueError(f"num_beams={num_beams} and max_length={max_length} must both be >= 1")
+        if not 0 <= min_length < max_length:
+            raise ValueError(f"min_length={min_length} must be in [0, max_length={max_length})")
         cfg = self.config
         if prompt_ids is None:
             prompt_ids = torch.full((cross_states.shape[0], 1), cfg.bos_token_id, device=cross_states.device)
@@ -120,8 +126,9 @@ class MPlug2(nn.Module):
         args = (dec, prompt_ids, prompt_mask, cross_states, cross_mask, max_length, cfg.eos_token_id,
                 cfg.pad_token_id)
         if num_beams == 1:
-            return generation.greedy(*args)
-        return generation.beam_search(*args, num_beams=num_beams, length_penalty=length_penalty)
+            return generation.greedy(*args, min_length=min_length, use_cache=use_cache)
+        return generation.beam_search(*args, num_beams=num_beams, length_penalty=length_penalty,
+                                      min_length=min_length, use_cache=use_cache)
 
     def forward(self, frames: torch.Tensor | None = None, text_ids: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None, text_type_ids: torch.Tensor | None = None) -> UniversalOutput:

@@ -86,6 +86,15 @@ class ContrastiveOutput:
     text_embed: torch.Tensor
 
 
+def distill_alpha(alpha: float, epoch_progress: float | None) -> float:
+    """Distillation weight after ``epoch_progress`` epochs of optimizer steps (step / steps_per_epoch):
+    ALBEF / mPLUG ramp it up over the first epoch, ``alpha * min(1, step / steps_per_epoch)``; the full
+    ``alpha`` when the progress is unknown (evaluation, or no ``train.steps_per_epoch``)."""
+    if epoch_progress is None:
+        return alpha
+    return alpha * min(1.0, float(epoch_progress))
+
+
 def contrastive_loss(model, u: UniversalOutput, frames: torch.Tensor, text_ids: torch.Tensor,
                      text_mask: torch.Tensor, idx: torch.Tensor | None = None,
                      alpha: float | None = None) -> ContrastiveOutput:

@@ -15,6 +15,9 @@ key                dtype / shape                meaning
 ``label``          int64 ``[B]``                class id (classification, GLUE)
 ``clip_index``     int64 ``[B]``                which clip a row shows (retrieval: several
                                                 captions can share one clip)
+``epoch_progress`` Python float                optimizer steps so far / ``train.steps_per_epoch``;
+                                                set by the train loop on training batches when
+                                                that is configured (absent otherwise)
 =================  ===========================  =================================================
 
 A workload module ``workloads/<name>.py`` exposes::

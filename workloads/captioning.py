@@ -1,8 +1,9 @@
 """Video (and image: T = 1) captioning (paper Table 2: vision + universal + shared decoder).
 
 The decoder cross-attends to the universal visual tokens, prompted with the instruction "what does
-the video describe?" (Appendix B.2.3; "... image ..." for images); fine-tuned with cross-entropy on
-the caption.  Evaluation generates one caption per clip (beam 5, at most 25 tokens) and scores it
+the video describe?" (Appendix B.2.3; "... image ..." for image batches, T = 1); fine-tuned with
+cross-entropy on the caption.  Evaluation generates one caption per clip (beam 5, at most 25 tokens,
+at least 4 before [SEP], GNMT length penalty alpha 0.6, as the reference) and scores it
 against every reference caption of that clip: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap);
 Chinese captions (Youku-mPLUG) character by character.
 
@@ -26,10 +27,12 @@ COLUMNS = ("frames", "answer_ids", "answer_mask", "clip_index")
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    modality: Literal["video", "image"] = Field("video", description="picks the instruction prompt")
+    modality: Literal["auto", "video", "image"] = Field(
+        "auto", description="instruction prompt: auto = from the batch (T = 1: image), or forced")
     num_beams: int = Field(5, ge=1)
     max_length: int = Field(25, ge=1, description="generated tokens at most, [SEP] included")
-    length_penalty: float = 1.0
+    min_length: int = Field(4, ge=0, description="tokens before [SEP] may end a caption (reference: 4)")
+    length_penalty: float = Field(0.6, description="GNMT alpha: beams ranked by score / ((5 + len) / 6) ** alpha")
     chinese: bool = Field(False, description="score character by character (Youku-mPLUG captions)")
     with_meteor: bool = Field(True, description="METEOR needs Java; false skips it")
 
@@ -39,9 +42,8 @@ def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretra
 
 
 def batch_constants(tokenizer, task_cfg: Config) -> dict[str, torch.Tensor]:
-    """The instruction prompt, tokenised once per worker: [1, Lp]."""
-    enc = tokenizer(objectives.instruction_for(TASK, task_cfg.modality), return_tensors="pt")
-    return {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"]}
+    """The instruction prompts, tokenised once per worker: [1, Lp] (video, and image for T = 1 batches)."""
+    return common.instruction_constants(tokenizer, TASK, task_cfg.modality)
 
 
 def visual_tokens(model, batch: dict) -> torch.Tensor:
@@ -79,7 +81,8 @@ def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
         v = visual_tokens(model, {"frames": batch["frames"][new]})           # [n_new, Nv, Ct]
         prompt_ids, prompt_mask = common.expand_prompt(batch, len(new))
         g = model.generate(v, None, prompt_ids, prompt_mask, num_beams=task_cfg.num_beams,
-                           max_length=task_cfg.max_length, length_penalty=task_cfg.length_penalty)
+                           max_length=task_cfg.max_length, length_penalty=task_cfg.length_penalty,
+                           min_length=min(task_cfg.min_length, task_cfg.max_length - 1))
         for c, text in zip((clips[i] for i in new), common.decode_texts(tok, g.sequences)):
             predictions[c] = text
     scored = sorted(c for c in predictions if references.get(c))

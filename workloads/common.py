@@ -102,12 +102,37 @@ def decode_texts(tokenizer, ids: torch.Tensor) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
 
 
+def instruction_constants(tokenizer, task: str, modality: str) -> dict[str, torch.Tensor]:
+    """The instruction prompts of ``task``, tokenised once per worker ([1, Lp] each): ``prompt_*`` the
+    video one and ``image_prompt_*`` the image one when ``modality`` is "auto" (the batch decides:
+    T = 1 is an image); only ``prompt_*`` when a modality is forced."""
+    from model import objectives  # noqa: PLC0415
+
+    def enc(mod: str) -> tuple[torch.Tensor, torch.Tensor]:
+        e = tokenizer(objectives.instruction_for(task, mod), return_tensors="pt")
+        return e["input_ids"], e["attention_mask"]
+
+    ids, mask = enc("video" if modality == "auto" else modality)
+    out = {"prompt_ids": ids, "prompt_mask": mask}
+    if modality == "auto":
+        out["image_prompt_ids"], out["image_prompt_mask"] = enc("image")
+    return out
+
+
+def is_image_batch(batch: dict) -> bool:
+    """uint8 frames [B, T, H, W, 3] with T = 1 (or [B, H, W, 3]): images."""
+    frames = batch.get("frames")
+    return frames is not None and (frames.dim() == 4 or frames.shape[1] == 1)
+
+
 def expand_prompt(batch: dict, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The batch constant ``prompt_ids``/``prompt_mask`` [1, Lp] -> [B, Lp]; KeyError names the fix."""
+    """The batch constant ``prompt_ids``/``prompt_mask`` [1, Lp] -> [B, Lp]; the image instruction
+    (``image_prompt_*``) for an image batch (T = 1) when the constants carry one. KeyError names the fix."""
     if "prompt_ids" not in batch:
         raise KeyError("the batch has no 'prompt_ids': add the workload's batch_constants(tokenizer, task_cfg) "
                        "to every batch (the train loop and orchestrator.evaluate do)")
-    return batch["prompt_ids"].expand(b, -1), batch["prompt_mask"].expand(b, -1)
+    key = "image_prompt" if "image_prompt_ids" in batch and is_image_batch(batch) else "prompt"
+    return batch[f"{key}_ids"].expand(b, -1), batch[f"{key}_mask"].expand(b, -1)
 
 
 def drop_leading_bos(ids: torch.Tensor, mask: torch.Tensor, bos: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ loss is returned under its own name, weighted into ``loss``.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,7 +24,8 @@ class Config(BaseModel):
     itc_weight: float = Field(1.0, ge=0)
     itm_weight: float = Field(1.0, ge=0)
     lm_weight: float = Field(1.0, ge=0)
-    modality: str = Field("video", description="instruction of the LM loss: video | image")
+    modality: Literal["auto", "video", "image"] = Field(
+        "auto", description="instruction of the LM loss: auto = from the batch (T = 1: image), or forced")
     k_test: int = Field(16, ge=1, description="evaluation: candidates re-ranked by the matching head")
 
 
@@ -33,14 +34,9 @@ def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretra
 
 
 def batch_constants(tokenizer, task_cfg: Config) -> dict[str, torch.Tensor]:
-    """The instruction prompts of the LM loss, tokenised once per worker: [1, Lp] each.  ``prompt_*``
-    follows ``task.modality``; ``image_prompt_*`` / ``video_prompt_*`` are picked per batch by its
-    frame count (a run mixing images and videos has batches of each)."""
-    out = {}
-    for prefix, modality in (("", task_cfg.modality), ("image_", "image"), ("video_", "video")):
-        enc = tokenizer(objectives.instruction_for(TASK, modality), return_tensors="pt")
-        out[f"{prefix}prompt_ids"], out[f"{prefix}prompt_mask"] = enc["input_ids"], enc["attention_mask"]
-    return out
+    """The instruction prompts of the LM loss, tokenised once per worker: [1, Lp] (video, and image
+    for T = 1 batches)."""
+    return common.instruction_constants(tokenizer, TASK, task_cfg.modality)
 
 
 def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
@@ -51,14 +47,15 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
     frames = common.frames_of(model, batch)                           # [B, T, 3, H, W]
     idx = batch.get("clip_index")
     u = model(frames=frames, text_ids=ids, text_mask=mask)
-    itc = objectives.contrastive_loss(model, u, frames, ids, mask, idx=idx)
+    alpha = objectives.distill_alpha(model.config.alpha, batch.get("epoch_progress"))  # ramps over epoch 1
+    itc = objectives.contrastive_loss(model, u, frames, ids, mask, idx=idx, alpha=alpha)
     itm = objectives.matching_loss(model, u, itc.sim_i2t, itc.sim_t2i, idx=idx)
     mlm = objectives.mlm_loss(model, ids, mask, vision_tokens=u.vision_tokens)
     b = ids.shape[0]
-    kind = "image_" if frames.shape[1] == 1 else "video_"            # T = 1: an image batch
-    key = kind if f"{kind}prompt_ids" in batch else ""
-    prompt_ids = batch[f"{key}prompt_ids"].expand(b, -1) if f"{key}prompt_ids" in batch else ids[:, :1]
-    prompt_mask = batch[f"{key}prompt_mask"].expand(b, -1) if f"{key}prompt_mask" in batch else mask[:, :1]
+    if "prompt_ids" in batch:
+        prompt_ids, prompt_mask = common.expand_prompt(batch, b)          # image instruction when T = 1
+    else:
+        prompt_ids, prompt_mask = ids[:, :1], mask[:, :1]
     lm = objectives.lm_loss(model, u.vision_tokens, None, prompt_ids, prompt_mask, ids, mask)
     total = (task_cfg.itc_weight * itc.loss + task_cfg.itm_weight * itm + task_cfg.mlm_weight * mlm
              + task_cfg.lm_weight * lm)

@@ -2,8 +2,8 @@
 shared decoder).
 
 The question goes through the text encoder and universal layers, is fused with the visual tokens,
-and the shared decoder writes the answer cross-attending to the fused features, with the question
-itself as its prompt (``objectives.instruction_for("videoqa", ..., question)``).  Training is the
+and the shared decoder writes the answer cross-attending to the visual tokens followed by the fused
+question (the reference's ``cat([visual, question], 1)``), with the question itself as its prompt (``objectives.instruction_for("videoqa", ..., question)``).  Training is the
 instruction LM loss on the answer.  Evaluation is open-ended: beam search, exact-match accuracy
 after answer normalisation; with ``answer_list`` every candidate answer is also scored by the
 decoder's log-likelihood and the best one is the closed-set prediction (``ranked_accuracy``).
@@ -27,9 +27,10 @@ COLUMNS = ("frames", "text_ids", "text_mask", "answer_ids", "answer_mask")
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    num_beams: int = Field(3, ge=1, description="beam width of answer generation (1 = greedy)")
+    num_beams: int = Field(5, ge=1, description="beam width of answer generation (1 = greedy; reference: 5)")
     max_length: int = Field(10, ge=1, description="generated answer tokens at most, [SEP] included")
-    length_penalty: float = 1.0
+    min_length: int = Field(1, ge=0, description="tokens before [SEP] may end an answer (reference: 1)")
+    length_penalty: float = Field(0.6, description="GNMT alpha: beams ranked by score / ((5 + len) / 6) ** alpha")
     # Closed-set evaluation: the candidate answers (a list, or a local JSON file holding one).
     answer_list: list[str] | str | None = None
     rank_batch: int = Field(128, ge=1, description="candidate answers scored per decoder call")
@@ -56,21 +57,30 @@ def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretra
 
 
 def fused(model, batch: dict):
-    """Question encoded, passed through the universal layers and fused with the video: FusionOutput
-    (hidden [B, L, Ct], attention_mask [B, L]) - the decoder's cross states."""
+    """Question encoded, passed through the universal layers and fused with the video: (FusionOutput
+    (hidden [B, L, Ct], attention_mask [B, L]), universal visual tokens [B, Nv, Ct])."""
     u = model(frames=common.frames_of(model, batch), text_ids=batch["text_ids"], text_mask=batch["text_mask"])
-    return model.fuse(u.text_hidden, u.text_mask, u.vision_tokens)
+    return model.fuse(u.text_hidden, u.text_mask, u.vision_tokens), u.vision_tokens
+
+
+def cross_states(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answer decoder's cross states: the visual tokens followed by the fused question, as the
+    reference decodes from ``cat([visual, question], 1)``: ([B, Nv+L, Ct], mask [B, Nv+L])."""
+    f, vision = fused(model, batch)
+    mask = torch.cat([torch.ones(vision.shape[:2], dtype=f.attention_mask.dtype, device=vision.device),
+                      f.attention_mask], 1)
+    return torch.cat([vision, f.hidden], 1), mask
 
 
 def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
-    f = fused(model, batch)
-    lm = objectives.lm_loss(model, f.hidden, f.attention_mask, batch["text_ids"], batch["text_mask"],
+    states, mask = cross_states(model, batch)
+    lm = objectives.lm_loss(model, states, mask, batch["text_ids"], batch["text_mask"],
                             batch["answer_ids"], batch["answer_mask"])
     return {"loss": lm, "lm": lm}
 
 
 @torch.no_grad()
-def rank_scores(model, f, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cand_ids: torch.Tensor,
+def rank_scores(model, states: torch.Tensor, states_mask: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cand_ids: torch.Tensor,
                 cand_mask: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """Log-likelihood of every candidate answer for every question: [N, A] fp32."""
     n, a = prompt_ids.shape[0], cand_ids.shape[0]
@@ -80,7 +90,7 @@ def rank_scores(model, f, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, c
             c_ids, c_mask = cand_ids[s:s + chunk], cand_mask[s:s + chunk]   # [c, La]
             k = c_ids.shape[0]
             out[i, s:s + k] = common.sequence_logprob(
-                model, f.hidden[i:i + 1].expand(k, -1, -1), f.attention_mask[i:i + 1].expand(k, -1),
+                model, states[i:i + 1].expand(k, -1, -1), states_mask[i:i + 1].expand(k, -1),
                 prompt_ids[i:i + 1].expand(k, -1), prompt_mask[i:i + 1].expand(k, -1), c_ids, c_mask).cpu()
     return out
 
@@ -100,15 +110,16 @@ def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
         cands = (enc["input_ids"].to(device), enc["attention_mask"].to(device))
     questions, golds, preds, ranked = [], [], [], []
     for batch in batches:
-        f = fused(model, batch)
+        states, states_mask = cross_states(model, batch)
         ids, mask = batch["text_ids"], batch["text_mask"]
-        g = model.generate(f.hidden, f.attention_mask, ids, mask, num_beams=task_cfg.num_beams,
-                           max_length=task_cfg.max_length, length_penalty=task_cfg.length_penalty)
+        g = model.generate(states, states_mask, ids, mask, num_beams=task_cfg.num_beams,
+                           max_length=task_cfg.max_length, length_penalty=task_cfg.length_penalty,
+                           min_length=min(task_cfg.min_length, task_cfg.max_length - 1))
         preds += common.decode_texts(tok, g.sequences)
         questions += common.decode_texts(tok, ids)
         golds += common.decode_texts(tok, batch["answer_ids"])
         if cands is not None:
-            order = rank_answers(rank_scores(model, f, ids, mask, *cands, chunk=task_cfg.rank_batch))
+            order = rank_answers(rank_scores(model, states, states_mask, ids, mask, *cands, chunk=task_cfg.rank_batch))
             ranked += [task_cfg.answer_list[j] for j in order[:, 0].tolist()]
     if not preds:
         raise ValueError("videoqa evaluation got no batches: the validation split is empty or every clip was bad")

@@ -22,6 +22,9 @@ class TrainConfig(BaseModel):
     batch_size_per_worker: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     max_steps: int = Field(100, ge=1, description="optimizer steps")
+    steps_per_epoch: int | None = Field(None, ge=1, description="optimizer steps of one epoch (train rows / global "
+                                        "batch); the loop passes step / steps_per_epoch to the workload as "
+                                        "epoch_progress (the distillation-weight ramp); none: not passed")
     lr: float = Field(1e-4, gt=0)
     vision_lr: float | None = Field(None, gt=0, description="optional lower LR for the vision encoder")
     weight_decay: float = Field(0.02, ge=0)

@@ -268,6 +268,8 @@ def _train(config: dict[str, Any], phase) -> None:
                     progress.record(stream, batch.pop(SAMPLE_KEY))
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch.update(constants)
+                if tcfg.steps_per_epoch:  # e.g. the distillation-weight ramp over the first epoch
+                    batch["epoch_progress"] = state["step"] / tcfg.steps_per_epoch
                 losses = micro_step(engine, workload, batch, task_cfg, ema_per_step)
                 timer.samples += tcfg.batch_size_per_worker
                 for k, v in losses.items():  # each loss averaged over the micro-batches that had it

@@ -75,3 +75,31 @@ def test_wrong_kind_and_mismatched_checkpoints_are_clear_errors(tiny_hf):
         MPlug2.from_hf(_cfg(tiny_hf, text_width=128), "glue", text_pretrained=tiny_hf.bert)
     with pytest.raises(ValueError, match="builds no vision encoder"):
         MPlug2.from_hf(cfg, "glue", vision_pretrained=tiny_hf.clip)
+
+
+def test_bert_mlm_head_is_loaded_when_the_checkpoint_has_it(tiny_hf, tmp_path):
+    """A hub BERT carries its pre-trained MLM head (cls.predictions: transform + bias); it becomes the
+    MLM head and the decoder's LM head, so MLM logits equal BertForMaskedLM's."""
+    from transformers import BertForMaskedLM
+    torch.manual_seed(0)
+    hf = BertForMaskedLM.from_pretrained(tiny_hf.bert).eval()
+    with torch.no_grad():                                              # a "trained" head: not the init
+        hf.cls.predictions.bias.normal_()
+        hf.cls.predictions.transform.LayerNorm.weight.normal_()
+    hf.save_pretrained(tmp_path / "bert_mlm")
+    model, report = MPlug2.from_hf(_cfg(tiny_hf), "pretrain", text_pretrained=str(tmp_path / "bert_mlm"))
+    model.eval()
+    for k in ("mlm.dense.weight", "mlm.ln.weight", "mlm.bias", "decoder.head_dense.weight", "decoder.head_ln.bias",
+              "decoder.head_bias"):
+        assert k in report.loaded, k
+    assert torch.equal(model.mlm.bias, hf.cls.predictions.bias)
+    assert torch.equal(model.decoder.head_bias, hf.cls.predictions.bias)
+    ids = torch.randint(5, tiny_hf.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        ours = model.mlm_logits(model.universal(text=model.encode_text(ids, mask)).text_hidden)
+    assert (ours - ref).abs().max() < 1e-4
+    # a bare BertModel checkpoint (no head): the head stays fresh and is reported missing
+    _, bare = MPlug2.from_hf(_cfg(tiny_hf), "pretrain", text_pretrained=tiny_hf.bert)
+    assert "mlm.bias" in bare.missing and "mlm.dense.weight" in bare.missing

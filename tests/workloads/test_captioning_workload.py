@@ -32,6 +32,34 @@ def test_prompt_is_the_instruction(tok):
     assert tok.decode(c["prompt_ids"][0], skip_special_tokens=True) == "what does the image describe?"
 
 
+@pytest.mark.parametrize("workload", ["captioning", "pretrain"])
+def test_image_batches_get_the_image_instruction(tok, workload, monkeypatch):
+    """T = 1 (images, as the data plane batches them) -> "what does the image describe?"; T > 1 -> video."""
+    from model import objectives
+    from workloads import get_workload
+    wl = get_workload(workload)
+    cfg = wl.Config()
+    torch.manual_seed(0)
+    model = wl.build_model(MPlugConfig.from_preset("tiny", **tokenizer_overrides(tok)), cfg).eval()
+    seen = []
+    real = objectives.lm_loss
+
+    def spy(model, cross, cross_mask, prompt_ids, *a, **kw):
+        seen.append(tok.decode(prompt_ids[0], skip_special_tokens=True))
+        return real(model, cross, cross_mask, prompt_ids, *a, **kw)
+
+    monkeypatch.setattr(objectives, "lm_loss", spy)
+    e = tok(CAPTIONS[:2], padding="max_length", max_length=10, return_tensors="pt")
+    for t in (1, 2):
+        b = {"frames": torch.randint(0, 256, (2, t, 32, 32, 3), dtype=torch.uint8), "answer_ids": e["input_ids"],
+             "answer_mask": e["attention_mask"], "text_ids": e["input_ids"], "text_mask": e["attention_mask"],
+             "clip_index": torch.tensor([0, 1])}
+        b.update(wl.batch_constants(tok, cfg))
+        with torch.no_grad():
+            wl.loss(model, b, cfg)
+    assert seen == ["what does the image describe?", "what does the video describe?"]
+
+
 @pytest.mark.slow  # ~10-30 s of CPU: trains a few steps, then beam search
 def test_loss_falls_then_evaluate_scores_each_clip_once(tok):
     cfg = captioning.Config(num_beams=2, max_length=8, with_meteor=False)

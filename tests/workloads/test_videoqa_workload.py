@@ -65,16 +65,39 @@ def test_candidate_scores_are_the_lm_loss_of_each_answer(tok):
     cfg = videoqa.Config()
     model, batch = _model(tok, cfg).eval(), _batch(tok)
     with torch.no_grad():
-        f = videoqa.fused(model, batch)
+        states, states_mask = videoqa.cross_states(model, batch)
         cand_ids, cand_mask = _enc(tok, ["red", "a blue square"], 6)
-        scores = videoqa.rank_scores(model, f, batch["text_ids"], batch["text_mask"], cand_ids, cand_mask, chunk=1)
+        scores = videoqa.rank_scores(model, states, states_mask, batch["text_ids"], batch["text_mask"], cand_ids, cand_mask, chunk=1)
         assert scores.shape == (4, 2)
         for i in range(4):
             for j in range(2):
-                lm = objectives.lm_loss(model, f.hidden[i:i + 1], f.attention_mask[i:i + 1], batch["text_ids"][i:i + 1],
+                lm = objectives.lm_loss(model, states[i:i + 1], states_mask[i:i + 1], batch["text_ids"][i:i + 1],
                                         batch["text_mask"][i:i + 1], cand_ids[j:j + 1], cand_mask[j:j + 1])
                 n_scored = int(cand_mask[j].sum()) - 1                       # the leading [CLS] is dropped
                 assert scores[i, j].item() == pytest.approx(-lm.item() * n_scored, rel=1e-4, abs=1e-4)
+
+
+def test_decoder_reads_visual_tokens_then_fused_question(tok, monkeypatch):
+    """Reference: the answer decoder cross-attends to cat([visual tokens, fused question], 1)."""
+    cfg = videoqa.Config()
+    model, batch = _model(tok, cfg).eval(), _batch(tok)
+    seen = {}
+    decode = model.decode
+
+    def spy(ids, mask, cross, cross_mask=None, labels=None):
+        seen["cross"], seen["mask"] = cross, cross_mask
+        return decode(ids, mask, cross, cross_mask, labels)
+
+    monkeypatch.setattr(model, "decode", spy)
+    with torch.no_grad():
+        videoqa.loss(model, batch, cfg)
+        frames = common.frames_of(model, batch)
+        u = model(frames=frames, text_ids=batch["text_ids"], text_mask=batch["text_mask"])
+        f = model.fuse(u.text_hidden, u.text_mask, u.vision_tokens)
+    nv = u.vision_tokens.shape[1]
+    assert seen["cross"].shape[1] == nv + batch["text_ids"].shape[1]
+    assert torch.equal(seen["cross"][:, :nv], u.vision_tokens) and torch.equal(seen["cross"][:, nv:], f.hidden)
+    assert bool(seen["mask"][:, :nv].all()) and torch.equal(seen["mask"][:, nv:], batch["text_mask"])
 
 
 def test_config_errors_name_the_fix(tmp_path):
