@@ -11,9 +11,9 @@ its motion, never the direction. Captions: "a <colour> <shape> moves <direction>
 For every seed the same tiny retrieval model (paper Table 2: vision + text + universal + contrastive)
 is trained from scratch with the contrastive objective (momentum encoder, queue, clips sharing a
 caption are positives) twice, with and without the LT module (``lt_enabled``), on the same clips in
-the same order, for the same steps. Batches hold whole (colour, shape) groups with their four
-directions (``--batching grouped``, default): with uniformly drawn clips (``random``) nearly every
-negative differs in colour or shape and the direction is learnt far more slowly. Evaluation: each validation clip retrieves among the four
+the same order, for the same steps. Batches draw clips uniformly (``--batching random``, default) or
+hold whole (colour, shape) groups with their four directions (``grouped``: every direction sibling
+is an in-batch negative). Evaluation: each validation clip retrieves among the four
 captions that share its colour and shape (they differ only in the direction): accuracy (chance 25%,
 50% when only the axis is seen), and the axis accuracy (horizontal vs vertical). Prints one line
 per run, mean and spread per variant, and a JSON object with every figure on the last line.
@@ -116,7 +116,7 @@ def main() -> int:
     p.add_argument("--train-clips", type=int, default=384)
     p.add_argument("--val-repeats", type=int, default=2, help="validation clips = 48 captions x this")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batching", choices=("grouped", "random"), default="grouped",
+    p.add_argument("--batching", choices=("grouped", "random"), default="random",
                    help="grouped: each batch holds whole (colour, shape) groups with all 4 directions, so the "
                         "contrastive negatives include the direction siblings; random: clips drawn uniformly")
     p.add_argument("--threads", type=int, default=1)
