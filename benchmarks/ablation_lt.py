@@ -11,7 +11,9 @@ its motion, never the direction. Captions: "a <colour> <shape> moves <direction>
 For every seed the same tiny retrieval model (paper Table 2: vision + text + universal + contrastive)
 is trained from scratch with the contrastive objective (momentum encoder, queue, clips sharing a
 caption are positives) twice, with and without the LT module (``lt_enabled``), on the same clips in
-the same order, for the same steps. Evaluation: each validation clip retrieves among the four
+the same order, for the same steps. Batches draw clips uniformly (``--batching random``, default) or
+hold whole (colour, shape) groups with their four directions (``grouped``: every direction sibling
+is an in-batch negative). Evaluation: each validation clip retrieves among the four
 captions that share its colour and shape (they differ only in the direction): accuracy (chance 25%,
 50% when only the axis is seen), and the axis accuracy (horizontal vs vertical). Prints one line
 per run, mean and spread per variant, and a JSON object with every figure on the last line.
@@ -70,8 +72,14 @@ def train_and_eval(lt: bool, seed: int, train, val, args) -> dict:
     frames_all, caps_all = train
     g = torch.Generator().manual_seed(seed)
     t0 = time.process_time()
+    by_caption = [torch.nonzero(caps_all == c).flatten() for c in range(len(CAPTIONS))]
     for step in range(args.steps):
-        rows = torch.randint(len(caps_all), (args.batch_size,), generator=g)
+        if args.batching == "grouped":  # batch_size / 4 (colour, shape) groups x their 4 directions
+            groups = torch.randperm(len(CAPTIONS) // 4, generator=g)[:args.batch_size // 4]
+            rows = torch.stack([pool[torch.randint(len(pool), (1,), generator=g)[0]]
+                                for grp in groups.tolist() for pool in by_caption[4 * grp:4 * grp + 4]])
+        else:
+            rows = torch.randint(len(caps_all), (args.batch_size,), generator=g)
         frames = normalize_frames(frames_all[rows])
         cap = caps_all[rows]
         u = model(frames=frames, text_ids=text[cap], text_mask=mask[cap])
@@ -95,7 +103,7 @@ def train_and_eval(lt: bool, seed: int, train, val, args) -> dict:
         correct += pred == d
         axis += (pred in ("left", "right")) == (d in ("left", "right"))
     n = len(caps_v)
-    return {"accuracy": 100.0 * correct / n, "axis_accuracy": 100.0 * axis / n, "final_loss": float(loss),
+    return {"accuracy": 100.0 * correct / n, "axis_accuracy": 100.0 * axis / n, "final_loss": float(loss.detach()),
             "train_cpu_s": train_cpu_s}
 
 
@@ -108,13 +116,16 @@ def main() -> int:
     p.add_argument("--train-clips", type=int, default=384)
     p.add_argument("--val-repeats", type=int, default=2, help="validation clips = 48 captions x this")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batching", choices=("grouped", "random"), default="random",
+                   help="grouped: each batch holds whole (colour, shape) groups with all 4 directions, so the "
+                        "contrastive negatives include the direction siblings; random: clips drawn uniformly")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    train = render(args.train_clips, 1000, args.frames)
+    train = render(args.train_clips, 1000, args.frames, combos=CAPTIONS)          # every caption train_clips/48 times
     val = render(48 * args.val_repeats, 2000, args.frames, combos=CAPTIONS)
-    result: dict = {"steps": args.steps, "batch_size": args.batch_size, "frames": args.frames, "seeds": args.seeds,
+    result: dict = {"steps": args.steps, "batch_size": args.batch_size, "batching": args.batching, "lr": args.lr, "frames": args.frames, "seeds": args.seeds,
                     "train_clips": args.train_clips, "val_clips": len(val[1]), "chance": 25.0,
                     "axis_only_ceiling": 50.0, "unit": "% of val clips whose direction is retrieved among 4 captions"}
     for lt in (True, False):
