@@ -86,6 +86,11 @@ def _build_tuner(sweep: LoadedSweep, trainable, exp_root: str, concurrency: int)
     scheduler = None
     if s.scheduler is not None:
         sc = s.scheduler
+        if sc.metric.startswith("eval/"):
+            # A dev metric is in the reports of validation steps only (every eval.every_steps), not in
+            # the training reports between them; ASHA skips results without its metric, but Tune's
+            # controller (this process) would refuse them.
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         scheduler = ASHAScheduler(time_attr=sc.time_attr, metric=sc.metric, mode=sc.mode, max_t=sc.max_t,
                                   grace_period=sc.grace_period, reduction_factor=sc.reduction_factor,
                                   stop_last_trials=False)  # the last step must reach the dev evaluation

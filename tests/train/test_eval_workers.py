@@ -87,7 +87,7 @@ def _worker(rank: int, world: int, port: int, task: str, tok_dir: str, out: str)
         mine, size = [r for i, r in enumerate(rows) if (i % 3 == 0) == (rank == 0)], 2   # 4 and 7 rows
     metrics, preds = evaluate_shard(wl, model, _batches(mine, size), cfg, tokenizer=tok, comm=worker_comm(),
                                     constants=consts)
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "n_preds": len(preds)}))
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "preds": preds}, default=str))
     if world > 1:
         dist.destroy_process_group()
 
@@ -109,7 +109,7 @@ def test_two_workers_give_the_metrics_of_one(task, tiny_hf, tmp_path):
     assert one[0]["metrics"]["items"] == N_ROWS
     assert two[0]["metrics"] == one[0]["metrics"]                   # exact, every key
     assert two[1]["metrics"] == one[0]["metrics"]                   # the same metrics on every rank
-    assert two[1]["n_preds"] == 0 and two[0]["n_preds"] == one[0]["n_preds"]
+    assert two[1]["preds"] == [] and two[0]["preds"] == one[0]["preds"]   # one order, on rank 0
     if task == "retrieval":
         assert one[0]["metrics"]["num_clips"] == 6 and one[0]["metrics"]["num_texts"] == N_ROWS
 
