@@ -57,7 +57,7 @@ def test_evaluate_job_runs_its_model_on_the_workers_not_the_cpu_less_head(synth_
 
     with LocalRayHead(num_cpus=0) as head:
         head.add_node(num_cpus=6)
-        result = head.submit(["python", "tests/cluster/eval_job/driver_probe.py", "--checkpoint", ckpt,
+        result = head.submit(["python", "-m", "tests.cluster.eval_job.driver_probe", "--checkpoint", ckpt,
                               "--config", "workloads/configs/retrieval_tiny.yaml", *overrides],
                              working_dir=ROOT, runtime_env=_runtime_env(), timeout=540)
     assert result.status == "SUCCEEDED", result.logs[-6000:]
