@@ -103,6 +103,9 @@ class LocalRayHead:
         ports), waited for until the cluster counts its CPUs."""
         cmd = [str(BIN / "ray"), "start", f"--address={self.gcs_address}", "--block", "--disable-usage-stats",
                "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+               # its own temp dir (under the head's): sharing one would let this node's runtime-env
+               # agent unpack a job's working_dir over the very directory the driver runs in
+               f"--temp-dir={self.temp_dir / f'n{len(self._nodes)}'}",
                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
