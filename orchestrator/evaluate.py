@@ -2,14 +2,21 @@
 
 The checkpoint is an exported model, a DeepSpeed checkpoint URI, or ``mlflow:<run_id>`` of a
 training run.  On a pre-trained checkpoint with no fine-tuning this is the zero-shot evaluation.
-The metrics and a table of predictions go to an MLflow run that records the evaluated run as its
-source (lineage tags).
+The model runs on the run's Ray Train workers (``train.num_workers`` x ``train.use_gpu``,
+``train.cpus_per_worker`` / ``gpus_per_worker``), each evaluating a shard of the split
+(:mod:`orchestrator.eval_workers`); this process only builds the dataset plan and collects the
+metrics.  The metrics (with ``items``, ``bad_items``, ``item_coverage``: how many items they cover)
+and a table of predictions go to an MLflow run that records the evaluated run as its source
+(lineage tags).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from typing import Any, Iterator
+import os
+import time
+from typing import Any
 
 import torch
 
@@ -26,14 +33,7 @@ class EvalOutcome:
     checkpoint_uri: str
 
 
-def _with_constants(batches, constants: dict[str, torch.Tensor], device) -> Iterator[dict]:
-    for b in batches:
-        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-        b.update(constants)
-        yield b
-
-
-def load_model_for_eval(cfg: RunConfig, checkpoint_uri: str, tokenizer, device):
+def load_model_for_eval(cfg: RunConfig, checkpoint_uri: str, tokenizer, device, model_config=None):
     """Build the workload's model (its Table 2 modules) and load the checkpoint's weights into it."""
     from orchestrator.train.checkpoint import load_weights  # noqa: PLC0415
     from orchestrator.train.model_setup import model_config_for  # noqa: PLC0415
@@ -41,7 +41,9 @@ def load_model_for_eval(cfg: RunConfig, checkpoint_uri: str, tokenizer, device):
 
     workload = get_workload(cfg.workload)
     task_cfg = workload.Config.model_validate(cfg.task)
-    model = workload.build_model(model_config_for(cfg, tokenizer), task_cfg)
+    if model_config is None and getattr(workload, "USES_MODEL_CONFIG", True):
+        model_config = model_config_for(cfg, tokenizer)
+    model = workload.build_model(model_config, task_cfg)
     report = load_weights(model, checkpoint_uri, cfg.train.init_allow_mismatch, tokenizer, cfg.train.init_allow_new_vocab)
     n_own = len(model.state_dict())
     if len(report["missing"]) >= n_own:
@@ -53,40 +55,74 @@ def load_model_for_eval(cfg: RunConfig, checkpoint_uri: str, tokenizer, device):
 
 
 def run_evaluation(cfg: RunConfig, checkpoint: str, split: str = "val", track: bool = True) -> EvalOutcome:
-    from orchestrator.data.pipeline import build_dataset, iter_worker_batches  # noqa: PLC0415
+    """Evaluate ``checkpoint`` on ``split`` with an evaluation-only ``TorchTrainer`` on the run's
+    workers; the metrics equal those of one worker for any ``train.num_workers``."""
+    import ray.train  # noqa: PLC0415
+    from ray.train.torch import TorchTrainer  # noqa: PLC0415
+
+    from orchestrator import storage  # noqa: PLC0415
+    from orchestrator.eval_workers import (EVAL_DATASET, build_eval_dataset, eval_loop_per_worker,  # noqa: PLC0415
+                                           sharded_eval_data_config)
     from orchestrator.ray_env import ensure_ray  # noqa: PLC0415
     from orchestrator.tracking import mlflow_run  # noqa: PLC0415
     from orchestrator.train.checkpoint import resolve_init_from  # noqa: PLC0415
-    from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
+    from orchestrator.train.driver import _storage_for_ray  # noqa: PLC0415
+    from orchestrator.train.model_setup import load_run_tokenizer, model_config_for  # noqa: PLC0415
+    from workloads import get_workload  # noqa: PLC0415
 
     tracking_uri = mlflow_run.resolve_tracking_uri(cfg.tracking.uri) if (track and cfg.tracking.enabled) else None
     try:
         uri, source_run = resolve_init_from(checkpoint, tracking_uri or mlflow_run.resolve_tracking_uri(cfg.tracking.uri))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.use_gpu else "cpu")
-    tokenizer = load_run_tokenizer(cfg)
-    workload, task_cfg, model = load_model_for_eval(cfg, uri, tokenizer, device)
-    constants = {}
-    if hasattr(workload, "batch_constants"):
-        constants = {k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
+    workload = get_workload(cfg.workload)
+    model_config = None
+    if getattr(workload, "USES_MODEL_CONFIG", True):
+        model_config = model_config_for(cfg, load_run_tokenizer(cfg))  # a config, no weights
 
     ensure_ray()
     run_name = f"eval-{cfg.name or cfg.workload}"
-    ds = build_dataset(cfg.data, split, training=False, columns=workload.COLUMNS, seed=cfg.seed, run_name=run_name)
-    if cfg.eval.max_samples:
-        ds = ds.limit(cfg.eval.max_samples)
-    batches = iter_worker_batches(ds, batch_size=cfg.eval.batch_size, device="cpu",
-                                  prefetch_batches=cfg.data.prefetch_batches, drop_last=False)
-    with torch.no_grad():
-        result = workload.evaluate(model, _with_constants(batches, constants, device), task_cfg, tokenizer=tokenizer)
-    metrics, predictions = result if isinstance(result, tuple) else (result, [])
-    metrics = {k: float(v) for k, v in metrics.items()}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tracker = f"{run_name}-{split}-{stamp}"
+    ds = build_eval_dataset(cfg, workload.COLUMNS, split, tracker)
+    if ds is None:
+        raise ConfigError(f"no data source has a {split!r} split to evaluate on (data.sources[].{split})")
+
+    t = cfg.train
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    storage_path, storage_fs = _storage_for_ray(storage.join(cfg.storage, cfg.experiment_name()))
+    trainer = TorchTrainer(
+        eval_loop_per_worker,
+        train_loop_config={"run": cfg.to_dict(), "checkpoint_uri": uri, "model_config": model_config,
+                           "tracker_name": tracker},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=tracker, storage_path=storage_path, storage_filesystem=storage_fs,
+                                       worker_runtime_env={} if t.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}),
+        datasets={EVAL_DATASET: ds},
+        dataset_config=sharded_eval_data_config(),
+    )
+    result = trainer.fit()
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    predictions: list[dict[str, Any]] = []
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            path = os.path.join(d, "predictions.json")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    predictions = json.load(f)
+    partial = _partial_note(cfg, metrics)
+    if partial:
+        log.warning("the metrics are not over the whole %s split: %s", split, partial)
 
     run_id = None
     if tracking_uri:
         tags = {"mplug2.workload": cfg.workload, "mplug2.evaluated_checkpoint": uri, "mplug2.split": split,
-                "mplug2.kind": "evaluation", "mplug2.git_commit": mlflow_run.git_commit()}
+                "mplug2.kind": "evaluation", "mplug2.git_commit": mlflow_run.git_commit(),
+                "mplug2.eval.num_workers": t.num_workers, "mplug2.eval.use_gpu": t.use_gpu}
+        if partial:
+            tags["mplug2.eval.partial"] = partial
         if source_run:
             tags["mplug2.source_run"] = source_run
         run_id = mlflow_run.open_run(tracking_uri, cfg.experiment_name(), f"{run_name}-{split}", cfg.to_dict(), tags,
@@ -95,3 +131,13 @@ def run_evaluation(cfg: RunConfig, checkpoint: str, split: str = "val", track: b
             mlflow_run.log_table(tracking_uri, run_id, predictions, "predictions.json")
         mlflow_run.close_run(tracking_uri, run_id, metrics={f"eval/{k}": v for k, v in metrics.items()})
     return EvalOutcome(metrics=metrics, predictions=predictions, mlflow_run_id=run_id, checkpoint_uri=uri)
+
+
+def _partial_note(cfg: RunConfig, metrics: dict[str, float]) -> str | None:
+    """Why the metrics cover fewer items than the split, or None when they cover all of it."""
+    notes = []
+    if metrics.get("bad_items"):
+        notes.append(f"{int(metrics['bad_items'])} bad items skipped (item_coverage={metrics.get('item_coverage', 0):.4f})")
+    if cfg.eval.max_samples and metrics.get("items", 0) >= cfg.eval.max_samples:
+        notes.append(f"eval.max_samples={cfg.eval.max_samples} rows only")
+    return "; ".join(notes) or None

@@ -59,32 +59,47 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
-    """Caption metrics over the clips of ``batches``; predictions: clip_index, prediction, references."""
-    from workloads.metrics.captioning import caption_metrics  # noqa: PLC0415
-
+def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) -> list[dict]:
+    """One record per row: ``{"item", "clip", "reference", "prediction"}``; the caption is generated
+    once per clip of these batches (``prediction`` is None on the clip's other rows)."""
     tok = common.need_tokenizer(tokenizer, "captioning")
     model.eval()
-    predictions: dict[int, str] = {}
-    references: dict[int, list[str]] = {}
+    done: set[int] = set()
+    records: list[dict] = []
     seen = 0
     for batch in batches:
         refs = common.decode_texts(tok, batch["answer_ids"])
-        clips = batch["clip_index"].tolist() if "clip_index" in batch else list(range(seen, seen + len(refs)))
-        seen += len(refs)
-        new = [i for i, c in enumerate(clips) if c not in predictions and clips.index(c) == i]
-        for c, r in zip(clips, refs):
-            if r:
-                references.setdefault(c, []).append(r)
-        if not new:
-            continue
-        v = visual_tokens(model, {"frames": batch["frames"][new]})           # [n_new, Nv, Ct]
-        prompt_ids, prompt_mask = common.expand_prompt(batch, len(new))
-        g = model.generate(v, None, prompt_ids, prompt_mask, num_beams=task_cfg.num_beams,
-                           max_length=task_cfg.max_length, length_penalty=task_cfg.length_penalty,
-                           min_length=min(task_cfg.min_length, task_cfg.max_length - 1))
-        for c, text in zip((clips[i] for i in new), common.decode_texts(tok, g.sequences)):
-            predictions[c] = text
+        n = len(refs)
+        clips = batch["clip_index"].tolist() if "clip_index" in batch else list(range(seen, seen + n))
+        items = common.item_ids(batch, seen, n)
+        seen += n
+        new = [i for i, c in enumerate(clips) if c not in done and clips.index(c) == i]
+        generated: dict[int, str] = {}
+        if new:
+            v = visual_tokens(model, {"frames": batch["frames"][new]})       # [n_new, Nv, Ct]
+            prompt_ids, prompt_mask = common.expand_prompt(batch, len(new))
+            g = model.generate(v, None, prompt_ids, prompt_mask, num_beams=task_cfg.num_beams,
+                               max_length=task_cfg.max_length, length_penalty=task_cfg.length_penalty,
+                               min_length=min(task_cfg.min_length, task_cfg.max_length - 1))
+            generated = dict(zip(new, common.decode_texts(tok, g.sequences)))
+            done.update(clips[i] for i in new)
+        for i, (c, r) in enumerate(zip(clips, refs)):
+            records.append({"item": items[i], "clip": c, "reference": r, "prediction": generated.get(i)})
+    return records
+
+
+def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
+    """Caption metrics over the clips of ``records`` (all workers' records, in one order);
+    predictions: clip_index, prediction, references."""
+    from workloads.metrics.captioning import caption_metrics  # noqa: PLC0415
+
+    predictions: dict[int, str] = {}
+    references: dict[int, list[str]] = {}
+    for r in common.sort_records(records):
+        if r["prediction"] is not None:
+            predictions.setdefault(r["clip"], r["prediction"])
+        if r["reference"]:
+            references.setdefault(r["clip"], []).append(r["reference"])
     scored = sorted(c for c in predictions if references.get(c))
     if not scored:
         raise ValueError("captioning evaluation got no clip with a reference caption: the validation split is "
@@ -94,3 +109,8 @@ def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
     metrics["num_clips"] = float(len(scored))
     rows = [{"clip_index": c, "prediction": predictions[c], "references": references[c]} for c in scored]
     return metrics, rows
+
+
+def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
+    """Caption metrics over the clips of ``batches``; predictions: clip_index, prediction, references."""
+    return metrics_from(predict(model, batches, task_cfg, tokenizer), task_cfg, tokenizer)

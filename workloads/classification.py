@@ -60,20 +60,32 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
+def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) -> list[dict]:
+    """One record per row: ``{"item", "label", "logits" [C] fp32(, "title")}``."""
+    model.eval()
+    records: list[dict] = []
+    seen = 0
+    for batch in batches:
+        logits = logits_of(model, batch, task_cfg).float().cpu()
+        n = len(logits)
+        items = common.item_ids(batch, seen, n)
+        seen += n
+        titles = (common.decode_texts(tokenizer, batch["text_ids"]) if tokenizer is not None and "text_ids" in batch
+                  else [None] * n)
+        for i, lg, y, t in zip(items, logits, batch["label"].cpu().tolist(), titles):
+            records.append({"item": i, "label": y, "logits": lg, "title": t})
+    return records
+
+
+def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
     """top-k accuracies (%); predictions: label, prediction, top-k ids (names when ``label_names``), title."""
     from workloads.metrics.classification import topk_accuracy  # noqa: PLC0415
 
-    model.eval()
-    all_logits, labels, titles = [], [], []
-    for batch in batches:
-        all_logits.append(logits_of(model, batch, task_cfg).float().cpu())
-        labels.append(batch["label"].cpu())
-        if tokenizer is not None and "text_ids" in batch:
-            titles += common.decode_texts(tokenizer, batch["text_ids"])
-    if not all_logits:
+    if not records:
         raise ValueError("classification evaluation got no batches: the validation split is empty or every clip was bad")
-    logits, label = torch.cat(all_logits), torch.cat(labels)                # [N, C], [N]
+    records = common.sort_records(records)
+    logits = torch.stack([r["logits"] for r in records])                 # [N, C]
+    label = torch.tensor([r["label"] for r in records])                  # [N]
     _check_labels(label, logits.shape[1])
     metrics = topk_accuracy(logits, label, ks=task_cfg.topk)
     metrics["num_samples"] = float(len(label))
@@ -82,10 +94,15 @@ def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
     k = min(max(task_cfg.topk), logits.shape[1])
     top = logits.topk(k, dim=1).indices
     rows = []
-    for i in range(len(label)):
+    for i, r in enumerate(records):
         row = {"label": name(int(label[i])), "prediction": name(int(top[i, 0])),
                "correct": int(top[i, 0]) == int(label[i]), f"top{k}": [name(j) for j in top[i].tolist()]}
-        if titles:
-            row["title"] = titles[i]
+        if r["title"] is not None:
+            row["title"] = r["title"]
         rows.append(row)
     return metrics, rows
+
+
+def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
+    """top-k accuracies (%); predictions: label, prediction, top-k ids (names when ``label_names``), title."""
+    return metrics_from(predict(model, batches, task_cfg, tokenizer), task_cfg, tokenizer)

@@ -27,65 +27,118 @@ def frames_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return normalize_frames(batch["frames"], dtype=model_dtype(model))
 
 
+def item_ids(batch: dict, seen: int, n: int) -> list[int]:
+    """Each row's item id: the batch's ``item_key`` (a stable id the orchestrator adds, so outputs
+    gathered from several workers sort into one order), else its position in the stream."""
+    key = batch.get("item_key")
+    return key.tolist() if key is not None else list(range(seen, seen + n))
+
+
+def sort_records(records: list[dict]) -> list[dict]:
+    """Records (one per item, from one or many workers) in one fixed order: by ``item``.  Equal
+    ids only arise for identical input rows, whose records are identical too."""
+    return sorted(records, key=lambda r: r["item"])
+
+
 @torch.no_grad()
+def retrieval_embed(model: MPlug2, batches: Iterable[dict], max_samples: int | None = None
+                    ) -> tuple[list[dict], dict[int, dict]]:
+    """Per text: ``{"item", "clip", "t" [D], "hidden" [L, C], "mask" [L]}``; per clip (by
+    ``clip_index``; several captions share one clip): ``{"v" [D], "tokens" [Nv_tok, C]}``.
+    Everything on the CPU, embeddings in fp32."""
+    model.eval()
+    texts: list[dict] = []
+    clips: dict[int, dict] = {}
+    seen = 0
+    for batch in batches:
+        u = model(frames=frames_of(model, batch), text_ids=batch["text_ids"], text_mask=batch["text_mask"])
+        v = model.vision_embed(u.vision_tokens).float().cpu()
+        t = model.text_embed(u.text_hidden).float().cpu()
+        n = len(t)
+        clip = batch.get("clip_index")
+        clip = clip.tolist() if clip is not None else list(range(seen, seen + n))
+        items = item_ids(batch, seen, n)
+        hidden, mask, tokens = u.text_hidden.cpu(), u.text_mask.cpu(), u.vision_tokens.cpu()
+        for i, c in enumerate(clip):
+            if c not in clips:
+                clips[c] = {"v": v[i], "tokens": tokens[i]}
+            texts.append({"item": items[i], "clip": c, "t": t[i], "hidden": hidden[i], "mask": mask[i]})
+        seen += n
+        if max_samples and seen >= max_samples:
+            break
+    return texts, clips
+
+
+def retrieval_sim(texts: list[dict], clip_v: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """``(sim [Nt, Nv], text_to_clip [Nt], clip_ids)`` with clips in ``clip_index`` order and texts
+    in the given order (:func:`sort_records` order when gathered from several workers)."""
+    clip_ids = sorted(clip_v)
+    position = {c: i for i, c in enumerate(clip_ids)}
+    t = torch.stack([r["t"] for r in texts])
+    v = torch.stack([clip_v[c] for c in clip_ids])
+    return t @ v.T, torch.tensor([position[r["clip"]] for r in texts]), clip_ids
+
+
+def retrieval_text_len(texts: list[dict]) -> int:
+    """The longest text: pairs are scored on hidden states cut to it (the same for any sharding)."""
+    return max(int(r["mask"].sum()) for r in texts)
+
+
+@torch.no_grad()
+def retrieval_score_pairs(model: MPlug2, texts: list[dict], clip_tokens: dict[int, torch.Tensor],
+                          clip_ids: list[int], text_idx: torch.Tensor, video_idx: torch.Tensor,
+                          max_len: int, pair_batch: int = 64) -> torch.Tensor:
+    """Matching-head scores (logit of "match" minus "no match") of the (text, clip) pairs: [P] fp32.
+    ``clip_tokens`` must hold the universal visual tokens of every clip the pairs name."""
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, text_idx.numel(), pair_batch):
+        ti, vi = text_idx[s:s + pair_batch].tolist(), video_idx[s:s + pair_batch].tolist()
+        th = torch.stack([texts[i]["hidden"][:max_len] for i in ti]).to(device)
+        tm = torch.stack([texts[i]["mask"][:max_len] for i in ti]).to(device)
+        vt = torch.stack([clip_tokens[clip_ids[i]] for i in vi]).to(device)
+        logits = model.itm_logits(th, tm, vt).float()                # [P, 2]
+        out.append((logits[:, 1] - logits[:, 0]).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def can_rerank(model: MPlug2, rerank: bool = True) -> bool:
+    return rerank and "matching" in getattr(model, "modules_built", ())
+
+
 def embed_for_retrieval(model: MPlug2, batches: Iterable[dict], max_samples: int | None = None) -> dict:
     """Embeddings + universal outputs kept for matching-head re-ranking.
 
     Returns {"v": [Nv, D], "t": [Nt, D], "v_tokens": list of [Nv_tok, C], "t_hidden"/"t_mask",
     "text_to_clip": [Nt]}: clips de-duplicated by ``clip_index`` (several captions share a clip).
     """
-    model.eval()
-    v_by_clip: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    t_emb, t_hidden, t_mask, t_clip = [], [], [], []
-    seen = 0
-    for batch in batches:
-        u = model(frames=frames_of(model, batch), text_ids=batch["text_ids"], text_mask=batch["text_mask"])
-        v = model.vision_embed(u.vision_tokens)
-        t = model.text_embed(u.text_hidden)
-        clip = batch.get("clip_index")
-        clip = clip.tolist() if clip is not None else list(range(seen, seen + len(t)))
-        for i, c in enumerate(clip):
-            if c not in v_by_clip:
-                v_by_clip[c] = (v[i].float().cpu(), u.vision_tokens[i].cpu())
-        t_emb.append(t.float().cpu())
-        t_hidden.extend(u.text_hidden.cpu())
-        t_mask.extend(u.text_mask.cpu())
-        t_clip.extend(clip)
-        seen += len(t)
-        if max_samples and seen >= max_samples:
-            break
-    clips = sorted(v_by_clip)
-    position = {c: i for i, c in enumerate(clips)}
-    return {
-        "v": torch.stack([v_by_clip[c][0] for c in clips]), "t": torch.cat(t_emb),
-        "v_tokens": [v_by_clip[c][1] for c in clips], "t_hidden": t_hidden, "t_mask": t_mask,
-        "text_to_clip": torch.tensor([position[c] for c in t_clip]),
-    }
+    texts, clips = retrieval_embed(model, batches, max_samples)
+    texts = sort_records(texts)
+    clip_ids = sorted(clips)
+    _, text_to_clip, _ = retrieval_sim(texts, {c: clips[c]["v"] for c in clips})
+    return {"v": torch.stack([clips[c]["v"] for c in clip_ids]), "t": torch.stack([r["t"] for r in texts]),
+            "v_tokens": [clips[c]["tokens"] for c in clip_ids], "t_hidden": [r["hidden"] for r in texts],
+            "t_mask": [r["mask"] for r in texts], "text_to_clip": text_to_clip}
 
 
 @torch.no_grad()
 def retrieval_eval(model: MPlug2, batches: Iterable[dict], k_test: int = 128, rerank: bool = True,
                    max_samples: int | None = None, pair_batch: int = 64) -> dict[str, float]:
-    """R@1/5/10, median and mean rank both ways: contrastive top-k, re-scored by the matching head."""
-    from workloads.metrics.retrieval import rerank_topk, retrieval_metrics  # noqa: PLC0415
+    """R@1/5/10, median and mean rank both ways: contrastive top-k, re-scored by the matching head.
 
-    e = embed_for_retrieval(model, batches, max_samples)
-    sim = e["t"] @ e["v"].T                                           # [Nt, Nv]
-    if not rerank or "matching" not in model.modules_built:
-        return retrieval_metrics(sim, sim.T, e["text_to_clip"])
-    device = next(model.parameters()).device
-    lengths = [int(m.sum()) for m in e["t_mask"]]
-    max_len = max(lengths)
+    One process; ``orchestrator.eval_workers`` runs the same steps sharded over Train workers."""
+    from workloads.metrics.retrieval import assemble_scores, plan_rerank, retrieval_metrics  # noqa: PLC0415
 
-    def score_pairs(ti: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
-        th = torch.stack([e["t_hidden"][i][:max_len] for i in ti.tolist()]).to(device)
-        tm = torch.stack([e["t_mask"][i][:max_len] for i in ti.tolist()]).to(device)
-        vt = torch.stack([e["v_tokens"][i] for i in vi.tolist()]).to(device)
-        logits = model.itm_logits(th, tm, vt).float()                # [P, 2]
-        return (logits[:, 1] - logits[:, 0]).cpu()
-
-    t2v, v2t = rerank_topk(sim, k_test, score_pairs, batch_size=pair_batch)
-    return retrieval_metrics(t2v, v2t, e["text_to_clip"])
+    texts, clips = retrieval_embed(model, batches, max_samples)
+    texts = sort_records(texts)
+    sim, text_to_clip, clip_ids = retrieval_sim(texts, {c: clips[c]["v"] for c in clips})
+    if not can_rerank(model, rerank):
+        return retrieval_metrics(sim, sim.T, text_to_clip)
+    plan = plan_rerank(sim, k_test)
+    scores = retrieval_score_pairs(model, texts, {c: clips[c]["tokens"] for c in clips}, clip_ids,
+                                   plan.text_idx, plan.video_idx, retrieval_text_len(texts), pair_batch)
+    t2v, v2t = assemble_scores(sim, plan, scores)
+    return retrieval_metrics(t2v, v2t, text_to_clip)
 
 
 # ------------------------------------------------------------------ generation / text helpers

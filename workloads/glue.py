@@ -64,31 +64,51 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
-    """accuracy (+ f1 for MRPC / QQP), in %; predictions: text, label, prediction, correct."""
-    from workloads.metrics.classification import glue_metrics  # noqa: PLC0415
-
+def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) -> list[dict]:
+    """One record per labelled row: ``{"item", "label", "prediction"(, "text")}``; unlabelled
+    (test) rows, label -1, are skipped."""
     model.eval()
-    preds, labels, texts = [], [], []
+    records: list[dict] = []
+    seen = 0
     for batch in batches:
+        n = len(batch["label"])
+        items = common.item_ids(batch, seen, n)
+        seen += n
         keep = batch["label"] >= 0                                       # unlabelled (test) rows: -1
         if not bool(keep.any()):
             continue
+        items = [i for i, k in zip(items, keep.tolist()) if k]
         batch = {k: v[keep] for k, v in batch.items() if torch.is_tensor(v) and v.shape[:1] == keep.shape}
-        preds.append(logits_of(model, batch).argmax(-1).cpu())
-        labels.append(batch["label"].cpu())
-        if tokenizer is not None:
-            texts += _decode_pairs(tokenizer, batch)
-    if not preds:
+        pred = logits_of(model, batch).argmax(-1).cpu().tolist()
+        texts = _decode_pairs(tokenizer, batch) if tokenizer is not None else [None] * len(pred)
+        for i, p, y, t in zip(items, pred, batch["label"].cpu().tolist(), texts):
+            records.append({"item": i, "label": y, "prediction": p, "text": t})
+    return records
+
+
+def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
+    """accuracy (+ f1 for MRPC / QQP), in %; predictions: text, label, prediction, correct."""
+    from workloads.metrics.classification import glue_metrics  # noqa: PLC0415
+
+    if not records:
         raise ValueError("GLUE evaluation got no labelled rows: evaluate on a dev split (a test TSV has no labels)")
-    pred, label = torch.cat(preds), torch.cat(labels)
+    records = common.sort_records(records)
+    pred = torch.tensor([r["prediction"] for r in records])
+    label = torch.tensor([r["label"] for r in records])
     metrics = glue_metrics(task_cfg.glue_task, pred, label)
     if task_cfg.eval_name:
         metrics = {f"{task_cfg.eval_name}_{k}": v for k, v in metrics.items()}
     metrics["num_samples"] = float(len(label))
     names = LABEL_NAMES[task_cfg.glue_task]
-    rows = [{"label": names[y], "prediction": names[p], "correct": p == y}
-            for p, y in zip(pred.tolist(), label.tolist())]
-    for r, t in zip(rows, texts):
-        r["text"] = t
+    rows = []
+    for r in records:
+        row = {"label": names[r["label"]], "prediction": names[r["prediction"]], "correct": r["prediction"] == r["label"]}
+        if r["text"] is not None:
+            row["text"] = r["text"]
+        rows.append(row)
     return metrics, rows
+
+
+def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
+    """accuracy (+ f1 for MRPC / QQP), in %; predictions: text, label, prediction, correct."""
+    return metrics_from(predict(model, batches, task_cfg, tokenizer), task_cfg, tokenizer)

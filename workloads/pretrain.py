@@ -62,6 +62,13 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
     return {"loss": total, "itc": itc.loss, "itm": itm, "mlm": mlm, "lm": lm}
 
 
+EVAL_KIND = "retrieval"  # zero-shot retrieval, sharded like the retrieval workload's
+
+
+def retrieval_options(task_cfg: Config) -> dict:
+    return {"k_test": task_cfg.k_test, "rerank": True}
+
+
 def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) -> dict[str, float]:
     """Zero-shot text-video retrieval on the validation split (paper Appendix A.2)."""
     return common.retrieval_eval(model, batches, k_test=task_cfg.k_test)

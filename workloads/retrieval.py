@@ -38,5 +38,13 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
     return {"loss": task_cfg.itc_weight * itc.loss + task_cfg.itm_weight * itm, "itc": itc.loss, "itm": itm}
 
 
+# Evaluated as retrieval: orchestrator.eval_workers shards embedding and re-scoring over workers.
+EVAL_KIND = "retrieval"
+
+
+def retrieval_options(task_cfg: Config) -> dict:
+    return {"k_test": task_cfg.k_test, "rerank": task_cfg.rerank}
+
+
 def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) -> dict[str, float]:
     return common.retrieval_eval(model, batches, k_test=task_cfg.k_test, rerank=task_cfg.rerank)

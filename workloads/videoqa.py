@@ -96,10 +96,10 @@ def rank_scores(model, states: torch.Tensor, states_mask: torch.Tensor, prompt_i
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
-    """Exact-match accuracy (%) of generated answers, ``ranked_accuracy`` over ``answer_list`` when
-    given; predictions: question, answer, prediction, correct (+ ranked_prediction)."""
-    from workloads.metrics.qa import exact_match_accuracy, normalize_answer, rank_answers  # noqa: PLC0415
+def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) -> list[dict]:
+    """One record per question: ``{"item", "question", "answer", "prediction", "ranked"}``
+    (``ranked``: the best of ``answer_list`` by likelihood, None without a list)."""
+    from workloads.metrics.qa import rank_answers  # noqa: PLC0415
 
     tok = common.need_tokenizer(tokenizer, "videoqa")
     model.eval()
@@ -108,26 +108,49 @@ def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
     if task_cfg.answer_list:
         enc = tok(task_cfg.answer_list, padding="longest", return_tensors="pt")
         cands = (enc["input_ids"].to(device), enc["attention_mask"].to(device))
-    questions, golds, preds, ranked = [], [], [], []
+    records: list[dict] = []
+    seen = 0
     for batch in batches:
         states, states_mask = cross_states(model, batch)
         ids, mask = batch["text_ids"], batch["text_mask"]
+        n = len(ids)
+        items = common.item_ids(batch, seen, n)
+        seen += n
         g = model.generate(states, states_mask, ids, mask, num_beams=task_cfg.num_beams,
                            max_length=task_cfg.max_length, length_penalty=task_cfg.length_penalty,
                            min_length=min(task_cfg.min_length, task_cfg.max_length - 1))
-        preds += common.decode_texts(tok, g.sequences)
-        questions += common.decode_texts(tok, ids)
-        golds += common.decode_texts(tok, batch["answer_ids"])
+        preds = common.decode_texts(tok, g.sequences)
+        questions = common.decode_texts(tok, ids)
+        golds = common.decode_texts(tok, batch["answer_ids"])
+        ranked = [None] * n
         if cands is not None:
             order = rank_answers(rank_scores(model, states, states_mask, ids, mask, *cands, chunk=task_cfg.rank_batch))
-            ranked += [task_cfg.answer_list[j] for j in order[:, 0].tolist()]
-    if not preds:
+            ranked = [task_cfg.answer_list[j] for j in order[:, 0].tolist()]
+        for i, q, a, p, r in zip(items, questions, golds, preds, ranked):
+            records.append({"item": i, "question": q, "answer": a, "prediction": p, "ranked": r})
+    return records
+
+
+def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
+    """Exact-match accuracy (%) of generated answers, ``ranked_accuracy`` over ``answer_list`` when
+    given; predictions: question, answer, prediction, correct (+ ranked_prediction)."""
+    from workloads.metrics.qa import exact_match_accuracy, normalize_answer  # noqa: PLC0415
+
+    if not records:
         raise ValueError("videoqa evaluation got no batches: the validation split is empty or every clip was bad")
+    records = common.sort_records(records)
+    preds, golds = [r["prediction"] for r in records], [r["answer"] for r in records]
     metrics = {"accuracy": exact_match_accuracy(preds, golds), "num_questions": float(len(preds))}
-    rows = [{"question": q, "answer": a, "prediction": p, "correct": normalize_answer(p) == normalize_answer(a)}
-            for q, a, p in zip(questions, golds, preds)]
-    if cands is not None:
-        metrics["ranked_accuracy"] = exact_match_accuracy(ranked, golds)
-        for r, p in zip(rows, ranked):
-            r["ranked_prediction"] = p
+    rows = [{"question": r["question"], "answer": r["answer"], "prediction": r["prediction"],
+             "correct": normalize_answer(r["prediction"]) == normalize_answer(r["answer"])} for r in records]
+    if task_cfg.answer_list:
+        metrics["ranked_accuracy"] = exact_match_accuracy([r["ranked"] for r in records], golds)
+        for row, r in zip(rows, records):
+            row["ranked_prediction"] = r["ranked"]
     return metrics, rows
+
+
+def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None):
+    """Exact-match accuracy (%) of generated answers, ``ranked_accuracy`` over ``answer_list`` when
+    given; predictions: question, answer, prediction, correct (+ ranked_prediction)."""
+    return metrics_from(predict(model, batches, task_cfg, tokenizer), task_cfg, tokenizer)

@@ -1,5 +1,7 @@
 """Evaluate a checkpoint with a workload's metrics on its validation split (zero-shot when the
-checkpoint is a pre-train); metrics and a predictions table go to MLflow."""
+checkpoint is a pre-train); metrics and a predictions table go to MLflow.  The model runs on the
+run's Ray Train workers (``train.num_workers``, ``train.use_gpu``), each on a shard of the split;
+this process only plans and collects."""
 from __future__ import annotations
 
 import argparse

@@ -76,7 +76,7 @@ def backfill_training_metrics(uri: str, run_id: str, history: list[dict[str, Any
             continue
         ts = int(float(row.get("timestamp") or 0) * 1000)
         points += [Metric(k, float(v), ts, int(step)) for k, v in row.items()
-                   if k not in TUNE_KEYS and "/" not in k and isinstance(v, (int, float)) and not isinstance(v, bool)
+                   if k not in TUNE_KEYS and ("/" not in k or k.startswith("eval/")) and isinstance(v, (int, float)) and not isinstance(v, bool)
                    and not math.isnan(float(v))]
     for i in range(0, len(points), 1000):
         c.log_batch(run_id, metrics=points[i:i + 1000])

@@ -156,6 +156,11 @@ def run_sweep(sweep_file: str | os.PathLike, overrides: list[str] | tuple[str, .
                        json.dumps({"fingerprint": fingerprint, "sweep_file": str(sweep_file),
                                    "parent_run_id": parent_id, "spec": spec.model_dump(mode="json")}, indent=2))
 
+    if spec.scheduler is not None and spec.scheduler.metric.startswith("eval/"):
+        # A dev metric is in the reports of validation steps only (every eval.every_steps), not in
+        # the training reports between them; ASHA skips results without its metric, but Tune's
+        # controller (this process; a new or a restored Tuner) would refuse them.
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     plan = {"sweep_file": str(sweep_file), "sweep_overrides": list(overrides), "cwd": os.getcwd(),
             "parent_run_id": parent_id, "tracking_uri": tracking_uri}
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": spec.trial_cpus})

@@ -87,9 +87,11 @@ class ParamSpace(_Section):
 class SchedulerSpec(_Section):
     """Asynchronous successive halving: a trial whose intermediate ``metric`` at a rung is not in
     the best 1/reduction_factor of the trials seen there is stopped.  Intermediate results are the
-    training reports (every ``train.log_every`` steps), so ``metric`` is a training metric
-    (``loss`` by default; any key the loop reports: ``lr``, per-workload losses) and ``time_attr``
-    is the optimizer ``step``."""
+    training reports (every ``train.log_every`` steps) and the validations (every
+    ``eval.every_steps`` steps, on the trial's workers), so ``metric`` is a training metric
+    (``loss`` by default; any key the loop reports: ``lr``, per-workload losses) or a dev metric
+    ``eval/<name>`` (e.g. ``eval/accuracy``, ``eval/t2v_r1``; needs ``eval.every_steps`` > 0, and a
+    rung is judged on the latest validation at or after it); ``time_attr`` is the optimizer ``step``."""
 
     type: Literal["asha"] = "asha"
     metric: str = "loss"
@@ -234,6 +236,11 @@ def validate_search_space(sweep: LoadedSweep) -> RunConfig:
         sweep.run_config(first)
     except ConfigError as e:
         raise ConfigError(f"sweep {sweep.source}: the combination {first} is invalid:\n{e}") from None
+    sched = sweep.spec.scheduler
+    if sched is not None and sched.metric.startswith("eval/") and base.eval.every_steps < 1:
+        raise ConfigError(f"sweep {sweep.source}: scheduler.metric {sched.metric} is a dev metric, but the base "
+                          "config validates only at the end of training (eval.every_steps=0): ASHA would have "
+                          "nothing to cut on. Add an override eval.every_steps=<steps> (at most grace_period)")
     if sweep.spec.scheduler is not None and sweep.spec.scheduler.max_t is None:
         sweep.spec.scheduler.max_t = max(sweep.run_config(dict(zip(sweep.spec.search, combo))).train.max_steps
                                          for combo in itertools.product(*(s.candidates() for s in sweep.spec.search.values())))

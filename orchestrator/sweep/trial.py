@@ -2,10 +2,12 @@
 
 Runs inside the Tune trial's actor.  The ``TorchTrainer`` gets Ray's ``TuneReportCallback``, so
 every ``ray.train.report`` of rank 0 (loss, lr, step ... every ``train.log_every`` steps and at
-each checkpoint) reaches Tune as an intermediate result that ASHA can cut on.  After training,
-the workload's evaluation of the exported model gives the sweep metric, logged to the trial's
-MLflow run (nested under the sweep's parent run) and reported to Tune as the last result, with
-``TRIAL_DONE_KEY`` set: a trial that ends without it was stopped early.
+each checkpoint, plus ``eval/<metric>`` at every validation, every ``eval.every_steps`` steps)
+reaches Tune as an intermediate result that ASHA can cut on.  The sweep metric is the dev
+evaluation at the end of training (run on the trial's Train workers by the loop; when the run has
+no val split, or the sweep evaluates another split, an evaluation-only run on the workers), logged
+to the trial's MLflow run (nested under the sweep's parent run) and reported to Tune as the last
+result, with ``TRIAL_DONE_KEY`` set: a trial that ends without it was stopped early.
 """
 from __future__ import annotations
 
@@ -41,6 +43,18 @@ def _tune_report_callbacks() -> dict[str, list]:
     return {"callbacks": [TuneReportCallback()]}
 
 
+def dev_metrics(train_metrics: dict[str, Any]) -> dict[str, float]:
+    """The validation metrics of the training run's last report (``eval/<name>`` -> ``<name>``):
+    the end-of-training validation on the run's workers (``orchestrator.eval_workers.Validator``)."""
+    return {k.removeprefix("eval/"): float(v) for k, v in train_metrics.items()
+            if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _logged_in_training(train_metrics: dict[str, Any], name: str) -> bool:
+    """The training loop already logged the dev metrics to the trial's MLflow run at the last step."""
+    return f"eval/{name}" in train_metrics
+
+
 def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     """The Tune trainable.  ``config``: the sampled assignment {dotted key: value}; ``plan``: what
     the sweep driver decided (sweep file, parent run id, tracking URI, metric, init_from)."""
@@ -68,21 +82,24 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     model_uri = outcome.export_uri or outcome.checkpoint_uri
     if model_uri is None:
         raise RuntimeError(f"trial {run_name}: training finished without an exported model or checkpoint")
-    ev = run_evaluation(cfg, model_uri, split=spec.eval_split, track=False)
-    if spec.eval_metric not in ev.metrics:
+    ev_metrics = dev_metrics(outcome.metrics) if spec.eval_split == "val" else {}
+    if spec.eval_metric not in ev_metrics:  # no validation at the end of training: evaluate on workers
+        ev_metrics = run_evaluation(cfg, model_uri, split=spec.eval_split, track=False).metrics
+    if spec.eval_metric not in ev_metrics:
         raise ValueError(f"sweep metric {spec.metric!r}: the {cfg.workload} evaluation returned "
-                         f"{sorted(ev.metrics)}; set metric to eval/<one of them>")
-    if outcome.mlflow_run_id:
+                         f"{sorted(ev_metrics)}; set metric to eval/<one of them>")
+    if outcome.mlflow_run_id and not _logged_in_training(outcome.metrics, spec.eval_metric):
         from mlflow.entities import Metric  # noqa: PLC0415
 
         c = client(outcome.tracking_uri)
         now = int(time.time() * 1000)
         c.log_batch(outcome.mlflow_run_id, metrics=[Metric(f"eval/{k}", float(v), now, step)
-                                                    for k, v in ev.metrics.items()])
-        c.set_tag(outcome.mlflow_run_id, STATUS_TAG, "completed")
+                                                    for k, v in ev_metrics.items()])
+    if outcome.mlflow_run_id:
+        client(outcome.tracking_uri).set_tag(outcome.mlflow_run_id, STATUS_TAG, "completed")
     # The last training metrics ride along: Tune checks every result for the scheduler's metric.
     last_train = {k: float(v) for k, v in outcome.metrics.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    tune.report({**last_train, spec.metric: float(ev.metrics[spec.eval_metric]), "step": step, TRIAL_DONE_KEY: 1,
+    tune.report({**last_train, spec.metric: float(ev_metrics[spec.eval_metric]), "step": step, TRIAL_DONE_KEY: 1,
                  "mlflow_run_id": outcome.mlflow_run_id or "",
-                 **{f"eval/{k}": float(v) for k, v in ev.metrics.items() if f"eval/{k}" != spec.metric}})
+                 **{f"eval/{k}": float(v) for k, v in ev_metrics.items() if f"eval/{k}" != spec.metric}})

@@ -67,6 +67,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
 
     from orchestrator.ray_env import ensure_ray  # noqa: PLC0415
     from orchestrator.train.checkpoint import finished_run, resolve_init_from  # noqa: PLC0415
+    from orchestrator.eval_workers import sharded_eval_data_config  # noqa: PLC0415
     from orchestrator.train.deepspeed_config import load_user_json  # noqa: PLC0415
     from orchestrator.train.failures import fail_fast_callback, find_setup_error  # noqa: PLC0415
     from orchestrator.train.loop import redacted_train_loop  # noqa: PLC0415
@@ -103,6 +104,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
         from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
 
         datasets = build_train_datasets(cfg, workload.COLUMNS, run_name)
+        datasets.update(validation_dataset(cfg, workload, run_name))
 
     mlflow_run_id = None
     if tracking_uri:
@@ -141,6 +143,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             "init_from": init_uri, "deepspeed_user": ds_user, "run_dir": run_dir,
             "text_fraction": text_fraction(cfg) if "train_text" in datasets else 0.0,
             "stream_fractions": stream_fractions(cfg, datasets),
+            "validate": "val" in datasets, "val_tracker": val_tracker(run_name),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker=resources),
@@ -152,6 +155,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             callbacks=[fail_fast_callback(), *(callbacks or []), progress.callback()],
         ),
         datasets=datasets,
+        dataset_config=sharded_eval_data_config(),  # "val": uneven shards, every row once
     )
     status = "FAILED"
     result = None
@@ -310,6 +314,26 @@ def stream_fractions(cfg: RunConfig, streams) -> dict[str, float]:
     formats = {"train_text": TEXT_FORMATS, "train_image": IMAGE_FORMATS}
     return {name: sum(s.weight for s in cfg.data.sources if s.format in formats[name]) / total
             for name in streams if name in formats and total}
+
+
+def val_tracker(run_name: str) -> str:
+    """The bad-clip tracker of a run's validation passes (apart from the training clips')."""
+    return f"{run_name}-val"
+
+
+def validation_dataset(cfg: RunConfig, workload, run_name: str) -> dict:
+    """``{"val": the dev split}`` for validation during training (every ``eval.every_steps`` steps
+    and at the end, on the workers), or {} when no source has a val split or the workload has no
+    evaluation."""
+    from orchestrator.eval_workers import build_eval_dataset  # noqa: PLC0415
+
+    if not hasattr(workload, "evaluate"):
+        return {}
+    ds = build_eval_dataset(cfg, workload.COLUMNS, "val", val_tracker(run_name))
+    if ds is None:
+        log.warning("no data source has a val split: no validation during training")
+        return {}
+    return {"val": ds}
 
 
 def text_fraction(cfg: RunConfig) -> float:

@@ -184,6 +184,9 @@ def _train(config: dict[str, Any], phase) -> None:
         from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
 
         constants = {k: v.to(device) for k, v in workload.batch_constants(load_run_tokenizer(run), task_cfg).items()}
+    from orchestrator.eval_workers import Validator  # noqa: PLC0415
+
+    validator = Validator(run, config, workload, task_cfg, device, constants)  # eval.every_steps + at the end
     if config.get("init_from"):
         from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
 
@@ -285,12 +288,13 @@ def _train(config: dict[str, Any], phase) -> None:
                 state["step"] = engine.global_steps
                 state["samples"] += tcfg.batch_size_per_worker * tcfg.grad_accum_steps * world
                 step = state["step"]
-                do_log = step % tcfg.log_every == 0 or step >= tcfg.max_steps
+                do_log = step % tcfg.log_every == 0 or step >= tcfg.max_steps or validator.due(step)
                 do_ckpt = step % tcfg.checkpoint_every == 0 or step >= tcfg.max_steps
                 if do_log or do_ckpt:
                     means = _mean_across_ranks({k: float(v) / max(counts[k], 1) for k, v in sums.items()}, world)
                     last_metrics = {**means, "lr": scheduler.get_last_lr()[0], **timer.summary(world),
                                     "step": step, "epoch": state["epoch"]}
+                    last_metrics.update(validator.run(engine, step))  # eval/... on the workers, when due
                     if metrics_logger is not None:
                         metrics_logger.log({k: v for k, v in last_metrics.items() if k not in ("step",)}, step)
                     sums, counts = {}, {}

@@ -53,6 +53,7 @@ class LocalRayHead:
         self.env = self._environment({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, **(env or {})})
         self.proc: subprocess.Popen | None = None
         self._log = None
+        self._nodes: list[subprocess.Popen] = []
 
     @staticmethod
     def _environment(extra: dict[str, str]) -> dict[str, str]:
@@ -96,6 +97,32 @@ class LocalRayHead:
             self.stop()
             raise RuntimeError(f"ray start --head did not come up:\n{tail}") from None
         return self
+
+    def add_node(self, num_cpus: int, timeout: float = 120.0) -> None:
+        """A second node of this cluster (``ray start --address --block``, its own process group and
+        ports), waited for until the cluster counts its CPUs."""
+        cmd = [str(BIN / "ray"), "start", f"--address={self.gcs_address}", "--block", "--disable-usage-stats",
+               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+               # its own temp dir (under the head's): sharing one would let this node's runtime-env
+               # agent unpack a job's working_dir over the very directory the driver runs in
+               f"--temp-dir={self.temp_dir / f'n{len(self._nodes)}'}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+        log = open(self.temp_dir / f"ray-node-{len(self._nodes)}.log", "w")
+        self._nodes.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True))
+        want = self.num_cpus + num_cpus
+        deadline = time.time() + timeout
+        while True:
+            status = subprocess.run([str(BIN / "ray"), "status", f"--address={self.gcs_address}"], env=self.env,
+                                    capture_output=True, text=True, timeout=60).stdout
+            if f"/{float(want)} CPU" in status:
+                return
+            if time.time() > deadline or self._nodes[-1].poll() is not None:
+                raise RuntimeError(f"the second node did not join with {num_cpus} CPUs:\n{status[-2000:]}\n"
+                                   + (self.temp_dir / f"ray-node-{len(self._nodes) - 1}.log").read_text()[-2000:])
+            time.sleep(2)
 
     def client(self):
         from ray.job_submission import JobSubmissionClient
@@ -158,6 +185,18 @@ class LocalRayHead:
         return JobResult(submission_id, status, client.get_job_logs(submission_id))
 
     def stop(self) -> None:
+        for node in self._nodes:
+            if node.poll() is None:
+                node.send_signal(signal.SIGTERM)
+                try:
+                    node.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+            try:
+                os.killpg(node.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            node.wait()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # `ray start --block` takes its node down on SIGTERM
             try:

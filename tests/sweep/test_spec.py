@@ -81,3 +81,25 @@ def test_epochs_become_max_steps(write_sweep):
     assert sw.run_config({"epochs": 10, "train.batch_size_per_worker": 8}).train.max_steps == 63
     with pytest.raises(ConfigError, match="train_examples"):
         load_sweep(write_sweep("ep2", search={"epochs": {"grid": [5]}}, metric="eval/t2v_r1", mode="max"))
+
+
+def test_asha_on_a_dev_metric_needs_validation_during_training(write_sweep):
+    sched = {"type": "asha", "metric": "eval/t2v_r1", "mode": "max", "grace_period": 2}
+    with pytest.raises(ConfigError, match="eval.every_steps"):
+        load_sweep(_ok(write_sweep, scheduler=sched))
+    sw = load_sweep(_ok(write_sweep, scheduler=sched, overrides=["eval.every_steps=2"]))
+    assert sw.spec.scheduler.metric == "eval/t2v_r1" and sw.run_config().eval.every_steps == 2
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("sweep_glue_*.yaml")) + sorted(CONFIGS.glob("sweep_retrieval_*.yaml")))
+def test_shipped_glue_and_retrieval_sweeps_cut_on_a_dev_metric(path):
+    sw = load_sweep(path)
+    assert sw.spec.scheduler is not None and sw.spec.scheduler.metric.startswith("eval/"), path.name
+    assert sw.run_config().eval.every_steps >= 1
+
+
+def test_trial_dev_score_is_the_end_of_training_validation():
+    from orchestrator.sweep.trial import dev_metrics
+
+    assert dev_metrics({"loss": 0.3, "eval/accuracy": 75.0, "eval/items": 8, "step": 4}) == {"accuracy": 75.0,
+                                                                                             "items": 8.0}
