@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Sampling = Literal["rand", "middle", "uniform", "headtail"]
+Sampling = Literal["rand", "middle", "uniform", "headtail", "keyframe"]
 
 
 class SourceConfig(BaseModel):
@@ -64,3 +64,9 @@ class DataConfig(BaseModel):
                         "every epoch (small datasets: frame sampling and augmentation are then drawn once per clip)")
     shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer (0 = off)")
     limit: int | None = Field(None, ge=1, description="use only the first N rows of each split (debugging)")
+    decoder: Literal["decord", "pyav"] = Field("decord", description="video decoder (same frames, see data/video.py)")
+    decode_short_side: int | None = Field(None, ge=0, description="decode sources whose short side is over 2x "
+                                          "this straight to it (None = from image_size and scale_min; 0 = never)")
+    keyframe_jitter: int = Field(2, ge=0, le=64, description="sampling 'keyframe': frames past the keyframe, at most")
+    decode_actors: bool = Field(False, description="decode in long-lived actors (ActorPoolStrategy, "
+                                "decode_concurrency or 1..CPUs of them) instead of a task per batch")

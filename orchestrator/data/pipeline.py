@@ -85,6 +85,14 @@ def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trainin
     return ray.data.from_items(items, override_num_blocks=blocks), len(items)
 
 
+def _short_side(data_cfg: DataConfig, training: bool) -> int:
+    if data_cfg.decode_short_side is not None:
+        return data_cfg.decode_short_side
+    from orchestrator.data.video import decode_short_side  # noqa: PLC0415
+
+    return decode_short_side(data_cfg.image_size, data_cfg.scale_min if training else 1.0)
+
+
 def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...], seed: int,
                    run_name: str | None) -> ProcessParams:
     formats = {s.format for s in data_cfg.sources}
@@ -94,7 +102,8 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
         decode=DecodeSpec(num_frames=data_cfg.num_frames,
                           sampling=data_cfg.sampling if training else data_cfg.eval_sampling,
                           min_frames=data_cfg.min_frames, min_resolution=data_cfg.min_resolution,
-                          max_resolution=data_cfg.max_resolution),
+                          max_resolution=data_cfg.max_resolution, decoder=data_cfg.decoder,
+                          short_side=_short_side(data_cfg, training), keyframe_jitter=data_cfg.keyframe_jitter),
         frames_out=1 if image_only else data_cfg.num_frames,
         image_size=data_cfg.image_size, training=training, scale_min=data_cfg.scale_min, hflip=data_cfg.hflip,
         tokenizer=data_cfg.tokenizer or default_tokenizer(data_cfg.root),
