@@ -54,7 +54,9 @@ def transcode(data: bytes, uri: str, spec: TranscodeSpec) -> tuple[bytes, dict]:
     try:
         p = probe(data)
     except DecodeError as e:
-        raise BadClip("not_video", uri, str(e)) from None
+        from orchestrator.data.decode import _has_video_signature  # noqa: PLC0415
+
+        raise BadClip("truncated" if _has_video_signature(data) else "not_video", uri, str(e)) from None
     if min(p.width, p.height) < spec.min_resolution or max(p.width, p.height) > spec.max_resolution:
         raise BadClip("bad_resolution", uri, f"{p.width}x{p.height} outside [{spec.min_resolution}, {spec.max_resolution}]")
     if p.frames > spec.max_frames:
