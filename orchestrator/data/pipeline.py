@@ -27,7 +27,7 @@ from orchestrator import storage
 from orchestrator.data import quality
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.decode import DecodeSpec
-from orchestrator.data.process import ProcessParams, process_batch, to_dataset_row
+from orchestrator.data.process import BatchProcessor, ProcessParams, process_batch, to_dataset_row
 from orchestrator.data.sources import SOURCES, is_sharded, read_rows, split_files
 from orchestrator.data.sources.base import ParseReport
 from orchestrator.data.tokenize import default_tokenizer
@@ -147,8 +147,22 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     kwargs: dict[str, Any] = {"num_cpus": data_cfg.decode_cpus}
     if data_cfg.decode_concurrency:
         kwargs["concurrency"] = data_cfg.decode_concurrency
+    if data_cfg.decode_actors:  # long-lived decode actors instead of a task (and a process warm-up) per batch
+        return ds.map_batches(BatchProcessor, fn_constructor_kwargs={"params": params},
+                              batch_size=data_cfg.decode_batch_size, batch_format="numpy",
+                              **_actor_pool(data_cfg, kwargs))
     return ds.map_batches(process_batch, fn_kwargs={"params": params}, batch_size=data_cfg.decode_batch_size,
                           batch_format="numpy", **kwargs)
+
+
+def _actor_pool(data_cfg: DataConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``decode_concurrency`` actors, or an autoscaling pool of 1 .. (cluster CPUs / decode_cpus)."""
+    import ray  # noqa: PLC0415
+
+    if "concurrency" not in kwargs:
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        kwargs["concurrency"] = (1, max(1, int(cpus // data_cfg.decode_cpus)))
+    return kwargs
 
 
 def _contract_collate_cls():
