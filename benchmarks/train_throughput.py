@@ -1,8 +1,7 @@
 """Training throughput: a plain single-process PyTorch loop vs this Ray Train + DeepSpeed stack with
 one worker, on the same pre-train batches; then the same stack fed by the Ray Data plane, for its
 data-wait fraction: once reading the clips as generated, once reading shards written by
-``shard --transcode`` (short side just above the crop, a keyframe every 4 frames, no B-frames) with
-decode actors.  Prints the overhead ratio (target <= 1.10x) and data-wait (target <= 5%).
+``shard --transcode`` (short side just above the crop, a keyframe every 4 frames, no B-frames).  Prints the overhead ratio (target <= 1.10x) and data-wait (target <= 5%).
 
     .venv/bin/python benchmarks/train_throughput.py                      # tiny on CPU
     .venv/bin/python benchmarks/train_throughput.py --presets tiny base --image-size 224 --gpu
@@ -155,7 +154,7 @@ def main(argv=None) -> int:
             if not args.no_transcoded:
                 shards = transcoded_shards(cfg, data, size)
                 tc_cfg = load_config(REPO / "workloads/configs/pretrain_tiny.yaml", over + [
-                    f"data.sources=[{{format: wds, train: [{shards}], val: [{shards}]}}]", "data.decode_actors=true"])
+                    f"data.sources=[{{format: wds, train: [{shards}], val: [{shards}]}}]"])
                 fed_tc = ray_stack(tc_cfg, None, steps=args.steps, log_every=warm)
             results[preset] = {
                 "plain_samples_per_s": plain, "ray_ds_samples_per_s": m["samples_per_s"],

@@ -68,5 +68,6 @@ class DataConfig(BaseModel):
     decode_short_side: int | None = Field(None, ge=0, description="decode sources whose short side is over 2x "
                                           "this straight to it (None = from image_size and scale_min; 0 = never)")
     keyframe_jitter: int = Field(2, ge=0, le=64, description="sampling 'keyframe': frames past the keyframe, at most")
-    decode_actors: bool = Field(False, description="decode in long-lived actors (ActorPoolStrategy, "
-                                "decode_concurrency or 1..CPUs of them) instead of a task per batch")
+    decode_actors: bool = Field(False, description="decode in an actor pool (decode_concurrency or 1..CPUs "
+                                "actors) instead of a task per batch; the pool starts afresh each epoch, so it only "
+                                "pays on long epochs (benchmarks/data_throughput.py measures both)")
