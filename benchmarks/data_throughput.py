@@ -237,8 +237,9 @@ def decoded_per_returned(datas: list[bytes], num_frames: int, strategy: str = "r
 
 
 def peak_memory_8k(workdir: Path, num_frames: int) -> dict:
-    """Peak RSS (MB) of one decode process on an 8K H.264 clip, over the process's RSS before decoding:
-    the full-size decode (short_side 0, as before) vs the header-probed, downscaled decode."""
+    """Peak RSS (MB) of one decode process on an 8K H.264 clip (and its high-water mark before
+    decoding, after the imports): the full-size decode (short_side 0, as before) vs the
+    header-probed, downscaled decode."""
     clip = workdir / "clip_8k.mp4"
     if not clip.exists():
         import av
@@ -270,7 +271,8 @@ short = decode_short_side({SIZE}, 0.5) if short is None else short
 d = decode_video(data, "8k", DecodeSpec(num_frames={num_frames}, sampling="rand", short_side=short),
                  np.random.default_rng(0))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("RESULT", json.dumps({{"peak_mb": round((peak - base) / 1024, 1), "frames_shape": list(d.frames.shape)}}))
+print("RESULT", json.dumps({{"peak_rss_mb": round(peak / 1024, 1), "rss_before_decode_mb": round(base / 1024, 1),
+                             "frames_shape": list(d.frames.shape)}}))
 """
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
         line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
