@@ -290,8 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--short-side", type=int, default=256, help="transcoded shards: short side (default 256)")
     ap.add_argument("--gop", type=int, default=8, help="transcoded shards: keyframe every N frames (default 8)")
     ap.add_argument("--skip-8k", action="store_true", help="skip the 8K peak-memory figure")
+    ap.add_argument("--only-8k", action="store_true", help="only the 8K peak-memory figure")
     args = ap.parse_args(argv)
     workdir = Path(args.workdir or os.path.join(tempfile.gettempdir(), "mplug2-bench-clips"))
+    if args.only_8k:
+        workdir.mkdir(parents=True, exist_ok=True)
+        print(json.dumps({"peak_memory_8k_mb": peak_memory_8k(workdir, 4)}))
+        return 0
     t0 = time.perf_counter()
     paths = make_clips(workdir, args.clips)
     print(f"{len(paths)} clips ({WIDTH}x{HEIGHT}, {SECONDS:.0f} s, {FPS} fps, keyframe every {GOP // FPS} s) "
