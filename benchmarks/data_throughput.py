@@ -8,7 +8,16 @@ frames per clip (``rand`` sampling, random resized crop to 224, flip), the throu
   (c) this Ray Data pipeline (``build_dataset`` + ``iter_worker_batches``) with 1 and 2 CPUs, which
       also tokenizes the captions and counts bad clips;
 
-plus frames decoded per frame returned (from the clips' keyframe index).  Each timed series follows
+  (d) the same pipeline with decode actors (``data.decode_actors``), same clips and CPUs (an actor
+      pool lives for one execution, i.e. one epoch: its start-up is paid every pass, while tasks
+      reuse Ray's warm worker processes);
+  (e) Ray Data (tasks) reading shards written by ``shard --transcode`` (short side 256, a
+      keyframe every 8 frames, no B-frames), against the DataLoader reading the original clips; with
+      the one-time transcode cost per clip and the epochs after which it has paid for itself;
+
+plus frames decoded per frame returned, counted by the PyAV decoder itself (original clips with
+``rand`` and ``keyframe`` sampling, transcoded clips with ``rand``), and the peak memory of a decode
+process on an 8K clip (full-size decode vs the header-probed downscaled decode).  Each timed series follows
 an untimed warm-up pass; a figure is all clips over all the time of ``--repeats`` passes.  Every
 pipeline draws fresh random frame indices per clip, as training does: which frames are drawn sets
 how much must be decoded (~24 frames per frame returned at 4 frames per clip), so a fixed seed in
@@ -16,6 +25,9 @@ one pipeline, or the best pass of a few, would favour it by luck of the draw.  T
 output is a JSON object with every figure and ratio.
 
     python benchmarks/data_throughput.py [--clips 32] [--frames 4 16] [--cpus 1 2] [--workdir DIR]
+
+The machine's load average at the start and the end is part of the JSON: on shared cores the
+absolute figures move with other work; ratios measured within one run are the comparable part.
 """
 from __future__ import annotations
 
@@ -85,6 +97,52 @@ def bench_bare(paths: list[str], num_frames: int, repeats: int) -> float:
     return repeats * len(paths) / (time.perf_counter() - t0)
 
 
+def _decode_bytes(data: bytes, num_frames: int, rng: np.random.Generator) -> np.ndarray:
+    import io
+
+    import decord
+
+    from orchestrator.data import augment, sampling
+
+    vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+    idx = sampling.sample_indices("rand", 0, len(vr), num_frames, rng)
+    return augment.train_transform(vr.get_batch(idx).asnumpy(), SIZE, 0.5, True, rng)
+
+
+def bench_bare_bytes(datas: list[bytes], num_frames: int, repeats: int) -> float:
+    """The bare loop over in-memory clips (the transcoded ones, as read from their shards)."""
+    import torch
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng()
+    for d in datas[:2]:
+        _decode_bytes(d, num_frames, rng)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for d in datas:
+            _decode_bytes(d, num_frames, rng)
+    return repeats * len(datas) / (time.perf_counter() - t0)
+
+
+def transcode_to_shards(workdir: Path, short_side: int, gop: int) -> tuple[str, list[bytes], dict]:
+    """``shard --transcode`` of the benchmark clips (4 per shard): (shard folder, clip bytes, report)."""
+    import shutil
+
+    from orchestrator.data.config import SourceConfig
+    from orchestrator.data.shards import write_shards
+    from orchestrator.data.sources import read_rows, wds
+    from orchestrator.data.sources.base import ParseReport
+    from orchestrator.data.transcode import TranscodeSpec
+
+    out = workdir / f"shards-{short_side}-g{gop}"
+    shutil.rmtree(out, ignore_errors=True)
+    rows = read_rows(SourceConfig(format="msrvtt", train=["ann.jsonl"], val=["ann.jsonl"]), str(workdir), "train")
+    report = write_shards(rows, str(out), max_samples=4, transcode=TranscodeSpec(short_side=short_side, gop=gop))
+    datas = [r["media_bytes"] for s in wds.list_shards(str(out))
+             for r in wds.read_shard_rows("wds", s, ParseReport(s), with_bytes=True)]
+    return str(out), datas, report.to_dict()
+
+
 class _ClipDataset:
     def __init__(self, paths: list[str], num_frames: int):
         self.paths, self.num_frames = paths, num_frames
@@ -113,8 +171,14 @@ def bench_dataloader(paths: list[str], num_frames: int, workers: int, repeats: i
     return n / (time.perf_counter() - t0)
 
 
-def bench_ray(workdir: Path, num_frames: int, cpus: int, repeats: int) -> float:
+RAY_DETAIL: dict = {}  # per Ray run: seconds to the first batch of a pass, and its share of the timed wall
+
+
+def bench_ray(workdir: Path, num_frames: int, cpus: int, repeats: int, actors: bool = False,
+              shards: str | None = None) -> float:
     """One Ray per measurement (a fresh process), so the CPU limit is exactly ``cpus``."""
+    src = (f"SourceConfig(format='wds', train=[{shards!r}], val=[{shards!r}])" if shards
+           else "SourceConfig(format='msrvtt', train=['ann.jsonl'], val=['ann.jsonl'])")
     code = f"""
 import json, sys, time
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
@@ -124,37 +188,96 @@ from ray.data import DataContext
 DataContext.get_current().enable_progress_bars = False
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.pipeline import build_dataset, iter_worker_batches
-src = SourceConfig(format="msrvtt", train=["ann.jsonl"], val=["ann.jsonl"])
+src = {src}
 cfg = DataConfig(root={str(workdir)!r}, sources=[src], num_frames={num_frames}, image_size={SIZE},
-                 decode_cpus=1, decode_batch_size=4, max_bad_fraction=0.0)
+                 decode_cpus=1, decode_batch_size=4, max_bad_fraction=0.0, decode_actors={actors},
+                 tokenizer={str(workdir / "tokenizer")!r})
 ds = build_dataset(cfg, "train", True, ("frames", "text_ids"), run_name="bench")
+first = []
 def one_pass():
-    return sum(len(b["frames"]) for b in iter_worker_batches(ds, 4, "cpu", 2))
+    t, n = time.perf_counter(), 0
+    for b in iter_worker_batches(ds, 4, "cpu", 2):
+        if not n:
+            first.append(time.perf_counter() - t)
+        n += len(b["frames"])
+    return n
 one_pass()
-t0 = time.perf_counter(); n = sum(one_pass() for _ in range({repeats}))
-print("RESULT", json.dumps({{"clips_per_s": n / (time.perf_counter() - t0)}}))
+first.clear()
+t0 = time.perf_counter(); n = sum(one_pass() for _ in range({repeats})); wall = time.perf_counter() - t0
+print("RESULT", json.dumps({{"clips_per_s": n / wall, "first_batch_s": sum(first) / len(first),
+                             "first_batch_share": sum(first) / wall}}))
 """
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_USAGE_STATS_ENABLED="0")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+    for _ in range(3):  # on a crowded machine Ray itself can time out starting; try again
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
+        if "timed out during startup" not in out.stderr:
+            break
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[7:])["clips_per_s"]
+            r = json.loads(line[7:])
+            RAY_DETAIL[f"{num_frames}/{cpus}/{'actors' if actors else 'tasks'}/{'shards' if shards else 'clips'}"] = {
+                k: round(v, 3) for k, v in r.items()}
+            return r["clips_per_s"]
     raise RuntimeError(f"ray benchmark failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
 
 
-def decoded_per_returned(paths: list[str], num_frames: int) -> float:
-    import decord
+def decoded_per_returned(datas: list[bytes], num_frames: int, strategy: str = "rand") -> float:
+    """Frames the PyAV decoder produced per frame returned (its own count), fresh random draws."""
+    from orchestrator.data import sampling, video
 
-    from orchestrator.data import sampling
-
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng()
     decoded = returned = 0
-    for p in paths:
-        vr = decord.VideoReader(p, ctx=decord.cpu(0), num_threads=1)
-        idx = sampling.sample_indices("rand", 0, len(vr), num_frames, rng)
-        decoded += sampling.frames_decoded(idx, list(vr.get_key_indices()))
+    for d in datas:
+        r = video.open_reader("pyav", d)
+        idx = sampling.sample_indices(strategy, 0, len(r), num_frames, rng, keyframes=r.key_indices())
+        r.get(idx)
+        decoded += r.decoded
         returned += num_frames
     return decoded / returned
+
+
+def peak_memory_8k(workdir: Path, num_frames: int) -> dict:
+    """Peak RSS (MB) of one decode process on an 8K H.264 clip (and its high-water mark before
+    decoding, after the imports): the full-size decode (short_side 0, as before) vs the
+    header-probed, downscaled decode."""
+    clip = workdir / "clip_8k.mp4"
+    if not clip.exists():
+        import av
+
+        with av.open(str(clip), mode="w") as c:
+            s = c.add_stream("libx264", rate=30)
+            s.width, s.height, s.pix_fmt = 7680, 4320, "yuv420p"
+            s.options = {"preset": "ultrafast", "g": "30"}
+            for i in range(8):
+                fr = av.VideoFrame(7680, 4320, "yuv420p")
+                for plane in fr.planes:
+                    plane.update(bytes([30 + 25 * i]) * plane.buffer_size)
+                for pk in s.encode(fr):
+                    c.mux(pk)
+            for pk in s.encode():
+                c.mux(pk)
+    out = {}
+    for label, short in (("full_size", 0), ("probed_downscaled", None)):
+        code = f"""
+import json, resource, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+import numpy as np, decord, av
+from orchestrator.data.decode import DecodeSpec, decode_video
+from orchestrator.data.video import decode_short_side
+data = open({str(clip)!r}, "rb").read()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+short = {short!r}
+short = decode_short_side({SIZE}, 0.5) if short is None else short
+d = decode_video(data, "8k", DecodeSpec(num_frames={num_frames}, sampling="rand", short_side=short),
+                 np.random.default_rng(0))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("RESULT", json.dumps({{"peak_rss_mb": round(peak / 1024, 1), "rss_before_decode_mb": round(base / 1024, 1),
+                             "frames_shape": list(d.frames.shape)}}))
+"""
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+        line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+        out[label] = json.loads(line[0][7:]) if line else {"error": r.stderr[-500:]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,28 +287,65 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per figure (all of them count)")
     ap.add_argument("--workdir", default=None, help="where clips are generated (kept for reuse)")
+    ap.add_argument("--short-side", type=int, default=256, help="transcoded shards: short side (default 256)")
+    ap.add_argument("--gop", type=int, default=8, help="transcoded shards: keyframe every N frames (default 8)")
+    ap.add_argument("--skip-8k", action="store_true", help="skip the 8K peak-memory figure")
+    ap.add_argument("--only-8k", action="store_true", help="only the 8K peak-memory figure")
     args = ap.parse_args(argv)
     workdir = Path(args.workdir or os.path.join(tempfile.gettempdir(), "mplug2-bench-clips"))
+    if args.only_8k:
+        workdir.mkdir(parents=True, exist_ok=True)
+        print(json.dumps({"peak_memory_8k_mb": peak_memory_8k(workdir, 4)}))
+        return 0
     t0 = time.perf_counter()
     paths = make_clips(workdir, args.clips)
     print(f"{len(paths)} clips ({WIDTH}x{HEIGHT}, {SECONDS:.0f} s, {FPS} fps, keyframe every {GOP // FPS} s) "
           f"ready in {time.perf_counter() - t0:.1f}s under {workdir}", flush=True)
+    t1 = time.perf_counter()
+    shards, tc_datas, tc_report = transcode_to_shards(workdir, args.short_side, args.gop)
+    tc_per_clip = tc_report["transcode_s"] / max(1, tc_report["transcoded"])
+    print(f"transcoded {tc_report['transcoded']} clips into {len(tc_report['shards'])} shards in "
+          f"{time.perf_counter() - t1:.1f}s ({tc_per_clip:.2f} s/clip on one core)", flush=True)
+    orig_datas = [Path(p).read_bytes() for p in paths]
     res: dict = {"clips": len(paths), "video": f"{WIDTH}x{HEIGHT} {SECONDS:.0f}s {FPS}fps gop {GOP}",
-                 "crop": SIZE, "bare": {}, "dataloader": {}, "ray": {}, "frames_decoded_per_returned": {},
-                 "ratios": {}}
+                 "crop": SIZE, "load_avg_start": os.getloadavg()[0],
+                 "transcode": {**tc_report["transcode"], "s_per_clip": round(tc_per_clip, 3)},
+                 "bare": {}, "bare_transcoded": {}, "dataloader": {}, "ray": {}, "ray_actors": {},
+                 "ray_transcoded": {}, "frames_decoded_per_returned": {}, "ratios": {}}
     for t in args.frames:
         k = str(t)
-        res["frames_decoded_per_returned"][k] = round(decoded_per_returned(paths, t), 2)
+        res["frames_decoded_per_returned"][k] = {
+            "original_rand": round(decoded_per_returned(orig_datas, t), 2),
+            "original_keyframe": round(decoded_per_returned(orig_datas, t, "keyframe"), 2),
+            "transcoded_rand": round(decoded_per_returned(tc_datas, t), 2)}
+        print(f"T={t} frames decoded per frame returned (PyAV's count): {res['frames_decoded_per_returned'][k]}",
+              flush=True)
         res["bare"][k] = round(bench_bare(paths, t, args.repeats), 2)
         print(f"T={t} (a) bare decord loop: {res['bare'][k]} clips/s", flush=True)
+        res["bare_transcoded"][k] = round(bench_bare_bytes(tc_datas, t, args.repeats), 2)
+        print(f"T={t} (a') bare decord loop, transcoded clips: {res['bare_transcoded'][k]} clips/s", flush=True)
+        r = res["ratios"].setdefault(k, {})
+        saved = 1 / res["bare"][k] - 1 / res["bare_transcoded"][k]  # core-seconds saved per clip per epoch
+        r["transcode_epochs_to_pay_off"] = round(tc_per_clip / saved, 2) if saved > 0 else None
         for c in args.cpus:
             res["dataloader"].setdefault(k, {})[str(c)] = round(bench_dataloader(paths, t, c, args.repeats), 2)
             print(f"T={t} (b) DataLoader {c} workers: {res['dataloader'][k][str(c)]} clips/s", flush=True)
-            res["ray"].setdefault(k, {})[str(c)] = round(bench_ray(workdir, t, c, args.repeats), 2)
-            print(f"T={t} (c) Ray Data {c} CPUs: {res['ray'][k][str(c)]} clips/s", flush=True)
-            r = res["ratios"].setdefault(k, {})
-            r[f"ray_per_cpu_over_bare_{c}cpu"] = round(res["ray"][k][str(c)] / c / res["bare"][k], 3)
-            r[f"ray_over_dataloader_{c}cpu"] = round(res["ray"][k][str(c)] / res["dataloader"][k][str(c)], 3)
+            for name, kw in (("ray", {}), ("ray_actors", {"actors": True}), ("ray_transcoded", {"shards": shards})):
+                res[name].setdefault(k, {})[str(c)] = round(bench_ray(workdir, t, c, args.repeats, **kw), 2)
+                print(f"T={t} ({name}) {c} CPUs: {res[name][k][str(c)]} clips/s", flush=True)
+            dl = res["dataloader"][k][str(c)]
+            for name in ("ray", "ray_actors"):
+                r[f"{name}_per_cpu_over_bare_{c}cpu"] = round(res[name][k][str(c)] / c / res["bare"][k], 3)
+                r[f"{name}_over_dataloader_{c}cpu"] = round(res[name][k][str(c)] / dl, 3)
+            r[f"ray_transcoded_over_dataloader_original_{c}cpu"] = round(res["ray_transcoded"][k][str(c)] / dl, 3)
+            r[f"ray_transcoded_per_cpu_over_bare_transcoded_{c}cpu"] = round(
+                res["ray_transcoded"][k][str(c)] / c / res["bare_transcoded"][k], 3)
+        print(f"T={t} ratios: {r}", flush=True)
+    if not args.skip_8k:
+        res["peak_memory_8k_mb"] = peak_memory_8k(workdir, 4)
+        print(f"8K clip, one decode process: {res['peak_memory_8k_mb']}", flush=True)
+    res["ray_first_batch"] = RAY_DETAIL
+    res["load_avg_end"] = os.getloadavg()[0]
     res["cpu_count"] = os.cpu_count()
     print(json.dumps(res))
     return 0

@@ -5,6 +5,12 @@ Example::
 
     python -m orchestrator shard --source msrvtt --root s3://bucket/msrvtt \\
         --annotations annotations/train.jsonl --media videos --out s3://bucket/msrvtt-shards/train
+
+``--transcode`` re-encodes every video into the shards at a training resolution (``--short-side``,
+default 256), ``--max-fps`` (default 30), a keyframe every ``--gop`` frames (default 8) and no
+B-frames; the source clips stay untouched and ``index.json`` records the parameters.  Exact frame
+sampling on such shards decodes a few small frames per frame returned instead of a GOP of
+full-size ones.
 """
 from __future__ import annotations
 
@@ -24,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-samples", type=int, default=1000, help="samples per shard at most (default 1000)")
     p.add_argument("--shard-mb", type=float, default=512, help="shard size in MB at most (default 512)")
     p.add_argument("--max-bad-fraction", type=float, default=0.05, help="malformed annotation rows tolerated")
+    p.add_argument("--transcode", action="store_true",
+                   help="re-encode videos (H.264, short GOP, no B-frames) at a training resolution into the shards")
+    p.add_argument("--short-side", type=int, default=256, help="--transcode: shorter side in pixels (0 = keep)")
+    p.add_argument("--max-fps", type=float, default=30.0, help="--transcode: frame-rate cap (0 = keep)")
+    p.add_argument("--gop", type=int, default=8, help="--transcode: a keyframe every N frames (default 8)")
+    p.add_argument("--crf", type=int, default=23, help="--transcode: x264 quality (default 23)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,16 +43,19 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.data.config import SourceConfig  # noqa: PLC0415
     from orchestrator.data.shards import write_shards  # noqa: PLC0415
     from orchestrator.data.sources import AnnotationError, read_rows  # noqa: PLC0415
+    from orchestrator.data.transcode import TranscodeSpec  # noqa: PLC0415
 
     try:
         files = {"train": args.annotations, "val": args.annotations}
         src = SourceConfig(format=args.source, media=args.media, labels=args.labels, **files)
+        spec = (TranscodeSpec(short_side=args.short_side, max_fps=args.max_fps, gop=args.gop, crf=args.crf)
+                if args.transcode else None)
     except ValueError as e:
         raise ConfigError(f"shard: {e}") from None
     try:
         rows = read_rows(src, args.root, args.split, args.max_bad_fraction)
     except AnnotationError as e:
         raise ConfigError(str(e)) from None
-    report = write_shards(rows, args.out, args.shard_samples, int(args.shard_mb * 2**20))
+    report = write_shards(rows, args.out, args.shard_samples, int(args.shard_mb * 2**20), transcode=spec)
     print(json.dumps({"source": args.source, "rows": len(rows), **report.to_dict()}, ensure_ascii=False))
     return 0

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Sampling = Literal["rand", "middle", "uniform", "headtail"]
+Sampling = Literal["rand", "middle", "uniform", "headtail", "keyframe"]
 
 
 class SourceConfig(BaseModel):
@@ -68,6 +68,13 @@ class DataConfig(BaseModel):
                         "every epoch (small datasets: frame sampling and augmentation are then drawn once per clip)")
     shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer (0 = off)")
     limit: int | None = Field(None, ge=1, description="use only the first N rows of each split (debugging)")
+    decoder: Literal["decord", "pyav"] = Field("decord", description="video decoder (same frames, see data/video.py)")
+    decode_short_side: int | None = Field(None, ge=0, description="decode sources whose short side is over 2x "
+                                          "this straight to it (None = from image_size and scale_min; 0 = never)")
+    keyframe_jitter: int = Field(2, ge=0, le=64, description="sampling 'keyframe': frames past the keyframe, at most")
+    decode_actors: bool = Field(False, description="decode in an actor pool (decode_concurrency or 1..CPUs "
+                                "actors) instead of a task per batch; the pool starts afresh each epoch, so it only "
+                                "pays on long epochs (benchmarks/data_throughput.py measures both)")
 
     def caps(self):
         """The size caps the source readers apply (see ``orchestrator.data.sources.base.Caps``)."""

@@ -28,7 +28,7 @@ from orchestrator import storage
 from orchestrator.data import quality
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.decode import DecodeSpec
-from orchestrator.data.process import ProcessParams, process_batch, to_dataset_row
+from orchestrator.data.process import BatchProcessor, ProcessParams, process_batch, to_dataset_row
 from orchestrator.data.sources import SOURCES, is_sharded, read_rows, split_files
 from orchestrator.data.sources.base import ParseReport
 from orchestrator.data.tokenize import default_tokenizer
@@ -127,6 +127,14 @@ def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trainin
     return ray.data.from_items(items, override_num_blocks=blocks), len(items)
 
 
+def _short_side(data_cfg: DataConfig, training: bool) -> int:
+    if data_cfg.decode_short_side is not None:
+        return data_cfg.decode_short_side
+    from orchestrator.data.video import decode_short_side  # noqa: PLC0415
+
+    return decode_short_side(data_cfg.image_size, data_cfg.scale_min if training else 1.0)
+
+
 def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...], seed: int,
                    run_name: str | None) -> ProcessParams:
     formats = {s.format for s in data_cfg.sources}
@@ -136,7 +144,8 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
         decode=DecodeSpec(num_frames=data_cfg.num_frames,
                           sampling=data_cfg.sampling if training else data_cfg.eval_sampling,
                           min_frames=data_cfg.min_frames, min_resolution=data_cfg.min_resolution,
-                          max_resolution=data_cfg.max_resolution),
+                          max_resolution=data_cfg.max_resolution, decoder=data_cfg.decoder,
+                          short_side=_short_side(data_cfg, training), keyframe_jitter=data_cfg.keyframe_jitter),
         frames_out=1 if image_only else data_cfg.num_frames,
         image_size=data_cfg.image_size, training=training, scale_min=data_cfg.scale_min, hflip=data_cfg.hflip,
         tokenizer=data_cfg.tokenizer or default_tokenizer(data_cfg.root),
@@ -191,8 +200,22 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     kwargs: dict[str, Any] = {"num_cpus": data_cfg.decode_cpus}
     if data_cfg.decode_concurrency:
         kwargs["concurrency"] = data_cfg.decode_concurrency
+    if data_cfg.decode_actors:  # long-lived decode actors instead of a task (and a process warm-up) per batch
+        return ds.map_batches(BatchProcessor, fn_constructor_kwargs={"params": params},
+                              batch_size=data_cfg.decode_batch_size, batch_format="numpy",
+                              **_actor_pool(data_cfg, kwargs))
     return ds.map_batches(process_batch, fn_kwargs={"params": params}, batch_size=data_cfg.decode_batch_size,
                           batch_format="numpy", **kwargs)
+
+
+def _actor_pool(data_cfg: DataConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``decode_concurrency`` actors, or an autoscaling pool of 1 .. (cluster CPUs / decode_cpus)."""
+    import ray  # noqa: PLC0415
+
+    if "concurrency" not in kwargs:
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        kwargs["concurrency"] = (1, max(1, int(cpus // data_cfg.decode_cpus)))
+    return kwargs
 
 
 def _contract_collate_cls():

@@ -5,6 +5,11 @@ they cost a few thousand.  Layout (webdataset): ``<out>/shard-000000.tar`` ... e
 sample, ``<key>.<ext>`` (the clip or image as stored) and ``<key>.json`` (the row: text, answer,
 label, clip_index, start/end, ...), plus ``<out>/index.json`` listing shards and counts.  Read them
 back with the ``wds`` source format (``data.sources[].format: wds``, ``train: [<out>]``).
+
+With ``transcode`` (:class:`~orchestrator.data.transcode.TranscodeSpec`) each video is re-encoded
+at a training resolution, a capped frame rate, a short GOP and no B-frames before it is packed
+(the source objects stay untouched); ``index.json`` then records the parameters under
+``transcode``, and clips that cannot be probed or decoded are counted under ``skipped``, not shipped.
 """
 from __future__ import annotations
 
@@ -16,8 +21,9 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator import storage
-from orchestrator.data.decode import read_media
+from orchestrator.data.decode import is_image, read_media
 from orchestrator.data.quality import BadClip
+from orchestrator.data.transcode import TranscodeSpec, transcode as transcode_clip
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +36,17 @@ class ShardReport:
     shards: list[str] = field(default_factory=list)
     samples: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> URIs
+    transcode: dict | None = None  # the TranscodeSpec used (None: media packed as stored)
+    transcoded: int = 0
+    transcode_s: float = 0.0  # seconds spent re-encoding, all clips
 
     def to_dict(self) -> dict:
-        return {"shards": self.shards, "samples": self.samples,
-                "skipped": {k: len(v) for k, v in self.skipped.items()},
-                "skipped_examples": {k: v[:5] for k, v in self.skipped.items()}}
+        d = {"shards": self.shards, "samples": self.samples,
+             "skipped": {k: len(v) for k, v in self.skipped.items()},
+             "skipped_examples": {k: v[:5] for k, v in self.skipped.items()}}
+        if self.transcode is not None:
+            d.update(transcode=self.transcode, transcoded=self.transcoded, transcode_s=round(self.transcode_s, 3))
+        return d
 
 
 class _ShardWriter:
@@ -72,12 +84,14 @@ class _ShardWriter:
         self.tar, self.buf = None, None
 
 
-def write_shards(rows: list[dict], out: str, max_samples: int = 1000, max_bytes: int = 512 * 2**20) -> ShardReport:
-    """Pack ``rows`` (from ``sources.read_rows``) and their media into tar shards under ``out``."""
+def write_shards(rows: list[dict], out: str, max_samples: int = 1000, max_bytes: int = 512 * 2**20,
+                 transcode: TranscodeSpec | None = None) -> ShardReport:
+    """Pack ``rows`` (from ``sources.read_rows``) and their media into tar shards under ``out``
+    (videos re-encoded per ``transcode`` when given)."""
     if max_samples < 1 or max_bytes < 1:
         raise ValueError(f"max_samples ({max_samples}) and max_bytes ({max_bytes}) must be positive")
     writer = _ShardWriter(out, max_samples, max_bytes)
-    report = ShardReport()
+    report = ShardReport(transcode=transcode.to_dict() if transcode else None)
     for i, row in enumerate(rows):
         key = f"{i:09d}"
         meta = {k: row.get(k) for k in META_KEYS}
@@ -95,6 +109,19 @@ def write_shards(rows: list[dict], out: str, max_samples: int = 1000, max_bytes:
                 report.skipped.setdefault("empty", []).append(uri)
                 continue
             ext = uri.rsplit(".", 1)[-1].lower() if "." in uri.rsplit("/", 1)[-1] else "mp4"
+            if transcode is not None and row.get("modality") != "image" and not is_image(uri):
+                t0 = time.perf_counter()
+                try:
+                    data, info = transcode_clip(data, uri, transcode)
+                except BadClip as e:
+                    report.skipped.setdefault(e.reason, []).append(uri)
+                    log.warning("shard: skipping %s (%s: %s)", uri, e.reason, e.detail)
+                    continue
+                finally:
+                    report.transcode_s += time.perf_counter() - t0
+                report.transcoded += 1
+                meta["transcode"] = info
+                ext = "mp4"
             members.append((ext, data))
         members.append(("json", json.dumps(meta, ensure_ascii=False).encode("utf-8")))
         writer.add(key, members)

@@ -191,3 +191,26 @@ def test_ray_train_workers_get_their_shards(ray_local, synth_data):
     result = trainer.fit()
     assert result.error is None
     assert quality.get_bad_clip_stats(name)["total_seen"] == 19
+
+
+@pytest.mark.parametrize("decode_actors,decoder", [(True, "decord"), (False, "pyav")])
+def test_decode_actors_and_pyav_count_bad_clips_like_the_task_path(ray_local, tmp_path, clip_bytes, tiny_hf,
+                                                                   decode_actors, decoder):
+    src = _bad_dataset(tmp_path / "bad", clip_bytes)
+    cfg = DataConfig(root=str(tmp_path / "bad"), sources=[src], tokenizer=str(tiny_hf.tokenizer), num_frames=2,
+                     image_size=16, max_bad_fraction=1.0, min_resolution=20, decode_batch_size=4,
+                     decode_actors=decode_actors, decoder=decoder, eval_sampling="uniform")
+    name = run_name()
+    ds = build_dataset(cfg, "val", False, ("frames", "text_ids"), run_name=name)
+    if decode_actors:
+        assert "MapBatches(BatchProcessor)" in str(ds)
+    batches = collect(ds)
+    assert sum(len(b["frames"]) for b in batches) == 6
+    for b in batches:  # the good clips (24 numbered frames): uniform 2 frames = the first and the last
+        assert all(frame_index(f.numpy()) == [0, 23] for f in b["frames"])
+    stats = quality.get_bad_clip_stats(name)
+    assert stats["total_seen"] == 12 and stats["by_reason"] == {
+        "empty": 1, "truncated": 1, "not_video": 1, "too_few_frames": 1, "bad_resolution": 1, "missing": 1}
+    strict = cfg.model_copy(update={"max_bad_fraction": 0.2, "bad_check_min_seen": 4})
+    with pytest.raises(Exception, match=r"too many bad clips.*by reason"):
+        collect(build_dataset(strict, "val", False, ("frames",), run_name=run_name()))
