@@ -190,6 +190,7 @@ class MetricLogger:
         self.dropped = 0
         self.failed_flushes = 0
         self.sent = 0
+        self._inflight = 0
         self._client = None
         self._thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
         self._thread.start()
@@ -208,6 +209,7 @@ class MetricLogger:
     def flush(self) -> bool:
         with self._lock:
             batch, self._buf = self._buf, []
+            self._inflight = len(batch)
         if not batch:
             return True
         sent_upto = 0
@@ -237,13 +239,15 @@ class MetricLogger:
                 self._system.finish()
             except Exception as e:  # noqa: BLE001 - the run's own metrics matter more
                 log.warning("MLflow system metrics did not stop cleanly: %s", type(e).__name__)
-        self._stop.set()
-        self._thread.join(timeout=5)
         deadline = time.time() + timeout_s
+        self._stop.set()
+        # A flush of the background thread may be in flight (its HTTP client retrying while the server
+        # is away): wait for it to deliver or put its batch back, else that batch is lost at exit.
+        self._thread.join(timeout=timeout_s)
         while not self.flush() and time.time() < deadline:
             time.sleep(min(2.0, max(0.0, deadline - time.time())))
         with self._lock:
-            undelivered = len(self._buf)
+            undelivered = len(self._buf) + (self._inflight if self._thread.is_alive() else 0)
         return {"sent": self.sent, "undelivered": undelivered, "dropped": self.dropped,
                 "failed_flushes": self.failed_flushes}
 
