@@ -110,6 +110,7 @@ def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trainin
     rows = read_rows(src, data_cfg.root, split, data_cfg.max_bad_fraction, data_cfg.caps())
     if data_cfg.limit:
         rows = rows[: data_cfg.limit]
+    parsed = len(rows)
     if training:
         rows = _weighted(rows, src.weight, rng)
         rng.shuffle(rows)
@@ -124,7 +125,7 @@ def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trainin
     offsets[0] += max(int(r["clip_index"]) for r in rows) + 1
     offsets[1] += len(items)
     blocks = max(1, min(len(items) // max(1, data_cfg.decode_batch_size), 200))
-    return ray.data.from_items(items, override_num_blocks=blocks), len(items)
+    return ray.data.from_items(items, override_num_blocks=blocks), parsed
 
 
 def _short_side(data_cfg: DataConfig, training: bool) -> int:
@@ -156,7 +157,8 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
 
 
 def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tuple[str, ...], seed: int = 0,
-                  run_name: str | None = None, progress_stream: str | None = None):
+                  run_name: str | None = None, progress_stream: str | None = None,
+                  row_counts: dict[tuple[str, str], int] | None = None):
     """A ``ray.data.Dataset`` of contract rows (only ``columns``), bad clips removed and counted.
 
     ``split`` is ``"train"`` or ``"val"``; ``training`` picks ``data.sampling`` + random crop/flip,
@@ -187,7 +189,12 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     quality.get_tracker(run_name)  # the named actor exists before any decode task runs
     rng = random.Random(seed)
     offsets = [0, 0]  # next clip id, next sample key: ids stay unique across the sources
-    parts = [_source_dataset(s, data_cfg, split, training, rng, offsets)[0] for s in data_cfg.sources]
+    parts = []
+    for src in data_cfg.sources:
+        part, parsed = _source_dataset(src, data_cfg, split, training, rng, offsets)
+        parts.append(part)
+        if row_counts is not None and parsed is not None:  # rows parsed (before weights); shards: unknown
+            row_counts[(src.format, split)] = row_counts.get((src.format, split), 0) + parsed
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if training:  # rows were shuffled once, by seed, in the driver; blocks are dealt in a seeded order
         ds = ds.randomize_block_order(seed=seed)

@@ -100,10 +100,9 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     if getattr(workload, "USES_MODEL_CONFIG", True):
         model_config = model_config_for(cfg, load_run_tokenizer(cfg))
     ensure_ray()
+    row_counts: dict[tuple[str, str], int] = {}  # rows parsed per (source, split), for the MLflow dataset inputs
     if datasets is None:
-        from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
-
-        datasets = build_train_datasets(cfg, workload.COLUMNS, run_name)
+        datasets = build_train_datasets(cfg, workload.COLUMNS, run_name, row_counts)
         datasets.update(validation_dataset(cfg, workload, run_name))
 
     mlflow_run_id = None
@@ -127,7 +126,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             tags["mplug2.init_from"] = init_uri
         mlflow_run_id = open_run(tracking_uri, experiment, run_name, cfg.to_dict(), tags,
                                  parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
-        lineage.record_datasets(tracking_uri, mlflow_run_id, describe_sources(cfg.data, ("train",)))
+        lineage.record_datasets(tracking_uri, mlflow_run_id, describe_sources(cfg.data, ("train",), rows=row_counts))
 
     storage_path, storage_fs = _storage_for_ray(storage.join(cfg.storage, experiment))
     progress = Progress(run_name, cfg.train.max_steps, printer=log.info)
@@ -250,14 +249,16 @@ def _already_finished(cfg: RunConfig, run_name: str, run_dir: str, export_uri: s
                         metrics=metrics, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
 
 
-def build_train_datasets(cfg: RunConfig, columns: tuple[str, ...], run_name: str) -> dict:
+def build_train_datasets(cfg: RunConfig, columns: tuple[str, ...], run_name: str,
+                         row_counts: dict | None = None) -> dict:
     """One dataset per stream of the run.  ``train`` is the epoch's stream: the video sources (or,
     in an image-only run, the image sources).  A video run that also lists image sources gets
     ``train_image`` (images kept as T = 1 frame: no T-fold vision compute, no temporal module, the
     image instruction) and a video/image workload that lists text-only sources (pre-training's
     text corpora) gets ``train_text``; the loop mixes those in per step in proportion to their
     sources' weights (see :func:`stream_fractions`).  Every row carries a ``sample_key`` and every
-    stream a progress filter, so a resumed pass leaves out what it already trained on."""
+    stream a progress filter, so a resumed pass leaves out what it already trained on.
+    ``row_counts`` collects the rows parsed per (source format, split), for lineage."""
     from orchestrator.data.pipeline import SAMPLE_KEY  # noqa: PLC0415
 
     groups = _stream_sources(cfg, columns)
@@ -265,7 +266,7 @@ def build_train_datasets(cfg: RunConfig, columns: tuple[str, ...], run_name: str
     for name, sources in groups.items():
         cols = tuple(c for c in columns if c in ("text_ids", "text_mask")) if name == "train_text" else columns
         out[name] = _stream_dataset(cfg, cfg.data.model_copy(update={"sources": sources}), cols + (SAMPLE_KEY,),
-                                    run_name, name)
+                                    run_name, name, row_counts)
     return out
 
 
@@ -291,7 +292,8 @@ def _stream_sources(cfg: RunConfig, columns: tuple[str, ...]) -> dict[str, list]
     return groups
 
 
-def _stream_dataset(cfg: RunConfig, data_cfg, columns: tuple[str, ...], run_name: str, stream: str):
+def _stream_dataset(cfg: RunConfig, data_cfg, columns: tuple[str, ...], run_name: str, stream: str,
+                    row_counts: dict | None = None):
     from orchestrator.data import progress  # noqa: PLC0415
     from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
 
@@ -299,9 +301,10 @@ def _stream_dataset(cfg: RunConfig, data_cfg, columns: tuple[str, ...], run_name
 
     if not cfg.data.cache:
         return build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
-                             progress_stream=stream)
+                             progress_stream=stream, row_counts=row_counts)
     # cached: decoded once here; the progress filter then runs on the decoded rows every pass
-    ds = build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name)
+    ds = build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
+                       row_counts=row_counts)
     return ds.materialize().map_batches(progress.skip_consumed, batch_size=None, batch_format="numpy", num_cpus=0.1,
                                         fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": False})
 

@@ -109,3 +109,17 @@ def test_metric_logger_logs_system_metrics_of_the_node(tmp_path, monkeypatch):
     logger.close(timeout_s=10)
     assert any(k.startswith("system/cpu") for k in keys), keys
     assert any(k.startswith("system/system_memory") for k in keys), keys
+
+
+def test_the_data_plane_counts_the_rows_it_parsed_per_source(ray_local, synth_data):
+    """What the driver passes to the dataset inputs: rows parsed per (source, split), before
+    weights; a sharded source's count is unknown until read (left out)."""
+    from orchestrator.data.pipeline import build_dataset
+
+    data = DataConfig(root=synth_data, sources=[
+        SourceConfig(format="msrvtt", train=["annotations/msrvtt_train.jsonl"], val=["annotations/msrvtt_val.jsonl"],
+                     weight=2.0)])
+    counts = {}
+    build_dataset(data, "train", training=True, columns=("text_ids",), seed=0, row_counts=counts)
+    lines = [ln for ln in open(f"{synth_data}/annotations/msrvtt_train.jsonl") if ln.strip()]
+    assert counts == {("msrvtt", "train"): len(lines)}
