@@ -89,16 +89,14 @@ def log_datasets(c, run_id: str, sources: list[dict[str, Any]]) -> int:
 
 
 def log_exported_model(uri: str, run_id: str, experiment_id: str, export_uri: str, name: str,
-                       tokenizer: str | None = None, metrics: dict[str, float] | None = None,
-                       register: str | None = None) -> str:
+                       tokenizer: str | None = None, register: str | None = None) -> str:
     """The export as an MLflow LoggedModel of the run: ``config.json`` and the run's tokenizer as its
     artifacts, the weights' location as a tag (they stay where the export is, not copied into
-    MLflow's store), the run's final metrics linked to it; registered as ``register`` when given.
-    Returns the model id."""
+    MLflow's store); registered as ``register`` when given. Returns the model id. The model's
+    metrics are its source run's (linked by ``source_run_id``): logging them again would add
+    duplicate points to the run's metric history."""
     import tempfile  # noqa: PLC0415
-    import time  # noqa: PLC0415
 
-    from mlflow.entities import Metric  # noqa: PLC0415
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
 
     c = MlflowClient(uri)
@@ -110,11 +108,6 @@ def log_exported_model(uri: str, run_id: str, experiment_id: str, export_uri: st
         if tokenizer and (storage.has_scheme(tokenizer) or os.path.isdir(tokenizer)):
             storage.download_dir(tokenizer, os.path.join(d, "tokenizer"))
         c.log_model_artifacts(model.model_id, d)
-    now = int(time.time() * 1000)
-    numeric = [Metric(k, float(v), now, 0, model_id=model.model_id) for k, v in (metrics or {}).items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if numeric:
-        c.log_batch(run_id, metrics=numeric)
     c.finalize_logged_model(model.model_id, "READY")
     if register:
         if not c.search_registered_models(f"name = '{register}'"):
@@ -152,7 +145,7 @@ def record_datasets(uri: str, run_id: str, sources: list[dict[str, Any]]) -> Non
 
 
 def record_model(uri: str, run_id: str, export_uri: str, name: str, tokenizer: str | None,
-                 metrics: dict[str, Any] | None, register: str | None = None) -> str | None:
+                 register: str | None = None) -> str | None:
     """:func:`log_exported_model` for a finished run; a failure is a warning, except that asking
     to register a model that could not be logged is an error the user must see."""
     from mlflow.tracking import MlflowClient  # noqa: PLC0415
@@ -160,7 +153,7 @@ def record_model(uri: str, run_id: str, export_uri: str, name: str, tokenizer: s
     try:
         experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
         return log_exported_model(uri, run_id, experiment_id, export_uri, name, tokenizer=tokenizer,
-                                  metrics=metrics, register=register)
+                                  register=register)
     except Exception as e:  # noqa: BLE001
         if register:
             raise RuntimeError(f"could not log and register the exported model as {register!r}: "

@@ -190,8 +190,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             if exported and status == "FINISHED":
                 try:
                     lineage.record_model(tracking_uri, mlflow_run_id, export_uri, run_name,
-                                         cfg.data.tokenizer or default_tokenizer(cfg.data.root),
-                                         result.metrics, register)
+                                         cfg.data.tokenizer or default_tokenizer(cfg.data.root), register)
                 except RuntimeError as e:  # asked to register and could not: said after the run is closed
                     register_error = e
             try:

@@ -84,7 +84,7 @@ def test_a_training_run_shows_its_dataset_model_and_system_metrics(mlflow_server
     export.mkdir()
     (export / "config.json").write_text(json.dumps({"preset": "tiny"}))
     (export / "model.safetensors").write_bytes(b"w")
-    lineage.record_model(uri, run_id, str(export), f"pt-{tag}", str(tiny_hf.tokenizer), {"loss": 2.0})
+    lineage.record_model(uri, run_id, str(export), f"pt-{tag}", str(tiny_hf.tokenizer))
     mlflow_run.close_run(uri, run_id)
     c = mlflow_run.client(uri)
     exp_id = c.get_run(run_id).info.experiment_id

@@ -80,8 +80,8 @@ def test_exported_model_is_a_logged_model_with_config_tokenizer_metrics_and_regi
     export.mkdir(parents=True)
     (export / "config.json").write_text(json.dumps({"preset": "tiny"}))
     (export / "model.safetensors").write_bytes(b"weights-stay-here")
-    model_id = lineage.record_model(uri, run_id, str(export), "pt", str(tiny_hf.tokenizer),
-                                    {"loss": 1.5, "step": 10, "note": "x"}, register="mplug2-tiny")
+    mlflow_run.close_run(uri, run_id, metrics={"loss": 1.5}, step=10)
+    model_id = lineage.record_model(uri, run_id, str(export), "pt", str(tiny_hf.tokenizer), register="mplug2-tiny")
     c = mlflow_run.client(uri)
     model = c.get_logged_model(model_id)
     assert str(model.status) in ("READY", "LoggedModelStatus.READY") and model.source_run_id == run_id
@@ -90,8 +90,8 @@ def test_exported_model_is_a_logged_model_with_config_tokenizer_metrics_and_regi
     got = {os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs}
     assert "config.json" in got and any(g.startswith("tokenizer/") for g in got)
     assert "model.safetensors" not in got  # the weights are referenced where the export is, not copied
-    metrics = {m.key: m.value for m in model.metrics or []}
-    assert metrics.get("loss") == 1.5 and "note" not in metrics
+    # the run's metric history is untouched (no second point at step 0 for the model)
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "loss")] == [(10, 1.5)]
     versions = c.search_model_versions("name = 'mplug2-tiny'")
     assert len(versions) == 1 and versions[0].run_id == run_id
 
