@@ -2,10 +2,11 @@
 one progress line per logged training step, a summary at the end.
 
 - :func:`configure_logging` sets the driver's logging (``--verbose``: everything at DEBUG/INFO).
-- :func:`ray_init_options` is what :func:`orchestrator.ray_env.ensure_ray` passes to ``ray.init``:
-  Ray's :class:`ray.LoggingConfig` at WARNING for every Ray process of the job, and a worker
-  setup hook (:func:`quiet_ray_internals`) that raises the few Ray loggers that repeat harmless
-  warnings many times per run to ERROR.  Warnings that matter (bad clips, resumes, worker
+- :func:`ray_init_options` is what :func:`orchestrator.ray_env.ensure_ray` passes to ``ray.init``: a
+  worker setup hook (:func:`quiet_ray_internals`) that puts Ray's loggers at WARNING in every Ray
+  process of the job and the few that repeat harmless warnings many times per run at ERROR, and
+  Ray Data's own logging configuration with its console at WARNING (``ray_data_logging.yaml``);
+  :func:`train_logging_config` is Ray Train's ``LoggingConfig`` at WARNING.  Warnings that matter (bad clips, resumes, worker
   failures and retries) are WARNING or above in our loggers and Ray Train's, and always shown.
 - :class:`Progress` prints ``step 40/200  loss 5.123 (itc 1.90 ...)  35.2 samples/s  data wait
   12%  ETA 2m10s`` in the driver for every metrics report of the run, fed by a Ray Train
@@ -26,6 +27,9 @@ VERBOSE_ENV = "MPLUG2_VERBOSE"
 # (the placement-group cleaner polls the state API every second and warns on each miss).
 NOISY_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 LOSS_ORDER = ("loss", "itc", "itm", "mlm", "lm")
+# Ray Data's own logging configuration: its default with the console at WARNING.
+RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+RAY_DATA_LOGGING_QUIET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 
 def verbose() -> bool:
@@ -38,7 +42,10 @@ def configure_logging(is_verbose: bool) -> None:
         os.environ[VERBOSE_ENV] = "1"
     logging.basicConfig(level=logging.DEBUG if is_verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if is_verbose
-                        else "%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+                        else "%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        force=True)  # an imported library may have configured the root logger already
+    if not is_verbose:
+        os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING_QUIET)
     for name in ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.DEBUG if is_verbose else logging.WARNING)
 
@@ -46,6 +53,7 @@ def configure_logging(is_verbose: bool) -> None:
 def quiet_ray_internals() -> None:
     """Ray's ``worker_process_setup_hook``: runs in every worker and actor process of the job."""
     if not verbose():
+        logging.getLogger("ray").setLevel(logging.WARNING)
         for name in NOISY_RAY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -53,10 +61,18 @@ def quiet_ray_internals() -> None:
 def ray_init_options() -> dict[str, Any]:
     import ray  # noqa: PLC0415
 
-    level = "INFO" if verbose() else "WARNING"
-    return {"logging_config": ray.LoggingConfig(log_level=level),
-            "runtime_env": {"worker_process_setup_hook": "orchestrator.console.quiet_ray_internals",
-                            "env_vars": {VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}}}
+    env = {VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}
+    if not verbose():
+        env[RAY_DATA_LOGGING_ENV] = RAY_DATA_LOGGING_QUIET
+    # (not ray.LoggingConfig: it also sets the driver's root logger, which would hide our own story)
+    return {"runtime_env": {"worker_process_setup_hook": "orchestrator.console.quiet_ray_internals", "env_vars": env}}
+
+
+def train_logging_config():
+    """Ray Train's own console level (its controller and workers): WARNING unless verbose."""
+    import ray.train  # noqa: PLC0415
+
+    return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")
 
 
 def format_duration(seconds: float) -> str:

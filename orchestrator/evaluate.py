@@ -98,7 +98,8 @@ def run_evaluation(cfg: RunConfig, checkpoint: str, split: str = "val", track: b
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=tracker, storage_path=storage_path, storage_filesystem=storage_fs,
-                                       worker_runtime_env={} if t.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}),
+                                       worker_runtime_env={} if t.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
+                                       logging_config=train_logging_config()),
         datasets={EVAL_DATASET: ds},
         dataset_config=sharded_eval_data_config(),
     )

@@ -26,7 +26,7 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     options = ray_init_options()
-    if os.environ.get("RAY_ADDRESS"):  # a job's runtime env is the submitter's: only the log level here
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_config=options["logging_config"])
+    if os.environ.get("RAY_ADDRESS"):  # a job's runtime env is the submitter's
+        ray.init(address=os.environ["RAY_ADDRESS"])
         return
     ray.init(num_cpus=max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False, **options)

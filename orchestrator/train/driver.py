@@ -16,7 +16,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import ConfigError, RunConfig
-from orchestrator.console import Progress, summary
+from orchestrator.console import Progress, summary, train_logging_config
 from orchestrator.data.catalog import describe_sources
 from orchestrator.data.tokenize import default_tokenizer
 from orchestrator.tracking import lineage
@@ -152,6 +152,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
             callbacks=[fail_fast_callback(), *(callbacks or []), progress.callback()],
+            logging_config=train_logging_config(),
         ),
         datasets=datasets,
         dataset_config=sharded_eval_data_config(),  # "val": uneven shards, every row once

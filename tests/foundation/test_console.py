@@ -42,8 +42,9 @@ def test_summary_names_the_outcome():
 def test_ray_is_quiet_unless_verbose(monkeypatch):
     monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
     opts = console.ray_init_options()
-    assert opts["logging_config"].log_level == "WARNING"
+    assert console.train_logging_config().log_level == "WARNING"
     assert opts["runtime_env"]["worker_process_setup_hook"] == "orchestrator.console.quiet_ray_internals"
+    assert opts["runtime_env"]["env_vars"]["RAY_DATA_LOGGING_CONFIG"].endswith("ray_data_logging.yaml")
     noisy = logging.getLogger(console.NOISY_RAY_LOGGERS[0])
     noisy.setLevel(logging.NOTSET)
     console.quiet_ray_internals()
@@ -51,4 +52,5 @@ def test_ray_is_quiet_unless_verbose(monkeypatch):
     monkeypatch.setenv(console.VERBOSE_ENV, "1")
     noisy.setLevel(logging.NOTSET)
     console.quiet_ray_internals()
-    assert noisy.level == logging.NOTSET and console.ray_init_options()["logging_config"].log_level == "INFO"
+    assert noisy.level == logging.NOTSET and console.train_logging_config().log_level == "INFO"
+    assert "RAY_DATA_LOGGING_CONFIG" not in console.ray_init_options()["runtime_env"]["env_vars"]

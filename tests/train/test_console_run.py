@@ -41,7 +41,10 @@ def test_shipped_tiny_config_runs_from_its_relative_root_with_a_quiet_console(tm
     assert "quiet: finished step 4/4" in text
     for noise in RAY_NOISE:
         assert noise not in text, f"Ray chatter on the default console: {noise!r}"
-    assert len(text.splitlines()) < 80, f"{len(text.splitlines())} lines:\n{text}"
+    # a screen, not pages: Ray's per-process chatter is gone (lines of a placement-group cleaner that
+    # finds this test machine's other local Ray instances are not the run's own output)
+    own = [ln for ln in out.stderr.splitlines() if "(PlacementGroupCleaner" not in ln]
+    assert len(own) < 40, f"{len(own)} lines:\n" + "\n".join(own)
     verbose = _train(tmp_path, "name=loud", "train.max_steps=2", verbose=True)
     assert verbose.returncode == 0, verbose.stderr[-4000:]
     assert any(noise in verbose.stdout + verbose.stderr for noise in RAY_NOISE[2:]), "--verbose shows Ray's logs"
