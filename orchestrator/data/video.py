@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 
@@ -172,7 +171,8 @@ class PyAVReader(Reader):
 
     def _frame(self, index: int):
         """The decoded frame at ``index``: decode straight on when the keyframe before it is behind us."""
-        kf = self.keys[max(0, np.searchsorted(self.keys, index, side="right") - 1)] if self.keys else 0
+        pos = int(np.searchsorted(self.keys, index, side="right")) - 1
+        kf = self.keys[pos] if pos >= 0 else 0  # before the first keyframe: from the start
         if self._gen is None or self._pos >= index or self._pos < kf:
             self._seek(kf)
         target = self.pts[index]
@@ -220,7 +220,3 @@ def open_reader(decoder: str, data: bytes, size: tuple[int, int] | None = None) 
 def decode_short_side(image_size: int, scale_min: float) -> int:
     """The smallest short side that keeps a random resized crop (area >= ``scale_min``) at full detail."""
     return int(math.ceil(image_size / math.sqrt(scale_min) / 2)) * 2
-
-
-def fps_fraction(fps: float) -> Fraction:
-    return Fraction(fps).limit_denominator(1001)
