@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from orchestrator.config import ConfigError, RunConfig
+from orchestrator.console import train_logging_config
 
 log = logging.getLogger(__name__)
 
