@@ -65,7 +65,8 @@ def ray_init_options() -> dict[str, Any]:
     if not verbose():
         env[RAY_DATA_LOGGING_ENV] = RAY_DATA_LOGGING_QUIET
     # (not ray.LoggingConfig: it also sets the driver's root logger, which would hide our own story)
-    return {"runtime_env": {"worker_process_setup_hook": "orchestrator.console.quiet_ray_internals", "env_vars": env}}
+    return {"logging_level": logging.INFO if verbose() else logging.WARNING,  # the driver's "ray" logger
+            "runtime_env": {"worker_process_setup_hook": "orchestrator.console.quiet_ray_internals", "env_vars": env}}
 
 
 def train_logging_config():

@@ -27,6 +27,6 @@ def ensure_ray() -> None:
         return
     options = ray_init_options()
     if os.environ.get("RAY_ADDRESS"):  # a job's runtime env is the submitter's
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=options["logging_level"])
         return
     ray.init(num_cpus=max(LOCAL_NUM_CPUS, os.cpu_count() or 1), include_dashboard=False, **options)
