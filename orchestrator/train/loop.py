@@ -179,19 +179,20 @@ def _train(config: dict[str, Any], phase) -> None:
     torch.manual_seed(run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
 
     workload, task_cfg, model = build_model(run, config)
+    from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
+
+    # loaded once: the batch constants (instruction prompts) and the init-from vocabulary check use it
+    tokenizer = load_run_tokenizer(run) if (hasattr(workload, "batch_constants") or (
+        config.get("init_from") and config.get("model_config") is not None)) else None
     constants: dict[str, torch.Tensor] = {}
     if hasattr(workload, "batch_constants"):
-        from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
-
-        constants = {k: v.to(device) for k, v in workload.batch_constants(load_run_tokenizer(run), task_cfg).items()}
+        constants = {k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
     from orchestrator.eval_workers import Validator  # noqa: PLC0415
 
     validator = Validator(run, config, workload, task_cfg, device, constants)  # eval.every_steps + at the end
     if config.get("init_from"):
-        from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
-
-        tokenizer = load_run_tokenizer(run) if config.get("model_config") is not None else None
-        report = checkpoint.load_weights(model, config["init_from"], tcfg.init_allow_mismatch, tokenizer,
+        report = checkpoint.load_weights(model, config["init_from"], tcfg.init_allow_mismatch,
+                                         tokenizer if config.get("model_config") is not None else None,
                                          tcfg.init_allow_new_vocab)
         if rank == 0 and report["missing"]:
             log.info("init-from: %d weights not in the checkpoint (freshly initialised): %s",
@@ -259,13 +260,13 @@ def _train(config: dict[str, Any], phase) -> None:
             for batch in timer.timed_batches(batches):
                 got_batch = True
                 stream = batch.pop(STREAM_KEY, "train")
-                is_text = stream != "train"  # a mixed-in stream (text-only or images), not the epoch's
-                if skip and not is_text:
+                mixed_in = stream != "train"  # a mixed-in stream (text-only or images), not the epoch's
+                if skip and not mixed_in:
                     skip -= 1
                     continue
-                if is_text and skip:
-                    continue  # still skipping the media already trained on: no text steps in between
-                if not is_text:
+                if mixed_in and skip:
+                    continue  # still skipping the epoch's batches already trained on: no mixed-in steps between
+                if not mixed_in:
                     state["epoch_batches"] += 1  # the epoch's batches only: what a resumed epoch skips
                 if SAMPLE_KEY in batch:
                     progress.record(stream, batch.pop(SAMPLE_KEY))
