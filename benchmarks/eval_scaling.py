@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
 
     from orchestrator.config import load_config
     from orchestrator.evaluate import run_evaluation
-    from orchestrator.synth import ClipSpec, generate
+    from orchestrator.devtools.synth import ClipSpec, generate
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="eval_scaling_"))
     data = work / "data"

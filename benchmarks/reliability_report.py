@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from orchestrator.faults.report import ENV, load, markdown  # noqa: E402
+from orchestrator.devtools.faults.report import ENV, load, markdown
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     import ray
     import torch
 
-    from orchestrator import hf_assets, synth
+    from orchestrator.devtools import hf_assets, synth
     from orchestrator.config import load_config
     from orchestrator.train.model_setup import model_config_for
     from workloads import pretrain

@@ -188,18 +188,18 @@ class MPlug2(nn.Module):
 
     # -- persistence (implemented in model/io.py and model/hf_loading.py) -------------------------
     def save_pretrained(self, directory: str) -> None:
-        from .io import save_pretrained  # noqa: PLC0415
+        from .io import save_pretrained
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str, task: str | None = None, **overrides) -> "MPlug2":
-        from .io import load_pretrained  # noqa: PLC0415
+        from .io import load_pretrained
         return load_pretrained(cls, directory, task, **overrides)
 
     @classmethod
     def from_hf(cls, config: MPlugConfig, task: str = "pretrain", vision_pretrained: str | None = None,
                 text_pretrained: str | None = None):
-        from .hf_loading import from_hf  # noqa: PLC0415
+        from .hf_loading import from_hf
         return from_hf(cls, config, task, vision_pretrained, text_pretrained)
 
     def param_counts(self) -> dict[str, int]:

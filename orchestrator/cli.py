@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    from orchestrator.tracking.redact import redact_exception  # noqa: PLC0415
+    from orchestrator.tracking.redact import redact_exception
 
     try:
         return int(args.func(args) or 0)

@@ -77,7 +77,7 @@ class RunConfig(Section):
         would leave the storage root)."""
         if v is None:
             return v
-        from orchestrator.storage import check_segment  # noqa: PLC0415
+        from orchestrator.storage import check_segment
 
         return check_segment(v, "a run name" if info.field_name == "name" else "an experiment name")
 
@@ -221,7 +221,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 def _validate_task_section(cfg: RunConfig) -> None:
     """The ``task`` mapping belongs to the workload; its schema validates it when it has one."""
     try:
-        from workloads import get_workload  # noqa: PLC0415 (workloads are optional at import time)
+        from workloads import get_workload  # workloads are optional at import time
     except ImportError:
         return
     try:

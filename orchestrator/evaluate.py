@@ -36,9 +36,9 @@ class EvalOutcome:
 
 def load_model_for_eval(cfg: RunConfig, checkpoint_uri: str, tokenizer, device, model_config=None):
     """Build the workload's model (its Table 2 modules) and load the checkpoint's weights into it."""
-    from orchestrator.train.checkpoint import load_weights  # noqa: PLC0415
-    from orchestrator.train.model_setup import model_config_for  # noqa: PLC0415
-    from workloads import get_workload  # noqa: PLC0415
+    from orchestrator.train.checkpoint import load_weights
+    from orchestrator.train.model_setup import model_config_for
+    from workloads import get_workload
 
     workload = get_workload(cfg.workload)
     task_cfg = workload.Config.model_validate(cfg.task)
@@ -58,18 +58,18 @@ def load_model_for_eval(cfg: RunConfig, checkpoint_uri: str, tokenizer, device, 
 def run_evaluation(cfg: RunConfig, checkpoint: str, split: str = "val", track: bool = True) -> EvalOutcome:
     """Evaluate ``checkpoint`` on ``split`` with an evaluation-only ``TorchTrainer`` on the run's
     workers; the metrics equal those of one worker for any ``train.num_workers``."""
-    import ray.train  # noqa: PLC0415
-    from ray.train.torch import TorchTrainer  # noqa: PLC0415
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
-    from orchestrator import storage  # noqa: PLC0415
-    from orchestrator.eval_workers import (EVAL_DATASET, build_eval_dataset, eval_loop_per_worker,  # noqa: PLC0415
+    from orchestrator import storage
+    from orchestrator.eval_workers import (EVAL_DATASET, build_eval_dataset, eval_loop_per_worker,
                                            sharded_eval_data_config)
-    from orchestrator.ray_env import ensure_ray  # noqa: PLC0415
-    from orchestrator.tracking import mlflow_run  # noqa: PLC0415
-    from orchestrator.train.checkpoint import resolve_init_from  # noqa: PLC0415
-    from orchestrator.train.driver import _storage_for_ray  # noqa: PLC0415
-    from orchestrator.train.model_setup import load_run_tokenizer, model_config_for  # noqa: PLC0415
-    from workloads import get_workload  # noqa: PLC0415
+    from orchestrator.ray_env import ensure_ray
+    from orchestrator.tracking import mlflow_run
+    from orchestrator.train.checkpoint import resolve_init_from
+    from orchestrator.train.driver import _storage_for_ray
+    from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
+    from workloads import get_workload
 
     tracking_uri = mlflow_run.resolve_tracking_uri(cfg.tracking.uri) if (track and cfg.tracking.enabled) else None
     try:

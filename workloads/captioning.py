@@ -91,7 +91,7 @@ def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) ->
 def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
     """Caption metrics over the clips of ``records`` (all workers' records, in one order);
     predictions: clip_index, prediction, references."""
-    from workloads.metrics.captioning import caption_metrics  # noqa: PLC0415
+    from workloads.metrics.captioning import caption_metrics
 
     predictions: dict[int, str] = {}
     references: dict[int, list[str]] = {}

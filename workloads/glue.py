@@ -88,7 +88,7 @@ def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) ->
 
 def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
     """accuracy (+ f1 for MRPC / QQP), in %; predictions: text, label, prediction, correct."""
-    from workloads.metrics.classification import glue_metrics  # noqa: PLC0415
+    from workloads.metrics.classification import glue_metrics
 
     if not records:
         raise ValueError("GLUE evaluation got no labelled rows: evaluate on a dev split (a test TSV has no labels)")

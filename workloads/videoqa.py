@@ -99,7 +99,7 @@ def rank_scores(model, states: torch.Tensor, states_mask: torch.Tensor, prompt_i
 def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) -> list[dict]:
     """One record per question: ``{"item", "question", "answer", "prediction", "ranked"}``
     (``ranked``: the best of ``answer_list`` by likelihood, None without a list)."""
-    from workloads.metrics.qa import rank_answers  # noqa: PLC0415
+    from workloads.metrics.qa import rank_answers
 
     tok = common.need_tokenizer(tokenizer, "videoqa")
     model.eval()
@@ -134,7 +134,7 @@ def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) ->
 def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
     """Exact-match accuracy (%) of generated answers, ``ranked_accuracy`` over ``answer_list`` when
     given; predictions: question, answer, prediction, correct (+ ranked_prediction)."""
-    from workloads.metrics.qa import exact_match_accuracy, normalize_answer  # noqa: PLC0415
+    from workloads.metrics.qa import exact_match_accuracy, normalize_answer
 
     if not records:
         raise ValueError("videoqa evaluation got no batches: the validation split is empty or every clip was bad")

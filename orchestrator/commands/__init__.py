@@ -14,6 +14,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
 
 def resolve_config(args: argparse.Namespace):
     """Load + validate the run config of a verb (raises ConfigError before anything starts)."""
-    from orchestrator.config import load_config  # noqa: PLC0415
+    from orchestrator.config import load_config
 
     return load_config(args.config, args.overrides)

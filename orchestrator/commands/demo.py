@@ -20,17 +20,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _configs_dir() -> Path:
-    import workloads  # noqa: PLC0415
+    import workloads
 
     return Path(workloads.__file__).resolve().parent / "configs"
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator import storage  # noqa: PLC0415
-    from orchestrator.config import load_config  # noqa: PLC0415
-    from orchestrator.evaluate import run_evaluation  # noqa: PLC0415
-    from orchestrator.synth import ClipSpec, generate  # noqa: PLC0415
-    from orchestrator.train.driver import run_training  # noqa: PLC0415
+    from orchestrator import storage
+    from orchestrator.config import load_config
+    from orchestrator.evaluate import run_evaluation
+    from orchestrator.devtools.synth import ClipSpec, generate
+    from orchestrator.train.driver import run_training
 
     out = os.path.abspath(args.out)
     data = os.path.join(out, "synth")

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from orchestrator.evaluate import run_evaluation  # noqa: PLC0415
+    from orchestrator.evaluate import run_evaluation
 
     out = run_evaluation(cfg, args.checkpoint, split=args.split, track=not args.no_track)
     print(json.dumps({"checkpoint": out.checkpoint_uri, "mlflow_run_id": out.mlflow_run_id, "metrics": out.metrics},

@@ -39,11 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.config import ConfigError  # noqa: PLC0415
-    from orchestrator.data.config import SourceConfig  # noqa: PLC0415
-    from orchestrator.data.shards import write_shards  # noqa: PLC0415
-    from orchestrator.data.sources import AnnotationError, read_rows  # noqa: PLC0415
-    from orchestrator.data.transcode import TranscodeSpec  # noqa: PLC0415
+    from orchestrator.config import ConfigError
+    from orchestrator.data.config import SourceConfig
+    from orchestrator.data.shards import write_shards
+    from orchestrator.data.sources import AnnotationError, read_rows
+    from orchestrator.data.transcode import TranscodeSpec
 
     try:
         files = {"train": args.annotations, "val": args.annotations}

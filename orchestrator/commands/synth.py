@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.synth import ClipSpec, generate  # noqa: PLC0415
+    from orchestrator.devtools.synth import ClipSpec, generate
 
     spec = ClipSpec(width=args.width, height=args.height, fps=args.fps, seconds=args.seconds, gop=2 * args.fps)
     generate(args.out, n=args.n, seed=args.seed, spec=spec, with_tokenizer=not args.no_tokenizer)

@@ -29,7 +29,7 @@ class SourceConfig(BaseModel):
     @field_validator("format")
     @classmethod
     def _known_format(cls, v: str) -> str:
-        from orchestrator.data.sources import SOURCES  # noqa: PLC0415 (registry imports this module)
+        from orchestrator.data.sources import SOURCES  # registry imports this module
 
         if v not in SOURCES:
             raise ValueError(f"unknown source format {v!r}; accepted: {', '.join(sorted(SOURCES))}")
@@ -78,6 +78,6 @@ class DataConfig(BaseModel):
 
     def caps(self):
         """The size caps the source readers apply (see ``orchestrator.data.sources.base.Caps``)."""
-        from orchestrator.data.sources.base import Caps  # noqa: PLC0415 (sources import this module)
+        from orchestrator.data.sources.base import Caps  # sources import this module
 
         return Caps(annotation_bytes=self.max_annotation_bytes, object_bytes=self.max_object_bytes)

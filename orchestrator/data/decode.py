@@ -126,11 +126,11 @@ def decode_video(data: bytes, uri: str, spec: DecodeSpec, rng: np.random.Generat
 
 def decode_image(data: bytes, uri: str, spec: DecodeSpec) -> Decoded:
     """An image as one frame: uint8 [1, H, W, 3]."""
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise BadClip("empty", uri)
-    import warnings  # noqa: PLC0415
+    import warnings
 
     try:
         with warnings.catch_warnings():

@@ -76,8 +76,8 @@ def _fetch(uri: str, inline: bytes, max_bytes: int | None = None) -> bytes:
     if inline:
         return inline
     if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
-        from orchestrator import storage  # noqa: PLC0415
-        from orchestrator.data.sources.wds import read_member  # noqa: PLC0415
+        from orchestrator import storage
+        from orchestrator.data.sources.wds import read_member
 
         try:
             return read_member(uri, max_bytes)
@@ -96,7 +96,7 @@ def with_timeout(seconds: float, uri: str, fn, *args):
     def target():
         try:
             box["out"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as e:  # re-raised in the caller's thread
             box["err"] = e
 
     t = threading.Thread(target=target, daemon=True, name=f"decode:{uri[-40:]}")
@@ -164,8 +164,8 @@ class BatchProcessor:
     benchmarks/data_throughput.py), so tasks stay the default."""
 
     def __init__(self, params: ProcessParams):
-        import av  # noqa: F401, PLC0415 - warm the decoder libraries
-        import decord  # noqa: F401, PLC0415
+        import av  # warm the decoder libraries
+        import decord
 
         self.params = params
         if {"text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask"} & set(params.columns):

@@ -79,8 +79,8 @@ def _check_same_sweep(exp_uri: str, fingerprint: str, name: str) -> bool:
 
 
 def _build_tuner(sweep: LoadedSweep, trainable, exp_root: str, concurrency: int):
-    from ray import tune  # noqa: PLC0415
-    from ray.tune.schedulers import ASHAScheduler  # noqa: PLC0415
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
 
     s = sweep.spec
     scheduler = None
@@ -101,7 +101,7 @@ def _build_tuner(sweep: LoadedSweep, trainable, exp_root: str, concurrency: int)
 
 
 def _records(results, sweep: LoadedSweep, tracking_uri: str | None, experiment: str) -> list[TrialRecord]:
-    from orchestrator.tracking.mlflow_run import client, find_run, get_or_create_experiment  # noqa: PLC0415
+    from orchestrator.tracking.mlflow_run import client, find_run, get_or_create_experiment
 
     c = client(tracking_uri) if tracking_uri else None
     exp_id = get_or_create_experiment(c, experiment, tracking_uri) if c else None
@@ -126,10 +126,10 @@ def _records(results, sweep: LoadedSweep, tracking_uri: str | None, experiment: 
 
 
 def run_sweep(sweep_file: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> SweepOutcome:
-    from ray import tune  # noqa: PLC0415
+    from ray import tune
 
-    from orchestrator.ray_env import ensure_ray  # noqa: PLC0415
-    from orchestrator.tracking import mlflow_run  # noqa: PLC0415
+    from orchestrator.ray_env import ensure_ray
+    from orchestrator.tracking import mlflow_run
 
     sweep = load_sweep(sweep_file, overrides)          # validates every searched value first
     spec = sweep.spec
@@ -140,7 +140,7 @@ def run_sweep(sweep_file: str | os.PathLike, overrides: list[str] | tuple[str, .
     had_state = _check_same_sweep(exp_uri, fingerprint, spec.name)
 
     ensure_ray()
-    import ray  # noqa: PLC0415
+    import ray
 
     concurrency = spec.max_concurrent_trials or default_concurrency(base, sweep, ray.cluster_resources())
     tracking_uri = mlflow_run.resolve_tracking_uri(base.tracking.uri) if base.tracking.enabled else None

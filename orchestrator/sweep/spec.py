@@ -74,7 +74,7 @@ class ParamSpace(_Section):
         return list(getattr(self, self.kind))
 
     def to_tune(self):
-        from ray import tune  # noqa: PLC0415
+        from ray import tune
 
         kind, v = self.kind, getattr(self, self.kind)
         return {"grid": tune.grid_search, "choice": tune.choice}[kind](list(v)) if kind in ("grid", "choice") \
@@ -123,7 +123,7 @@ class SweepSpec(_Section):
     @field_validator("name")
     @classmethod
     def _path_safe(cls, v: str) -> str:
-        from orchestrator.storage import check_segment  # noqa: PLC0415
+        from orchestrator.storage import check_segment
 
         return check_segment(v, "a sweep name")
 

@@ -52,7 +52,7 @@ def build_deepspeed_config(train: TrainConfig, world_size: int, user_json: dict[
 def load_user_json(path: str | None) -> dict[str, Any] | None:
     if not path:
         return None
-    from orchestrator import storage  # noqa: PLC0415
+    from orchestrator import storage
 
     try:
         data = json.loads(storage.read_text(path))

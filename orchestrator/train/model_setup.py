@@ -6,7 +6,7 @@ from orchestrator.config import ConfigError, RunConfig
 
 
 def load_run_tokenizer(cfg: RunConfig):
-    from orchestrator.data.tokenize import default_tokenizer, load_tokenizer  # noqa: PLC0415
+    from orchestrator.data.tokenize import default_tokenizer, load_tokenizer
 
     return load_tokenizer(cfg.data.tokenizer or default_tokenizer(cfg.data.root))
 
@@ -21,11 +21,11 @@ def tokenizer_overrides(tokenizer) -> dict[str, int]:
 
 def _uses_frames(cfg: RunConfig) -> bool:
     """Whether the run's workload reads frames (text-only workloads keep the preset's image size)."""
-    from workloads import get_workload  # noqa: PLC0415
+    from workloads import get_workload
 
     try:
         return "frames" in getattr(get_workload(cfg.workload), "COLUMNS", ("frames",))
-    except Exception:  # noqa: BLE001 - an unknown workload is reported where it is loaded
+    except Exception:  # an unknown workload is reported where it is loaded
         return True
 
 
@@ -33,7 +33,7 @@ def model_config_for(cfg: RunConfig, tokenizer=None):
     """The model's typed config: preset < tokenizer ids < ``model.overrides`` from the run config.
     For workloads that read frames the model's ``image_size`` is ``data.image_size`` (a different
     ``model.overrides.image_size`` is a ConfigError)."""
-    from model import MPlugConfig  # noqa: PLC0415
+    from model import MPlugConfig
 
     overrides = tokenizer_overrides(tokenizer) if tokenizer is not None else {}
     overrides.update(cfg.model.overrides)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from orchestrator import storage
-from orchestrator.synth import COLORS, ClipSpec, make_clips, render_frames
+from orchestrator.devtools.synth import COLORS, ClipSpec, make_clips, render_frames
 
 
 def _centroid_track(frames: np.ndarray, color) -> np.ndarray:
@@ -58,7 +58,7 @@ def test_direction_is_invisible_without_order():
 
 
 def test_every_annotation_format_is_written(synth_data):
-    ann = lambda n: storage.read_text(storage.join(synth_data, "annotations", n))  # noqa: E731
+    ann = lambda n: storage.read_text(storage.join(synth_data, "annotations", n))
     head = next(csv.reader(io.StringIO(ann("youku_pretrain_train.csv"))))
     assert head == ["video_id:FILE", "title"]
     assert next(csv.reader(io.StringIO(ann("youku_classification_val.csv")))) == ["video_id:FILE", "title", "label"]

@@ -7,7 +7,7 @@ import logging
 
 from pydantic import BaseModel, ConfigDict
 
-from tests.train.toy_workload import COLUMNS, TASK, ToyNet, evaluate, make_rows  # noqa: F401
+from tests.train.toy_workload import COLUMNS, TASK, ToyNet, evaluate, make_rows
 
 USES_MODEL_CONFIG = False
 log = logging.getLogger("tests.leaky")

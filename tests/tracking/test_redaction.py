@@ -66,7 +66,7 @@ def test_environment_flags_are_not_taken_for_secrets(monkeypatch):
 
 
 def test_log_records_and_logged_exceptions_are_redacted(caplog):
-    import orchestrator  # noqa: F401 - installs the record factory
+    import orchestrator  # installs the record factory
 
     log = logging.getLogger("some.library")
     with caplog.at_level(logging.INFO):

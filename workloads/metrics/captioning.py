@@ -90,7 +90,7 @@ def meteor_score(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, S
                 pass
             return read()
 
-        clean = lambda s: " ".join(s.replace("|||", "").split())  # noqa: E731 - "|||" is the protocol's separator
+        clean = lambda s: " ".join(s.replace("|||", "").split())  # "|||" is the protocol's separator
         try:
             stats = [ask(" ||| ".join(("SCORE", " ||| ".join(clean(r) for r in gts[i]), clean(res[i][0]))))
                      for i in gts]

@@ -96,7 +96,7 @@ def read_text(uri: str, max_bytes: int | None = None) -> str:
                               "or split it") from None
     except FileNotFoundError:
         raise AnnotationError(f"annotation file not found: {uri}") from None
-    except Exception as e:  # noqa: BLE001 - boto's NoSuchKey and friends
+    except Exception as e:  # boto's NoSuchKey and friends
         if "NoSuchKey" in str(e) or "404" in str(e):
             raise AnnotationError(f"annotation file not found: {uri}") from None
         raise

@@ -106,7 +106,7 @@ def render_frames(meta: ClipMeta, spec: ClipSpec, rng: random.Random) -> np.ndar
 
 def encode_h264(frames: np.ndarray, fps: int, gop: int) -> bytes:
     """Encode uint8 [T, H, W, 3] frames as an H.264 MP4 in memory (PyAV + libx264)."""
-    import av  # noqa: PLC0415
+    import av
 
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
@@ -204,7 +204,7 @@ def generate(out: str, n: int = 200, seed: int = 0, spec: ClipSpec = ClipSpec(),
             log(f"synth: {i + 1}/{n} clips")
     metas = done
     splits = {"train": metas[: n - n_val], "val": metas[n - n_val:]}
-    ann = lambda name: storage.join(out, "annotations", name)  # noqa: E731
+    ann = lambda name: storage.join(out, "annotations", name)
     for split, ms in splits.items():
         storage.write_text(ann(f"youku_pretrain_{split}.csv"),
                            _csv([[m.file, m.caption] for m in ms], ["video_id:FILE", "title"]))
@@ -226,8 +226,8 @@ def generate(out: str, n: int = 200, seed: int = 0, spec: ClipSpec = ClipSpec(),
         rows = _sst2_rows(k, rng)
         storage.write_text(ann(f"sst2_{split}.tsv"), "sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in rows))
     if with_tokenizer:
-        from orchestrator.hf_assets import build_wordpiece_tokenizer  # noqa: PLC0415
-        import tempfile  # noqa: PLC0415
+        from orchestrator.devtools.hf_assets import build_wordpiece_tokenizer
+        import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             build_wordpiece_tokenizer(all_texts(metas), tmp)
