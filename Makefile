@@ -20,7 +20,7 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed-$(TORCH)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean apt lock
+.PHONY: install demo test test-fast lint clean apt lock
 
 install: $(STAMP)
 
@@ -62,6 +62,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+# ruff, with the rules in pyproject.toml ([tool.ruff]); it comes from the lock (the `test` extra).
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

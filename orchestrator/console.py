@@ -59,7 +59,6 @@ def quiet_ray_internals() -> None:
 
 
 def ray_init_options() -> dict[str, Any]:
-    import ray
 
     env = {VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}
     if not verbose():

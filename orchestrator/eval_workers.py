@@ -37,6 +37,14 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from orchestrator.config import RunConfig
+from orchestrator.data import quality
+from orchestrator.data.formats import TEXT_FORMATS
+from orchestrator.data.pipeline import build_dataset, iter_worker_batches
+from orchestrator.train.model_setup import load_model_for_eval, load_run_tokenizer
+from workloads import common
+from workloads.metrics.retrieval import assemble_scores, plan_rerank, retrieval_metrics
+
 log = logging.getLogger(__name__)
 
 EVAL_DATASET = "val"  # the Train dataset name of the evaluated split
@@ -162,9 +170,6 @@ def evaluate_shard(workload, model: torch.nn.Module, batches: Iterable[dict], ta
 
 
 def _retrieval(workload, model, batches, task_cfg, comm: Comm, pair_batch: int):
-    from workloads import common
-    from workloads.metrics.retrieval import assemble_scores, plan_rerank, retrieval_metrics
-
     opts = workload.retrieval_options(task_cfg)
     texts, clips = common.retrieval_embed(model, batches)
     all_texts = common.sort_records(_flat(comm.all_gather(texts)))
@@ -248,16 +253,12 @@ def sharded_eval_data_config():
 
 def eval_sources(cfg, columns: tuple[str, ...]):
     """The sources with a ``val`` split (media sources only when the workload needs frames)."""
-    from orchestrator.data.pipeline import TEXT_FORMATS
-
     return [s for s in cfg.data.sources if s.val and not ("frames" in columns and s.format in TEXT_FORMATS)]
 
 
 def build_eval_dataset(cfg, columns: tuple[str, ...], split: str, tracker_name: str):
     """The evaluated split as a Ray dataset (``eval.max_samples`` rows at most), or None when no
     source has it.  Bad clips are counted under ``tracker_name``."""
-    from orchestrator.data.pipeline import build_dataset
-
     sources = eval_sources(cfg, columns) if split == "val" else list(cfg.data.sources)
     if not sources:
         return None
@@ -271,7 +272,6 @@ def coverage(items: float, tracker_name: str | None) -> dict[str, float]:
     and ``item_coverage`` = items / (items + bad_items): 1.0 only when no item was skipped."""
     bad = 0
     if tracker_name is not None:
-        from orchestrator.data import quality
 
         try:
             bad = int(quality.end_epoch_report(tracker_name).get("this_epoch", {}).get("bad", 0))
@@ -286,8 +286,6 @@ def run_on_shard(workload, model, task_cfg, run, *, shard, device, constants=Non
     """One evaluation pass over this worker's ``shard`` (a Ray ``DataIterator``): batches of
     ``eval.batch_size`` (the last may be short: no row dropped), bad clips gated by
     ``data.max_bad_fraction``; returns ``(metrics with coverage, predictions on rank 0)``."""
-    from orchestrator.data.pipeline import iter_worker_batches
-
     comm = comm or worker_comm()
     batches = iter_worker_batches(shard, batch_size=run.eval.batch_size, device="cpu",
                                   prefetch_batches=run.data.prefetch_batches, drop_last=False,
@@ -338,7 +336,6 @@ class Validator:
 
     def _tok(self):
         if self._tokenizer is None and getattr(self.workload, "USES_MODEL_CONFIG", True):
-            from orchestrator.train.model_setup import load_run_tokenizer
 
             self._tokenizer = load_run_tokenizer(self.run_cfg)
         return self._tokenizer
@@ -368,10 +365,6 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
 
     import ray.train
     import ray.train.torch
-
-    from orchestrator.config import RunConfig
-    from orchestrator.evaluate import load_model_for_eval
-    from orchestrator.train.model_setup import load_run_tokenizer
 
     run = RunConfig.model_validate(config["run"])
     device = ray.train.torch.get_device()

@@ -185,7 +185,11 @@ def _get_object_body(bucket: str, key: str, max_bytes: int | None = None) -> byt
     import time
 
     from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from botocore.exceptions import (
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
 
     for attempt in range(1, S3_MAX_ATTEMPTS + 1):
         try:
@@ -334,3 +338,11 @@ def stat(uri: str) -> dict[str, Any]:
         return {"size": head["ContentLength"], "etag": head.get("ETag", "").strip('"')}
     st = os.stat(local_path(uri))
     return {"size": st.st_size, "mtime": st.st_mtime_ns}
+
+
+def for_ray(uri: str):
+    """(storage_path, storage_filesystem) for ``ray.train.RunConfig`` / ``ray.tune.RunConfig``."""
+    if is_s3(uri):
+        fs, path = filesystem(uri)
+        return path, fs
+    return local_path(uri), None

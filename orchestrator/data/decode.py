@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchestrator import storage
-from orchestrator.data.quality import BadClip
 from orchestrator.data import video
+from orchestrator.data.quality import BadClip
 from orchestrator.data.sampling import frames_decoded, sample_indices
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")

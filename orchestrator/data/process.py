@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from orchestrator import storage
 from orchestrator.data import augment, quality
 from orchestrator.data.decode import DecodeSpec, decode_media, read_media
 from orchestrator.data.quality import BadClip
+from orchestrator.data.sources.wds import read_member
 from orchestrator.data.tokenize import encode, load_tokenizer
 
 # The columns of a dataset row before decoding (no None values, so Arrow types stay fixed).
@@ -76,8 +78,6 @@ def _fetch(uri: str, inline: bytes, max_bytes: int | None = None) -> bytes:
     if inline:
         return inline
     if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
-        from orchestrator import storage
-        from orchestrator.data.sources.wds import read_member
 
         try:
             return read_member(uri, max_bytes)
@@ -164,8 +164,6 @@ class BatchProcessor:
     benchmarks/data_throughput.py), so tasks stay the default."""
 
     def __init__(self, params: ProcessParams):
-        import av  # warm the decoder libraries
-        import decord
 
         self.params = params
         if {"text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask"} & set(params.columns):

@@ -12,6 +12,7 @@ import io
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
+from orchestrator.data.decode import _has_video_signature
 from orchestrator.data.quality import BadClip
 from orchestrator.data.video import DecodeError, probe, scaled_size
 
@@ -54,7 +55,6 @@ def transcode(data: bytes, uri: str, spec: TranscodeSpec) -> tuple[bytes, dict]:
     try:
         p = probe(data)
     except DecodeError as e:
-        from orchestrator.data.decode import _has_video_signature
 
         raise BadClip("truncated" if _has_video_signature(data) else "not_video", uri, str(e)) from None
     if min(p.width, p.height) < spec.min_resolution or max(p.width, p.height) > spec.max_resolution:

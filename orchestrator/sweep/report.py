@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from orchestrator.sweep.trial import STATUS_TAG
+from orchestrator.tracking.mlflow_run import client, log_table, log_text
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ def pick_best(trials: list[TrialRecord], mode: str) -> TrialRecord | None:
 def tag_trial_runs(uri: str, trials: list[TrialRecord], best: TrialRecord | None) -> None:
     """How each trial ended, on its child run.  Early-stopped and failed trials' runs end KILLED /
     FAILED (Tune ends their actors, so their training never closed the run)."""
-    from orchestrator.tracking.mlflow_run import client
-
     c = client(uri)
     end_status = {"early_stopped": "KILLED", "failed": "FAILED"}
     for t in trials:
@@ -65,8 +64,6 @@ def backfill_training_metrics(uri: str, run_id: str, history: list[dict[str, Any
     Tune received (every training report) are logged to the trial's run for the steps it lacks."""
     from mlflow.entities import Metric
 
-    from orchestrator.tracking.mlflow_run import client
-
     c = client(uri)
     have = {m.step for m in c.get_metric_history(run_id, "loss")}
     points = []
@@ -85,8 +82,6 @@ def backfill_training_metrics(uri: str, run_id: str, history: list[dict[str, Any
 
 def log_parent_summary(uri: str, parent_run_id: str, trials: list[TrialRecord], best: TrialRecord | None,
                        metric: str, best_yaml: str | None) -> None:
-    from orchestrator.tracking.mlflow_run import client, log_table, log_text
-
     c = client(uri)
     counts: dict[str, int] = {}
     for t in trials:

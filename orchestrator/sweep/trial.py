@@ -16,6 +16,11 @@ import os
 import time
 from typing import Any
 
+from orchestrator.evaluate import run_evaluation
+from orchestrator.sweep.spec import load_sweep
+from orchestrator.tracking.mlflow_run import client
+from orchestrator.train.driver import run_training
+
 log = logging.getLogger(__name__)
 
 TRIAL_DONE_KEY = "mplug2_trial_done"
@@ -59,11 +64,6 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     """The Tune trainable.  ``config``: the sampled assignment {dotted key: value}; ``plan``: what
     the sweep driver decided (sweep file, parent run id, tracking URI, metric, init_from)."""
     from ray import tune
-
-    from orchestrator.evaluate import run_evaluation
-    from orchestrator.sweep.spec import load_sweep
-    from orchestrator.tracking.mlflow_run import client
-    from orchestrator.train.driver import run_training
 
     if os.path.isdir(plan["cwd"]):
         os.chdir(plan["cwd"])  # Tune starts trials in their own folder; relative config paths are the driver's

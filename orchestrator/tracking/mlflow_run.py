@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import flatten
 from orchestrator.tracking import lineage
 from orchestrator.tracking.redact import redact, redact_text
 
@@ -91,8 +92,6 @@ def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], t
     Returns the run id.
     """
     import yaml
-
-    from orchestrator.config import flatten
 
     c = client(uri)
     exp_id = get_or_create_experiment(c, experiment, uri)

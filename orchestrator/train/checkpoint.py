@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from orchestrator import storage
+from orchestrator.tracking.mlflow_run import client
+from orchestrator.tracking.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -326,12 +328,10 @@ def resolve_init_from(spec: str | None, tracking_uri: str | None) -> tuple[str |
     if not spec.startswith("mlflow:"):
         return spec, None
     run_id = spec[len("mlflow:"):]
-    from orchestrator.tracking.mlflow_run import client
 
     try:
         run = client(tracking_uri).get_run(run_id)
     except Exception as e:
-        from orchestrator.tracking.redact import redact_text
 
         raise ValueError(f"--init-from {spec}: no such MLflow run at {redact_text(str(tracking_uri))} "
                          f"({type(e).__name__})") from None

@@ -14,10 +14,20 @@ from typing import Any, Iterator
 
 import torch
 
+from orchestrator import storage
+from orchestrator.config import RunConfig
+from orchestrator.data import quality
+from orchestrator.data.pipeline import iter_worker_batches
+from orchestrator.eval_workers import Validator
+from orchestrator.tracking.mlflow_run import MetricLogger
+from orchestrator.tracking.redact import redact_exception
 from orchestrator.train import checkpoint, momentum_sync
 from orchestrator.train.deepspeed_config import build_deepspeed_config
+from orchestrator.train.failures import SetupPhase
+from orchestrator.train.model_setup import load_run_tokenizer
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.progress import EpochProgress
+from workloads import get_workload
 
 SAMPLE_KEY = "sample_key"  # orchestrator.data.pipeline.SAMPLE_KEY (not imported: keeps Ray Data out of import time)
 STREAM_KEY = "_stream"     # set by StreamMix on the batches it mixes in
@@ -60,8 +70,6 @@ class StepTimer:
 def _iter_batches(shard, batch_size: int, data_cfg, run_name: str | None, shuffle_seed: int | None = None):
     """Full batches only: every rank takes the same number of steps (DeepSpeed's collectives).
     The local shuffle buffer is seeded by ``shuffle_seed`` (the loop passes one per (seed, epoch, rank))."""
-    from orchestrator.data.pipeline import iter_worker_batches
-
     return iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=data_cfg.prefetch_batches,
                                drop_last=True, local_shuffle_buffer_size=data_cfg.shuffle_buffer or None,
                                run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
@@ -115,8 +123,6 @@ def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
 
 
 def build_model(run, config: dict[str, Any]):
-    from workloads import get_workload
-
     workload = get_workload(run.workload)
     task_cfg = workload.Config.model_validate(run.task)
     model_cfg = config.get("model_config")
@@ -141,19 +147,16 @@ def micro_step(engine, workload, batch: dict, task_cfg, ema_per_step: bool) -> d
 def redacted_train_loop(config: dict[str, Any]) -> None:
     """:func:`train_loop_per_worker` whose exceptions leave the worker (to Ray's logs, the driver,
     MLflow) with credentials masked in their messages."""
-    from orchestrator.tracking.redact import redact_exception
-
     try:
         train_loop_per_worker(config)
     except BaseException as e:
-        raise redact_exception(e)
+        redact_exception(e)  # in place
+        raise
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's worker function: a config or file error during setup is raised as
     :class:`~orchestrator.train.failures.SetupError`, which ends the run at once (no restarts)."""
-    from orchestrator.train.failures import SetupPhase
-
     phase = SetupPhase()
     try:
         _train(config, phase)
@@ -169,7 +172,6 @@ def _train(config: dict[str, Any], phase) -> None:
     import ray.train
     import ray.train.torch
 
-    from orchestrator.config import RunConfig
 
     run = RunConfig.model_validate(config["run"])
     tcfg = run.train
@@ -179,7 +181,6 @@ def _train(config: dict[str, Any], phase) -> None:
     torch.manual_seed(run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
 
     workload, task_cfg, model = build_model(run, config)
-    from orchestrator.train.model_setup import load_run_tokenizer
 
     # loaded once: the batch constants (instruction prompts) and the init-from vocabulary check use it
     tokenizer = load_run_tokenizer(run) if (hasattr(workload, "batch_constants") or (
@@ -187,7 +188,6 @@ def _train(config: dict[str, Any], phase) -> None:
     constants: dict[str, torch.Tensor] = {}
     if hasattr(workload, "batch_constants"):
         constants = {k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
-    from orchestrator.eval_workers import Validator
 
     validator = Validator(run, config, workload, task_cfg, device, constants)  # eval.every_steps + at the end
     if config.get("init_from"):
@@ -224,7 +224,6 @@ def _train(config: dict[str, Any], phase) -> None:
 
     metrics_logger = None
     if rank == 0 and config.get("mlflow_run_id"):
-        from orchestrator.tracking.mlflow_run import MetricLogger
 
         metrics_logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"],
                                       system_metrics=run.tracking.system_metrics)
@@ -446,7 +445,6 @@ def _epoch_end(config: dict[str, Any], state: dict[str, Any], metrics_logger, ra
     """Bad-clip counts at the end of each epoch: logged, and the job stops past the threshold."""
     if rank != 0:
         return
-    from orchestrator.data import quality
 
     stats = quality.end_epoch_report(config.get("run_name")).get("total", {})
     if metrics_logger is not None and stats:
@@ -457,7 +455,6 @@ def _epoch_end(config: dict[str, Any], state: dict[str, Any], metrics_logger, ra
 def _export(engine, zero_stage: int, export_uri: str | None, rank: int) -> None:
     if not export_uri:
         return
-    from orchestrator import storage
 
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "export")

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.data import progress
+
 log = logging.getLogger(__name__)
 
 FILE = "progress.npz"
@@ -49,7 +51,6 @@ class EpochProgress:
             self.passes[stream] = epoch
         epoch = self.passes.setdefault(stream, 0)
         if self.rank == 0:
-            from orchestrator.data import progress
 
             progress.publish(self.run_name, stream, epoch, self.gathered.get(stream, np.zeros(0, np.int64)))
         self._barrier()

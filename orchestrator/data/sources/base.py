@@ -37,15 +37,6 @@ ROW_KEYS = ("media_uri", "start", "end", "text", "text_b", "answer", "label", "l
             "modality", "references")
 
 
-@dataclass(frozen=True)
-class Caps:
-    """Size caps for untrusted input (``data.max_annotation_bytes`` / ``data.max_object_bytes``);
-    None = unbounded."""
-
-    annotation_bytes: int | None = None
-    object_bytes: int | None = None
-
-
 class AnnotationError(ValueError):
     """An annotation file that cannot be used as it is; the message names the file (and line)."""
 
