@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from orchestrator import storage
-from orchestrator.data.config import SourceConfig
+from orchestrator.data.config import Caps, SourceConfig
 from orchestrator.data.formats import FORMATS, GLUE_TASKS
 from orchestrator.data.sources import glue, misc, msrvtt, wds, youku
 from orchestrator.data.sources.base import (
     ROW_KEYS,
     AnnotationError,
-    Caps,
     MalformedRow,
     ParseReport,
     assign_clip_index,
