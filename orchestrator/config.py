@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.data.config import DataConfig
+from orchestrator.mappings import deep_merge, dotted_keys, set_dotted
 from orchestrator.storage import check_segment
 from orchestrator.tracking.config import TrackingConfig
 from orchestrator.train.config import TrainConfig
@@ -50,7 +51,10 @@ class EvalConfig(Section):
     max_samples: int | None = Field(None, ge=1)
 
 
-class RunConfig(Section):
+class RunSpec(Section):
+    """One run's whole configuration (defaults < YAML < overrides), composed of the components'
+    configs.  Named apart from ``ray.train.RunConfig``, which the driver also builds."""
+
     workload: str = Field("pretrain", description=f"one of {', '.join(WORKLOADS)}, or a dotted module path")
     name: str | None = Field(None, description="run name; rerunning a name resumes it")
     experiment: str | None = Field(None, description="MLflow experiment; default: the workload family")
@@ -124,16 +128,6 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return deep_merge(base, data)
 
 
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``train.lr=5e-5`` -> (["train", "lr"], 5e-05).  Values are parsed as YAML scalars/lists."""
     if "=" not in text:
@@ -147,17 +141,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError:
         value = raw
     return parts, value
-
-
-def _set_path(d: dict[str, Any], parts: list[str], value: Any) -> None:
-    cur = d
-    for p in parts[:-1]:
-        nxt = cur.get(p)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            cur[p] = nxt
-        cur = nxt
-    cur[parts[-1]] = value
 
 
 def _known_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -180,7 +163,7 @@ def _format_errors(err: ValidationError, sources: dict[str, str]) -> str:
             (s for k, s in sources.items() if key.startswith(k + ".")), sources.get("", "defaults")
         )
         if e["type"] == "extra_forbidden":
-            known = _known_keys(RunConfig, loc)
+            known = _known_keys(RunSpec, loc)
             hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
             accepted = f"; did you mean '{hint[0]}'?" if hint else ""
             lines.append(f"  unknown key '{key}' (from {src}){accepted} accepted here: {', '.join(known)}")
@@ -189,37 +172,27 @@ def _format_errors(err: ValidationError, sources: dict[str, str]) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
-def _flatten_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in d.items():
-        full = f"{prefix}{k}"
-        keys.append(full)
-        if isinstance(v, dict) and k != "task":
-            keys.extend(_flatten_keys(v, full + "."))
-    return keys
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
     """Defaults < YAML < overrides, validated.  Raises ConfigError with a fixable message."""
     raw: dict[str, Any] = {}
     sources: dict[str, str] = {"": "defaults"}
     if path is not None:
         raw = _read_yaml(Path(path))
-        for k in _flatten_keys(raw):
+        for k in dotted_keys(raw, opaque=("task",)):
             sources[k] = str(path)
     for text in overrides:
         parts, value = parse_override(text)
-        _set_path(raw, parts, value)
+        set_dotted(raw, parts, value)
         sources[".".join(parts)] = f"command line '{text}'"
     try:
-        cfg = RunConfig.model_validate(raw)
+        cfg = RunSpec.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, sources)) from None
     _validate_task_section(cfg)
     return cfg
 
 
-def _validate_task_section(cfg: RunConfig) -> None:
+def _validate_task_section(cfg: RunSpec) -> None:
     """The ``task`` mapping belongs to the workload; its schema validates it when it has one."""
     try:
         workload = get_workload(cfg.workload)
@@ -236,14 +209,3 @@ def _validate_task_section(cfg: RunConfig) -> None:
         ]
         raise ConfigError(f"invalid 'task' section for workload '{cfg.workload}':\n" + "\n".join(lines)) from None
 
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> {"a.b.c": value}; lists become their string form (for MLflow params)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from orchestrator.config import RunConfig
+from orchestrator.config import RunSpec
 from orchestrator.data import quality
 from orchestrator.data.formats import TEXT_FORMATS
 from orchestrator.data.pipeline import build_dataset, iter_worker_batches
@@ -320,11 +320,12 @@ class Validator:
     the ``val`` shard on every worker and returns ``{"eval/<metric>": value}`` (identical on every
     rank), or {} when not due or when the run has no ``val`` dataset."""
 
-    def __init__(self, run, config: dict[str, Any], workload, task_cfg, device, constants=None):
+    def __init__(self, run, workload, task_cfg, device, constants=None, enabled: bool = False,
+                 tracker_name: str | None = None):
         self.run_cfg, self.workload, self.task_cfg, self.device = run, workload, task_cfg, device
         self.constants = constants or {}
-        self.enabled = bool(config.get("validate")) and hasattr(workload, "evaluate")
-        self.tracker_name = config.get("val_tracker")
+        self.enabled = enabled and hasattr(workload, "evaluate")  # enabled: the run has a ``val`` dataset
+        self.tracker_name = tracker_name
         self.every = run.eval.every_steps
         self.max_steps = run.train.max_steps
         self._tokenizer = None
@@ -366,7 +367,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    run = RunConfig.model_validate(config["run"])
+    run = RunSpec.model_validate(config["run"])
     device = ray.train.torch.get_device()
     tokenizer = load_run_tokenizer(run)
     workload, task_cfg, model = load_model_for_eval(run, config["checkpoint_uri"], tokenizer, device,

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ConfigError, RunConfig
+from orchestrator.config import ConfigError, RunSpec
 from orchestrator.console import train_logging_config
 from orchestrator.eval_workers import (
     EVAL_DATASET,
@@ -44,7 +44,7 @@ class EvalOutcome:
     checkpoint_uri: str
 
 
-def run_evaluation(cfg: RunConfig, checkpoint: str, split: str = "val", track: bool = True) -> EvalOutcome:
+def run_evaluation(cfg: RunSpec, checkpoint: str, split: str = "val", track: bool = True) -> EvalOutcome:
     """Evaluate ``checkpoint`` on ``split`` with an evaluation-only ``TorchTrainer`` on the run's
     workers; the metrics equal those of one worker for any ``train.num_workers``."""
     import ray.train
@@ -114,7 +114,7 @@ def run_evaluation(cfg: RunConfig, checkpoint: str, split: str = "val", track: b
     return EvalOutcome(metrics=metrics, predictions=predictions, mlflow_run_id=run_id, checkpoint_uri=uri)
 
 
-def _partial_note(cfg: RunConfig, metrics: dict[str, float]) -> str | None:
+def _partial_note(cfg: RunSpec, metrics: dict[str, float]) -> str | None:
     """Why the metrics cover fewer items than the split, or None when they cover all of it."""
     notes = []
     if metrics.get("bad_items"):

@@ -39,10 +39,10 @@ from orchestrator.data.sources import is_sharded, read_rows, split_files, wds
 from orchestrator.data.sources.base import ParseReport
 from orchestrator.data.tokenize import default_tokenizer, load_tokenizer
 from orchestrator.data.video import decode_short_side
+from workloads.base import BATCH_KEYS
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("frames", "text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask", "label", "clip_index")
 # Not part of the workload contract: a per-row id unique within an epoch, which the train loop
 # records so a resumed epoch leaves out the rows it already trained on (orchestrator.data.progress).
 SAMPLE_KEY = "sample_key"

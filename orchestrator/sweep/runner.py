@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ConfigError, RunConfig
+from orchestrator.config import ConfigError, RunSpec
 from orchestrator.ray_env import ensure_ray
 from orchestrator.sweep.report import (
     TrialRecord,
@@ -54,7 +54,7 @@ class SweepOutcome:
     resumed: bool
 
 
-def default_concurrency(base: RunConfig, sweep: LoadedSweep, resources: dict[str, float]) -> int:
+def default_concurrency(base: RunSpec, sweep: LoadedSweep, resources: dict[str, float]) -> int:
     """Trials that fit at once: CPUs for the trial's driver, its Train workers and one decode task;
     GPUs for its workers.  At least 1, at most the number of trials."""
     t = base.train

@@ -4,7 +4,7 @@
 name: retrieval-tiny-lr             # the sweep: MLflow parent run name, <storage>/sweeps/<name>
 base: retrieval_tiny.yaml           # a run config, relative to this file
 overrides: [train.max_steps=50]     # dotted overrides of the base, applied to every trial
-search:                             # dotted RunConfig key -> exactly one of grid / choice / loguniform / uniform
+search:                             # dotted RunSpec key -> exactly one of grid / choice / loguniform / uniform
   train.lr: {loguniform: [1.0e-5, 1.0e-3]}
   train.batch_size_per_worker: {grid: [32, 64, 128]}
 metric: eval/t2v_r1                 # a dev metric of the workload's evaluation, after each trial's training
@@ -37,11 +37,12 @@ from pydantic import (
 
 from orchestrator.config import (
     ConfigError,
-    RunConfig,
+    RunSpec,
     load_config,
     parse_override,
     read_yaml_mapping,
 )
+from orchestrator.mappings import dotted_keys, set_dotted
 from orchestrator.storage import check_segment
 
 EPOCHS = "epochs"  # the one searched key that is not a run config key (needs train_examples)
@@ -175,7 +176,7 @@ class LoadedSweep:
     def __init__(self, spec: SweepSpec, base_path: Path, run_overrides: list[str], source: str):
         self.spec, self.base_path, self.run_overrides, self.source = spec, base_path, run_overrides, source
 
-    def run_config(self, assignment: dict[str, Any] | None = None, name: str | None = None) -> RunConfig:
+    def run_config(self, assignment: dict[str, Any] | None = None, name: str | None = None) -> RunSpec:
         """The run config of one trial.  ``epochs`` (when searched) becomes ``train.max_steps``:
         ceil(epochs * train_examples / (batch_size_per_worker * num_workers * grad_accum_steps))."""
         assignment = dict(assignment or {})
@@ -200,10 +201,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     for text in overrides:
         parts, value = parse_override(text)
         if parts[0] in SweepSpec.model_fields:
-            cur = raw
-            for p in parts[:-1]:
-                cur = cur.setdefault(p, {})
-            cur[parts[-1]] = value
+            set_dotted(raw, parts, value)
         else:
             extra_run.append(text)
     try:
@@ -221,14 +219,14 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return loaded
 
 
-def validate_search_space(sweep: LoadedSweep) -> RunConfig:
+def validate_search_space(sweep: LoadedSweep) -> RunSpec:
     """Every candidate value of every searched key, and the first full combination, must make a
     valid run config; a mistake is reported here, before any trial starts.  Returns the base config."""
     try:
         base = sweep.run_config()
     except ConfigError as e:
         raise ConfigError(f"sweep {sweep.source}: the base config {sweep.base_path} does not load:\n{e}") from None
-    known = set(_flat_keys(base.to_dict()))
+    known = set(dotted_keys(base.to_dict()))
     for key, space in sweep.spec.search.items():
         if key == EPOCHS:
             if sweep.spec.train_examples is None:
@@ -256,15 +254,6 @@ def validate_search_space(sweep: LoadedSweep) -> RunConfig:
         sweep.spec.scheduler.max_t = max(sweep.run_config(dict(zip(sweep.spec.search, combo))).train.max_steps
                                          for combo in itertools.product(*(s.candidates() for s in sweep.spec.search.values())))
     return base
-
-
-def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for k, v in d.items():
-        out.append(prefix + k)
-        if isinstance(v, dict):
-            out.extend(_flat_keys(v, f"{prefix}{k}."))
-    return out
 
 
 def _under_free_mapping(key: str) -> bool:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import flatten
+from orchestrator.mappings import flatten
 from orchestrator.tracking import lineage
 from orchestrator.tracking.redact import redact, redact_text
 

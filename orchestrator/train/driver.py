@@ -15,11 +15,12 @@ import time
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ConfigError, RunConfig
+from orchestrator.config import ConfigError, RunSpec
 from orchestrator.console import Progress, summary, train_logging_config
 from orchestrator.data import progress, quality
 from orchestrator.data.catalog import describe_sources
 from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
+from orchestrator.data.mix import stream_fractions
 from orchestrator.data.pipeline import (
     SAMPLE_KEY,
     build_dataset,
@@ -39,6 +40,7 @@ from orchestrator.train.deepspeed_config import load_user_json
 from orchestrator.train.failures import fail_fast_callback, find_setup_error
 from orchestrator.train.loop import redacted_train_loop
 from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
+from orchestrator.train.plan import WorkerPlan
 from workloads import get_workload
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class TrainOutcome:
     tracking_uri: str | None
 
 
-def default_run_name(cfg: RunConfig) -> str:
+def default_run_name(cfg: RunSpec) -> str:
     return f"{cfg.workload}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -69,143 +71,171 @@ def _checkpoint_uri(checkpoint) -> str | None:
     return checkpoint.path
 
 
-def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | None = None,
+@dataclasses.dataclass
+class _Run:
+    """What the driver settles before Ray starts: names, URIs, the model config."""
+
+    cfg: RunSpec
+    workload: Any
+    run_name: str
+    experiment: str
+    run_dir: str
+    export_uri: str
+    tracking_uri: str | None
+    init_uri: str | None
+    init_run: str | None
+    ds_user: dict | None
+    model_config: Any = None
+
+
+def run_training(cfg: RunSpec, init_from: str | None = None, datasets: dict | None = None,
                  extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
                  callbacks: list | None = None, register: str | None = None) -> TrainOutcome:
     """``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a sweep trial);
     ``register``: a model-registry name for the exported model."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    r = _settle(cfg, init_from)
+    done = finished_run(r.run_dir, r.cfg.train.max_steps)
+    if done is not None:
+        return _already_finished(r.cfg, r.run_name, r.run_dir, r.export_uri, r.tracking_uri, r.experiment, done,
+                                 extra_tags, parent_run_id)
+    # before Ray starts: a bad model/data combination is a ConfigError, not a worker crash
+    if getattr(r.workload, "USES_MODEL_CONFIG", True):
+        r.model_config = model_config_for(r.cfg, load_run_tokenizer(r.cfg))
+    ensure_ray()
+    row_counts: dict[tuple[str, str], int] = {}  # rows parsed per (source, split), for the MLflow dataset inputs
+    if datasets is None:
+        datasets = build_train_datasets(r.cfg, r.workload.COLUMNS, r.run_name, row_counts)
+        datasets.update(validation_dataset(r.cfg, r.workload, r.run_name))
+    mlflow_run_id = _open_mlflow_run(r, extra_tags, parent_run_id, row_counts)
+    plan = WorkerPlan(
+        run=r.cfg, run_name=r.run_name, run_dir=r.run_dir, model_config=r.model_config, export_uri=r.export_uri,
+        init_from=r.init_uri, deepspeed_user=r.ds_user, mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri,
+        stream_fractions=stream_fractions(r.cfg.data.sources, datasets), validate="val" in datasets,
+        val_tracker=val_tracker(r.run_name))
+    progress = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info)
+    trainer = _trainer(plan, r.experiment, datasets, [*(callbacks or []), progress.callback()])
+    status, result, started = "FAILED", None, time.time()
+    try:
+        result = _fit(trainer, progress)
+        status = "FINISHED"
+        log.info(summary(r.run_name, result.metrics or progress.last, r.cfg.train.max_steps, time.time() - started,
+                         _checkpoint_uri(result.checkpoint), r.export_uri, mlflow_run_id))
+    finally:
+        ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
+        exported = storage.exists(storage.join(r.export_uri, "model.safetensors"))
+        _record_outcome(r, mlflow_run_id, status, ckpt_uri, exported, register)
+    return TrainOutcome(run_name=r.run_name, run_dir=r.run_dir, checkpoint_uri=ckpt_uri,
+                        export_uri=r.export_uri if exported else None, metrics=dict(result.metrics or {}),
+                        mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri)
 
+
+def _settle(cfg: RunSpec, init_from: str | None) -> _Run:
     cfg = absolute_paths(cfg)  # workers run in other directories (and on other machines)
-    workload = get_workload(cfg.workload)
     run_name = cfg.name or default_run_name(cfg)
     experiment = cfg.experiment_name()
     run_dir = storage.join(cfg.storage, experiment, run_name)
-    export_uri = storage.join(run_dir, "export")
-    tracking_uri = None
-    if cfg.tracking.enabled:
-
-        tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
+    tracking_uri = resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
     init_uri, init_run = resolve_init_from(init_from, tracking_uri)
     try:
         ds_user = load_user_json(cfg.train.deepspeed_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    return _Run(cfg, get_workload(cfg.workload), run_name, experiment, run_dir, storage.join(run_dir, "export"),
+                tracking_uri, init_uri, init_run, ds_user)
 
-    done = finished_run(run_dir, cfg.train.max_steps)
-    if done is not None:
-        return _already_finished(cfg, run_name, run_dir, export_uri, tracking_uri, experiment, done,
-                                 extra_tags, parent_run_id)
 
-    model_config = None  # before Ray starts: a bad model/data combination is a ConfigError, not a worker crash
-    if getattr(workload, "USES_MODEL_CONFIG", True):
-        model_config = model_config_for(cfg, load_run_tokenizer(cfg))
-    ensure_ray()
-    row_counts: dict[tuple[str, str], int] = {}  # rows parsed per (source, split), for the MLflow dataset inputs
-    if datasets is None:
-        datasets = build_train_datasets(cfg, workload.COLUMNS, run_name, row_counts)
-        datasets.update(validation_dataset(cfg, workload, run_name))
+def _open_mlflow_run(r: _Run, extra_tags: dict[str, str] | None, parent_run_id: str | None,
+                     row_counts: dict) -> str | None:
+    if not r.tracking_uri:
+        return None
+    cfg = r.cfg
+    tags = {
+        "mplug2.workload": cfg.workload,
+        "mplug2.ray_job_id": os.environ.get("RAY_JOB_ID") or _ray_job_id(),
+        "mplug2.git_commit": git_commit(),
+        "mplug2.num_workers": cfg.train.num_workers,
+        "mplug2.use_gpu": cfg.train.use_gpu,
+        "mplug2.cluster_cpus": _cluster_resource("CPU"),
+        "mplug2.cluster_gpus": _cluster_resource("GPU"),
+        "mplug2.run_dir": r.run_dir,
+        **(extra_tags or {}),
+    }
+    if r.init_run:
+        tags["mplug2.init_from_run"] = r.init_run
+    if r.init_uri:
+        tags["mplug2.init_from"] = r.init_uri
+    mlflow_run_id = open_run(r.tracking_uri, r.experiment, r.run_name, cfg.to_dict(), tags,
+                             parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
+    lineage.record_datasets(r.tracking_uri, mlflow_run_id, describe_sources(cfg.data, ("train",), rows=row_counts))
+    return mlflow_run_id
 
-    mlflow_run_id = None
-    if tracking_uri:
 
-        tags = {
-            "mplug2.workload": cfg.workload,
-            "mplug2.ray_job_id": os.environ.get("RAY_JOB_ID") or _ray_job_id(),
-            "mplug2.git_commit": git_commit(),
-            "mplug2.num_workers": cfg.train.num_workers,
-            "mplug2.use_gpu": cfg.train.use_gpu,
-            "mplug2.cluster_cpus": _cluster_resource("CPU"),
-            "mplug2.cluster_gpus": _cluster_resource("GPU"),
-            "mplug2.run_dir": run_dir,
-            **(extra_tags or {}),
-        }
-        if init_run:
-            tags["mplug2.init_from_run"] = init_run
-        if init_uri:
-            tags["mplug2.init_from"] = init_uri
-        mlflow_run_id = open_run(tracking_uri, experiment, run_name, cfg.to_dict(), tags,
-                                 parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
-        lineage.record_datasets(tracking_uri, mlflow_run_id, describe_sources(cfg.data, ("train",), rows=row_counts))
+def _trainer(plan: WorkerPlan, experiment: str, datasets: dict, callbacks: list):
+    """The ``TorchTrainer``: one worker per ``train.num_workers``, each running the train loop on ``plan``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
-    storage_path, storage_fs = storage.for_ray(storage.join(cfg.storage, experiment))
-    progress = Progress(run_name, cfg.train.max_steps, printer=log.info)
-    worker_env = {} if cfg.train.use_gpu else {"DS_ACCELERATOR": "cpu"}
-    resources = {"CPU": cfg.train.cpus_per_worker}
-    if cfg.train.use_gpu:
-        resources["GPU"] = cfg.train.gpus_per_worker
-    trainer = TorchTrainer(
+    t = plan.run.train
+    storage_path, storage_fs = storage.for_ray(storage.join(plan.run.storage, experiment))
+    worker_env = {} if t.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
+    return TorchTrainer(
         redacted_train_loop,
-        train_loop_config={
-            "run": cfg.to_dict(), "run_name": run_name, "model_config": model_config,
-            "mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri, "export_uri": export_uri,
-            "init_from": init_uri, "deepspeed_user": ds_user, "run_dir": run_dir,
-            "text_fraction": text_fraction(cfg) if "train_text" in datasets else 0.0,
-            "stream_fractions": stream_fractions(cfg, datasets),
-            "validate": "val" in datasets, "val_tracker": val_tracker(run_name),
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+        train_loop_config=plan.to_loop_config(),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            name=plan.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
-            callbacks=[fail_fast_callback(), *(callbacks or []), progress.callback()],
+            callbacks=[fail_fast_callback(), *callbacks],
             logging_config=train_logging_config(),
         ),
         datasets=datasets,
         dataset_config=sharded_eval_data_config(),  # "val": uneven shards, every row once
     )
-    status = "FAILED"
-    result = None
-    started = time.time()
+
+
+def _fit(trainer, progress):
     try:
+        with progress:
+            return trainer.fit()
+    except Exception as e:
+        setup = find_setup_error(e)
+        if setup is not None:  # the same on every restart: say it once, as a configuration error
+            raise ConfigError(str(setup)) from None
+        raise
+
+
+def _record_outcome(r: _Run, mlflow_run_id: str | None, status: str, ckpt_uri: str | None, exported: bool,
+                    register: str | None) -> None:
+    """The vocabulary beside the export; the MLflow run's end tags, model lineage and status."""
+    if exported and r.model_config is not None:
+        try:  # checked when a fine-tune starts from this export
+            write_vocab(load_run_tokenizer(r.cfg), r.export_uri)
+        except Exception as e:  # never mask the training outcome
+            log.error("could not record the vocabulary beside %s: %s", r.export_uri, e)
+    if not mlflow_run_id:
+        return
+    end_tags = {"mplug2.checkpoint_uri": ckpt_uri, "mplug2.export_uri": r.export_uri if exported else None}
+    end_tags.update(_bad_clip_tags(r.run_name))
+    register_error = None
+    if exported and status == "FINISHED":
         try:
-            with progress:
-                result = trainer.fit()
-        except Exception as e:
-            setup = find_setup_error(e)
-            if setup is not None:  # the same on every restart: say it once, as a configuration error
-                raise ConfigError(str(setup)) from None
-            raise
-        status = "FINISHED"
-        log.info(summary(run_name, result.metrics or progress.last, cfg.train.max_steps, time.time() - started,
-                         _checkpoint_uri(result.checkpoint), export_uri, mlflow_run_id))
-    finally:
-        ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
-        exported = storage.exists(storage.join(export_uri, "model.safetensors"))
-        if exported and model_config is not None:
-
-            try:  # checked when a fine-tune starts from this export
-                write_vocab(load_run_tokenizer(cfg), export_uri)
-            except Exception as e:  # never mask the training outcome
-                log.error("could not record the vocabulary beside %s: %s", export_uri, e)
-        if mlflow_run_id:
-
-            end_tags = {"mplug2.checkpoint_uri": ckpt_uri, "mplug2.export_uri": export_uri if exported else None}
-            end_tags.update(_bad_clip_tags(run_name))
-            register_error = None
-            if exported and status == "FINISHED":
-                try:
-                    lineage.record_model(tracking_uri, mlflow_run_id, export_uri, run_name,
-                                         cfg.data.tokenizer or default_tokenizer(cfg.data.root), register)
-                except RuntimeError as e:  # asked to register and could not: said after the run is closed
-                    register_error = e
-            try:
-                close_run(tracking_uri, mlflow_run_id, status=status,
-                          tags={k: v for k, v in end_tags.items() if v is not None})
-            except Exception as e:  # never mask the training error
-                log.error("could not close MLflow run %s: %s", mlflow_run_id, e)
-            if register_error is not None:
-                raise register_error
-    return TrainOutcome(run_name=run_name, run_dir=run_dir, checkpoint_uri=ckpt_uri,
-                        export_uri=export_uri if exported else None, metrics=dict(result.metrics or {}),
-                        mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
+            lineage.record_model(r.tracking_uri, mlflow_run_id, r.export_uri, r.run_name,
+                                 r.cfg.data.tokenizer or default_tokenizer(r.cfg.data.root), register)
+        except RuntimeError as e:  # asked to register and could not: said after the run is closed
+            register_error = e
+    try:
+        close_run(r.tracking_uri, mlflow_run_id, status=status, tags={k: v for k, v in end_tags.items() if v is not None})
+    except Exception as e:  # never mask the training error
+        log.error("could not close MLflow run %s: %s", mlflow_run_id, e)
+    if register_error is not None:
+        raise register_error
 
 
-def absolute_paths(cfg: RunConfig) -> RunConfig:
+def absolute_paths(cfg: RunSpec) -> RunSpec:
     """The config with its relative local paths made absolute against the driver's working directory:
     ``data.root`` and ``storage`` always; ``data.tokenizer`` and the ``model.*_pretrained`` checkpoints
     when they exist here (otherwise they are hub names).  Workers then find the same files."""
@@ -224,7 +254,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"data": data, "model": model, "storage": absolute(cfg.storage, False)})
 
 
-def _already_finished(cfg: RunConfig, run_name: str, run_dir: str, export_uri: str, tracking_uri: str | None,
+def _already_finished(cfg: RunSpec, run_name: str, run_dir: str, export_uri: str, tracking_uri: str | None,
                       experiment: str, done: tuple[str, dict[str, Any]], extra_tags: dict[str, str] | None,
                       parent_run_id: str | None) -> TrainOutcome:
     """A rerun of a name that already trained to ``max_steps`` and exported: no Ray Train workers,
@@ -247,14 +277,14 @@ def _already_finished(cfg: RunConfig, run_name: str, run_dir: str, export_uri: s
                         metrics=metrics, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
 
 
-def build_train_datasets(cfg: RunConfig, columns: tuple[str, ...], run_name: str,
+def build_train_datasets(cfg: RunSpec, columns: tuple[str, ...], run_name: str,
                          row_counts: dict | None = None) -> dict:
     """One dataset per stream of the run.  ``train`` is the epoch's stream: the video sources (or,
     in an image-only run, the image sources).  A video run that also lists image sources gets
     ``train_image`` (images kept as T = 1 frame: no T-fold vision compute, no temporal module, the
     image instruction) and a video/image workload that lists text-only sources (pre-training's
     text corpora) gets ``train_text``; the loop mixes those in per step in proportion to their
-    sources' weights (see :func:`stream_fractions`).  Every row carries a ``sample_key`` and every
+    sources' weights (see :func:`orchestrator.data.mix.stream_fractions`).  Every row carries a ``sample_key`` and every
     stream a progress filter, so a resumed pass leaves out what it already trained on.
     ``row_counts`` collects the rows parsed per (source format, split), for lineage."""
     groups = _stream_sources(cfg, columns)
@@ -266,7 +296,7 @@ def build_train_datasets(cfg: RunConfig, columns: tuple[str, ...], run_name: str
     return out
 
 
-def _stream_sources(cfg: RunConfig, columns: tuple[str, ...]) -> dict[str, list]:
+def _stream_sources(cfg: RunSpec, columns: tuple[str, ...]) -> dict[str, list]:
     if "frames" not in columns:
         return {"train": list(cfg.data.sources)}
     text = [s for s in cfg.data.sources if s.format in TEXT_FORMATS]
@@ -286,7 +316,7 @@ def _stream_sources(cfg: RunConfig, columns: tuple[str, ...]) -> dict[str, list]
     return groups
 
 
-def _stream_dataset(cfg: RunConfig, data_cfg, columns: tuple[str, ...], run_name: str, stream: str,
+def _stream_dataset(cfg: RunSpec, data_cfg, columns: tuple[str, ...], run_name: str, stream: str,
                     row_counts: dict | None = None):
     progress.get_registry(run_name)  # owned by the driver: outlives every worker restart
 
@@ -300,20 +330,12 @@ def _stream_dataset(cfg: RunConfig, data_cfg, columns: tuple[str, ...], run_name
                                         fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": False})
 
 
-def stream_fractions(cfg: RunConfig, streams) -> dict[str, float]:
-    """Share of micro-batches drawn from each mixed-in stream: its sources' weight over all sources' weight."""
-    total = sum(s.weight for s in cfg.data.sources)
-    formats = {"train_text": TEXT_FORMATS, "train_image": IMAGE_FORMATS}
-    return {name: sum(s.weight for s in cfg.data.sources if s.format in formats[name]) / total
-            for name in streams if name in formats and total}
-
-
 def val_tracker(run_name: str) -> str:
     """The bad-clip tracker of a run's validation passes (apart from the training clips')."""
     return f"{run_name}-val"
 
 
-def validation_dataset(cfg: RunConfig, workload, run_name: str) -> dict:
+def validation_dataset(cfg: RunSpec, workload, run_name: str) -> dict:
     """``{"val": the dev split}`` for validation during training (every ``eval.every_steps`` steps
     and at the end, on the workers), or {} when no source has a val split or the workload has no
     evaluation."""
@@ -324,13 +346,6 @@ def validation_dataset(cfg: RunConfig, workload, run_name: str) -> dict:
         log.warning("no data source has a val split: no validation during training")
         return {}
     return {"val": ds}
-
-
-def text_fraction(cfg: RunConfig) -> float:
-    """Share of micro-batches drawn from text-only sources: their weight over all sources' weight."""
-    total = sum(s.weight for s in cfg.data.sources)
-    text = sum(s.weight for s in cfg.data.sources if s.format in TEXT_FORMATS)
-    return text / total if total and text < total else 0.0
 
 
 def _bad_clip_tags(run_name: str) -> dict[str, str]:

@@ -1,11 +1,16 @@
 """The per-worker training function: one DeepSpeed engine, the workload's dict of losses.
 
-Everything a worker needs arrives in ``config`` (the resolved run config as a dict, plus the
-driver's decisions: MLflow run id, export URI, init-from URI, vocabulary size); nothing is
-captured from the driver's globals.
+Everything a worker needs arrives in a :class:`~orchestrator.train.plan.WorkerPlan` (the resolved
+run config plus the driver's decisions: MLflow run id, export URI, init-from URI, model config,
+stream shares); nothing is captured from the driver's globals.  Read top-down:
+:func:`train_loop_per_worker` -> :func:`setup_worker` (engine, resume, logger) ->
+:func:`run_steps` (the step loop; :class:`~orchestrator.train.schedule.StepSchedule` decides what
+each step does) -> :func:`finish` (last checkpoint, export).
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
 import logging
 import os
 import tempfile
@@ -15,9 +20,9 @@ from typing import Any, Iterator
 import torch
 
 from orchestrator import storage
-from orchestrator.config import RunConfig
 from orchestrator.data import quality
-from orchestrator.data.pipeline import iter_worker_batches
+from orchestrator.data.mix import STREAM_KEY, StreamMix, epoch_batches
+from orchestrator.data.pipeline import SAMPLE_KEY
 from orchestrator.eval_workers import Validator
 from orchestrator.tracking.mlflow_run import MetricLogger
 from orchestrator.tracking.redact import redact_exception
@@ -26,13 +31,14 @@ from orchestrator.train.deepspeed_config import build_deepspeed_config
 from orchestrator.train.failures import SetupPhase
 from orchestrator.train.model_setup import load_run_tokenizer
 from orchestrator.train.optim import build_optimizer
+from orchestrator.train.plan import WorkerPlan
 from orchestrator.train.progress import EpochProgress
+from orchestrator.train.schedule import MAIN_STREAM, ResumeSkip, StepActions, StepSchedule
 from workloads import get_workload
 
-SAMPLE_KEY = "sample_key"  # orchestrator.data.pipeline.SAMPLE_KEY (not imported: keeps Ray Data out of import time)
-STREAM_KEY = "_stream"     # set by StreamMix on the batches it mixes in
-
 log = logging.getLogger(__name__)
+
+STALE_LOCK_S = 600  # far longer than DeepSpeed's CPU op takes to compile (~30 s)
 
 
 class StepTimer:
@@ -67,68 +73,261 @@ class StepTimer:
         return {"samples_per_s": self.samples * world / elapsed, "data_wait_frac": self.wait / total}
 
 
-def _iter_batches(shard, batch_size: int, data_cfg, run_name: str | None, shuffle_seed: int | None = None):
-    """Full batches only: every rank takes the same number of steps (DeepSpeed's collectives).
-    The local shuffle buffer is seeded by ``shuffle_seed`` (the loop passes one per (seed, epoch, rank))."""
-    return iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=data_cfg.prefetch_batches,
-                               drop_last=True, local_shuffle_buffer_size=data_cfg.shuffle_buffer or None,
-                               run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
-                               local_shuffle_seed=shuffle_seed)
+class LossWindow:
+    """Running sums of the losses since the last log; each loss averaged over the micro-batches
+    that had it.  Sums stay on the device (no sync per step) until :meth:`means`."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, value) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + value
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def add_losses(self, losses: dict[str, torch.Tensor], mix: StreamMix | None, stream: str) -> None:
+        for k, v in losses.items():
+            self.add(k, v.detach())
+        for name in (mix.fractions if mix is not None else ()):
+            self.add(f"{name.removeprefix('train_')}_batch_frac", float(stream == name))
+
+    def means(self, world: int) -> dict[str, float]:
+        """The window's means, averaged across ranks (a collective); the window starts afresh."""
+        means = _mean_across_ranks({k: float(v) / max(self.counts[k], 1) for k, v in self.sums.items()}, world)
+        self.sums, self.counts = {}, {}
+        return means
 
 
-def pass_seed(seed: int, stream: str, epoch: int, rank: int) -> int:
-    """The local shuffle seed of one pass of one stream on one rank."""
-    import zlib
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint records of the loop (beside the engine's state).  ``epoch_batches``: this
+    worker's micro-batches of the epoch's stream consumed in the current epoch; a resumed epoch
+    without recorded rows skips that many."""
 
-    return zlib.crc32(f"{seed}-{stream}-{epoch}-{rank}".encode())
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0
+    epoch_batches: int = 0
 
-
-def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]:
-    if world == 1 or not values:
-        return values
-    import torch.distributed as dist
-
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
-
-
-STALE_LOCK_S = 600  # far longer than DeepSpeed's CPU op takes to compile (~30 s)
+    def restore(self, saved: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):  # DeepSpeed adds its own keys to ``saved``
+            if f.name in saved:
+                setattr(self, f.name, saved[f.name])
 
 
-def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
-    """Remove torch JIT-extension build locks left by a killed process.
+@dataclasses.dataclass
+class Worker:
+    """One worker's training run, as :func:`setup_worker` builds it."""
 
-    DeepSpeed's CPU backend JIT-builds its shared-memory allreduce op under a lock file in the
-    torch extensions directory; a worker SIGKILLed while holding it (a preemption, a fault) leaves
-    the file behind and every later worker on that node waits for it forever.  A lock older than
-    any real build is stale: remove it, and say so.
-    """
-    import glob
+    plan: WorkerPlan
+    rank: int
+    world: int
+    device: Any
+    workload: Any
+    task_cfg: Any
+    engine: Any
+    scheduler: Any
+    ema_per_step: bool
+    constants: dict[str, torch.Tensor]
+    validator: Validator
+    progress: EpochProgress
+    state: TrainState
+    resumed: bool
+    metrics_logger: MetricLogger | None = None
+    mix: StreamMix | None = None
+    preemption: Any = None  # PreemptionCheckpointer
+    window: LossWindow = dataclasses.field(default_factory=LossWindow)
+    last_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    saved_step: int = -1
 
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions")
-    removed = []
-    for lock in glob.glob(os.path.join(root, "**", "lock"), recursive=True):
-        try:
-            if time.time() - os.path.getmtime(lock) > max_age_s:
-                os.remove(lock)
-                removed.append(lock)
-        except OSError:
-            continue  # another worker removed it first
-    if removed:
-        log.warning("removed stale torch extension build lock(s) left by a killed process: %s", removed)
-    return removed
+    @property
+    def batch_size(self) -> int:
+        return self.plan.run.train.batch_size_per_worker
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.metrics_logger is not None:
+            self.metrics_logger.log(metrics, step)
 
 
-def build_model(run, config: dict[str, Any]):
+# ------------------------------------------------------------------------------- entry points
+def redacted_train_loop(config: dict[str, Any]) -> None:
+    """:func:`train_loop_per_worker` whose exceptions leave the worker (to Ray's logs, the driver,
+    MLflow) with credentials masked in their messages."""
+    try:
+        train_loop_per_worker(config)
+    except BaseException as e:
+        redact_exception(e)  # in place
+        raise
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's worker function (``config``: ``WorkerPlan.to_loop_config()``).  A config or
+    file error during setup is raised as :class:`~orchestrator.train.failures.SetupError`, which
+    ends the run at once (no restarts)."""
+    phase = SetupPhase()
+    try:
+        _train(WorkerPlan.from_loop_config(config), phase)
+    except Exception as e:  # re-raised, classified
+        classified = phase.classify(e)
+        if classified is e:
+            raise
+        raise classified from e
+
+
+def _train(plan: WorkerPlan, phase: SetupPhase) -> None:
+    w = setup_worker(plan)
+    phase.done()  # from here on a failure is a fault to restart from
+    try:
+        run_steps(w)
+        finish(w)
+    finally:
+        if w.metrics_logger is not None:
+            delivery = w.metrics_logger.close()
+            if delivery["undelivered"] or delivery["dropped"]:
+                log.error("MLflow: %s metric points could not be delivered", delivery)
+
+
+# ------------------------------------------------------------------------------- setup
+def setup_worker(plan: WorkerPlan) -> Worker:
+    """The model, its DeepSpeed engine, the validator, the resumed state and the metrics logger."""
+    import ray.train
+    import ray.train.torch
+
+    run = plan.run
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
+    workload, task_cfg, model = build_model(plan)
+    # loaded once: the batch constants (instruction prompts) and the init-from vocabulary check use it
+    tokenizer = load_run_tokenizer(run) if (hasattr(workload, "batch_constants") or (
+        plan.init_from and plan.model_config is not None)) else None
+    constants: dict[str, torch.Tensor] = {}
+    if hasattr(workload, "batch_constants"):
+        constants = {k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
+    validator = Validator(run, workload, task_cfg, device, constants, enabled=plan.validate,
+                          tracker_name=plan.val_tracker)  # eval.every_steps + at the end
+    if plan.init_from:
+        _init_weights(model, plan, tokenizer, rank)
+    engine, scheduler, ema_per_step = _build_engine(model.to(device), plan, world)
+    progress = EpochProgress(plan.run_name, rank, world)
+    w = Worker(plan, rank, world, device, workload, task_cfg, engine, scheduler, ema_per_step, constants,
+               validator, progress, TrainState(), resumed=False)
+    _resume(w, ray.train.get_checkpoint())
+    w.preemption = PreemptionCheckpointer()
+    if rank == 0 and plan.mlflow_run_id:
+        w.metrics_logger = MetricLogger(plan.tracking_uri, plan.mlflow_run_id, system_metrics=run.tracking.system_metrics)
+        if w.resumed:
+            w.log_metrics({"resumed_from_step": w.state.step}, w.state.step)
+    if plan.stream_fractions:
+        w.mix = StreamMix({k: ray.train.get_dataset_shard(k) for k in plan.stream_fractions}, plan.stream_fractions,
+                          w.batch_size, run.data, run.seed, progress=progress, rank=rank, run_name=plan.run_name)
+    return w
+
+
+def build_model(plan: WorkerPlan):
+    run = plan.run
     workload = get_workload(run.workload)
     task_cfg = workload.Config.model_validate(run.task)
-    model_cfg = config.get("model_config")
-    model = workload.build_model(model_cfg, task_cfg, vision_pretrained=run.model.vision_pretrained,
+    model = workload.build_model(plan.model_config, task_cfg, vision_pretrained=run.model.vision_pretrained,
                                  text_pretrained=run.model.text_pretrained)
     return workload, task_cfg, model
+
+
+def _init_weights(model, plan: WorkerPlan, tokenizer, rank: int) -> None:
+    tcfg = plan.run.train
+    report = checkpoint.load_weights(model, plan.init_from, tcfg.init_allow_mismatch,
+                                     tokenizer if plan.model_config is not None else None, tcfg.init_allow_new_vocab)
+    if rank == 0 and report["missing"]:
+        log.info("init-from: %d weights not in the checkpoint (freshly initialised): %s",
+                 len(report["missing"]), ", ".join(report["missing"][:8]))
+
+
+def _build_engine(model, plan: WorkerPlan, world: int):
+    """(engine, lr scheduler, whether the momentum EMA runs once per optimizer step)."""
+    import deepspeed
+
+    tcfg = plan.run.train
+    optimizer, scheduler = build_optimizer(model, tcfg)
+    if not tcfg.use_gpu:
+        clear_stale_extension_locks()
+    deepspeed.init_distributed(dist_backend="nccl" if tcfg.use_gpu else "gloo", dist_init_required=False)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=build_deepspeed_config(tcfg, world, plan.deepspeed_user), dist_init_required=False)
+    ema_per_step = momentum_sync.attach(engine.module, world)  # EMA once per optimizer step, global queue
+    return engine, scheduler, ema_per_step
+
+
+def _resume(w: Worker, ckpt) -> None:
+    """Load the latest reported checkpoint (a restarted worker, a rerun of the same name)."""
+    if ckpt is None:
+        return
+    checkpoint.check_own(ckpt.path, w.plan.run_dir)
+    with ckpt.as_directory() as d:
+        saved = checkpoint.load(w.engine, d)
+        w.progress.load(d)
+    w.state.restore(saved)
+    w.resumed, w.saved_step = True, w.state.step
+    if w.rank == 0:
+        log.info("resumed from step %d (epoch %d)", w.state.step, w.state.epoch)
+
+
+# ------------------------------------------------------------------------------- the step loop
+def run_steps(w: Worker) -> None:
+    """Epochs of micro-batches until ``train.max_steps`` optimizer steps."""
+    tcfg, state, run = w.plan.run.train, w.state, w.plan.run
+    schedule = StepSchedule.from_config(tcfg, w.validator.due)
+    skip = ResumeSkip(0 if w.progress.has_keys(MAIN_STREAM) else state.epoch_batches)
+    shard = _train_shard()
+    timer = StepTimer()
+    while state.step < tcfg.max_steps:
+        w.progress.begin_pass(MAIN_STREAM, state.epoch)
+        seen = skip.seen
+        batches = epoch_batches(shard, w.mix, w.batch_size, run.data, w.plan.run_name, run.seed, state.epoch,
+                                w.rank, state.step)
+        for stream, batch in skip.filter(_tagged(timer.timed_batches(batches))):
+            if stream == MAIN_STREAM:
+                state.epoch_batches += 1  # the epoch's batches only: what a resumed epoch skips
+            losses = train_micro_batch(w, stream, batch)
+            timer.samples += w.batch_size
+            w.window.add_losses(losses, w.mix, stream)
+            if w.engine.global_steps == state.step:
+                continue  # gradient accumulation: no optimizer step yet
+            state.step = w.engine.global_steps
+            state.samples += w.batch_size * tcfg.grad_accum_steps * w.world
+            actions = schedule.at(state.step)
+            after_step(w, actions, timer)
+            if actions.last:
+                break
+        if skip.seen == seen and not w.progress.has_keys(MAIN_STREAM):  # (a resumed pass may have nothing left)
+            raise RuntimeError("the training dataset yielded no batch: it is empty or smaller than one batch "
+                               f"per worker (batch_size_per_worker={w.batch_size}, workers={w.world})")
+        if state.step < tcfg.max_steps:
+            end_epoch(w)
+
+
+def _train_shard():
+    import ray.train
+
+    return ray.train.get_dataset_shard(MAIN_STREAM)
+
+
+def _tagged(batches) -> Iterator[tuple[str, dict]]:
+    for batch in batches:
+        yield batch.pop(STREAM_KEY, MAIN_STREAM), batch
+
+
+def train_micro_batch(w: Worker, stream: str, batch: dict) -> dict[str, torch.Tensor]:
+    """Record the batch's rows as consumed, move it to the device, and run one micro-step."""
+    if SAMPLE_KEY in batch:
+        w.progress.record(stream, batch.pop(SAMPLE_KEY))
+    batch = {k: v.to(w.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch.update(w.constants)
+    steps_per_epoch = w.plan.run.train.steps_per_epoch
+    if steps_per_epoch:  # e.g. the distillation-weight ramp over the first epoch
+        batch["epoch_progress"] = w.state.step / steps_per_epoch
+    return micro_step(w.engine, w.workload, batch, w.task_cfg, w.ema_per_step)
 
 
 def micro_step(engine, workload, batch: dict, task_cfg, ema_per_step: bool) -> dict[str, torch.Tensor]:
@@ -144,261 +343,101 @@ def micro_step(engine, workload, batch: dict, task_cfg, ema_per_step: bool) -> d
     return losses
 
 
-def redacted_train_loop(config: dict[str, Any]) -> None:
-    """:func:`train_loop_per_worker` whose exceptions leave the worker (to Ray's logs, the driver,
-    MLflow) with credentials masked in their messages."""
-    try:
-        train_loop_per_worker(config)
-    except BaseException as e:
-        redact_exception(e)  # in place
-        raise
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's worker function: a config or file error during setup is raised as
-    :class:`~orchestrator.train.failures.SetupError`, which ends the run at once (no restarts)."""
-    phase = SetupPhase()
-    try:
-        _train(config, phase)
-    except Exception as e:  # re-raised, classified
-        classified = phase.classify(e)
-        if classified is e:
-            raise
-        raise classified from e
-
-
-def _train(config: dict[str, Any], phase) -> None:
-    import deepspeed
+def after_step(w: Worker, actions: StepActions, timer: StepTimer) -> None:
+    """Carry out what the schedule decided for this optimizer step."""
     import ray.train
-    import ray.train.torch
+
+    step = actions.step
+    if actions.report:
+        w.last_metrics = {**w.window.means(w.world), "lr": w.scheduler.get_last_lr()[0], **timer.summary(w.world),
+                          "step": step, "epoch": w.state.epoch}
+        w.last_metrics.update(w.validator.run(w.engine, step))  # eval/... on the workers, when due
+        w.log_metrics({k: v for k, v in w.last_metrics.items() if k != "step"}, step)
+        timer.reset()
+    if actions.checkpoint:
+        t0 = time.perf_counter()
+        save_and_report(w)
+        w.log_metrics({"checkpoint_s": time.perf_counter() - t0}, step)
+        timer.reset()  # checkpoint time is not training throughput
+    elif actions.log:
+        ray.train.report(dict(w.last_metrics))
+    if actions.check_preemption and w.preemption.should_checkpoint():
+        save_and_report(w)
+        w.log_metrics({"preemption_checkpoint_step": step}, step)
 
 
-    run = RunConfig.model_validate(config["run"])
-    tcfg = run.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
-
-    workload, task_cfg, model = build_model(run, config)
-
-    # loaded once: the batch constants (instruction prompts) and the init-from vocabulary check use it
-    tokenizer = load_run_tokenizer(run) if (hasattr(workload, "batch_constants") or (
-        config.get("init_from") and config.get("model_config") is not None)) else None
-    constants: dict[str, torch.Tensor] = {}
-    if hasattr(workload, "batch_constants"):
-        constants = {k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
-
-    validator = Validator(run, config, workload, task_cfg, device, constants)  # eval.every_steps + at the end
-    if config.get("init_from"):
-        report = checkpoint.load_weights(model, config["init_from"], tcfg.init_allow_mismatch,
-                                         tokenizer if config.get("model_config") is not None else None,
-                                         tcfg.init_allow_new_vocab)
-        if rank == 0 and report["missing"]:
-            log.info("init-from: %d weights not in the checkpoint (freshly initialised): %s",
-                     len(report["missing"]), ", ".join(report["missing"][:8]))
-    model.to(device)
-    optimizer, scheduler = build_optimizer(model, tcfg)
-    if not tcfg.use_gpu:
-        clear_stale_extension_locks()
-    deepspeed.init_distributed(dist_backend="nccl" if tcfg.use_gpu else "gloo", dist_init_required=False)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=build_deepspeed_config(tcfg, world, config.get("deepspeed_user")), dist_init_required=False)
-    ema_per_step = momentum_sync.attach(engine.module, world)  # EMA once per optimizer step, global queue
-
-    # epoch_batches: this worker's micro-batches consumed in the current epoch.  A resumed epoch
-    # leaves out the rows recorded in the checkpoint's progress (datasets with sample keys), or
-    # else skips this many batches (datasets without keys, e.g. a single-block in-memory one).
-    state = {"step": 0, "epoch": 0, "samples": 0, "epoch_batches": 0}
-    progress = EpochProgress(config.get("run_name"), rank, world)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        checkpoint.check_own(ckpt.path, config.get("run_dir"))
-        with ckpt.as_directory() as d:
-            saved = checkpoint.load(engine, d)
-            progress.load(d)
-        state.update({k: saved[k] for k in state if k in saved})  # DeepSpeed adds its own keys
-        if rank == 0:
-            log.info("resumed from step %d (epoch %d)", state["step"], state["epoch"])
-
-    metrics_logger = None
-    if rank == 0 and config.get("mlflow_run_id"):
-
-        metrics_logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"],
-                                      system_metrics=run.tracking.system_metrics)
-
-    if metrics_logger is not None and ckpt is not None:
-        metrics_logger.log({"resumed_from_step": state["step"]}, state["step"])
-
-    timer = StepTimer()
-    sums: dict[str, Any] = {}  # loss name -> running sum (a device tensor until logged)
-    counts: dict[str, int] = {}
-    last_metrics: dict[str, float] = {}
-    saved_step = state["step"] if ckpt is not None else -1
-    # resuming mid-epoch without recorded rows: these batches were trained on before the fault
-    skip = 0 if progress.has_keys("train") else state["epoch_batches"]
-    preemption = PreemptionCheckpointer()
-    shard = ray.train.get_dataset_shard("train")
-    mix = None
-    fractions = dict(config.get("stream_fractions") or {})
-    if config.get("text_fraction") and not fractions:
-        fractions = {"train_text": config["text_fraction"]}
-    if fractions:
-        mix = StreamMix({k: ray.train.get_dataset_shard(k) for k in fractions}, fractions, tcfg.batch_size_per_worker,
-                        run.data, run.seed, progress=progress, rank=rank, run_name=config.get("run_name"))
-    phase.done()  # from here on a failure is a fault to restart from
-    try:
-        while state["step"] < tcfg.max_steps:
-            got_batch = False
-            progress.begin_pass("train", state["epoch"])
-            batches = _iter_batches(shard, tcfg.batch_size_per_worker, run.data, config.get("run_name"),
-                                    pass_seed(run.seed, "train", state["epoch"], rank))
-            if mix is not None:
-                batches = mix.interleave(batches, state["step"])
-            for batch in timer.timed_batches(batches):
-                got_batch = True
-                stream = batch.pop(STREAM_KEY, "train")
-                mixed_in = stream != "train"  # a mixed-in stream (text-only or images), not the epoch's
-                if skip and not mixed_in:
-                    skip -= 1
-                    continue
-                if mixed_in and skip:
-                    continue  # still skipping the epoch's batches already trained on: no mixed-in steps between
-                if not mixed_in:
-                    state["epoch_batches"] += 1  # the epoch's batches only: what a resumed epoch skips
-                if SAMPLE_KEY in batch:
-                    progress.record(stream, batch.pop(SAMPLE_KEY))
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                batch.update(constants)
-                if tcfg.steps_per_epoch:  # e.g. the distillation-weight ramp over the first epoch
-                    batch["epoch_progress"] = state["step"] / tcfg.steps_per_epoch
-                losses = micro_step(engine, workload, batch, task_cfg, ema_per_step)
-                timer.samples += tcfg.batch_size_per_worker
-                for k, v in losses.items():  # each loss averaged over the micro-batches that had it
-                    sums[k] = sums.get(k, 0.0) + v.detach()  # stays on the device: no sync per step
-                    counts[k] = counts.get(k, 0) + 1
-                if mix is not None:
-                    for name in mix.fractions:
-                        key = f"{name.removeprefix('train_')}_batch_frac"
-                        sums[key] = sums.get(key, 0.0) + float(stream == name)
-                        counts[key] = counts.get(key, 0) + 1
-                if engine.global_steps == state["step"]:
-                    continue  # gradient accumulation: no optimizer step yet
-                state["step"] = engine.global_steps
-                state["samples"] += tcfg.batch_size_per_worker * tcfg.grad_accum_steps * world
-                step = state["step"]
-                do_log = step % tcfg.log_every == 0 or step >= tcfg.max_steps or validator.due(step)
-                do_ckpt = step % tcfg.checkpoint_every == 0 or step >= tcfg.max_steps
-                if do_log or do_ckpt:
-                    means = _mean_across_ranks({k: float(v) / max(counts[k], 1) for k, v in sums.items()}, world)
-                    last_metrics = {**means, "lr": scheduler.get_last_lr()[0], **timer.summary(world),
-                                    "step": step, "epoch": state["epoch"]}
-                    last_metrics.update(validator.run(engine, step))  # eval/... on the workers, when due
-                    if metrics_logger is not None:
-                        metrics_logger.log({k: v for k, v in last_metrics.items() if k not in ("step",)}, step)
-                    sums, counts = {}, {}
-                    timer.reset()
-                if do_ckpt:
-                    t0 = time.perf_counter()
-                    _save_and_report(engine, state, last_metrics, rank, progress)
-                    saved_step = step
-                    if metrics_logger is not None:
-                        metrics_logger.log({"checkpoint_s": time.perf_counter() - t0}, step)
-                    timer.reset()  # checkpoint time is not training throughput
-                elif do_log:
-                    ray.train.report(dict(last_metrics))
-                if not do_ckpt and step % tcfg.preemption_check_every == 0 and preemption.should_checkpoint():
-                    _save_and_report(engine, state, last_metrics, rank, progress)
-                    saved_step = step
-                    if metrics_logger is not None:
-                        metrics_logger.log({"preemption_checkpoint_step": step}, step)
-                if step >= tcfg.max_steps:
-                    break
-            if not got_batch and not progress.has_keys("train"):  # (a resumed pass may have nothing left)
-                raise RuntimeError("the training dataset yielded no batch: it is empty or smaller than one batch "
-                                   f"per worker (batch_size_per_worker={tcfg.batch_size_per_worker}, workers={world})")
-            if state["step"] < tcfg.max_steps:
-                state["epoch"] += 1
-                state["epoch_batches"] = 0
-                progress.end_pass("train")
-                _epoch_end(config, state, metrics_logger, rank)
-        if saved_step != state["step"]:
-            _save_and_report(engine, state, last_metrics, rank, progress)
-        _export(engine, tcfg.zero_stage, config.get("export_uri"), rank)
-    finally:
-        if metrics_logger is not None:
-            delivery = metrics_logger.close()
-            if delivery["undelivered"] or delivery["dropped"]:
-                log.error("MLflow: %s metric points could not be delivered", delivery)
+def end_epoch(w: Worker) -> None:
+    """Start the next epoch; rank 0 logs the bad-clip counts (the job stops past the threshold)."""
+    w.state.epoch += 1
+    w.state.epoch_batches = 0
+    w.progress.end_pass(MAIN_STREAM)
+    if w.rank != 0:
+        return
+    stats = quality.end_epoch_report(w.plan.run_name).get("total", {})
+    if stats:
+        w.log_metrics({"data/clips_seen": stats.get("total_seen", 0), "data/clips_bad": stats.get("bad", 0),
+                       **{f"data/bad_{k}": v for k, v in stats.get("by_reason", {}).items()}}, w.state.step)
 
 
-class StreamMix:
-    """Interleaves batches of other streams with the epoch's batches: mixed-in text-only batches
-    (pre-training's text corpora, MLM only) and, in a run mixing images and videos, image batches
-    (T = 1 frame, so images skip the temporal module and are prompted as images).  Before each
-    epoch batch, a coin decides whether a mixed-in batch comes first and from which stream
-    (P(stream) = ``fractions[stream]``); the coin is seeded by (seed, step) alone, so every rank
-    makes the same draws, runs the same modules in the same order (ZeRO-3, DeepSpeed's
-    collectives) and stays in step.  A mixed-in stream starts a new pass whenever it runs out.
-    Each mixed-in batch carries its stream's name under ``STREAM_KEY``."""
-
-    def __init__(self, shards: dict, fractions: dict[str, float], batch_size: int, data_cfg, seed: int,
-                 progress: EpochProgress | None = None, rank: int = 0, run_name: str | None = None):
-        if sum(fractions.values()) >= 1:
-            raise ValueError(f"mixed-in stream fractions {fractions} must sum to less than 1")
-        self.shards, self.fractions, self.batch_size, self.data_cfg, self.seed = shards, dict(fractions), batch_size, \
-            data_cfg, seed
-        self.progress, self.rank, self.run_name = progress, rank, run_name
-        self._its: dict[str, Any] = {}
-
-    def _next(self, name: str) -> dict:
-        for _ in range(2):
-            if name not in self._its:
-                epoch = 0
-                if self.progress is not None:
-                    self.progress.begin_pass(name)
-                    epoch = self.progress.passes[name]
-                self._its[name] = iter(_iter_batches(self.shards[name], self.batch_size, self.data_cfg, self.run_name,
-                                                     pass_seed(self.seed, name, epoch, self.rank)))
-            try:
-                return {**next(self._its[name]), STREAM_KEY: name}
-            except StopIteration:
-                del self._its[name]
-                if self.progress is not None:
-                    self.progress.end_pass(name)
-        raise RuntimeError(f"the {name} training dataset yielded no full batch")
-
-    def interleave(self, batches, step: int):
-        import random
-
-        coin = random.Random(f"{self.seed}-{step}")  # same draws on every rank
-        streams = sorted(self.fractions)
-        for batch in batches:
-            while True:
-                r, edge, pick = coin.random(), 0.0, None
-                for name in streams:
-                    edge += self.fractions[name]
-                    if r < edge:
-                        pick = name
-                        break
-                if pick is None:
-                    break
-                yield self._next(pick)
-            yield batch
+def finish(w: Worker) -> None:
+    """A last checkpoint unless the last step took one, then the consolidated export."""
+    if w.saved_step != w.state.step:
+        save_and_report(w)
+    export_uri = w.plan.export_uri
+    if not export_uri:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "export")
+        if checkpoint.export(w.engine, w.plan.run.train.zero_stage, out, w.rank):
+            storage.upload_dir(out, export_uri)
 
 
-class TextMix(StreamMix):
-    """:class:`StreamMix` with one mixed-in stream, the text-only ``train_text``."""
+def save_and_report(w: Worker) -> None:
+    import ray.train
 
-    def __init__(self, shard, fraction: float, batch_size: int, data_cfg, seed: int):
-        super().__init__({"train_text": shard}, {"train_text": fraction}, batch_size, data_cfg, seed)
+    reported = {**w.last_metrics, "step": w.state.step}
+    consumed = w.progress.gather()  # collective: before any rank saves
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.save(w.engine, d, dataclasses.asdict(w.state), w.rank, metrics=reported)
+        w.progress.save(d, consumed)
+        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint_step_{w.state.step:08d}")
+    w.saved_step = w.state.step
 
-    def _next(self, name: str) -> dict:
-        return self._next_text()
 
-    def _next_text(self) -> dict:
-        return StreamMix._next(self, "train_text")
+# ------------------------------------------------------------------------------- small pieces
+def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1 or not values:
+        return values
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
+    """Remove torch JIT-extension build locks left by a killed process.
+
+    DeepSpeed's CPU backend JIT-builds its shared-memory allreduce op under a lock file in the
+    torch extensions directory; a worker SIGKILLed while holding it (a preemption, a fault) leaves
+    the file behind and every later worker on that node waits for it forever.  A lock older than
+    any real build is stale: remove it, and say so.
+    """
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions")
+    removed = []
+    for lock in glob.glob(os.path.join(root, "**", "lock"), recursive=True):
+        try:
+            if time.time() - os.path.getmtime(lock) > max_age_s:
+                os.remove(lock)
+                removed.append(lock)
+        except OSError:
+            continue  # another worker removed it first
+    if removed:
+        log.warning("removed stale torch extension build lock(s) left by a killed process: %s", removed)
+    return removed
 
 
 class PreemptionCheckpointer:
@@ -425,38 +464,3 @@ class PreemptionCheckpointer:
         log.warning("node preemption signalled (nodes %s, ranks %s, deadline %s ms): checkpointing now",
                     info.preempted_node_ids, info.preempted_ranks, info.deadline_ms)
         return True
-
-
-def _save_and_report(engine, state: dict[str, Any], metrics: dict[str, float], rank: int,
-                     progress: "EpochProgress | None" = None) -> None:
-    import ray.train
-
-    reported = {**metrics, "step": state["step"]}
-    consumed = progress.gather() if progress is not None else None  # collective: before any rank saves
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint.save(engine, d, dict(state), rank, metrics=reported)
-        if consumed is not None:
-            progress.save(d, consumed)
-        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_step_{state['step']:08d}")
-
-
-def _epoch_end(config: dict[str, Any], state: dict[str, Any], metrics_logger, rank: int) -> None:
-    """Bad-clip counts at the end of each epoch: logged, and the job stops past the threshold."""
-    if rank != 0:
-        return
-
-    stats = quality.end_epoch_report(config.get("run_name")).get("total", {})
-    if metrics_logger is not None and stats:
-        metrics_logger.log({"data/clips_seen": stats.get("total_seen", 0), "data/clips_bad": stats.get("bad", 0),
-                            **{f"data/bad_{k}": v for k, v in stats.get("by_reason", {}).items()}}, state["step"])
-
-
-def _export(engine, zero_stage: int, export_uri: str | None, rank: int) -> None:
-    if not export_uri:
-        return
-
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "export")
-        if checkpoint.export(engine, zero_stage, out, rank):
-            storage.upload_dir(out, export_uri)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from model import MPlugConfig
-from orchestrator.config import ConfigError, RunConfig
+from orchestrator.config import ConfigError, RunSpec
 from orchestrator.data.tokenize import default_tokenizer, load_tokenizer
 from orchestrator.train.checkpoint import load_weights
 from workloads import get_workload
@@ -13,7 +13,7 @@ from workloads import get_workload
 log = logging.getLogger(__name__)
 
 
-def load_run_tokenizer(cfg: RunConfig):
+def load_run_tokenizer(cfg: RunSpec):
     return load_tokenizer(cfg.data.tokenizer or default_tokenizer(cfg.data.root))
 
 
@@ -25,7 +25,7 @@ def tokenizer_overrides(tokenizer) -> dict[str, int]:
     return {k: v for k, v in ids.items() if v is not None}
 
 
-def _uses_frames(cfg: RunConfig) -> bool:
+def _uses_frames(cfg: RunSpec) -> bool:
     """Whether the run's workload reads frames (text-only workloads keep the preset's image size)."""
     try:
         return "frames" in getattr(get_workload(cfg.workload), "COLUMNS", ("frames",))
@@ -33,7 +33,7 @@ def _uses_frames(cfg: RunConfig) -> bool:
         return True
 
 
-def model_config_for(cfg: RunConfig, tokenizer=None):
+def model_config_for(cfg: RunSpec, tokenizer=None):
     """The model's typed config: preset < tokenizer ids < ``model.overrides`` from the run config.
     For workloads that read frames the model's ``image_size`` is ``data.image_size`` (a different
     ``model.overrides.image_size`` is a ConfigError)."""
@@ -52,7 +52,7 @@ def model_config_for(cfg: RunConfig, tokenizer=None):
         raise ConfigError(f"model: {e} (the model's image_size is data.image_size={cfg.data.image_size})") from None
 
 
-def load_model_for_eval(cfg: RunConfig, checkpoint_uri: str, tokenizer, device, model_config=None):
+def load_model_for_eval(cfg: RunSpec, checkpoint_uri: str, tokenizer, device, model_config=None):
     """Build the workload's model (its Table 2 modules) and load the checkpoint's weights into it."""
 
     workload = get_workload(cfg.workload)

@@ -88,7 +88,8 @@ def test_images_in_a_mixed_run_stay_one_frame(ray_local, fixture_root, tiny_hf, 
     features equal an image-only run's; the loop mixes them per step; the LM gets the image prompt."""
     from model import MPlug2, MPlugConfig
     from model.preprocess import normalize_frames
-    from orchestrator.train.driver import build_train_datasets, stream_fractions
+    from orchestrator.data.mix import stream_fractions
+    from orchestrator.train.driver import build_train_datasets
     from workloads import pretrain
 
     coco = _coco(fixture_root, 6)
@@ -103,7 +104,7 @@ def test_images_in_a_mixed_run_stay_one_frame(ray_local, fixture_root, tiny_hf, 
     mixed_cfg = run_cfg([video, coco])
     mixed = build_train_datasets(mixed_cfg, pretrain.COLUMNS, "mixed-run")
     assert set(mixed) == {"train", "train_image"}
-    assert stream_fractions(mixed_cfg, mixed) == {"train_image": pytest.approx(1 / 3)}
+    assert stream_fractions(mixed_cfg.data.sources, mixed) == {"train_image": pytest.approx(1 / 3)}
     video_batch = _rows(mixed["train"])[0]
     assert tuple(video_batch["frames"].shape[1:]) == (4, 32, 32, 3)
     image_only = build_train_datasets(run_cfg([coco]), pretrain.COLUMNS, "image-run")
@@ -143,7 +144,7 @@ def test_images_in_a_mixed_run_stay_one_frame(ray_local, fixture_root, tiny_hf, 
 
 
 def test_stream_mix_draws_the_same_stream_on_every_rank():
-    from orchestrator.train.loop import STREAM_KEY, StreamMix
+    from orchestrator.data.mix import STREAM_KEY, StreamMix
 
     def draws(seed, step):
         mix = StreamMix({"train_image": None, "train_text": None}, {"train_image": 0.25, "train_text": 0.2}, 4, None,

@@ -2,7 +2,8 @@ import textwrap
 
 import pytest
 
-from orchestrator.config import ConfigError, RunConfig, flatten, load_config, parse_override
+from orchestrator.config import ConfigError, RunSpec, load_config, parse_override
+from orchestrator.mappings import flatten
 
 
 def write(tmp_path, name, text):
@@ -13,7 +14,7 @@ def write(tmp_path, name, text):
 
 def test_defaults_validate():
     cfg = load_config()
-    assert isinstance(cfg, RunConfig)
+    assert isinstance(cfg, RunSpec)
     assert cfg.train.betas == (0.9, 0.98) and cfg.train.weight_decay == 0.02
 
 

@@ -16,7 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.config import ConfigError, RunConfig, load_config
+from orchestrator.config import ConfigError, RunSpec, load_config
 from orchestrator.data.decode import DecodeSpec, decode_media
 from orchestrator.data.quality import REASONS, BadClip
 
@@ -41,7 +41,7 @@ def _config_or_config_error(fn) -> None:
     except ConfigError as e:
         assert str(e).strip(), "a ConfigError must say what is wrong"
         return
-    assert isinstance(cfg, RunConfig)
+    assert isinstance(cfg, RunSpec)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

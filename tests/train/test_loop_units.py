@@ -2,7 +2,8 @@
 import os
 import time
 
-from orchestrator.train.loop import TextMix, clear_stale_extension_locks
+from orchestrator.data.mix import TextMix
+from orchestrator.train.loop import clear_stale_extension_locks
 
 
 def test_stale_extension_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
