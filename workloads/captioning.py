@@ -49,7 +49,7 @@ def batch_constants(tokenizer, task_cfg: Config) -> dict[str, torch.Tensor]:
 
 def visual_tokens(model, batch: dict) -> torch.Tensor:
     """Universal visual tokens [B, 1+T*N, Ct]: the decoder's cross states."""
-    return model(frames=common.frames_of(model, batch)).vision_tokens
+    return model(frames=common.pixels_of(model, batch)).vision_tokens
 
 
 def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:

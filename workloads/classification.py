@@ -40,10 +40,10 @@ def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretra
 
 def logits_of(model, batch: dict, task_cfg: Config) -> torch.Tensor:
     """[B, num_labels]: fused (video + title) [CLS], or the visual [CLS] alone."""
-    frames = common.frames_of(model, batch)
+    pixels = common.pixels_of(model, batch)
     if not task_cfg.use_title:
-        return model.classify(model(frames=frames).vision_tokens[:, 0])
-    u = model(frames=frames, text_ids=batch["text_ids"], text_mask=batch["text_mask"])
+        return model.classify(model(frames=pixels).vision_tokens[:, 0])
+    u = model(frames=pixels, text_ids=batch["text_ids"], text_mask=batch["text_mask"])
     return model.classify(model.fuse(u.text_hidden, u.text_mask, u.vision_tokens).cls)
 
 

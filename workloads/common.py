@@ -23,8 +23,10 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def frames_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """uint8 [B, T, H, W, 3] -> normalised [B, T, 3, H, W] in the model's dtype, on its device."""
+def pixels_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The batch's ``frames`` (uint8 [B, T, H, W, 3], the data contract) -> the model's input
+    pixels: normalised float [B, T, 3, H, W] in the model's dtype, on its device.  ``frames``
+    names the uint8 layout only; the normalised tensor is ``pixels`` in the workloads."""
     return normalize_frames(batch["frames"], dtype=model_dtype(model))
 
 
@@ -52,7 +54,7 @@ def retrieval_embed(model: MPlug2, batches: Iterable[dict], max_samples: int | N
     clips: dict[int, dict] = {}
     seen = 0
     for batch in batches:
-        u = model(frames=frames_of(model, batch), text_ids=batch["text_ids"], text_mask=batch["text_mask"])
+        u = model(frames=pixels_of(model, batch), text_ids=batch["text_ids"], text_mask=batch["text_mask"])
         v = model.vision_embed(u.vision_tokens).float().cpu()
         t = model.text_embed(u.text_hidden).float().cpu()
         n = len(t)

@@ -44,11 +44,11 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
     if "frames" not in batch:  # text-only source
         mlm = objectives.mlm_loss(model, ids, mask)
         return {"loss": task_cfg.mlm_weight * mlm, "mlm": mlm}
-    frames = common.frames_of(model, batch)                           # [B, T, 3, H, W]
+    pixels = common.pixels_of(model, batch)                           # [B, T, 3, H, W]
     idx = batch.get("clip_index")
-    u = model(frames=frames, text_ids=ids, text_mask=mask)
+    u = model(frames=pixels, text_ids=ids, text_mask=mask)
     alpha = objectives.distill_alpha(model.config.alpha, batch.get("epoch_progress"))  # ramps over epoch 1
-    itc = objectives.contrastive_loss(model, u, frames, ids, mask, idx=idx, alpha=alpha)
+    itc = objectives.contrastive_loss(model, u, pixels, ids, mask, idx=idx, alpha=alpha)
     itm = objectives.matching_loss(model, u, itc.sim_i2t, itc.sim_t2i, idx=idx)
     mlm = objectives.mlm_loss(model, ids, mask, vision_tokens=u.vision_tokens)
     b = ids.shape[0]

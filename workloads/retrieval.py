@@ -29,11 +29,11 @@ def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretra
 
 
 def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
-    frames = common.frames_of(model, batch)
+    pixels = common.pixels_of(model, batch)
     ids, mask, idx = batch["text_ids"], batch["text_mask"], batch.get("clip_index")
-    u = model(frames=frames, text_ids=ids, text_mask=mask)
+    u = model(frames=pixels, text_ids=ids, text_mask=mask)
     alpha = objectives.distill_alpha(model.config.alpha, batch.get("epoch_progress"))  # ramps over epoch 1
-    itc = objectives.contrastive_loss(model, u, frames, ids, mask, idx=idx, alpha=alpha)
+    itc = objectives.contrastive_loss(model, u, pixels, ids, mask, idx=idx, alpha=alpha)
     itm = objectives.matching_loss(model, u, itc.sim_i2t, itc.sim_t2i, idx=idx)
     return {"loss": task_cfg.itc_weight * itc.loss + task_cfg.itm_weight * itm, "itc": itc.loss, "itm": itm}
 

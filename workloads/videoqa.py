@@ -60,7 +60,7 @@ def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretra
 def fused(model, batch: dict):
     """Question encoded, passed through the universal layers and fused with the video: (FusionOutput
     (hidden [B, L, Ct], attention_mask [B, L]), universal visual tokens [B, Nv, Ct])."""
-    u = model(frames=common.frames_of(model, batch), text_ids=batch["text_ids"], text_mask=batch["text_mask"])
+    u = model(frames=common.pixels_of(model, batch), text_ids=batch["text_ids"], text_mask=batch["text_mask"])
     return model.fuse(u.text_hidden, u.text_mask, u.vision_tokens), u.vision_tokens
 
 

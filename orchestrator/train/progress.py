@@ -1,7 +1,7 @@
 """The train loop's record of what it consumed in the current pass of each data stream.
 
 Every trained micro-batch's ``sample_key``s are recorded per stream (``train`` = the epoch's
-stream; ``train_image`` / ``train_text`` = streams mixed in by :class:`~orchestrator.train.loop.StreamMix`).
+stream; ``train_image`` / ``train_text`` = streams mixed in by :class:`~orchestrator.data.mix.StreamMix`).
 At a checkpoint the keys of every rank are gathered (all ranks call :meth:`EpochProgress.gather`)
 and rank 0 writes them beside the DeepSpeed shards (``progress.npz``).  On resume every rank
 loads them, and at the start of each pass rank 0 publishes the keys already consumed in it to

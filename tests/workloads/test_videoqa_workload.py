@@ -91,8 +91,8 @@ def test_decoder_reads_visual_tokens_then_fused_question(tok, monkeypatch):
     monkeypatch.setattr(model, "decode", spy)
     with torch.no_grad():
         videoqa.loss(model, batch, cfg)
-        frames = common.frames_of(model, batch)
-        u = model(frames=frames, text_ids=batch["text_ids"], text_mask=batch["text_mask"])
+        pixels = common.pixels_of(model, batch)
+        u = model(frames=pixels, text_ids=batch["text_ids"], text_mask=batch["text_mask"])
         f = model.fuse(u.text_hidden, u.text_mask, u.vision_tokens)
     nv = u.vision_tokens.shape[1]
     assert seen["cross"].shape[1] == nv + batch["text_ids"].shape[1]
