@@ -133,6 +133,7 @@ class Worker:
     progress: EpochProgress
     state: TrainState
     resumed: bool
+    shard: Any = None  # this worker's shard of the epoch's ``train`` dataset
     metrics_logger: MetricLogger | None = None
     mix: StreamMix | None = None
     preemption: Any = None  # PreemptionCheckpointer
@@ -215,6 +216,7 @@ def setup_worker(plan: WorkerPlan) -> Worker:
                validator, progress, TrainState(), resumed=False)
     _resume(w, ray.train.get_checkpoint())
     w.preemption = PreemptionCheckpointer()
+    w.shard = ray.train.get_dataset_shard(MAIN_STREAM)
     if rank == 0 and plan.mlflow_run_id:
         w.metrics_logger = MetricLogger(plan.tracking_uri, plan.mlflow_run_id, system_metrics=run.tracking.system_metrics)
         if w.resumed:
@@ -279,12 +281,11 @@ def run_steps(w: Worker) -> None:
     tcfg, state, run = w.plan.run.train, w.state, w.plan.run
     schedule = StepSchedule.from_config(tcfg, w.validator.due)
     skip = ResumeSkip(0 if w.progress.has_keys(MAIN_STREAM) else state.epoch_batches)
-    shard = _train_shard()
     timer = StepTimer()
     while state.step < tcfg.max_steps:
         w.progress.begin_pass(MAIN_STREAM, state.epoch)
         seen = skip.seen
-        batches = epoch_batches(shard, w.mix, w.batch_size, run.data, w.plan.run_name, run.seed, state.epoch,
+        batches = epoch_batches(w.shard, w.mix, w.batch_size, run.data, w.plan.run_name, run.seed, state.epoch,
                                 w.rank, state.step)
         for stream, batch in skip.filter(_tagged(timer.timed_batches(batches))):
             if stream == MAIN_STREAM:
@@ -305,12 +306,6 @@ def run_steps(w: Worker) -> None:
                                f"per worker (batch_size_per_worker={w.batch_size}, workers={w.world})")
         if state.step < tcfg.max_steps:
             end_epoch(w)
-
-
-def _train_shard():
-    import ray.train
-
-    return ray.train.get_dataset_shard(MAIN_STREAM)
 
 
 def _tagged(batches) -> Iterator[tuple[str, dict]]:
@@ -351,7 +346,8 @@ def after_step(w: Worker, actions: StepActions, timer: StepTimer) -> None:
     if actions.report:
         w.last_metrics = {**w.window.means(w.world), "lr": w.scheduler.get_last_lr()[0], **timer.summary(w.world),
                           "step": step, "epoch": w.state.epoch}
-        w.last_metrics.update(w.validator.run(w.engine, step))  # eval/... on the workers, when due
+        if actions.validate:  # eval/... on the workers
+            w.last_metrics.update(w.validator.run(w.engine, step))
         w.log_metrics({k: v for k, v in w.last_metrics.items() if k != "step"}, step)
         timer.reset()
     if actions.checkpoint:
