@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator.data.config import DataConfig
 from orchestrator.mappings import deep_merge, dotted_keys, set_dotted
-from orchestrator.storage import check_segment
+from orchestrator.names import check_segment
 from orchestrator.tracking.config import TrackingConfig
 from orchestrator.train.config import TrainConfig
 from workloads import get_workload

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,18 +56,6 @@ def resolve(root: str, path: str) -> str:
     if has_scheme(path) or os.path.isabs(path):
         return path
     return join(root, path)
-
-
-SAFE_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
-
-
-def check_segment(value: str, what: str) -> str:
-    """``value`` used as one folder name of a storage path: letters, digits, '-', '_', '.', not
-    starting with '.' or '-' (so never '..', never a hidden or option-like name); ValueError otherwise."""
-    if not isinstance(value, str) or not SAFE_SEGMENT.fullmatch(value):
-        raise ValueError(f"{what} {value!r} is used as a folder name in storage paths: letters, digits, '-', '_' "
-                         "and '.' only, starting with a letter, digit or '_' (at most 200 characters)")
-    return value
 
 
 class UnsafeKey(ValueError):

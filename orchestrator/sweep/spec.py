@@ -43,7 +43,7 @@ from orchestrator.config import (
     read_yaml_mapping,
 )
 from orchestrator.mappings import dotted_keys, set_dotted
-from orchestrator.storage import check_segment
+from orchestrator.names import check_segment
 
 EPOCHS = "epochs"  # the one searched key that is not a run config key (needs train_examples)
 

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model: single-device PyTorch modules", ("model",)),
     ("workloads: loss and metrics per task, on the model", ("workloads",)),
     ("base: helpers every orchestrator layer may use", (
-        "=orchestrator", "orchestrator.mappings", "orchestrator.storage", "orchestrator.console",
+        "=orchestrator", "orchestrator.mappings", "orchestrator.names", "orchestrator.storage", "orchestrator.console",
         "orchestrator.ray_env", "orchestrator.tracking.redact")),
     ("components: the data plane, MLflow tracking, each component's typed config", (
         "orchestrator.data", "orchestrator.tracking", "orchestrator.train.config")),
