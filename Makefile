@@ -34,7 +34,10 @@ $(STAMP): pyproject.toml Makefile $(LOCKS) | $(BIN)/python
 	$(PIP) install -q --no-deps --require-hashes $(TORCH_SOURCE_$(TORCH)) -r requirements/torch-$(TORCH).lock
 	$(PIP) install -q --no-deps --require-hashes -r requirements/main.lock
 	$(PIP) install -q --no-deps --no-build-isolation -e .
-	$(PIP) check
+	@# decord 0.6.0's wheel file is py3-none-manylinux2010 but its WHEEL metadata says cp36, which
+	@# pip >= 24.1 reports as 'not supported'; it imports and decodes here (tests/data). Anything else fails.
+	@out="$$($(PIP) check 2>&1)"; rest="$$(echo "$$out" | grep -v -e '^decord 0\.6\.0 is not supported on this platform$$' -e '^No broken requirements found')"; \
+	  if [ -n "$$rest" ]; then echo "$$rest"; exit 1; fi; echo "pip check: consistent"
 	@$(MAKE) --no-print-directory apt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
