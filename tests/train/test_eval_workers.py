@@ -132,6 +132,6 @@ def test_validator_is_due_every_n_steps_and_at_the_end():
     wl = SimpleNamespace(evaluate=lambda *a, **k: {})
     v = Validator(run, wl, None, "cpu", enabled=True)
     assert [s for s in range(1, 11) if v.due(s)] == [4, 8, 10]
-    assert not Validator(run, {}, wl, None, "cpu").due(4)          # no val dataset: never
+    assert not Validator(run, wl, None, "cpu", enabled=False).due(4)  # no val dataset: never
     run.eval.every_steps = 0
     assert [s for s in range(1, 11) if Validator(run, wl, None, "cpu", enabled=True).due(s)] == [10]
