@@ -14,6 +14,7 @@ one progress line per logged training step, a summary at the end.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -26,6 +27,12 @@ VERBOSE_ENV = "MPLUG2_VERBOSE"
 # Ray loggers that repeat a harmless warning many times per run on a local Ray without a dashboard
 # (the placement-group cleaner polls the state API every second and warns on each miss).
 NOISY_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# Ray modules that log under their file path (``logging.getLogger(__file__)``), outside the "ray"
+# logger tree, so neither the "ray" level nor Ray Train's ``LoggingConfig`` reaches them: Ray Train's
+# worker context logs "Reporting training result ..." at INFO for every report of every worker, and
+# the worker's root logger (set to INFO by Ray Train) prints it.  Relative to the ray package.
+RAY_FILE_LOGGERS = (("train", "v2", "_internal", "execution", "context.py"),
+                    ("train", "collective", "collectives.py"))
 LOSS_ORDER = ("loss", "itc", "itm", "mlm", "lm")
 # Ray Data's own logging configuration: its default with the console at WARNING.
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
@@ -50,12 +57,26 @@ def configure_logging(is_verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if is_verbose else logging.WARNING)
 
 
+def ray_file_logger_names() -> list[str]:
+    """The names of :data:`RAY_FILE_LOGGERS` in the installed ray (found without importing Ray Train)."""
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.origin:
+        return []
+    root = os.path.dirname(os.path.abspath(spec.origin))
+    return [os.path.join(root, *parts) for parts in RAY_FILE_LOGGERS]
+
+
 def quiet_ray_internals() -> None:
-    """Ray's ``worker_process_setup_hook``: runs in every worker and actor process of the job."""
+    """Ray's ``worker_process_setup_hook``: runs in every worker and actor process of the job.
+
+    Levels are set on the loggers themselves, so Ray Train's later ``dictConfig`` of the worker
+    (root logger at INFO, ``disable_existing_loggers=False``) keeps them."""
     if not verbose():
         logging.getLogger("ray").setLevel(logging.WARNING)
         for name in NOISY_RAY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+        for name in ray_file_logger_names():
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def ray_init_options() -> dict[str, Any]:
