@@ -17,6 +17,7 @@ the next batches overlaps the training step.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -158,7 +159,7 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
 
 def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tuple[str, ...], seed: int = 0,
                   run_name: str | None = None, progress_stream: str | None = None,
-                  row_counts: dict[tuple[str, str], int] | None = None):
+                  row_counts: dict[tuple[str, str], int] | None = None, epoch: int | None = None):
     """A ``ray.data.Dataset`` of contract rows (only ``columns``), bad clips removed and counted.
 
     ``split`` is ``"train"`` or ``"val"``; ``training`` picks ``data.sampling`` + random crop/flip,
@@ -167,6 +168,9 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     sources.  ``progress_stream`` (the train loop's datasets): rows the run's progress registry
     publishes as consumed are dropped before decoding and frame sampling is seeded by the epoch
     (:mod:`orchestrator.data.progress`); ``columns`` may then also ask for :data:`SAMPLE_KEY`.
+    ``epoch`` seeds a training dataset's frame sampling and augmentation as that epoch's (the train
+    loop's cached datasets, decoded once); without it and without ``progress_stream`` every pass
+    draws fresh randomness.
     """
     import ray  # noqa: PLC0415
 
@@ -178,7 +182,7 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     text_only = {s.format for s in data_cfg.sources} <= set(TEXT_FORMATS)
     if "frames" in columns and text_only:
         raise ValueError(f"columns ask for 'frames' but every source is text-only ({[s.format for s in data_cfg.sources]})")
-    params = process_params(data_cfg, training, tuple(columns), seed, run_name)
+    params = dataclasses.replace(process_params(data_cfg, training, tuple(columns), seed, run_name), epoch=epoch)
     needs_text = bool({"text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask"} & set(columns))
     if needs_text and not storage.has_scheme(params.tokenizer) and not storage.exists(params.tokenizer):
         log.info("tokenizer %s is not a local path; treating it as a hub name", params.tokenizer)
