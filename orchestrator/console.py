@@ -26,7 +26,9 @@ log = logging.getLogger("orchestrator")
 VERBOSE_ENV = "MPLUG2_VERBOSE"
 # Ray loggers that repeat a harmless warning many times per run on a local Ray without a dashboard
 # (the placement-group cleaner polls the state API every second and warns on each miss).
-NOISY_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+NOISY_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                     # "Progress bars disabled ..." once in every process that runs a dataset
+                     "ray.data._internal.progress")
 # Ray modules that log under their file path (``logging.getLogger(__file__)``), outside the "ray"
 # logger tree, so neither the "ray" level nor Ray Train's ``LoggingConfig`` reaches them: Ray Train's
 # worker context logs "Reporting training result ..." at INFO for every report of every worker, and
@@ -55,6 +57,8 @@ def configure_logging(is_verbose: bool) -> None:
         os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING_QUIET)
     for name in ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.DEBUG if is_verbose else logging.WARNING)
+    for name in NOISY_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if is_verbose else logging.ERROR)
 
 
 def ray_file_logger_names() -> list[str]:
@@ -77,6 +81,7 @@ def quiet_ray_internals() -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
         for name in ray_file_logger_names():
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # e.g. system metrics' start on rank 0
 
 
 def ray_init_options() -> dict[str, Any]:

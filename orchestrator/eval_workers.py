@@ -31,6 +31,7 @@ mistaken for one over the whole split.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 from typing import Any, Iterable, Iterator
@@ -231,11 +232,12 @@ def sharded_eval_data_config(deterministic: bool = False):
     ``deterministic`` (``data.deterministic``): the other datasets run with Ray Data's
     ``preserve_order``, which also turns off the splitter's locality hints, so which rows reach
     which worker, in which order, is a function of the dataset alone (not of task timing)."""
+    import ray.data
     import ray.train  # noqa: PLC0415
 
     options = None
-    if deterministic:
-        options = ray.train.DataConfig.default_ingest_options()
+    if deterministic:  # a copy of the current options (constructing them anew warns of a deprecated field)
+        options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
         options.preserve_order = True
 
     class ShardedEvalDataConfig(ray.train.DataConfig):
