@@ -5,7 +5,9 @@ one progress line per logged training step, a summary at the end.
 - :func:`ray_init_options` is what :func:`orchestrator.ray_env.ensure_ray` passes to ``ray.init``: a
   worker setup hook (:func:`quiet_ray_internals`) that puts Ray's loggers at WARNING in every Ray
   process of the job and the few that repeat harmless warnings many times per run at ERROR, and
-  Ray Data's own logging configuration with its console at WARNING (``ray_data_logging.yaml``);
+  Ray Data's own logging configuration with its console at WARNING (``ray_data_logging.yaml``),
+  MLflow's logging level at WARNING (``MLFLOW_LOGGING_LEVEL``), and the loggers Ray names by file
+  path (Ray Train's per-report "Reporting training result" lines) at WARNING;
   :func:`train_logging_config` is Ray Train's ``LoggingConfig`` at WARNING.  Warnings that matter (bad clips, resumes, worker
   failures and retries) are WARNING or above in our loggers and Ray Train's, and always shown.
 - :class:`Progress` prints ``step 40/200  loss 5.123 (itc 1.90 ...)  35.2 samples/s  data wait
@@ -38,6 +40,7 @@ RAY_FILE_LOGGERS = (("train", "v2", "_internal", "execution", "context.py"),
 LOSS_ORDER = ("loss", "itc", "itm", "mlm", "lm")
 # Ray Data's own logging configuration: its default with the console at WARNING.
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+MLFLOW_LOGGING_ENV = "MLFLOW_LOGGING_LEVEL"
 RAY_DATA_LOGGING_QUIET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 
@@ -81,7 +84,6 @@ def quiet_ray_internals() -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
         for name in ray_file_logger_names():
             logging.getLogger(name).setLevel(logging.WARNING)
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # e.g. system metrics' start on rank 0
 
 
 def ray_init_options() -> dict[str, Any]:
@@ -90,6 +92,9 @@ def ray_init_options() -> dict[str, Any]:
     env = {VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}
     if not verbose():
         env[RAY_DATA_LOGGING_ENV] = RAY_DATA_LOGGING_QUIET
+        # MLflow sets its own logger's level when it is imported (INFO unless this says otherwise):
+        # rank 0's "Started monitoring system metrics" and friends
+        env[MLFLOW_LOGGING_ENV] = "WARNING"
     # (not ray.LoggingConfig: it also sets the driver's root logger, which would hide our own story)
     return {"logging_level": logging.INFO if verbose() else logging.WARNING,  # the driver's "ray" logger
             "runtime_env": {"worker_process_setup_hook": "orchestrator.console.quiet_ray_internals", "env_vars": env}}

@@ -45,6 +45,7 @@ def test_ray_is_quiet_unless_verbose(monkeypatch):
     assert console.train_logging_config().log_level == "WARNING"
     assert opts["runtime_env"]["worker_process_setup_hook"] == "orchestrator.console.quiet_ray_internals"
     assert opts["runtime_env"]["env_vars"]["RAY_DATA_LOGGING_CONFIG"].endswith("ray_data_logging.yaml")
+    assert opts["runtime_env"]["env_vars"]["MLFLOW_LOGGING_LEVEL"] == "WARNING"
     noisy = logging.getLogger(console.NOISY_RAY_LOGGERS[0])
     noisy.setLevel(logging.NOTSET)
     console.quiet_ray_internals()
@@ -54,6 +55,7 @@ def test_ray_is_quiet_unless_verbose(monkeypatch):
     console.quiet_ray_internals()
     assert noisy.level == logging.NOTSET and console.train_logging_config().log_level == "INFO"
     assert "RAY_DATA_LOGGING_CONFIG" not in console.ray_init_options()["runtime_env"]["env_vars"]
+    assert "MLFLOW_LOGGING_LEVEL" not in console.ray_init_options()["runtime_env"]["env_vars"]
 
 
 def test_ray_train_per_report_lines_are_quiet_unless_verbose(monkeypatch):
