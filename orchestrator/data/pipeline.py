@@ -208,6 +208,8 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
         progress.get_registry(run_name)  # the named actor exists (owned by the driver) before any task
         ds = ds.map_batches(progress.skip_consumed, fn_kwargs={"run_name": run_name, "stream": progress_stream},
                             batch_size=None, batch_format="numpy", num_cpus=0.1)
+    if data_cfg.deterministic:  # decoded rows leave in input order, also when cached by materialize()
+        ds.context.execution_options.preserve_order = True
     kwargs: dict[str, Any] = {"num_cpus": data_cfg.decode_cpus}
     if data_cfg.decode_concurrency:
         kwargs["concurrency"] = data_cfg.decode_concurrency

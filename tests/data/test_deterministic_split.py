@@ -1,8 +1,9 @@
 """``data.deterministic``: which clips each training worker gets, in which order, with which frames
 and crops, is a function of the seed alone.  Two builds of a training dataset (seeded as one
-epoch, as the train loop's are) are split for 2 workers by the trainer's ``DataConfig`` and read
-with the loop's seeded local shuffle; every rank sees the same sample keys and the same pixels
-both times.  (The cached datasets are seeded as epoch 0: ``test_cached_training_rows_are_seeded``.)"""
+epoch, as the train loop's are; streamed, or cached by ``materialize()`` as ``data.cache`` does)
+are split for 2 workers by the trainer's ``DataConfig`` and read with the loop's seeded local
+shuffle; every rank sees the same sample keys and the same pixels both times.  (The cached
+datasets are seeded as epoch 0: ``test_cached_training_rows_are_seeded``.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -24,11 +25,13 @@ SRC = SourceConfig(format="youku_retrieval", train=["annotations/youku_retrieval
 WORKERS = 2
 
 
-def _pass(cfg: DataConfig) -> list[list[tuple[int, str]]]:
+def _pass(cfg: DataConfig, cached: bool) -> list[list[tuple[int, str]]]:
     """(sample key, frames digest) per row, in the order each rank reads them."""
     run = f"det-{uuid.uuid4().hex[:8]}"
     # frames sampled by 'rand' and a random crop: both drawn from the seeded per-clip generator
     ds = build_dataset(cfg, "train", training=True, columns=("frames", SAMPLE_KEY), seed=7, run_name=run, epoch=3)
+    if cached:  # decoded in the driver's Ray Data execution, before any split
+        ds = ds.materialize()
     splits = sharded_eval_data_config(deterministic=True).configure({"train": ds}, WORKERS, None, None)
     out: list[list[tuple[int, str]]] = [[] for _ in range(WORKERS)]
 
@@ -44,10 +47,11 @@ def _pass(cfg: DataConfig) -> list[list[tuple[int, str]]]:
     return out
 
 
-def test_two_runs_give_each_rank_the_same_clips_order_and_pixels(ray_local, synth_data):
+@pytest.mark.parametrize("cached", [False, True], ids=["streamed", "cached"])
+def test_two_runs_give_each_rank_the_same_clips_order_and_pixels(ray_local, synth_data, cached):
     cfg = DataConfig(root=synth_data, sources=[SRC], num_frames=2, image_size=16, sampling="rand",
                      scale_min=0.3, decode_batch_size=2, decode_cpus=0.5, deterministic=True)
-    first, second = _pass(cfg), _pass(cfg)
+    first, second = _pass(cfg, cached), _pass(cfg, cached)
     keys = [k for rank in first for k, _ in rank]
     assert len(keys) == len(set(keys)) >= 12 and all(first)  # both ranks read, no row twice
     assert abs(len(first[0]) - len(first[1])) <= 3  # equal shards (full batches of 3)
