@@ -5,7 +5,9 @@ one progress line per logged training step, a summary at the end.
 - :func:`ray_init_options` is what :func:`orchestrator.ray_env.ensure_ray` passes to ``ray.init``: a
   worker setup hook (:func:`quiet_ray_internals`) that puts Ray's loggers at WARNING in every Ray
   process of the job and the few that repeat harmless warnings many times per run at ERROR, and
-  Ray Data's own logging configuration with its console at WARNING (``ray_data_logging.yaml``);
+  Ray Data's own logging configuration with its console at WARNING (``ray_data_logging.yaml``),
+  MLflow's logging level at WARNING (``MLFLOW_LOGGING_LEVEL``), and the loggers Ray names by file
+  path (Ray Train's per-report "Reporting training result" lines) at WARNING;
   :func:`train_logging_config` is Ray Train's ``LoggingConfig`` at WARNING.  Warnings that matter (bad clips, resumes, worker
   failures and retries) are WARNING or above in our loggers and Ray Train's, and always shown.
 - :class:`Progress` prints ``step 40/200  loss 5.123 (itc 1.90 ...)  35.2 samples/s  data wait
@@ -14,6 +16,7 @@ one progress line per logged training step, a summary at the end.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -25,10 +28,19 @@ log = logging.getLogger("orchestrator")
 VERBOSE_ENV = "MPLUG2_VERBOSE"
 # Ray loggers that repeat a harmless warning many times per run on a local Ray without a dashboard
 # (the placement-group cleaner polls the state API every second and warns on each miss).
-NOISY_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+NOISY_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                     # "Progress bars disabled ..." once in every process that runs a dataset
+                     "ray.data._internal.progress")
+# Ray modules that log under their file path (``logging.getLogger(__file__)``), outside the "ray"
+# logger tree, so neither the "ray" level nor Ray Train's ``LoggingConfig`` reaches them: Ray Train's
+# worker context logs "Reporting training result ..." at INFO for every report of every worker, and
+# the worker's root logger (set to INFO by Ray Train) prints it.  Relative to the ray package.
+RAY_FILE_LOGGERS = (("train", "v2", "_internal", "execution", "context.py"),
+                    ("train", "collective", "collectives.py"))
 LOSS_ORDER = ("loss", "itc", "itm", "mlm", "lm")
 # Ray Data's own logging configuration: its default with the console at WARNING.
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+MLFLOW_LOGGING_ENV = "MLFLOW_LOGGING_LEVEL"
 RAY_DATA_LOGGING_QUIET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ray_data_logging.yaml")
 
 
@@ -48,14 +60,30 @@ def configure_logging(is_verbose: bool) -> None:
         os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING_QUIET)
     for name in ("ray", "mlflow", "alembic", "urllib3", "botocore", "filelock", "DeepSpeed"):
         logging.getLogger(name).setLevel(logging.DEBUG if is_verbose else logging.WARNING)
+    for name in NOISY_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if is_verbose else logging.ERROR)
+
+
+def ray_file_logger_names() -> list[str]:
+    """The names of :data:`RAY_FILE_LOGGERS` in the installed ray (found without importing Ray Train)."""
+    spec = importlib.util.find_spec("ray")
+    if spec is None or not spec.origin:
+        return []
+    root = os.path.dirname(os.path.abspath(spec.origin))
+    return [os.path.join(root, *parts) for parts in RAY_FILE_LOGGERS]
 
 
 def quiet_ray_internals() -> None:
-    """Ray's ``worker_process_setup_hook``: runs in every worker and actor process of the job."""
+    """Ray's ``worker_process_setup_hook``: runs in every worker and actor process of the job.
+
+    Levels are set on the loggers themselves, so Ray Train's later ``dictConfig`` of the worker
+    (root logger at INFO, ``disable_existing_loggers=False``) keeps them."""
     if not verbose():
         logging.getLogger("ray").setLevel(logging.WARNING)
         for name in NOISY_RAY_LOGGERS:
             logging.getLogger(name).setLevel(logging.ERROR)
+        for name in ray_file_logger_names():
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def ray_init_options() -> dict[str, Any]:
@@ -63,6 +91,9 @@ def ray_init_options() -> dict[str, Any]:
     env = {VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}
     if not verbose():
         env[RAY_DATA_LOGGING_ENV] = RAY_DATA_LOGGING_QUIET
+        # MLflow sets its own logger's level when it is imported (INFO unless this says otherwise):
+        # rank 0's "Started monitoring system metrics" and friends
+        env[MLFLOW_LOGGING_ENV] = "WARNING"
     # (not ray.LoggingConfig: it also sets the driver's root logger, which would hide our own story)
     return {"logging_level": logging.INFO if verbose() else logging.WARNING,  # the driver's "ray" logger
             "runtime_env": {"worker_process_setup_hook": "orchestrator.console.quiet_ray_internals", "env_vars": env}}

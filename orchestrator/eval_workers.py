@@ -31,6 +31,7 @@ mistaken for one over the whole split.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import logging
 from typing import Any, Iterable, Iterator
@@ -229,10 +230,20 @@ def _gather_rows_then_evaluate(workload, model, batches, task_cfg, tokenizer, co
 
 
 # --------------------------------------------------------------------------------- data
-def sharded_eval_data_config():
+def sharded_eval_data_config(deterministic: bool = False):
     """A ``ray.train.DataConfig`` that splits the ``val`` dataset into uneven shards holding every
-    row exactly once (other datasets as Ray Train splits them: equal shards)."""
+    row exactly once (other datasets as Ray Train splits them: equal shards).
+
+    ``deterministic`` (``data.deterministic``): the other datasets run with Ray Data's
+    ``preserve_order``, which also turns off the splitter's locality hints, so which rows reach
+    which worker, in which order, is a function of the dataset alone (not of task timing)."""
+    import ray.data
     import ray.train
+
+    options = None
+    if deterministic:  # a copy of the current options (constructing them anew warns of a deprecated field)
+        options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+        options.preserve_order = True
 
     class ShardedEvalDataConfig(ray.train.DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
@@ -248,7 +259,7 @@ def sharded_eval_data_config():
                     out[i][EVAL_DATASET] = split
             return out
 
-    return ShardedEvalDataConfig()
+    return ShardedEvalDataConfig(execution_options=options, enable_shard_locality=not deterministic)
 
 
 def eval_sources(cfg, columns: tuple[str, ...]):

@@ -4,13 +4,15 @@
 - ``ray_local``: a local Ray with more logical CPUs than cores, so Train workers never starve the
   Ray Data decode tasks on a 2-core machine.  Started after ``s3_server`` so workers inherit the
   endpoint and credentials from the environment, as they would on a cluster.
-- ``mlflow_uri`` (SQLite store) and ``mlflow_server`` (a real ``mlflow server`` process).
+- ``mlflow_uri`` (a test's own SQLite store: a copy of ``mlflow_db_template``, migrated once per
+  session) and ``mlflow_server`` (a real ``mlflow server`` process, one per session).
 - ``tiny_hf``: a tokenizer and tiny BERT / CLIP-vision checkpoints built with ``save_pretrained``.
 - ``synth_data``: a small synthetic dataset of real H.264 clips.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -117,8 +119,21 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store with its schema migrated, built once per session (a fresh
+    store runs every migration: seconds each time)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture
-def mlflow_uri(tmp_path):
+def mlflow_uri(tmp_path, mlflow_db_template):
+    """A test's own empty MLflow store (a copy of the session's migrated template)."""
+    shutil.copyfile(mlflow_db_template, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 

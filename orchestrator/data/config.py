@@ -77,6 +77,10 @@ class DataConfig(BaseModel):
     prefetch_batches: int = Field(2, ge=0)
     cache: bool = Field(False, description="decode once and keep the decoded rows in Ray's object store for "
                         "every epoch (small datasets: frame sampling and augmentation are then drawn once per clip)")
+    deterministic: bool = Field(False, description="deal the training rows to the workers in a fixed order "
+                                "(Ray Data preserve_order, no locality): two runs with the same seed give each "
+                                "worker the same clips in the same order, with the same frames and crops; costs "
+                                "some throughput (a slow decode task holds back the ones after it)")
     shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer (0 = off)")
     limit: int | None = Field(None, ge=1, description="use only the first N rows of each split (debugging)")
     decoder: Literal["decord", "pyav"] = Field("decord", description="video decoder (same frames, see data/video.py)")

@@ -17,6 +17,7 @@ the next batches overlaps the training step.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -159,7 +160,7 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
 
 def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tuple[str, ...], seed: int = 0,
                   run_name: str | None = None, progress_stream: str | None = None,
-                  row_counts: dict[tuple[str, str], int] | None = None):
+                  row_counts: dict[tuple[str, str], int] | None = None, epoch: int | None = None):
     """A ``ray.data.Dataset`` of contract rows (only ``columns``), bad clips removed and counted.
 
     ``split`` is ``"train"`` or ``"val"``; ``training`` picks ``data.sampling`` + random crop/flip,
@@ -168,6 +169,9 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     sources.  ``progress_stream`` (the train loop's datasets): rows the run's progress registry
     publishes as consumed are dropped before decoding and frame sampling is seeded by the epoch
     (:mod:`orchestrator.data.progress`); ``columns`` may then also ask for :data:`SAMPLE_KEY`.
+    ``epoch`` seeds a training dataset's frame sampling and augmentation as that epoch's (the train
+    loop's cached datasets, decoded once); without it and without ``progress_stream`` every pass
+    draws fresh randomness.
     """
     unknown = [c for c in columns if c not in BATCH_KEYS + (SAMPLE_KEY,)]
     if unknown:
@@ -177,7 +181,7 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     text_only = {s.format for s in data_cfg.sources} <= set(TEXT_FORMATS)
     if "frames" in columns and text_only:
         raise ValueError(f"columns ask for 'frames' but every source is text-only ({[s.format for s in data_cfg.sources]})")
-    params = process_params(data_cfg, training, tuple(columns), seed, run_name)
+    params = dataclasses.replace(process_params(data_cfg, training, tuple(columns), seed, run_name), epoch=epoch)
     needs_text = bool({"text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask"} & set(columns))
     if needs_text and not storage.has_scheme(params.tokenizer) and not storage.exists(params.tokenizer):
         log.info("tokenizer %s is not a local path; treating it as a hub name", params.tokenizer)
@@ -201,6 +205,8 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
         progress.get_registry(run_name)  # the named actor exists (owned by the driver) before any task
         ds = ds.map_batches(progress.skip_consumed, fn_kwargs={"run_name": run_name, "stream": progress_stream},
                             batch_size=None, batch_format="numpy", num_cpus=0.1)
+    if data_cfg.deterministic:  # decoded rows leave in input order, also when cached by materialize()
+        ds.context.execution_options.preserve_order = True
     kwargs: dict[str, Any] = {"num_cpus": data_cfg.decode_cpus}
     if data_cfg.decode_concurrency:
         kwargs["concurrency"] = data_cfg.decode_concurrency

@@ -44,6 +44,7 @@ class ProcessParams:
     bad_check_min_seen: int
     decode_timeout_s: float = 60.0
     max_object_bytes: int | None = None  # a larger clip/image is bad (too_large), never read whole
+    epoch: int | None = None  # training rows without an epoch column are seeded as this epoch (None: fresh)
 
 
 def to_dataset_row(row: dict) -> dict:
@@ -67,8 +68,11 @@ def to_dataset_row(row: dict) -> dict:
 
 def _rng(params: ProcessParams, key: str, epoch: int | None = None) -> np.random.Generator:
     """Evaluation: the same frames every time.  Training: seeded by (seed, epoch, clip) when the
-    row carries its epoch (the train loop's datasets), else fresh randomness every pass."""
+    row carries its epoch (the train loop's datasets) or the dataset names one (``params.epoch``:
+    the train loop's cached datasets, decoded once), else fresh randomness every pass."""
     base = [params.seed, zlib.crc32(key.encode())]
+    if epoch is None:
+        epoch = params.epoch
     if params.training and epoch is None:
         return np.random.default_rng(np.random.SeedSequence(entropy=None, spawn_key=tuple(base)))
     return np.random.default_rng(base if epoch is None else [params.seed, int(epoch), base[1]])

@@ -14,21 +14,40 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def build_wordpiece_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 2000,
                               lowercase: bool = True) -> str:
-    """Train a BERT-style WordPiece tokenizer on ``texts`` and save it (``BertTokenizer``, fast).
+    """Build a BERT-style WordPiece tokenizer for ``texts`` and save it (``BertTokenizer``, fast).
 
-    Chinese text works too: BERT pre-tokenization splits CJK characters one by one, so the
-    vocabulary learns the characters (Youku-mPLUG scores Chinese character by character).
+    The vocabulary is a function of the texts alone, so two builds give the same token ids (the
+    demo's figures repeat): the special tokens, every character as a word start and as a ``##``
+    continuation (so no word is ever ``[UNK]``), then whole words by count (ties by spelling) up
+    to ``vocab_size``; a word left out is spelled in characters.  (The ``tokenizers`` WordPiece
+    trainer breaks ties between equally frequent merges in hash order, which differs per process.)
+    Text is normalised and split as BERT does; Chinese works too: BERT pre-tokenization splits CJK
+    characters one by one, so the vocabulary holds the characters (Youku-mPLUG scores Chinese
+    character by character).
     """
+    from collections import Counter
+
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertTokenizer
 
-    texts = list(texts)
-    wp = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase, handle_chinese_chars=True)
-    wp.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS,
-                           limit_alphabet=20000)
+    bert = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase, handle_chinese_chars=True)
+    normalizer, pre = bert._tokenizer.normalizer, bert._tokenizer.pre_tokenizer
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for w in words for c in w})
+    vocab = list(SPECIAL_TOKENS) + chars + ["##" + c for c in chars]
+    known = set(vocab)
+    for word, _ in sorted(words.items(), key=lambda wc: (-wc[1], wc[0])):
+        if len(vocab) >= vocab_size:
+            break
+        if word not in known:
+            vocab.append(word)
+            known.add(word)
     os.makedirs(out_dir, exist_ok=True)
     vocab_file = os.path.join(out_dir, "vocab.txt")
-    wp.save_model(str(out_dir))
+    with open(vocab_file, "w", encoding="utf-8") as f:
+        f.write("\n".join(vocab) + "\n")
     tok = BertTokenizer(vocab=vocab_file, do_lower_case=lowercase, tokenize_chinese_chars=True)  # transformers 5 API
     tok.save_pretrained(str(out_dir))
     return str(out_dir)

@@ -1,6 +1,10 @@
 """The end of a sweep, readable in the MLflow UI: each trial's run tagged with how it ended, the
 best trial marked, and on the parent run the best params and metric, a table of all trials
-(``trials.json``), one plot per searched parameter of the metric against it, and ``best.yaml``."""
+(``trials.json``), and ``best.yaml``; with three plots comparing the trials:
+``metric_vs_params.png`` (one panel per searched parameter, the metric against it),
+``parallel_coordinates.png`` (every completed trial as one line through its parameters and
+metric, coloured by the metric) and ``learning_curves.png`` (every trial's training loss by step,
+early-stopped trials ending early, the best one marked)."""
 from __future__ import annotations
 
 import dataclasses
@@ -98,12 +102,32 @@ def log_parent_summary(uri: str, parent_run_id: str, trials: list[TrialRecord], 
         _log_best_params(c, parent_run_id, best.params)
     if best_yaml is not None:
         log_text(uri, parent_run_id, best_yaml, "best.yaml")
-    figure = plot_metric_vs_params(trials, metric)
-    if figure is not None:
-        c.log_figure(parent_run_id, figure, "metric_vs_params.png")
-        import matplotlib.pyplot as plt
+    curves = {t.run_name: [(m.step, m.value) for m in sorted(c.get_metric_history(t.run_id, CURVE_METRIC),
+                                                              key=lambda m: m.step)]
+              for t in trials if t.run_id}
+    figures = {"metric_vs_params.png": plot_metric_vs_params(trials, metric),
+               "parallel_coordinates.png": plot_parallel_coordinates(trials, metric),
+               "learning_curves.png": plot_learning_curves(trials, curves, best)}
+    for name, figure in figures.items():
+        if figure is not None:
+            c.log_figure(parent_run_id, figure, name)
+            _close(figure)
 
-        plt.close(figure)
+
+CURVE_METRIC = "loss"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _close(figure) -> None:
+    _pyplot().close(figure)
 
 
 def _log_best_params(c, run_id: str, params: dict[str, Any]) -> None:
@@ -119,10 +143,7 @@ def _log_best_params(c, run_id: str, params: dict[str, Any]) -> None:
 def plot_metric_vs_params(trials: list[TrialRecord], metric: str):
     """One panel per searched parameter: the sweep metric of each completed trial against its value
     (log x for positive numbers spanning a decade or more; categories otherwise)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     done = [t for t in trials if t.status == "completed" and t.metric is not None]
     if not done:
@@ -144,5 +165,77 @@ def plot_metric_vs_params(trials: list[TrialRecord], metric: str):
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{metric} of {len(done)} completed trials")
+    fig.tight_layout()
+    return fig
+
+
+def _axis_values(values: list[Any]) -> tuple[list[float], list[float], list[str]]:
+    """Values of one parameter mapped onto [0, 1] (log for positive numbers spanning a decade or more,
+    categories in sorted order), with the tick positions and labels of that axis."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        log_scale = min(values) > 0 and max(values) / min(values) >= 10
+        xs = [math.log10(v) if log_scale else float(v) for v in values]
+        lo, hi = min(xs), max(xs)
+        span = (hi - lo) or 1.0
+        ticks = sorted(set(values))
+        pos = [((math.log10(v) if log_scale else float(v)) - lo) / span for v in ticks]
+        return [(x - lo) / span if hi > lo else 0.5 for x in xs], pos if hi > lo else [0.5], [f"{v:g}" for v in ticks]
+    labels = sorted({str(v) for v in values})
+    step = 1.0 / max(1, len(labels) - 1)
+    where = {lab: (i * step if len(labels) > 1 else 0.5) for i, lab in enumerate(labels)}
+    return [where[str(v)] for v in values], [where[lab] for lab in labels], labels
+
+
+def plot_parallel_coordinates(trials: list[TrialRecord], metric: str):
+    """Every completed trial as one line across the searched parameters and the metric (each axis
+    scaled to its own range, labelled with its values), coloured by the metric."""
+    plt = _pyplot()
+    done = [t for t in trials if t.status == "completed" and t.metric is not None and not math.isnan(t.metric)]
+    if not done:
+        return None
+    keys = list(done[0].params)
+    axes_values = [_axis_values([t.params.get(k) for t in done]) for k in keys]
+    axes_values.append(_axis_values([t.metric for t in done]))
+    names = keys + [metric]
+    lo, hi = min(t.metric for t in done), max(t.metric for t in done)
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(max(4.0, 2.2 * len(names)), 3.6))
+    for i, t in enumerate(done):
+        ys = [vals[0][i] for vals in axes_values]
+        ax.plot(range(len(names)), ys, color=cmap((t.metric - lo) / ((hi - lo) or 1.0)), marker="o", alpha=0.85,
+                label=f"{t.run_name} ({t.metric:.3g})")
+    for x, (_, pos, labels) in enumerate(axes_values):
+        ax.axvline(x, color="0.6", lw=0.8)
+        for p, lab in zip(pos, labels):
+            ax.annotate(lab, (x, p), xytext=(3, 0), textcoords="offset points", fontsize=7, va="center")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks([])
+    ax.set_xlim(-0.1, len(names) - 0.6)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(f"{len(done)} completed trials: parameters and {metric}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(trials: list[TrialRecord], curves: dict[str, list[tuple[int, float]]],
+                         best: TrialRecord | None):
+    """Each trial's training loss by step (``curves``: run name -> points); early-stopped trials
+    dashed, failed dotted, the best one thick."""
+    plt = _pyplot()
+    shown = [t for t in trials if curves.get(t.run_name)]
+    if not shown:
+        return None
+    style = {"completed": "-", "early_stopped": "--", "failed": ":"}
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for t in shown:
+        steps, values = zip(*curves[t.run_name])
+        is_best = best is not None and t.trial_id == best.trial_id
+        ax.plot(steps, values, style.get(t.status, "-"), lw=2.5 if is_best else 1.2,
+                label=f"{t.run_name} ({t.status}{', best' if is_best else ''})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(CURVE_METRIC)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title(f"training {CURVE_METRIC} of {len(shown)} trials")
     fig.tight_layout()
     return fig

@@ -193,7 +193,7 @@ def _trainer(plan: WorkerPlan, experiment: str, datasets: dict, callbacks: list)
             logging_config=train_logging_config(),
         ),
         datasets=datasets,
-        dataset_config=sharded_eval_data_config(),  # "val": uneven shards, every row once
+        dataset_config=sharded_eval_data_config(plan.run.data.deterministic),  # "val": uneven shards, every row once
     )
 
 
@@ -325,7 +325,7 @@ def _stream_dataset(cfg: RunSpec, data_cfg, columns: tuple[str, ...], run_name: 
                              progress_stream=stream, row_counts=row_counts)
     # cached: decoded once here; the progress filter then runs on the decoded rows every pass
     ds = build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
-                       row_counts=row_counts)
+                       row_counts=row_counts, epoch=0)  # crops drawn once, seeded: the same in every run
     return ds.materialize().map_batches(progress.skip_consumed, batch_size=None, batch_format="numpy", num_cpus=0.1,
                                         fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": False})
 

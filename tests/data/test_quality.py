@@ -1,6 +1,8 @@
 """Bad-clip accounting without Ray (counts, examples, threshold, epoch reports) and tokenization."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from orchestrator.data import quality
@@ -77,3 +79,19 @@ def test_a_hanging_decode_is_a_bad_clip_not_a_hang():
     assert with_timeout(1.0, "u", lambda x: x + 1, 1) == 2
     with pytest.raises(quality.BadClip, match="empty"):
         with_timeout(1.0, "u", lambda: (_ for _ in ()).throw(quality.BadClip("empty", "u")))
+
+
+def test_tokenizer_build_is_a_function_of_the_texts(tmp_path):
+    """Two builds from the same texts give the same vocabulary, ids and files (the demo repeats its
+    figures only if its synthetic dataset's tokenizer does); every character of the texts is known."""
+    from orchestrator import synth
+    from orchestrator.hf_assets import build_wordpiece_tokenizer
+
+    texts = synth.all_texts(synth.make_clips(24, 0))
+    a, b = (build_wordpiece_tokenizer(texts, tmp_path / name) for name in ("a", "b"))
+    for name in ("vocab.txt", "tokenizer.json"):
+        assert (Path(a) / name).read_bytes() == (Path(b) / name).read_bytes(), name
+    tok = load_tokenizer(a)
+    for text in texts[:50]:
+        ids = encode(tok, [text], 64)["ids"][0].tolist()
+        assert tok.unk_token_id not in ids, text

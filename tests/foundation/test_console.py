@@ -45,6 +45,7 @@ def test_ray_is_quiet_unless_verbose(monkeypatch):
     assert console.train_logging_config().log_level == "WARNING"
     assert opts["runtime_env"]["worker_process_setup_hook"] == "orchestrator.console.quiet_ray_internals"
     assert opts["runtime_env"]["env_vars"]["RAY_DATA_LOGGING_CONFIG"].endswith("ray_data_logging.yaml")
+    assert opts["runtime_env"]["env_vars"]["MLFLOW_LOGGING_LEVEL"] == "WARNING"
     noisy = logging.getLogger(console.NOISY_RAY_LOGGERS[0])
     noisy.setLevel(logging.NOTSET)
     console.quiet_ray_internals()
@@ -54,3 +55,33 @@ def test_ray_is_quiet_unless_verbose(monkeypatch):
     console.quiet_ray_internals()
     assert noisy.level == logging.NOTSET and console.train_logging_config().log_level == "INFO"
     assert "RAY_DATA_LOGGING_CONFIG" not in console.ray_init_options()["runtime_env"]["env_vars"]
+    assert "MLFLOW_LOGGING_LEVEL" not in console.ray_init_options()["runtime_env"]["env_vars"]
+
+
+def test_ray_train_per_report_lines_are_quiet_unless_verbose(monkeypatch):
+    """Ray Train's worker context logs "Reporting training result ..." at INFO under a logger named by
+    its file path; the setup hook quiets that logger, and Ray Train's later dictConfig of the worker
+    (root at INFO, existing loggers kept) does not bring it back."""
+    import logging.config
+
+    import ray.train.v2._internal.execution.context as train_context
+
+    name = train_context.logger.name
+    assert name in console.ray_file_logger_names()  # the installed ray still logs there
+    logger = logging.getLogger(name)
+    before, root = logger.level, logging.getLogger()
+    root_level, root_handlers = root.level, list(root.handlers)
+    try:
+        monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+        logger.setLevel(logging.NOTSET)
+        console.quiet_ray_internals()
+        logging.config.dictConfig({"version": 1, "disable_existing_loggers": False, "root": {"level": "INFO"}})
+        assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+        monkeypatch.setenv(console.VERBOSE_ENV, "1")
+        logger.setLevel(logging.NOTSET)
+        console.quiet_ray_internals()
+        assert logger.isEnabledFor(logging.INFO)
+    finally:
+        logger.setLevel(before)
+        root.setLevel(root_level)
+        root.handlers[:] = root_handlers

@@ -58,7 +58,7 @@ def test_tiny_sweep_parent_children_best_and_early_stop(ray_local, synth_data, m
     assert parent.data.metrics["best/eval/t2v_r1"] == kids[best[0]].data.metrics["eval/t2v_r1"]
     assert float(parent.data.tags["mplug2.best.train.lr"]) == float(kids[best[0]].data.params["train.lr"])
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)}
-    assert {"trials.json", "metric_vs_params.png", "best.yaml"} <= arts
+    assert {"trials.json", "metric_vs_params.png", "parallel_coordinates.png", "learning_curves.png", "best.yaml"} <= arts
     table = json.loads(Path(c.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))).read_text())
     assert len(table["data"]) == 4
 

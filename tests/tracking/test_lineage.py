@@ -15,12 +15,8 @@ from orchestrator.tracking import lineage, mlflow_run
 from orchestrator.tracking.redact import REDACTED
 
 
-def _uri(tmp_path):
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
-
-
-def test_experiments_are_training_experiments_new_or_existing(tmp_path):
-    uri = _uri(tmp_path)
+def test_experiments_are_training_experiments_new_or_existing(tmp_path, mlflow_uri):
+    uri = mlflow_uri
     c = mlflow_run.client(uri)
     new = mlflow_run.get_or_create_experiment(c, "fresh", uri)
     assert c.get_experiment(new).tags[lineage.EXPERIMENT_KIND_TAG] == "custom_model_development"
@@ -30,11 +26,11 @@ def test_experiments_are_training_experiments_new_or_existing(tmp_path):
     assert c.get_experiment(old).tags[lineage.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
-def test_source_tags_are_mlflows_own_and_redacted(tmp_path, monkeypatch):
+def test_source_tags_are_mlflows_own_and_redacted(tmp_path, mlflow_uri, monkeypatch):
     monkeypatch.setattr("sys.argv", ["/x/orchestrator/__main__.py", "train", "--config", "c.yaml",
                                      "tracking.uri=postgresql://u:hunter2@db/m"])
-    run_id = mlflow_run.open_run(_uri(tmp_path), "exp", "r", {}, {"mplug2.git_commit": "abc123"})
-    tags = mlflow_run.client(_uri(tmp_path)).get_run(run_id).data.tags
+    run_id = mlflow_run.open_run(mlflow_uri, "exp", "r", {}, {"mplug2.git_commit": "abc123"})
+    tags = mlflow_run.client(mlflow_uri).get_run(run_id).data.tags
     assert tags["mlflow.source.git.commit"] == "abc123"
     assert tags["mlflow.source.type"] == "LOCAL"
     name = tags["mlflow.source.name"]
@@ -42,8 +38,8 @@ def test_source_tags_are_mlflows_own_and_redacted(tmp_path, monkeypatch):
     assert REDACTED in name
 
 
-def test_datasets_are_logged_as_inputs_with_rows_and_a_content_digest(tmp_path, synth_data):
-    uri = _uri(tmp_path)
+def test_datasets_are_logged_as_inputs_with_rows_and_a_content_digest(tmp_path, mlflow_uri, synth_data):
+    uri = mlflow_uri
     run_id = mlflow_run.open_run(uri, "exp", "r", {}, {})
     data = DataConfig(root=synth_data, sources=[
         SourceConfig(format="msrvtt", train=["annotations/msrvtt_train.jsonl"], val=["annotations/msrvtt_val.jsonl"]),
@@ -73,8 +69,8 @@ def test_datasets_are_logged_as_inputs_with_rows_and_a_content_digest(tmp_path, 
         open(ann, "w").write(original)
 
 
-def test_exported_model_is_a_logged_model_with_config_tokenizer_metrics_and_registry(tmp_path, tiny_hf):
-    uri = _uri(tmp_path)
+def test_exported_model_is_a_logged_model_with_config_tokenizer_metrics_and_registry(tmp_path, mlflow_uri, tiny_hf):
+    uri = mlflow_uri
     run_id = mlflow_run.open_run(uri, "exp", "pt", {}, {})
     export = tmp_path / "store" / "export"
     export.mkdir(parents=True)
@@ -96,9 +92,9 @@ def test_exported_model_is_a_logged_model_with_config_tokenizer_metrics_and_regi
     assert len(versions) == 1 and versions[0].run_id == run_id
 
 
-def test_metric_logger_logs_system_metrics_of_the_node(tmp_path, monkeypatch):
+def test_metric_logger_logs_system_metrics_of_the_node(tmp_path, mlflow_uri, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
-    uri = _uri(tmp_path)
+    uri = mlflow_uri
     run_id = mlflow_run.open_run(uri, "exp", "r", {}, {})
     logger = mlflow_run.MetricLogger(uri, run_id, flush_every_s=3600, system_metrics=True)
     deadline = time.time() + 30
