@@ -20,6 +20,7 @@ from orchestrator.console import Progress, summary, train_logging_config
 from orchestrator.data.catalog import describe_sources
 from orchestrator.data.tokenize import default_tokenizer
 from orchestrator.tracking import lineage
+from orchestrator.train.lease import RunLease
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,20 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
                  extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
                  callbacks: list | None = None, register: str | None = None) -> TrainOutcome:
     """``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a sweep trial);
-    ``register``: a model-registry name for the exported model."""
+    ``register``: a model-registry name for the exported model.
+
+    One run per name: the run folder's lease (:mod:`orchestrator.train.lease`) is taken before
+    anything else happens and held until the run ends; a second start of a running name raises
+    :class:`~orchestrator.train.lease.RunNameInUse` before Ray starts."""
+    cfg = absolute_paths(cfg)
+    if not cfg.name:
+        cfg = cfg.model_copy(update={"name": default_run_name(cfg)})
+    with RunLease(storage.join(cfg.storage, cfg.experiment_name(), cfg.name)):
+        return _run_training(cfg, init_from, datasets, extra_tags, parent_run_id, callbacks, register)
+
+
+def _run_training(cfg: RunConfig, init_from: str | None, datasets: dict | None, extra_tags: dict[str, str] | None,
+                  parent_run_id: str | None, callbacks: list | None, register: str | None) -> TrainOutcome:
     import ray.train  # noqa: PLC0415
     from ray.train.torch import TorchTrainer  # noqa: PLC0415
 

@@ -48,6 +48,12 @@ def test_driver_killed_and_resubmitted_resumes_from_last_complete_checkpoint(tmp
     while time.time() < deadline and not (checkpoint_steps(str(run_dir)) and max(checkpoint_steps(str(run_dir))) >= 8):
         assert first.poll() is None, first.stdout.read()
         time.sleep(0.2)
+    # one run per name (issue 17, item 7): a second start while the first trains is refused, no training
+    contender = _job(storage, "drv")
+    c_out, _ = contender.communicate(timeout=300)
+    assert contender.returncode != 0 and "run name in use" in c_out, c_out[-3000:]
+    assert "resumed from step" not in c_out and "result_step" not in c_out
+    assert first.poll() is None, "the running job must not be disturbed by the refused start"
     time.sleep(0.5)  # a little past the checkpoint: those steps are lost
     _kill_tree(first)
     # the latest checkpoint Ray registered (a directory still being persisted is not in the snapshot)
