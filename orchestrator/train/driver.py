@@ -21,6 +21,7 @@ from orchestrator.data.catalog import describe_sources
 from orchestrator.data.tokenize import default_tokenizer
 from orchestrator.tracking import lineage
 from orchestrator.train.lease import RunLease
+from orchestrator.train.manifest import resolve_export
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _run_training(cfg: RunConfig, init_from: str | None, datasets: dict | None, 
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
-    done = finished_run(run_dir, cfg.train.max_steps)
+    done = finished_run(run_dir, cfg.train.max_steps, cfg.to_dict())  # another config: FinishedWithOtherConfig
     if done is not None:
         return _already_finished(cfg, run_name, run_dir, export_uri, tracking_uri, experiment, done,
                                  extra_tags, parent_run_id)
@@ -188,12 +189,13 @@ def _run_training(cfg: RunConfig, init_from: str | None, datasets: dict | None, 
                          _checkpoint_uri(result.checkpoint), export_uri, mlflow_run_id))
     finally:
         ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
-        exported = storage.exists(storage.join(export_uri, "model.safetensors"))
+        export_version = resolve_export(export_uri)  # <run>/export/step_N, named by the pointer written last
+        exported = export_version is not None
         if exported and model_config is not None:
             from orchestrator.train.checkpoint import write_vocab  # noqa: PLC0415
 
             try:  # checked when a fine-tune starts from this export
-                write_vocab(load_run_tokenizer(cfg), export_uri)
+                write_vocab(load_run_tokenizer(cfg), export_version)
             except Exception as e:  # noqa: BLE001 - never mask the training outcome
                 log.error("could not record the vocabulary beside %s: %s", export_uri, e)
         if mlflow_run_id:
@@ -204,7 +206,7 @@ def _run_training(cfg: RunConfig, init_from: str | None, datasets: dict | None, 
             register_error = None
             if exported and status == "FINISHED":
                 try:
-                    lineage.record_model(tracking_uri, mlflow_run_id, export_uri, run_name,
+                    lineage.record_model(tracking_uri, mlflow_run_id, export_version, run_name,
                                          cfg.data.tokenizer or default_tokenizer(cfg.data.root), register)
                 except RuntimeError as e:  # asked to register and could not: said after the run is closed
                     register_error = e

@@ -14,7 +14,8 @@ from typing import Any, Iterator
 
 import torch
 
-from orchestrator.train import checkpoint, momentum_sync
+from orchestrator import storage
+from orchestrator.train import checkpoint, manifest, momentum_sync
 from orchestrator.train.deepspeed_config import build_deepspeed_config
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.progress import EpochProgress
@@ -212,7 +213,7 @@ def _train(config: dict[str, Any], phase) -> None:
     # else skips this many batches (datasets without keys, e.g. a single-block in-memory one).
     state = {"step": 0, "epoch": 0, "samples": 0, "epoch_batches": 0}
     progress = EpochProgress(config.get("run_name"), rank, world)
-    ckpt = ray.train.get_checkpoint()
+    ckpt = checkpoint.resume_point(ray.train.get_checkpoint(), config.get("run_dir"))  # complete ones only
     if ckpt is not None:
         checkpoint.check_own(ckpt.path, config.get("run_dir"))
         with ckpt.as_directory() as d:
@@ -302,7 +303,7 @@ def _train(config: dict[str, Any], phase) -> None:
                     timer.reset()
                 if do_ckpt:
                     t0 = time.perf_counter()
-                    _save_and_report(engine, state, last_metrics, rank, progress)
+                    _save_and_report(engine, state, last_metrics, rank, progress, config, world)
                     saved_step = step
                     if metrics_logger is not None:
                         metrics_logger.log({"checkpoint_s": time.perf_counter() - t0}, step)
@@ -310,7 +311,7 @@ def _train(config: dict[str, Any], phase) -> None:
                 elif do_log:
                     ray.train.report(dict(last_metrics))
                 if not do_ckpt and step % tcfg.preemption_check_every == 0 and preemption.should_checkpoint():
-                    _save_and_report(engine, state, last_metrics, rank, progress)
+                    _save_and_report(engine, state, last_metrics, rank, progress, config, world)
                     saved_step = step
                     if metrics_logger is not None:
                         metrics_logger.log({"preemption_checkpoint_step": step}, step)
@@ -325,8 +326,8 @@ def _train(config: dict[str, Any], phase) -> None:
                 progress.end_pass("train")
                 _epoch_end(config, state, metrics_logger, rank)
         if saved_step != state["step"]:
-            _save_and_report(engine, state, last_metrics, rank, progress)
-        _export(engine, tcfg.zero_stage, config.get("export_uri"), rank)
+            _save_and_report(engine, state, last_metrics, rank, progress, config, world)
+        _export(engine, tcfg.zero_stage, config.get("export_uri"), rank, state["step"])
     finally:
         if metrics_logger is not None:
             delivery = metrics_logger.close()
@@ -429,17 +430,22 @@ class PreemptionCheckpointer:
 
 
 def _save_and_report(engine, state: dict[str, Any], metrics: dict[str, float], rank: int,
-                     progress: "EpochProgress | None" = None) -> None:
+                     progress: "EpochProgress | None" = None, config: dict[str, Any] | None = None,
+                     world: int = 1) -> None:
     import ray.train  # noqa: PLC0415
 
     reported = {**metrics, "step": state["step"]}
     consumed = progress.gather() if progress is not None else None  # collective: before any rank saves
+    name = manifest.checkpoint_dir_name(state["step"])
     with tempfile.TemporaryDirectory() as d:
         checkpoint.save(engine, d, dict(state), rank, metrics=reported)
         if consumed is not None:
             progress.save(d, consumed)
-        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_step_{state['step']:08d}")
+        files = manifest.describe_files(d)
+        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+    if config is not None and config.get("run_dir"):  # the completion marker, last
+        checkpoint.commit(files, storage.join(config["run_dir"], name), dict(state), reported, config.get("run"),
+                          rank, world)
 
 
 def _epoch_end(config: dict[str, Any], state: dict[str, Any], metrics_logger, rank: int) -> None:
@@ -454,12 +460,11 @@ def _epoch_end(config: dict[str, Any], state: dict[str, Any], metrics_logger, ra
                             **{f"data/bad_{k}": v for k, v in stats.get("by_reason", {}).items()}}, state["step"])
 
 
-def _export(engine, zero_stage: int, export_uri: str | None, rank: int) -> None:
+def _export(engine, zero_stage: int, export_uri: str | None, rank: int, step: int = 0) -> None:
+    """The consolidated model into ``<export_uri>/step_<N>/``, then the pointer (manifest.py)."""
     if not export_uri:
         return
-    from orchestrator import storage  # noqa: PLC0415
-
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "export")
         if checkpoint.export(engine, zero_stage, out, rank):
-            storage.upload_dir(out, export_uri)
+            manifest.publish_export(out, export_uri, step)
