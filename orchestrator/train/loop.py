@@ -331,7 +331,7 @@ def _train(config: dict[str, Any], phase) -> None:
     finally:
         if metrics_logger is not None:
             delivery = metrics_logger.close()
-            if delivery["undelivered"] or delivery["dropped"]:
+            if delivery["undelivered"] or delivery["dropped"] or delivery["rejected"]:
                 log.error("MLflow: %s metric points could not be delivered", delivery)
 
 

@@ -93,6 +93,23 @@ def test_resume_continues_step_and_schedule(ray_local, tmp_path, mlflow_uri):
     steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "loss")]
     assert steps == [2, 4, 6, 8]
 
+    # issue 17, item 4: the realistic partial checkpoint (marker present, a shard truncated) is skipped
+    # with a warning and the previous complete one used; a finished name rerun with another config says so
+    from orchestrator.train.manifest import FinishedWithOtherConfig
+
+    run_dir = storage.join(cfg.storage, cfg.experiment_name(), "toy-resume")
+    shard = next(u for u in storage.list_files(storage.join(run_dir, "checkpoint_step_00000008"))
+                 if u.endswith("model_states.pt"))
+    storage.write_bytes(shard, storage.read_bytes(shard)[:100])
+    cfg10 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 10})})
+    assert run_training(cfg10, datasets=_datasets()).metrics["step"] == 10
+    resumed = [int(m.value) for m in c.get_metric_history(runs[0].info.run_id, "resumed_from_step")]
+    assert resumed == [4, 6], resumed
+    assert run_training(cfg10, datasets=_datasets()).metrics["step"] == 10  # same config: the old result
+    other = cfg10.model_copy(update={"train": cfg10.train.model_copy(update={"lr": 0.02})})
+    with pytest.raises(FinishedWithOtherConfig, match="train.lr"):
+        run_training(other, datasets=_datasets())
+
 
 def test_init_from_zero_checkpoint_export_and_mlflow_lineage(ray_local, tmp_path, mlflow_uri):
     """A downstream start loads the same weights from the exported model and straight from the ZeRO
