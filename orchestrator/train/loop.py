@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import torch
 
 from orchestrator import storage
+from orchestrator.data import quality
 from orchestrator.train import checkpoint, manifest, momentum_sync
 from orchestrator.train.deepspeed_config import build_deepspeed_config
 from orchestrator.train.optim import build_optimizer
@@ -219,6 +220,8 @@ def _train(config: dict[str, Any], phase) -> None:
         with ckpt.as_directory() as d:
             saved = checkpoint.load(engine, d)
             progress.load(d)
+            if rank == 0:
+                _restore_bad_clip_counts(d, config)
         state.update({k: saved[k] for k in state if k in saved})  # DeepSpeed adds its own keys
         if rank == 0:
             log.info("resumed from step %d (epoch %d)", state["step"], state["epoch"])
@@ -325,6 +328,7 @@ def _train(config: dict[str, Any], phase) -> None:
                 state["epoch_batches"] = 0
                 progress.end_pass("train")
                 _epoch_end(config, state, metrics_logger, rank)
+        _check_bad_fraction(run, config.get("run_name"), rank, world)  # every run, also one shorter than an epoch
         if saved_step != state["step"]:
             _save_and_report(engine, state, last_metrics, rank, progress, config, world)
         _export(engine, tcfg.zero_stage, config.get("export_uri"), rank, state["step"])
@@ -441,11 +445,48 @@ def _save_and_report(engine, state: dict[str, Any], metrics: dict[str, float], r
         checkpoint.save(engine, d, dict(state), rank, metrics=reported)
         if consumed is not None:
             progress.save(d, consumed)
+        if rank == 0 and config is not None:
+            _carry_bad_clip_counts(d, config)
         files = manifest.describe_files(d)
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
     if config is not None and config.get("run_dir"):  # the completion marker, last
         checkpoint.commit(files, storage.join(config["run_dir"], name), dict(state), reported, config.get("run"),
                           rank, world)
+
+
+def _carry_bad_clip_counts(directory: str, config: dict[str, Any]) -> None:
+    """The run's bad-clip counts into the checkpoint (rank 0): a new driver's tracker starts from them."""
+    try:
+        quality.save_counts(directory, config.get("run_name"))
+    except Exception as e:  # noqa: BLE001 - a slow tracker never costs the checkpoint; said loudly
+        log.error("bad-clip counts not saved with this checkpoint (%s: %s); a resume from it starts them "
+                  "from the tracker's own", type(e).__name__, e)
+
+
+def _restore_bad_clip_counts(directory: str, config: dict[str, Any]) -> None:
+    try:
+        quality.restore_counts(directory, config.get("run_name"))
+    except Exception as e:  # noqa: BLE001 - as above
+        log.error("bad-clip counts of the checkpoint not restored (%s: %s)", type(e).__name__, e)
+
+
+def _check_bad_fraction(run, run_name: str | None, rank: int, world: int) -> None:
+    """``data.max_bad_fraction`` over the whole run, decided on rank 0 and raised on every rank together."""
+    err = None
+    if rank == 0:
+        try:
+            quality.check_run_end(run_name, run.data.max_bad_fraction, run.data.bad_check_min_seen)
+        except quality.TooManyBadClips as e:
+            err = e
+    if world > 1:
+        import torch.distributed as dist  # noqa: PLC0415
+
+        flag = torch.tensor([1.0 if err is not None else 0.0])
+        dist.broadcast(flag, src=0)
+        if flag.item() and err is None:
+            err = quality.TooManyBadClips("too many bad clips (rank 0 has the counts and reasons)")
+    if err is not None:
+        raise err
 
 
 def _epoch_end(config: dict[str, Any], state: dict[str, Any], metrics_logger, rank: int) -> None:
