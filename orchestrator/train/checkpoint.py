@@ -41,6 +41,8 @@ def commit(files: dict[str, dict[str, Any]], ckpt_uri: str, client_state: dict[s
         dist.all_gather_object(per_rank, files)
     if rank == 0:
         manifest.write_marker(ckpt_uri, manifest.merge_ranks(per_rank), client_state, metrics, run)
+    if world > 1:
+        dist.barrier()  # when commit returns on any rank, the marker is there
 
 
 def finished_run(run_dir: str, max_steps: int, run: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]] | None:
