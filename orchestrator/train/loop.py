@@ -475,7 +475,7 @@ def _check_bad_fraction(run, run_name: str | None, rank: int, world: int) -> Non
     err = None
     if rank == 0:
         try:
-            quality.check_run_end(run_name, run.data.max_bad_fraction, run.data.bad_check_min_seen)
+            quality.check_run_end(run_name, run.data.max_bad_fraction)  # all it saw counts, as at a pass's end
         except quality.TooManyBadClips as e:
             err = e
     if world > 1:
