@@ -53,6 +53,22 @@ def test_the_threshold_is_checked_at_the_end_of_a_run_shorter_than_an_epoch():
     quality.check_run_end("short", max_fraction=0.2, min_seen=50)
 
 
+def test_the_loop_checks_the_threshold_when_the_run_ends_mid_epoch():
+    """The loop's end-of-run check (before the final checkpoint), for a run that stopped at
+    train.max_steps inside its first epoch: the end-of-pass check never ran."""
+    from types import SimpleNamespace
+
+    from orchestrator.train.loop import _check_bad_fraction
+
+    run = SimpleNamespace(data=SimpleNamespace(max_bad_fraction=0.1))
+    quality.BadClipTracker("mid-epoch").record(12, [("empty", "s3://b/e.mp4"), ("missing", "s3://b/m.mp4")])
+    with pytest.raises(quality.TooManyBadClips, match="2 bad of 12"):
+        _check_bad_fraction(run, "mid-epoch", rank=0, world=1)
+    _check_bad_fraction(run, "mid-epoch", rank=1, world=1)  # only rank 0 decides (and tells the others)
+    quality.BadClipTracker("fine").record(40, [("empty", "s3://b/e.mp4")])
+    _check_bad_fraction(run, "fine", rank=0, world=1)
+
+
 @pytest.mark.slow
 def test_the_tracker_sits_on_the_head_node_and_a_reset_is_warned_and_restored(ray_local, tmp_path, caplog):
     import ray
