@@ -61,7 +61,9 @@ def test_driver_killed_and_resubmitted_resumes_from_last_complete_checkpoint(tmp
     _kill_tree(first)
     # the latest checkpoint Ray registered (a directory still being persisted is not in the snapshot)
     snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
-    last_complete = max(int(s) for s in re.findall(r"checkpoint_step_(\d{8})", snapshot))
+    # ... whose completion marker was written (rank 0 writes it after every rank's upload, issue 17 item 4)
+    last_complete = max(int(s) for s in re.findall(r"checkpoint_step_(\d{8})", snapshot)
+                        if (run_dir / f"checkpoint_step_{s}" / "mplug2_checkpoint.json").is_file())
     # a checkpoint that was being written when the fault hit: a shard without the completion marker
     partial = run_dir / "checkpoint_step_99999999" / "ds"
     partial.mkdir(parents=True)
