@@ -51,7 +51,11 @@ def test_train_checkpoints_to_s3_and_tracks_in_mlflow(ray_local, s3_bucket, mlfl
     assert any(f.endswith("checkpoint_step_00000006/mplug2_checkpoint.json") for f in files)
     shard_files = [f for f in files if "checkpoint_step_00000006/ds/" in f and "optim_states" in f]
     assert len(shard_files) == 2, files  # one ZeRO optimizer shard per rank
-    assert out.export_uri and storage.exists(out.export_uri + "/model.safetensors")
+    # exports are versioned per step behind a pointer (issue 17, item 4): the run's export URI names the latest
+    from orchestrator.train.manifest import resolve_export
+
+    assert out.export_uri and storage.exists(resolve_export(out.export_uri) + "/model.safetensors")
+    assert resolve_export(out.export_uri).endswith("/export/step_00000006")
     # MLflow: one finished run with params, per-step metrics, config artifact and URIs
     c, runs = _runs(mlflow_uri, cfg.experiment_name())
     assert len(runs) == 1
