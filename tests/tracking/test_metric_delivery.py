@@ -90,14 +90,14 @@ def test_a_real_mlflow_outage_spanning_the_close(tmp_path, monkeypatch):
     from tests.conftest import free_port
     from tests.reliability.helpers import MlflowServer
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: the logger's own retry is under test
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     server = MlflowServer(tmp_path, free_port())
     server.start()
     try:
         c = MlflowClient(server.uri)
         for name, back_after_s, timeout_s in (("back", 4.0, 300.0), ("gone", None, 4.0)):
             run_id = mlflow_run.open_run(server.uri, "delivery", name, {}, {})
+            monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: the logger's retry is under test
+            monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
             logger = mlflow_run.MetricLogger(server.uri, run_id, flush_every_s=0.5)
             for step in range(1, 11):
                 logger.log({"loss": float(step)}, step)
@@ -113,6 +113,8 @@ def test_a_real_mlflow_outage_spanning_the_close(tmp_path, monkeypatch):
                 restart.join()
             else:
                 server.start()
+            monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # the check itself: MLflow's own retries
+            monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
             got = sorted(m.step for m in c.get_metric_history(run_id, "loss"))
             if back_after_s:
                 assert stats["undelivered"] == 0 and got == list(range(1, 31)), (stats, got)
