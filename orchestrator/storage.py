@@ -333,3 +333,47 @@ def for_ray(uri: str):
         fs, path = filesystem(uri)
         return path, fs
     return local_path(uri), None
+
+
+class AlreadyExists(FileExistsError):
+    """:func:`create_exclusive` found the object already there."""
+
+
+def create_exclusive(uri: str, data: bytes) -> None:
+    """Write ``uri`` only if nothing is there yet, atomically: S3's conditional put
+    (``If-None-Match: *``), ``O_CREAT | O_EXCL`` locally.  Raises :class:`AlreadyExists` otherwise;
+    of two writers racing for the same name exactly one succeeds."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise AlreadyExists(uri) from None
+            raise
+        return
+    p = Path(local_path(uri))
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    try:
+        os.link(tmp, p)  # atomic and exclusive (as O_EXCL), and a reader never sees half a file
+    except FileExistsError:
+        raise AlreadyExists(uri) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def list_sizes(prefix: str) -> dict[str, int]:
+    """``{uri: size in bytes}`` of every object/file under ``prefix`` (one listing, no body read)."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        out = {}
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                out[f"s3://{bucket}/{obj['Key']}"] = int(obj["Size"])
+        return out
+    return {u: os.path.getsize(u) for u in list_files(prefix)}

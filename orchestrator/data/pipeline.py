@@ -18,7 +18,9 @@ the next batches overlaps the training step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import random
 from typing import Any, Iterator
@@ -83,15 +85,37 @@ def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> 
         row = to_dataset_row(r)
         row[SAMPLE_KEY] = stable_id(shard, i)
         rows.append(row)
-    for msg in report.malformed:  # each reaches the bad-clip counts (and the job's bad fraction)
-        if msg.startswith(f"{shard}:0:"):  # the tar itself broke: one truncated item
-            bad, where = "truncated", shard
-        else:  # one sample: over the size cap, or its JSON unusable
-            bad, where = ("too_large" if "max_object_bytes" in msg else "malformed"), msg
+    broke = [m for m in report.malformed if m.startswith(f"{shard}:0:")]
+    bad_rows = [(("too_large" if "max_object_bytes" in m else "malformed"), m, m)  # one sample each
+                for m in report.malformed if m not in broke]
+    if broke:  # the tar itself broke: every sample after the break is lost, each one counted
+        lost = shard_remainder(shard, report.rows + len(bad_rows))
+        bad_rows += [("truncated", shard if lost == 1 else f"{shard}#remainder-{j}", f"{broke[0]}#{j}")
+                     for j in range(lost)]
+    for bad, where, msg in bad_rows:  # each reaches the bad-clip counts (and the job's bad fraction)
         row = to_dataset_row({"media_uri": where, "bad": bad, "modality": "video", "id": where})
         row[SAMPLE_KEY] = stable_id(shard, "bad", msg)
         rows.append(row)
     return rows
+
+
+def shard_remainder(shard: str, read: int) -> int:
+    """Samples of a truncated shard lost after its break: its count in the ``index.json`` beside it
+    (written by ``orchestrator shard``) less the ``read`` ones; 1 (the shard itself) when no index
+    says how many it held."""
+    expected = _shard_counts(shard.rsplit("/", 1)[0]).get(shard.rsplit("/", 1)[-1])
+    if expected is None:
+        log.warning("%s is truncated and no index.json says how many samples it held: counted as 1 bad item", shard)
+        return 1
+    return max(int(expected) - read, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_counts(folder: str) -> dict[str, int]:
+    try:
+        return dict(json.loads(storage.read_text(storage.join(folder, "index.json"))).get("shard_samples") or {})
+    except Exception:  # shards of other writers carry no index
+        return {}
 
 
 def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, training: bool, rng: random.Random,

@@ -15,8 +15,12 @@ Pillow's decompression-bomb limit), ``malformed`` (a shard sample whose metadata
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -26,6 +30,7 @@ REASONS = ("missing", "empty", "not_video", "truncated", "undecodable", "too_few
 NAMESPACE = "mplug2"
 MAX_EXAMPLES = 5
 RECORD_TIMEOUT_S = 5.0
+COUNTS_FILE = "bad_clips.json"  # the run's counts, carried in every checkpoint (rank 0)
 
 
 class BadClip(Exception):
@@ -51,6 +56,10 @@ class BadClipStats:
         self.examples: dict[str, list[str]] = {}
         self._epoch_mark: tuple[int, Counter[str]] = (0, Counter())
         self.epoch = 0
+        # a new id each time the counts start from zero (a new driver, an actor restart): callers
+        # that see it change know counts were lost and say so; restore() adds a checkpoint's counts
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.restored_from: list[str] = []
 
     @property
     def bad(self) -> int:
@@ -68,7 +77,26 @@ class BadClipStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {"total_seen": self.total_seen, "bad": self.bad, "by_reason": dict(self.by_reason),
-                "examples": {k: list(v) for k, v in self.examples.items()}}
+                "examples": {k: list(v) for k, v in self.examples.items()}, "incarnation": self.incarnation,
+                "restored_from": list(self.restored_from)}
+
+    def restore(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """Add the counts a checkpoint carried (``saved``, a :meth:`to_dict`) when they come from
+        another incarnation (this tracker started after them: a new driver, an actor restart) and
+        were not added already; the counts this incarnation recorded itself are kept on top."""
+        origin = saved.get("incarnation")
+        chain = [origin, *saved.get("restored_from", [])]
+        if not origin or origin == self.incarnation or origin in self.restored_from:
+            return self.to_dict()
+        self.total_seen += int(saved.get("total_seen", 0))
+        for reason, n in (saved.get("by_reason") or {}).items():
+            self.by_reason[reason] += int(n)
+        for reason, uris in (saved.get("examples") or {}).items():
+            ex = self.examples.setdefault(reason, [])
+            ex.extend(u for u in uris if u not in ex and len(ex) < MAX_EXAMPLES)
+        self.restored_from.extend(c for c in chain if c and c not in self.restored_from)
+        self._epoch_mark = (self.total_seen, Counter(self.by_reason))  # the restored counts are past epochs'
+        return self.to_dict()
 
     def end_epoch(self) -> dict[str, Any]:
         """Counts since the previous call (one epoch), plus the running totals."""
@@ -104,6 +132,8 @@ def check(stats: dict[str, Any], max_fraction: float, min_seen: int = 1) -> None
 # ---------------------------------------------------------------------------------------------
 
 _LOCAL: dict[str, BadClipStats] = {}
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
+_SEEN_INCARNATION: dict[str, str] = {}  # per process: the tracker incarnation each run's counts came from
 # Actor handles held for the life of this process: a named, non-detached actor is destroyed when
 # its last handle goes, and the first process to create it (the driver, in build_dataset) owns it.
 _HANDLES: dict[str, object] = {}
@@ -129,7 +159,12 @@ def get_tracker(run_name: str | None):
 
     name = actor_name(run_name)
     if name not in _HANDLES:
-        cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(BadClipStats)
+        # on the head node (never a spot worker that goes away with its counts); restarted if it dies
+        # anyway, and then empty: callers see the new incarnation and warn, the loop restores the
+        # counts its last checkpoint carried (restore_counts)
+        cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                         resources={HEAD_RESOURCE: 0.001} if HEAD_RESOURCE in ray.cluster_resources() else None
+                         )(BadClipStats)
         _HANDLES[name] = cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
     return _HANDLES[name]
 
@@ -140,6 +175,7 @@ class BadClipTracker:
     def __init__(self, run_name: str | None):
         self.run_name = run_name
         self._actor = get_tracker(run_name)
+        self._pending: list = []
 
     def _call(self, method: str, *args, timeout: float | None):
         """Call the actor; a dead actor (its owner went away) is looked up / created again once."""
@@ -150,6 +186,7 @@ class BadClipTracker:
             ref = getattr(self._actor, method).remote(*args)
             ready, _ = ray.wait([ref], timeout=timeout)
             if not ready:
+                self._pending.append(ref)  # its answer may still serve a later check (_late_answer)
                 return None
             try:
                 return ray.get(ready[0])
@@ -162,12 +199,39 @@ class BadClipTracker:
         return None
 
     def record(self, seen: int, bad: list[tuple[str, str]]) -> dict[str, Any] | None:
-        """Add counts; returns the run's totals, or None when the actor did not answer in time."""
+        """Add counts; returns the run's totals, or None when the actor did not answer in time (the
+        counts still arrive; an earlier answer that came late is returned instead when there is one)."""
         for reason, uri in bad:
             log.warning("skipping bad clip (%s): %s", reason, uri)
         if self._actor is None:
             return _LOCAL.setdefault(actor_name(self.run_name), BadClipStats()).add(seen, bad)
-        return self._call("add", seen, bad, timeout=RECORD_TIMEOUT_S)
+        out = self._call("add", seen, bad, timeout=RECORD_TIMEOUT_S)
+        if out is None:
+            out = self._late_answer()
+        return self._note(out)
+
+    def _late_answer(self) -> dict[str, Any] | None:
+        import ray  # noqa: PLC0415
+
+        ready = [r for r in self._pending if ray.wait([r], timeout=0)[0]]
+        self._pending = [r for r in self._pending if r not in ready][-8:]
+        for ref in reversed(ready):
+            try:
+                return ray.get(ref)
+            except Exception:  # noqa: BLE001 - a late answer from a dead actor: none
+                continue
+        return None
+
+    def _note(self, stats: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Warn when the run's counts come from another incarnation than before (the tracker reset)."""
+        if stats and stats.get("incarnation"):
+            name = actor_name(self.run_name)
+            before = _SEEN_INCARNATION.get(name)
+            if before is not None and before != stats["incarnation"] and before not in stats.get("restored_from", []):
+                log.warning("bad-clip tracker %s was reset (restarted empty): counts it held since the last "
+                            "checkpoint are lost; the checkpoint's counts are restored at the next one", name)
+            _SEEN_INCARNATION[name] = stats["incarnation"]
+        return stats
 
     def stats(self, timeout: float = 30.0) -> dict[str, Any]:
         if self._actor is None:
@@ -175,6 +239,15 @@ class BadClipTracker:
         out = self._call("to_dict", timeout=timeout)
         if out is None:
             raise TimeoutError(f"bad-clip tracker {actor_name(self.run_name)} did not answer in {timeout}s")
+        return self._note(out)
+
+    def restore(self, saved: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        if self._actor is None:
+            return _LOCAL.setdefault(actor_name(self.run_name), BadClipStats()).restore(saved)
+        out = self._call("restore", saved, timeout=timeout)
+        if out is None:
+            raise TimeoutError(f"bad-clip tracker {actor_name(self.run_name)} did not answer in {timeout}s")
+        _SEEN_INCARNATION[actor_name(self.run_name)] = out["incarnation"]
         return out
 
     def end_epoch(self, timeout: float = 30.0) -> dict[str, Any]:
@@ -209,3 +282,46 @@ def check_bad_clips(run_name: str | None, max_fraction: float, min_seen: int = 1
 def reset_local() -> None:
     """Forget process-local counts (tests); actor handles stay, so named actors stay alive."""
     _LOCAL.clear()
+    _LAST_SAVED.clear()
+    _SEEN_INCARNATION.clear()
+
+
+_LAST_SAVED: dict[str, dict[str, Any]] = {}  # rank 0: the counts of the last checkpoint written or resumed from
+
+
+def save_counts(directory: str | os.PathLike, run_name: str | None) -> dict[str, Any]:
+    """Write the run's counts into a checkpoint folder (rank 0, before the upload).  A tracker that
+    was reset since the previous checkpoint gets that checkpoint's counts back first (what it
+    recorded between that checkpoint and the reset is lost, and the warning says so)."""
+    stats = get_bad_clip_stats(run_name)
+    previous = _LAST_SAVED.get(actor_name(run_name))
+    if previous and previous.get("incarnation") not in (stats.get("incarnation"), *stats.get("restored_from", [])):
+        log.warning("bad-clip tracker %s was reset since the last checkpoint: its counts (%s) are restored; what "
+                    "it counted between that checkpoint and the reset is lost", actor_name(run_name),
+                    describe({**previous, "examples": {}}))
+        stats = BadClipTracker(run_name).restore(previous)
+    Path(directory, COUNTS_FILE).write_text(json.dumps(stats))
+    _LAST_SAVED[actor_name(run_name)] = stats
+    return stats
+
+
+def restore_counts(directory: str | os.PathLike, run_name: str | None) -> dict[str, Any] | None:
+    """On resume: add the counts the checkpoint carried to the run's tracker when it started after
+    them (a new driver or a restarted actor; see :meth:`BadClipStats.restore`), and say so."""
+    f = Path(directory, COUNTS_FILE)
+    if not f.is_file():
+        return None
+    saved = json.loads(f.read_text())
+    tracker = BadClipTracker(run_name)
+    out = tracker.restore(saved)
+    _LAST_SAVED[actor_name(run_name)] = out
+    if saved.get("incarnation") in out.get("restored_from", []) and saved.get("total_seen"):
+        log.warning("bad-clip counts restored from the checkpoint (%s); the run total is now %s",
+                    describe({**saved, "examples": {}}), describe({**out, "examples": {}}))
+    return out
+
+
+def check_run_end(run_name: str | None, max_fraction: float, min_seen: int = 1) -> dict[str, Any]:
+    """The bad-fraction check at the end of every run, also one shorter than an epoch (whose
+    end-of-pass check never ran)."""
+    return check_bad_clips(run_name, max_fraction, min_seen)

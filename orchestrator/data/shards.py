@@ -40,9 +40,10 @@ class ShardReport:
     transcode: dict | None = None  # the TranscodeSpec used (None: media packed as stored)
     transcoded: int = 0
     transcode_s: float = 0.0  # seconds spent re-encoding, all clips
+    shard_samples: dict[str, int] = field(default_factory=dict)  # shard file name -> samples in it
 
     def to_dict(self) -> dict:
-        d = {"shards": self.shards, "samples": self.samples,
+        d = {"shards": self.shards, "samples": self.samples, "shard_samples": self.shard_samples,
              "skipped": {k: len(v) for k, v in self.skipped.items()},
              "skipped_examples": {k: v[:5] for k, v in self.skipped.items()}}
         if self.transcode is not None:
@@ -57,6 +58,7 @@ class _ShardWriter:
         self.tar: tarfile.TarFile | None = None
         self.count = 0
         self.written: list[str] = []
+        self.counts: dict[str, int] = {}  # shard file name -> samples (index.json: a truncated shard's loss is known)
 
     def _add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -82,6 +84,7 @@ class _ShardWriter:
         storage.write_bytes(uri, self.buf.getvalue())
         log.info("wrote %s (%d samples, %.1f MB)", uri, self.count, self.buf.tell() / 1e6)
         self.written.append(uri)
+        self.counts[uri.rstrip("/").rsplit("/", 1)[-1]] = self.count
         self.tar, self.buf = None, None
 
 
@@ -129,5 +132,6 @@ def write_shards(rows: list[dict], out: str, max_samples: int = 1000, max_bytes:
         report.samples += 1
     writer.flush()
     report.shards = writer.written
+    report.shard_samples = writer.counts
     storage.write_text(storage.join(out, "index.json"), json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     return report

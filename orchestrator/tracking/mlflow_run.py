@@ -170,26 +170,34 @@ def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
 class MetricLogger:
     """Buffered, retrying metric logging for the training loop (rank 0 only).
 
-    ``log(metrics, step)`` only appends to a buffer; a background thread sends the buffer with
-    ``log_batch`` every ``flush_every_s`` seconds.  When the server is unreachable the buffer is
-    kept (up to ``max_buffer`` points, oldest dropped first and counted) and sent when it comes
-    back, so training never waits for the tracker.  ``close()`` flushes with a deadline and
-    reports what could not be delivered.
+    ``log(metrics, step)`` only appends to a buffer; one background thread (the only sender) sends
+    it with ``log_batch`` every ``flush_every_s`` seconds, in chunks of ``max_batch`` points.  When
+    the server is unreachable (connection errors, 5xx, 429) the points are kept (up to
+    ``max_buffer``; past that the oldest are dropped and counted in ``dropped``) and sent when it
+    comes back, so training never waits for the tracker.  A chunk the server refuses (a 4xx: an
+    invalid key or value) is split in halves until the refused points are alone; those are
+    dropped and counted in ``rejected``, so one bad point never blocks the ones after it.
+    ``close()`` lets the sender drain the buffer until its deadline and reports what was not
+    confirmed delivered: the buffer plus any chunk still in flight.
     """
 
     def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0, max_buffer: int = 200_000,
-                 system_metrics: bool = False):
+                 system_metrics: bool = False, max_batch: int = 1000):
         self.uri, self.run_id = uri, run_id
         self._system = lineage.start_system_metrics(uri, run_id) if system_metrics else None
         self.flush_every_s = flush_every_s
         self.max_buffer = max_buffer
+        self.max_batch = max_batch
         self._buf: list = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self.dropped = 0
-        self.failed_flushes = 0
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._deadline = float("inf")
+        self.dropped = 0          # buffer overflow (oldest first)
+        self.rejected = 0         # refused by the server (4xx), after splitting down to single points
+        self.failed_flushes = 0   # sends that found the server unreachable
         self.sent = 0
-        self._inflight = 0
+        self._inflight = 0        # points the sender holds: neither confirmed nor back in the buffer
         self._client = None
         self._thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
         self._thread.start()
@@ -205,49 +213,97 @@ class MetricLogger:
                 del self._buf[:overflow]
                 self.dropped += overflow
 
+    @staticmethod
+    def _refused(e: Exception) -> bool:
+        """The server answered and refused the request (a 4xx other than 429): sending it again cannot help."""
+        from mlflow.exceptions import MlflowException  # noqa: PLC0415
+
+        if not isinstance(e, MlflowException) or "failed with exception" in str(e):
+            return False
+        status = e.get_http_status_code()
+        return 400 <= status < 500 and status != 429
+
+    def _send(self, chunk: list) -> None:
+        """Deliver ``chunk``; refused points are split out and counted; an unreachable server raises."""
+        try:
+            self._client.log_batch(self.run_id, metrics=chunk)
+            self.sent += len(chunk)
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if not self._refused(e):
+                raise
+            if len(chunk) == 1:
+                self.rejected += 1
+                log.error("MLflow refused metric %r at step %d (%s): dropped", chunk[0].key, chunk[0].step,
+                          str(e)[:200])
+                return
+            half = len(chunk) // 2
+            self._send(chunk[:half])
+            self._send(chunk[half:])
+
     def flush(self) -> bool:
+        """Send everything buffered; False when the server could not be reached (points kept).
+        Called by the sender thread only (and by tests before it starts)."""
         with self._lock:
             batch, self._buf = self._buf, []
             self._inflight = len(batch)
         if not batch:
             return True
-        sent_upto = 0
+        done = 0
         try:
             if self._client is None:
                 self._client = client(self.uri)
-            for i in range(0, len(batch), 1000):
-                chunk = batch[i:i + 1000]
-                self._client.log_batch(self.run_id, metrics=chunk)
-                sent_upto = i + len(chunk)
-                self.sent += len(chunk)
+            for i in range(0, len(batch), self.max_batch):
+                chunk = batch[i:i + self.max_batch]
+                self._send(chunk)
+                done = i + len(chunk)
+                with self._lock:
+                    self._inflight = len(batch) - done
             return True
         except Exception as e:  # keep training; retry later
             with self._lock:
-                self._buf[:0] = batch[sent_upto:]
+                self._buf[:0] = batch[done:]
+                self._inflight = 0
             self.failed_flushes += 1
             log.warning("MLflow unreachable (%s); %d metric points buffered", type(e).__name__, len(self._buf))
             return False
+        finally:
+            with self._lock:
+                self._inflight = 0
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.flush_every_s):
-            self.flush()
+        while not self._closing.is_set():
+            self._wake.wait(self.flush_every_s)
+            if not self._closing.is_set():
+                self.flush()
+        wait = 0.5  # closing: drain until the buffer is empty or the deadline passes
+        while True:
+            if self.flush():
+                with self._lock:
+                    if not self._buf:
+                        return
+                continue
+            left = self._deadline - time.time()
+            if left <= 0:
+                return
+            time.sleep(min(wait, left))
+            wait = min(wait * 2, 5.0)
 
     def close(self, timeout_s: float = 60.0) -> dict[str, int]:
+        """Drain for at most ``timeout_s``; returns ``sent``, ``undelivered`` (buffered or still in
+        flight at the deadline), ``dropped`` (overflow), ``rejected`` (refused by the server) and
+        ``failed_flushes``."""
         if self._system is not None:
             try:
                 self._system.finish()
             except Exception as e:  # the run's own metrics matter more
                 log.warning("MLflow system metrics did not stop cleanly: %s", type(e).__name__)
-        deadline = time.time() + timeout_s
-        self._stop.set()
-        # A flush of the background thread may be in flight (its HTTP client retrying while the server
-        # is away): wait for it to deliver or put its batch back, else that batch is lost at exit.
-        self._thread.join(timeout=timeout_s)
-        while not self.flush() and time.time() < deadline:
-            time.sleep(min(2.0, max(0.0, deadline - time.time())))
+        self._deadline = time.time() + timeout_s
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(timeout=timeout_s + 1.0)
         with self._lock:
-            undelivered = len(self._buf) + (self._inflight if self._thread.is_alive() else 0)
-        return {"sent": self.sent, "undelivered": undelivered, "dropped": self.dropped,
+            undelivered = len(self._buf) + self._inflight
+        return {"sent": self.sent, "undelivered": undelivered, "dropped": self.dropped, "rejected": self.rejected,
                 "failed_flushes": self.failed_flushes}
 
 

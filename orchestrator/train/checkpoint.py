@@ -14,37 +14,76 @@ import torch
 from orchestrator import storage
 from orchestrator.tracking.mlflow_run import client
 from orchestrator.tracking.redact import redact_text
+from orchestrator.train import manifest
 
 log = logging.getLogger(__name__)
 
 TAG = "ds"                       # DeepSpeed tag directory inside each checkpoint
-META = "mplug2_checkpoint.json"  # written by rank 0 after every rank saved: marks a complete checkpoint
+META = manifest.META  # written by rank 0 after every rank's upload: marks a complete checkpoint (manifest.py)
 EXPORT_FILES = ("config.json", "model.safetensors")
 
 
 def save(engine, directory: str, client_state: dict[str, Any], rank: int,
          metrics: dict[str, float] | None = None) -> None:
-    """Every rank saves its DeepSpeed shard into ``directory``; rank 0 then writes the marker
-    (the client state and the metrics reported with this checkpoint)."""
+    """Every rank saves its DeepSpeed shard into its local ``directory`` (uploaded by Ray Train's
+    ``report``); the completion marker comes later, from :func:`commit`, once every rank's upload is done."""
     engine.save_checkpoint(directory, tag=TAG, client_state=client_state)
+
+
+def commit(files: dict[str, dict[str, Any]], ckpt_uri: str, client_state: dict[str, Any],
+           metrics: dict[str, float] | None, run: dict[str, Any] | None, rank: int, world: int) -> None:
+    """After ``report`` returned on this rank (its files are in storage): gather every rank's file
+    list (a collective, so rank 0 passes it only once every rank's upload is done) and write the
+    marker on rank 0, listing each file with its size and hash."""
+    per_rank = [files]
+    if world > 1:
+        import torch.distributed as dist
+
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, files)
     if rank == 0:
-        Path(directory, META).write_text(json.dumps({"complete": True, **client_state, "metrics": metrics or {}},
-                                                   default=float))
+        manifest.write_marker(ckpt_uri, manifest.merge_ranks(per_rank), client_state, metrics, run)
+    if world > 1:
+        dist.barrier()  # when commit returns on any rank, the marker is there
 
 
-def finished_run(run_dir: str, max_steps: int) -> tuple[str, dict[str, Any]] | None:
+def finished_run(run_dir: str, max_steps: int, run: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]] | None:
     """``(checkpoint URI, its marker)`` when the run in ``run_dir`` already reached ``max_steps``
-    and exported its model, else None: a rerun of a finished name then needs no workers at all."""
-    if not storage.exists(storage.join(run_dir, "export", "model.safetensors")):
+    and exported its model, else None: a rerun of a finished name then needs no workers at all.
+    Only a complete checkpoint (its marker matches storage) and a complete export count; ``run``
+    (the rerun's config) must be the one the run finished with, else
+    :class:`~orchestrator.train.manifest.FinishedWithOtherConfig`."""
+    if manifest.resolve_export(storage.join(run_dir, "export")) is None:
         return None
-    markers = [u for u in storage.list_files(run_dir) if u.endswith("/" + META) and "/checkpoint_step_" in u]
-    if not markers:
+    found = manifest.latest_complete(run_dir)
+    if found is None:
         return None
-    last = max(markers)  # the step in the directory name is zero-padded: key order is step order
-    meta = json.loads(storage.read_text(last))
+    last, meta = found
     if int(meta.get("step", -1)) < max_steps:
         return None
-    return last[: -len(META) - 1], meta
+    if run is not None:
+        manifest.check_same_config(meta, run, run_dir)
+    return last, meta
+
+
+def resume_point(ckpt, run_dir: str | None):
+    """The checkpoint to resume from: Ray Train's latest if it is complete, else the newest complete
+    one before it (skipped ones are named in a warning), else None (start over, said loudly)."""
+    if ckpt is None or not run_dir:
+        return ckpt
+    check_own(ckpt.path, run_dir)
+    step = int(manifest.CHECKPOINT_DIR.search(ckpt.path.rstrip("/")).group(1)) \
+        if manifest.CHECKPOINT_DIR.search(ckpt.path.rstrip("/")) else None
+    found = manifest.latest_complete(run_dir, at_most_step=step)
+    if found is None:
+        log.error("no complete checkpoint in %s (the latest, %s, is not): starting from step 0", run_dir, ckpt.path)
+        return None
+    name = found[0].rstrip("/").rsplit("/", 1)[-1]
+    if ckpt.path.rstrip("/").endswith("/" + name):
+        return ckpt
+    import ray.train
+
+    return ray.train.Checkpoint(path=ckpt.path.rstrip("/").rsplit("/", 1)[0] + "/" + name, filesystem=ckpt.filesystem)
 
 
 def check_own(checkpoint_path: str, run_dir: str | None) -> None:
@@ -69,6 +108,7 @@ def load(engine, directory: str) -> dict[str, Any]:
     """
     if not Path(directory, META).is_file():
         raise RuntimeError(f"checkpoint {directory} has no {META}: it was not completely written")
+    manifest.verify_local(directory, json.loads(Path(directory, META).read_text()))
     _, client_state = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if client_state is None:
@@ -101,6 +141,7 @@ def _save_module(module: torch.nn.Module, out_dir: str) -> bool:
 
 
 def _fetch(uri: str, tmp: str) -> str:
+    uri = manifest.resolve_export(uri) or uri  # a run's export/: the version its pointer names
     if storage.is_s3(uri):
         if storage.download_dir(uri, tmp) == 0:  # refuses keys that would leave tmp
             raise FileNotFoundError(f"nothing found under {uri}")

@@ -38,7 +38,9 @@ from orchestrator.tracking.mlflow_run import (
 from orchestrator.train.checkpoint import finished_run, resolve_init_from, write_vocab
 from orchestrator.train.deepspeed_config import load_user_json
 from orchestrator.train.failures import fail_fast_callback, find_setup_error
+from orchestrator.train.lease import RunLease
 from orchestrator.train.loop import redacted_train_loop
+from orchestrator.train.manifest import resolve_export
 from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
 from orchestrator.train.plan import WorkerPlan
 from workloads import get_workload
@@ -92,9 +94,19 @@ def run_training(cfg: RunSpec, init_from: str | None = None, datasets: dict | No
                  extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
                  callbacks: list | None = None, register: str | None = None) -> TrainOutcome:
     """``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a sweep trial);
-    ``register``: a model-registry name for the exported model."""
+    ``register``: a model-registry name for the exported model.
+
+    One run per name: the run folder's lease (:mod:`orchestrator.train.lease`) is taken before
+    anything else happens and held until the run ends; a second start of a running name raises
+    :class:`~orchestrator.train.lease.RunNameInUse` before Ray starts."""
     r = _settle(cfg, init_from)
-    done = finished_run(r.run_dir, r.cfg.train.max_steps)
+    with RunLease(r.run_dir):
+        return _run_training(r, datasets, extra_tags, parent_run_id, callbacks, register)
+
+
+def _run_training(r: _Run, datasets: dict | None, extra_tags: dict[str, str] | None, parent_run_id: str | None,
+                  callbacks: list | None, register: str | None) -> TrainOutcome:
+    done = finished_run(r.run_dir, r.cfg.train.max_steps, r.cfg.to_dict())  # another config: FinishedWithOtherConfig
     if done is not None:
         return _already_finished(r.cfg, r.run_name, r.run_dir, r.export_uri, r.tracking_uri, r.experiment, done,
                                  extra_tags, parent_run_id)
@@ -122,8 +134,9 @@ def run_training(cfg: RunSpec, init_from: str | None = None, datasets: dict | No
                          _checkpoint_uri(result.checkpoint), r.export_uri, mlflow_run_id))
     finally:
         ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
-        exported = storage.exists(storage.join(r.export_uri, "model.safetensors"))
-        _record_outcome(r, mlflow_run_id, status, ckpt_uri, exported, register)
+        export_version = resolve_export(r.export_uri)  # <run>/export/step_N, named by the pointer written last
+        exported = export_version is not None
+        _record_outcome(r, mlflow_run_id, status, ckpt_uri, export_version, register)
     return TrainOutcome(run_name=r.run_name, run_dir=r.run_dir, checkpoint_uri=ckpt_uri,
                         export_uri=r.export_uri if exported else None, metrics=dict(result.metrics or {}),
                         mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri)
@@ -208,12 +221,13 @@ def _fit(trainer, progress):
         raise
 
 
-def _record_outcome(r: _Run, mlflow_run_id: str | None, status: str, ckpt_uri: str | None, exported: bool,
-                    register: str | None) -> None:
+def _record_outcome(r: _Run, mlflow_run_id: str | None, status: str, ckpt_uri: str | None,
+                    export_version: str | None, register: str | None) -> None:
     """The vocabulary beside the export; the MLflow run's end tags, model lineage and status."""
+    exported = export_version is not None
     if exported and r.model_config is not None:
         try:  # checked when a fine-tune starts from this export
-            write_vocab(load_run_tokenizer(r.cfg), r.export_uri)
+            write_vocab(load_run_tokenizer(r.cfg), export_version)
         except Exception as e:  # never mask the training outcome
             log.error("could not record the vocabulary beside %s: %s", r.export_uri, e)
     if not mlflow_run_id:
@@ -223,7 +237,7 @@ def _record_outcome(r: _Run, mlflow_run_id: str | None, status: str, ckpt_uri: s
     register_error = None
     if exported and status == "FINISHED":
         try:
-            lineage.record_model(r.tracking_uri, mlflow_run_id, r.export_uri, r.run_name,
+            lineage.record_model(r.tracking_uri, mlflow_run_id, export_version, r.run_name,
                                  r.cfg.data.tokenizer or default_tokenizer(r.cfg.data.root), register)
         except RuntimeError as e:  # asked to register and could not: said after the run is closed
             register_error = e

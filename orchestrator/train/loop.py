@@ -26,7 +26,7 @@ from orchestrator.data.pipeline import SAMPLE_KEY
 from orchestrator.eval_workers import Validator
 from orchestrator.tracking.mlflow_run import MetricLogger
 from orchestrator.tracking.redact import redact_exception
-from orchestrator.train import checkpoint, momentum_sync
+from orchestrator.train import checkpoint, manifest, momentum_sync
 from orchestrator.train.deepspeed_config import build_deepspeed_config
 from orchestrator.train.failures import SetupPhase
 from orchestrator.train.model_setup import load_run_tokenizer
@@ -184,7 +184,7 @@ def _train(plan: WorkerPlan, phase: SetupPhase) -> None:
     finally:
         if w.metrics_logger is not None:
             delivery = w.metrics_logger.close()
-            if delivery["undelivered"] or delivery["dropped"]:
+            if delivery["undelivered"] or delivery["dropped"] or delivery["rejected"]:
                 log.error("MLflow: %s metric points could not be delivered", delivery)
 
 
@@ -214,7 +214,7 @@ def setup_worker(plan: WorkerPlan) -> Worker:
     progress = EpochProgress(plan.run_name, rank, world)
     w = Worker(plan, rank, world, device, workload, task_cfg, engine, scheduler, ema_per_step, constants,
                validator, progress, TrainState(), resumed=False)
-    _resume(w, ray.train.get_checkpoint())
+    _resume(w, checkpoint.resume_point(ray.train.get_checkpoint(), plan.run_dir))  # complete ones only
     w.preemption = PreemptionCheckpointer()
     w.shard = ray.train.get_dataset_shard(MAIN_STREAM)
     if rank == 0 and plan.mlflow_run_id:
@@ -269,6 +269,8 @@ def _resume(w: Worker, ckpt) -> None:
     with ckpt.as_directory() as d:
         saved = checkpoint.load(w.engine, d)
         w.progress.load(d)
+        if w.rank == 0:
+            _restore_bad_clip_counts(d, w.plan.run_name)
     w.state.restore(saved)
     w.resumed, w.saved_step = True, w.state.step
     if w.rank == 0:
@@ -376,7 +378,9 @@ def end_epoch(w: Worker) -> None:
 
 
 def finish(w: Worker) -> None:
-    """A last checkpoint unless the last step took one, then the consolidated export."""
+    """The run's bad-fraction check, a last checkpoint unless the last step took one, then the
+    consolidated export into ``<export_uri>/step_<N>/`` and its pointer (manifest.py)."""
+    _check_bad_fraction(w)  # every run, also one shorter than an epoch
     if w.saved_step != w.state.step:
         save_and_report(w)
     export_uri = w.plan.export_uri
@@ -385,19 +389,27 @@ def finish(w: Worker) -> None:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "export")
         if checkpoint.export(w.engine, w.plan.run.train.zero_stage, out, w.rank):
-            storage.upload_dir(out, export_uri)
+            manifest.publish_export(out, export_uri, w.state.step)
 
 
 def save_and_report(w: Worker) -> None:
+    """Every rank saves its part and reports it; after every rank's upload, rank 0 writes the
+    completion marker listing each file (``checkpoint.commit``, a collective)."""
     import ray.train
 
     reported = {**w.last_metrics, "step": w.state.step}
     consumed = w.progress.gather()  # collective: before any rank saves
+    name = manifest.checkpoint_dir_name(w.state.step)
     with tempfile.TemporaryDirectory() as d:
         checkpoint.save(w.engine, d, dataclasses.asdict(w.state), w.rank, metrics=reported)
         w.progress.save(d, consumed)
-        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_step_{w.state.step:08d}")
+        if w.rank == 0:
+            _carry_bad_clip_counts(d, w.plan.run_name)
+        files = manifest.describe_files(d)
+        ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+    if w.plan.run_dir:  # the completion marker, last
+        checkpoint.commit(files, storage.join(w.plan.run_dir, name), dataclasses.asdict(w.state), reported,
+                          w.plan.run.to_dict(), w.rank, w.world)
     w.saved_step = w.state.step
 
 
@@ -460,3 +472,38 @@ class PreemptionCheckpointer:
         log.warning("node preemption signalled (nodes %s, ranks %s, deadline %s ms): checkpointing now",
                     info.preempted_node_ids, info.preempted_ranks, info.deadline_ms)
         return True
+
+
+def _carry_bad_clip_counts(directory: str, run_name: str | None) -> None:
+    """The run's bad-clip counts into the checkpoint (rank 0): a new driver's tracker starts from them."""
+    try:
+        quality.save_counts(directory, run_name)
+    except Exception as e:  # a slow tracker never costs the checkpoint; said loudly
+        log.error("bad-clip counts not saved with this checkpoint (%s: %s); a resume from it starts them "
+                  "from the tracker's own", type(e).__name__, e)
+
+
+def _restore_bad_clip_counts(directory: str, run_name: str | None) -> None:
+    try:
+        quality.restore_counts(directory, run_name)
+    except Exception as e:  # as above
+        log.error("bad-clip counts of the checkpoint not restored (%s: %s)", type(e).__name__, e)
+
+
+def _check_bad_fraction(w: Worker) -> None:
+    """``data.max_bad_fraction`` over the whole run, decided on rank 0 and raised on every rank together."""
+    err = None
+    if w.rank == 0:
+        try:
+            quality.check_run_end(w.plan.run_name, w.plan.run.data.max_bad_fraction)  # all it saw, as at a pass's end
+        except quality.TooManyBadClips as e:
+            err = e
+    if w.world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if err is not None else 0.0])
+        dist.broadcast(flag, src=0)
+        if flag.item() and err is None:
+            err = quality.TooManyBadClips("too many bad clips (rank 0 has the counts and reasons)")
+    if err is not None:
+        raise err

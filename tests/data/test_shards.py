@@ -80,3 +80,42 @@ def test_truncated_shard_keeps_readable_samples_and_counts_the_break(fixture_roo
     assert rows[-1]["bad"] == "truncated" and rows[-1]["media_uri"] == str(cut)
     good = _expand_shard({"shard": str(fixture_root / "webvid" / "00000.tar")}, "webvid_wds")
     assert len(good) == 1 and good[0]["media_bytes"][4:8] == b"ftyp" and good[0]["text"] == "Mount saint helens"
+
+
+def test_a_truncated_shard_counts_every_sample_it_lost(synth_data, tmp_path):
+    """Issue 17, item 5: the rest of a truncated shard is counted sample by sample (index.json says
+    how many it held), and a malformed sample is one counted bad row."""
+    import io
+    import tarfile
+
+    from orchestrator.data.pipeline import _expand_shard, _shard_counts
+
+    out = tmp_path / "shards"
+    main(["shard", "--source", "msrvtt_qa", "--root", synth_data, "--annotations",
+          "annotations/msrvtt_qa_train.jsonl", "--out", str(out), "--shard-samples", "20"])
+    index = json.loads((out / "index.json").read_text())
+    assert index["shard_samples"] == {"shard-000000.tar": 20, "shard-000001.tar": 20, "shard-000002.tar": 17}
+    first = out / "shard-000000.tar"
+    data = first.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # cut inside the 8th sample's media
+        m = [x for x in tar.getmembers() if x.name.startswith("000000007.")][0]
+    first.write_bytes(data[: m.offset_data + 10])
+    _shard_counts.cache_clear()
+    rows = _expand_shard({"shard": str(first)}, "wds")
+    good = [r for r in rows if not r["bad"]]
+    lost = [r for r in rows if r["bad"] == "truncated"]
+    assert len(good) == 7 and len(rows) == 20 and len(lost) == 13, (len(good), len(lost), len(rows))
+    assert len({r["media_uri"] for r in lost}) == 13  # one item per lost sample
+
+    # a sample whose JSON is unusable: one malformed row, the others intact
+    with tarfile.open(out / "shard-000001.tar") as tar:
+        members = [(x, tar.extractfile(x).read()) for x in tar.getmembers()]
+    bad_tar = tmp_path / "bad.tar"
+    with tarfile.open(bad_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, body in members:
+            if info.name == "000000021.json":
+                body = b"{not json"
+                info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    rows = _expand_shard({"shard": str(bad_tar)}, "wds")
+    assert len(rows) == 20 and [r["bad"] for r in rows].count("malformed") == 1

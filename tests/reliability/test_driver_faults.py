@@ -43,16 +43,27 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 def test_driver_killed_and_resubmitted_resumes_from_last_complete_checkpoint(tmp_path):
     storage = str(tmp_path / "store")
     run_dir = Path(storage) / EXPERIMENT / "drv"
-    first = _job(storage, "drv")
+    first = _job(storage, "drv", "--sleep", "2.0")  # slow: still training when the contender is refused
+    # one run per name (issue 17, item 7): a second start while the first trains is refused, no training
+    contender = None
     deadline = time.time() + 240
-    while time.time() < deadline and not (checkpoint_steps(str(run_dir)) and max(checkpoint_steps(str(run_dir))) >= 8):
+    while time.time() < deadline and not (checkpoint_steps(str(run_dir)) and max(checkpoint_steps(str(run_dir))) >= 8
+                                          and contender is not None and contender.poll() is not None):
         assert first.poll() is None, first.stdout.read()
+        if contender is None and (run_dir / "_lease").is_dir():
+            contender = _job(storage, "drv")
         time.sleep(0.2)
+    c_out, _ = contender.communicate(timeout=120)
+    assert contender.returncode != 0 and "run name in use" in c_out, c_out[-3000:]
+    assert "resumed from step" not in c_out and "result_step" not in c_out
+    assert first.poll() is None, "the running job must not be disturbed by the refused start"
     time.sleep(0.5)  # a little past the checkpoint: those steps are lost
     _kill_tree(first)
     # the latest checkpoint Ray registered (a directory still being persisted is not in the snapshot)
     snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
-    last_complete = max(int(s) for s in re.findall(r"checkpoint_step_(\d{8})", snapshot))
+    # ... whose completion marker was written (rank 0 writes it after every rank's upload, issue 17 item 4)
+    last_complete = max(int(s) for s in re.findall(r"checkpoint_step_(\d{8})", snapshot)
+                        if (run_dir / f"checkpoint_step_{s}" / "mplug2_checkpoint.json").is_file())
     # a checkpoint that was being written when the fault hit: a shard without the completion marker
     partial = run_dir / "checkpoint_step_99999999" / "ds"
     partial.mkdir(parents=True)

@@ -51,7 +51,7 @@ def _worker(rank: int, port: int, out: str, precision: str, zero_stage: int) -> 
     import deepspeed
     import torch.distributed as dist
 
-    from orchestrator.train import checkpoint, momentum_sync
+    from orchestrator.train import checkpoint, manifest, momentum_sync
     from orchestrator.train.config import TrainConfig
     from orchestrator.train.loop import micro_step
     from workloads import pretrain
@@ -92,6 +92,8 @@ def _worker(rank: int, port: int, out: str, precision: str, zero_stage: int) -> 
     # checkpoint -> a fresh engine (other seed) restores the momentum state exactly; the export has it
     ckpt = os.path.join(out, "ckpt")
     checkpoint.save(engine, ckpt, {"step": engine.global_steps}, rank)
+    checkpoint.commit(manifest.describe_files(ckpt), ckpt, {"step": engine.global_steps}, None, None, rank,
+                      WORLD)  # the completion marker, once every rank saved (issue 17, item 4)
     exported = os.path.join(out, "export")
     checkpoint.export(engine, zero_stage, exported, rank)
     fresh = _engine(tcfg, precision, seed=1)

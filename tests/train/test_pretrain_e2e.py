@@ -72,7 +72,11 @@ def test_pretrain_e2e_survives_worker_kill_and_rerun_is_noop(ray_local, s3_bucke
     assert "config/resolved.yaml" in [a.path for a in c.list_artifacts(run.info.run_id, "config")]
     ckpts = sorted({u.split("/checkpoint_step_")[1][:8] for u in storage.list_files(run_dir) if "checkpoint_step_" in u})
     assert ckpts == ["00000012", "00000016"]                      # keep_checkpoints=2
-    assert storage.exists(f"{run_dir}/export/model.safetensors")
+    # exports are versioned per step behind a pointer (issue 17, item 4): <run>/export names the latest
+    from orchestrator.train.manifest import resolve_export
+
+    assert resolve_export(f"{run_dir}/export") == f"{run_dir}/export/step_00000016"
+    assert storage.exists(f"{resolve_export(f'{run_dir}/export')}/model.safetensors")
     assert run.data.tags["mplug2.export_uri"] == f"{run_dir}/export"
 
     # rerun of a finished name: no workers started (no new resume point), nothing retrained

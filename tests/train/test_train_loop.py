@@ -51,7 +51,11 @@ def test_train_checkpoints_to_s3_and_tracks_in_mlflow(ray_local, s3_bucket, mlfl
     assert any(f.endswith("checkpoint_step_00000006/mplug2_checkpoint.json") for f in files)
     shard_files = [f for f in files if "checkpoint_step_00000006/ds/" in f and "optim_states" in f]
     assert len(shard_files) == 2, files  # one ZeRO optimizer shard per rank
-    assert out.export_uri and storage.exists(out.export_uri + "/model.safetensors")
+    # exports are versioned per step behind a pointer (issue 17, item 4): the run's export URI names the latest
+    from orchestrator.train.manifest import resolve_export
+
+    assert out.export_uri and storage.exists(resolve_export(out.export_uri) + "/model.safetensors")
+    assert resolve_export(out.export_uri).endswith("/export/step_00000006")
     # MLflow: one finished run with params, per-step metrics, config artifact and URIs
     c, runs = _runs(mlflow_uri, cfg.experiment_name())
     assert len(runs) == 1
@@ -92,6 +96,23 @@ def test_resume_continues_step_and_schedule(ray_local, tmp_path, mlflow_uri):
     c, runs = _runs(mlflow_uri, cfg.experiment_name())
     steps = [m.step for m in c.get_metric_history(runs[0].info.run_id, "loss")]
     assert steps == [2, 4, 6, 8]
+
+    # issue 17, item 4: the realistic partial checkpoint (marker present, a shard truncated) is skipped
+    # with a warning and the previous complete one used; a finished name rerun with another config says so
+    from orchestrator.train.manifest import FinishedWithOtherConfig
+
+    run_dir = storage.join(cfg.storage, cfg.experiment_name(), "toy-resume")
+    shard = next(u for u in storage.list_files(storage.join(run_dir, "checkpoint_step_00000008"))
+                 if u.endswith("model_states.pt"))
+    storage.write_bytes(shard, storage.read_bytes(shard)[:100])
+    cfg10 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 10})})
+    assert run_training(cfg10, datasets=_datasets()).metrics["step"] == 10
+    resumed = [int(m.value) for m in c.get_metric_history(runs[0].info.run_id, "resumed_from_step")]
+    assert resumed == [4, 6], resumed
+    assert run_training(cfg10, datasets=_datasets()).metrics["step"] == 10  # same config: the old result
+    other = cfg10.model_copy(update={"train": cfg10.train.model_copy(update={"lr": 0.02})})
+    with pytest.raises(FinishedWithOtherConfig, match="train.lr"):
+        run_training(other, datasets=_datasets())
 
 
 def test_init_from_zero_checkpoint_export_and_mlflow_lineage(ray_local, tmp_path, mlflow_uri):

@@ -1,0 +1,227 @@
+"""Checkpoints and exports that are complete or invisible.
+
+A checkpoint is ``<run_dir>/checkpoint_step_<N>/``: every rank uploads its own DeepSpeed files
+there (Ray Train's ``report``).  Only after every rank's upload returned (a collective over the
+ranks) does rank 0 write the completion marker :data:`META`, listing each file of every rank with
+its size and SHA-256, the client state, the metrics and the run's config fingerprint.  Readers
+(resume, "is this run finished") trust a checkpoint only when the marker is there and every file
+it lists is in storage with that size (one listing, no body read); a resume also checks the hashes
+of what it downloaded.  A checkpoint that fails is skipped with a warning and the previous
+complete one is used.
+
+An export is ``<run_dir>/export/step_<N>/``; the pointer :data:`EXPORT_POINTER`
+(``<run_dir>/export/LATEST.json``, naming that folder and its files' sizes) is written after the
+upload, so a crash mid-upload leaves the previous export in force.  Readers of ``<run_dir>/export``
+follow the pointer (:func:`resolve_export`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from orchestrator import storage
+from orchestrator.config import ConfigError, flatten
+from orchestrator.tracking.redact import redact
+
+log = logging.getLogger(__name__)
+
+META = "mplug2_checkpoint.json"
+EXPORT_POINTER = "LATEST.json"
+CHECKPOINT_DIR = re.compile(r"checkpoint_step_(\d{8})$")
+# config keys a rerun of a finished name may change: where it logs, how long/robustly it runs
+RERUN_MAY_CHANGE = ("name", "tracking.", "train.max_steps", "train.max_failures", "train.keep_checkpoints")
+
+
+class IncompleteCheckpoint(RuntimeError):
+    """A checkpoint whose marker is missing or does not match what is in storage."""
+
+
+class FinishedWithOtherConfig(ConfigError):
+    """A rerun of a finished run name with a different config."""
+
+
+def _norm(uri: str) -> str:
+    """The form :func:`storage.list_sizes` names things in: ``s3://...`` or an absolute local path."""
+    return uri.rstrip("/") if storage.is_s3(uri) else os.path.normpath(storage.local_path(uri))
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_step_{step:08d}"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_files(local_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of every file under ``local_dir`` (before its upload)."""
+    root = Path(local_dir)
+    return {f.relative_to(root).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in sorted(root.rglob("*")) if f.is_file() and f.name != META}
+
+
+def merge_ranks(per_rank: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One file list from every rank's; a path two ranks wrote differently keeps no size/hash
+    (whichever upload came last is in storage), so it is listed but not checked."""
+    out: dict[str, dict[str, Any]] = {}
+    for files in per_rank:
+        for rel, desc in files.items():
+            if rel in out and out[rel] != desc:
+                out[rel] = {"size": None, "sha256": None}
+            else:
+                out.setdefault(rel, desc)
+    return out
+
+
+def config_fingerprint(run: dict[str, Any]) -> tuple[str, dict[str, str]]:
+    """(SHA-256 of the config a result depends on, its flattened and redacted values for messages)."""
+    flat = {k: v for k, v in flatten(run).items() if not any(k == p or k.startswith(p) for p in RERUN_MAY_CHANGE)}
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+    return digest, {k: str(v) for k, v in redact(flat).items()}
+
+
+def write_marker(ckpt_uri: str, files: dict[str, dict[str, Any]], client_state: dict[str, Any],
+                 metrics: dict[str, float] | None, run: dict[str, Any] | None) -> None:
+    """The completion marker: call once every rank's files are in storage (rank 0 only)."""
+    digest, values = config_fingerprint(run) if run else (None, {})
+    marker = {"complete": True, **client_state, "metrics": metrics or {}, "files": files,
+              "config_digest": digest, "config": values}
+    storage.write_text(storage.join(ckpt_uri, META), json.dumps(marker, default=float))
+
+
+def read_marker(ckpt_uri: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_text(storage.join(ckpt_uri, META)))
+    except FileNotFoundError:
+        return None
+    except Exception as e:  # noqa: BLE001 - a missing S3 key, a torn marker: not a complete checkpoint
+        if "NoSuchKey" in str(e) or "404" in str(e) or "Not Found" in str(e):
+            return None
+        if isinstance(e, ValueError):
+            return {"complete": False, "error": f"unreadable marker ({e})"}
+        raise
+
+
+def problem(ckpt_uri: str, marker: dict[str, Any] | None, sizes: dict[str, int]) -> str | None:
+    """Why ``ckpt_uri`` is not a complete checkpoint (None when it is). ``sizes``: the listing of
+    storage under it (or a wider prefix), ``{uri: size}``."""
+    if marker is None:
+        return f"no {META} (not completely written)"
+    if not marker.get("complete"):
+        return marker.get("error") or "marker says incomplete"
+    files = marker.get("files")
+    if files is None:
+        return None  # written before markers listed files: trusted as before
+    base = _norm(ckpt_uri) + "/"
+    for rel, desc in files.items():
+        have = sizes.get(base + rel)
+        if have is None:
+            return f"{rel} is missing"
+        if desc.get("size") is not None and have != desc["size"]:
+            return f"{rel} has {have} bytes, the marker lists {desc['size']}"
+    return None
+
+
+def verify_local(directory: str | os.PathLike, marker: dict[str, Any]) -> None:
+    """Every file the marker lists is in ``directory`` with its size and hash (a resume's download)."""
+    for rel, desc in (marker.get("files") or {}).items():
+        f = Path(directory, rel)
+        if not f.is_file():
+            raise IncompleteCheckpoint(f"{directory}: {rel} is missing")
+        if desc.get("size") is not None and f.stat().st_size != desc["size"]:
+            raise IncompleteCheckpoint(f"{directory}: {rel} has {f.stat().st_size} bytes, the marker lists "
+                                       f"{desc['size']}")
+        if desc.get("sha256") and sha256_file(f) != desc["sha256"]:
+            raise IncompleteCheckpoint(f"{directory}: {rel} differs from the marker's SHA-256")
+
+
+def checkpoints(run_dir: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """``([(step, uri)] newest first, the run folder's listing {uri: size})``."""
+    base = _norm(run_dir) + "/"
+    sizes = storage.list_sizes(base[:-1])
+    found = set()
+    for uri in sizes:
+        if not uri.startswith(base):
+            continue
+        m = CHECKPOINT_DIR.match(uri[len(base):].split("/", 1)[0])
+        if m:
+            found.add((int(m.group(1)), base + m.group(0)))
+    return sorted(found, reverse=True), sizes
+
+
+def latest_complete(run_dir: str, at_most_step: int | None = None) -> tuple[str, dict[str, Any]] | None:
+    """``(uri, marker)`` of the newest complete checkpoint in ``run_dir`` (at or before
+    ``at_most_step``); every newer one that is incomplete is skipped with a warning."""
+    found, sizes = checkpoints(run_dir)
+    for step, uri in found:
+        if at_most_step is not None and step > at_most_step:
+            continue
+        marker = read_marker(uri)
+        why = problem(uri, marker, sizes)
+        if why is None:
+            return uri, marker
+        log.warning("skipping checkpoint %s: %s; using an earlier complete one", uri, why)
+    return None
+
+
+def check_same_config(marker: dict[str, Any], run: dict[str, Any], run_dir: str) -> None:
+    """Raise :class:`FinishedWithOtherConfig` when ``run`` is not the config ``marker`` was trained with."""
+    if not marker.get("config_digest"):
+        return  # written before markers carried the config
+    digest, values = config_fingerprint(run)
+    if digest == marker["config_digest"]:
+        return
+    old = marker.get("config") or {}
+    differ = sorted(k for k in set(old) | set(values) if old.get(k) != values.get(k))
+    shown = "; ".join(f"{k}: {old.get(k, '(unset)')} -> {values.get(k, '(unset)')}" for k in differ[:8])
+    raise FinishedWithOtherConfig(
+        f"run {run_dir} already finished with another config ({len(differ)} setting(s) differ: {shown or 'secret values'}"
+        f"{'; ...' if len(differ) > 8 else ''}). Choose a new name (name=...) to train this config, or rerun with "
+        "the finished config to get its result")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exports: one folder per step, and a pointer written last
+# ---------------------------------------------------------------------------------------------
+
+def export_version_uri(export_uri: str, step: int) -> str:
+    return storage.join(export_uri, f"step_{step:08d}")
+
+
+def publish_export(local_dir: str | os.PathLike, export_uri: str, step: int) -> str:
+    """Upload an export to its step's folder, then point ``export_uri`` at it; returns the folder."""
+    target = export_version_uri(export_uri, step)
+    storage.upload_dir(local_dir, target)
+    files = {rel: d["size"] for rel, d in describe_files(local_dir).items()}
+    storage.write_text(storage.join(export_uri, EXPORT_POINTER),
+                       json.dumps({"step": step, "path": target.rstrip("/").rsplit("/", 1)[-1], "files": files}))
+    return target
+
+
+def resolve_export(export_uri: str) -> str | None:
+    """The folder of the export ``export_uri`` points at (``export_uri`` itself for an export of
+    another layout: a plain folder with ``model.safetensors``), or None when there is no complete one."""
+    try:
+        pointer = json.loads(storage.read_text(storage.join(export_uri, EXPORT_POINTER)))
+    except Exception:  # noqa: BLE001 - no pointer: a plain export folder, or nothing
+        return export_uri if storage.exists(storage.join(export_uri, "model.safetensors")) else None
+    target = storage.join(export_uri, str(pointer.get("path", "")))
+    if not pointer.get("path") or "/" in str(pointer["path"]) or str(pointer["path"]).startswith("."):
+        log.warning("export pointer %s names no folder of its own: ignored", export_uri)
+        return None
+    sizes = storage.list_sizes(target)
+    base = _norm(target) + "/"
+    for rel, size in (pointer.get("files") or {}).items():
+        if sizes.get(base + rel) != size:
+            log.warning("export %s: %s missing or of another size than its pointer lists", target, rel)
+            return None
+    return target

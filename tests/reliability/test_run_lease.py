@@ -1,0 +1,114 @@
+"""One run per name (issue 17, item 7): the lease on the run folder, locally and on S3 (moto's
+conditional put), two concurrent starts, takeover of an expired or dead holder's lease."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from orchestrator import storage
+from orchestrator.train.lease import LEASE_DIR, RunLease, RunNameInUse
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_dir(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "exp" / "run")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"{bucket}/exp/run"
+
+
+def _race(run_dir: str, n: int = 2) -> tuple[list[RunLease], list[Exception]]:
+    leases = [RunLease(run_dir, ttl_s=60) for _ in range(n)]
+    won, lost = [], []
+    barrier = threading.Barrier(n)
+
+    def start(lease):
+        barrier.wait()
+        try:
+            won.append(lease.acquire())
+        except RunNameInUse as e:
+            lost.append(e)
+
+    threads = [threading.Thread(target=start, args=(lease,)) for lease in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return won, lost
+
+
+def test_exclusive_create_is_exclusive(run_dir):
+    uri = storage.join(run_dir, "x.json")
+    storage.create_exclusive(uri, b"1")
+    with pytest.raises(storage.AlreadyExists):
+        storage.create_exclusive(uri, b"2")
+    assert storage.read_text(uri) == "1"
+
+
+def test_two_concurrent_starts_one_wins_the_other_gets_a_clear_error(run_dir):
+    for _ in range(3):  # three rounds of the race: always exactly one winner
+        won, lost = _race(run_dir, 2)
+        assert len(won) == 1 and len(lost) == 1, (won, lost)
+        assert "run name in use" in str(lost[0]) and run_dir in str(lost[0])
+        won[0].release()
+
+
+def test_a_live_lease_refuses_and_a_released_one_is_free(run_dir):
+    a = RunLease(run_dir, ttl_s=60).acquire()
+    with pytest.raises(RunNameInUse, match="lease valid for"):
+        RunLease(run_dir, ttl_s=60).acquire()
+    a.release()
+    b = RunLease(run_dir, ttl_s=60).acquire()
+    assert b.record.generation == 2
+    b.release()
+
+
+def test_an_expired_lease_of_a_holder_elsewhere_is_taken_over(run_dir, caplog):
+    dead = {"owner": "otherhost:123:abcd", "host": "otherhost", "pid": 123, "pid_started": 1.0,
+            "expires": time.time() - 1, "released": False}
+    storage.write_text(storage.join(run_dir, LEASE_DIR, "00000004.json"), json.dumps(dead))
+    lease = RunLease(run_dir, ttl_s=60).acquire()
+    assert lease.record.generation == 5
+    assert "taking over the lease of otherhost:123:abcd" in caplog.text
+    lease.release()
+
+
+def test_an_unexpired_lease_of_a_holder_elsewhere_is_respected(run_dir):
+    live = {"owner": "otherhost:123:abcd", "host": "otherhost", "pid": 123, "pid_started": 1.0,
+            "expires": time.time() + 600, "released": False}
+    storage.write_text(storage.join(run_dir, LEASE_DIR, "00000001.json"), json.dumps(live))
+    with pytest.raises(RunNameInUse, match="otherhost:123:abcd"):
+        RunLease(run_dir, ttl_s=60).acquire()
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(run_dir):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a driver that was killed: its pid is gone, its lease not yet expired
+    gone = {"owner": f"{socket.gethostname()}:{proc.pid}:dead", "host": socket.gethostname(), "pid": proc.pid,
+            "pid_started": time.time() - 5, "expires": time.time() + 600, "released": False}
+    storage.write_text(storage.join(run_dir, LEASE_DIR, "00000001.json"), json.dumps(gone))
+    RunLease(run_dir, ttl_s=60).acquire().release()
+
+
+def test_the_heartbeat_renews_and_a_holder_that_was_taken_over_knows(run_dir):
+    a = RunLease(run_dir, ttl_s=1.5, renew_every_s=0.3).acquire()
+    first = a.record.expires
+    time.sleep(1.0)
+    assert a.record.expires > first  # renewed by the heartbeat
+    assert a.current().expires == pytest.approx(a.record.expires)
+    a._stop.set()  # the holder stalls: it stops renewing
+    a._thread.join()
+    time.sleep(1.6)
+    b = RunLease(run_dir, ttl_s=60).acquire()
+    assert not a.renew() and a.lost.is_set()
+    a.release()  # does not touch b's generation
+    with pytest.raises(RunNameInUse):
+        RunLease(run_dir, ttl_s=60).acquire()
+    b.release()
