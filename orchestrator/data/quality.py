@@ -211,14 +211,13 @@ class BadClipTracker:
         return self._note(out)
 
     def _late_answer(self) -> dict[str, Any] | None:
-        import ray  # noqa: PLC0415
-
+        import ray
         ready = [r for r in self._pending if ray.wait([r], timeout=0)[0]]
         self._pending = [r for r in self._pending if r not in ready][-8:]
         for ref in reversed(ready):
             try:
                 return ray.get(ref)
-            except Exception:  # noqa: BLE001 - a late answer from a dead actor: none
+            except Exception:  # a late answer from a dead actor: none
                 continue
         return None
 

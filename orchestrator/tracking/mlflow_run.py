@@ -216,8 +216,7 @@ class MetricLogger:
     @staticmethod
     def _refused(e: Exception) -> bool:
         """The server answered and refused the request (a 4xx other than 429): sending it again cannot help."""
-        from mlflow.exceptions import MlflowException  # noqa: PLC0415
-
+        from mlflow.exceptions import MlflowException
         if not isinstance(e, MlflowException) or "failed with exception" in str(e):
             return False
         status = e.get_http_status_code()
@@ -228,7 +227,7 @@ class MetricLogger:
         try:
             self._client.log_batch(self.run_id, metrics=chunk)
             self.sent += len(chunk)
-        except Exception as e:  # noqa: BLE001 - sorted below
+        except Exception as e:  # sorted below
             if not self._refused(e):
                 raise
             if len(chunk) == 1:

@@ -167,7 +167,7 @@ class RunLease:
             try:
                 if not self.renew():
                     return
-            except Exception as e:  # noqa: BLE001 - storage away for a while: retried at the next beat
+            except Exception as e:  # storage away for a while: retried at the next beat
                 log.warning("run folder %s: could not renew the lease (%s)", self.run_dir, type(e).__name__)
 
     def release(self) -> None:
@@ -181,7 +181,7 @@ class RunLease:
             if top is not None and top.generation == self.record.generation and top.owner == self.owner:
                 self.record.released = True
                 storage.write_text(self._uri(self.record.generation), self.record.to_json())
-        except Exception as e:  # noqa: BLE001 - never mask the run's outcome; the lease expires anyway
+        except Exception as e:  # never mask the run's outcome; the lease expires anyway
             log.warning("run folder %s: could not release the lease (%s); it expires in %.0f s", self.run_dir,
                         type(e).__name__, max(self.record.expires - time.time(), 0))
         self.record = None

@@ -103,7 +103,7 @@ def read_marker(ckpt_uri: str) -> dict[str, Any] | None:
         return json.loads(storage.read_text(storage.join(ckpt_uri, META)))
     except FileNotFoundError:
         return None
-    except Exception as e:  # noqa: BLE001 - a missing S3 key, a torn marker: not a complete checkpoint
+    except Exception as e:  # a missing S3 key, a torn marker: not a complete checkpoint
         if "NoSuchKey" in str(e) or "404" in str(e) or "Not Found" in str(e):
             return None
         if isinstance(e, ValueError):
@@ -212,7 +212,7 @@ def resolve_export(export_uri: str) -> str | None:
     another layout: a plain folder with ``model.safetensors``), or None when there is no complete one."""
     try:
         pointer = json.loads(storage.read_text(storage.join(export_uri, EXPORT_POINTER)))
-    except Exception:  # noqa: BLE001 - no pointer: a plain export folder, or nothing
+    except Exception:  # no pointer: a plain export folder, or nothing
         return export_uri if storage.exists(storage.join(export_uri, "model.safetensors")) else None
     target = storage.join(export_uri, str(pointer.get("path", "")))
     if not pointer.get("path") or "/" in str(pointer["path"]) or str(pointer["path"]).startswith("."):
