@@ -20,6 +20,7 @@ from orchestrator.console import Progress, summary, train_logging_config
 from orchestrator.data.catalog import describe_sources
 from orchestrator.data.tokenize import default_tokenizer
 from orchestrator.tracking import lineage
+from orchestrator.train.journal import ENV as STEP_JOURNAL
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     storage_path, storage_fs = _storage_for_ray(storage.join(cfg.storage, experiment))
     progress = Progress(run_name, cfg.train.max_steps, printer=log.info)
     worker_env = {} if cfg.train.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    if os.environ.get(STEP_JOURNAL):  # measuring a fault test: the workers record their steps there
+        worker_env[STEP_JOURNAL] = os.environ[STEP_JOURNAL]
     resources = {"CPU": cfg.train.cpus_per_worker}
     if cfg.train.use_gpu:
         resources["GPU"] = cfg.train.gpus_per_worker

@@ -16,6 +16,7 @@ import torch
 
 from orchestrator.train import checkpoint, momentum_sync
 from orchestrator.train.deepspeed_config import build_deepspeed_config
+from orchestrator.train.journal import StepJournal
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.progress import EpochProgress
 
@@ -212,6 +213,7 @@ def _train(config: dict[str, Any], phase) -> None:
     # else skips this many batches (datasets without keys, e.g. a single-block in-memory one).
     state = {"step": 0, "epoch": 0, "samples": 0, "epoch_batches": 0}
     progress = EpochProgress(config.get("run_name"), rank, world)
+    journal = StepJournal(rank)  # $MPLUG2_STEP_JOURNAL: every computed step and its rows, for measuring faults
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         checkpoint.check_own(ckpt.path, config.get("run_dir"))
@@ -269,7 +271,9 @@ def _train(config: dict[str, Any], phase) -> None:
                 if not mixed_in:
                     state["epoch_batches"] += 1  # the epoch's batches only: what a resumed epoch skips
                 if SAMPLE_KEY in batch:
-                    progress.record(stream, batch.pop(SAMPLE_KEY))
+                    keys = batch.pop(SAMPLE_KEY)
+                    progress.record(stream, keys)
+                    journal.batch(stream, keys)
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 batch.update(constants)
                 if tcfg.steps_per_epoch:  # e.g. the distillation-weight ramp over the first epoch
@@ -287,6 +291,7 @@ def _train(config: dict[str, Any], phase) -> None:
                 if engine.global_steps == state["step"]:
                     continue  # gradient accumulation: no optimizer step yet
                 state["step"] = engine.global_steps
+                journal.step(state["step"], state["epoch"])
                 state["samples"] += tcfg.batch_size_per_worker * tcfg.grad_accum_steps * world
                 step = state["step"]
                 do_log = step % tcfg.log_every == 0 or step >= tcfg.max_steps or validator.due(step)
