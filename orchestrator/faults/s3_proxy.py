@@ -20,6 +20,7 @@ import http.client
 import random
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -60,6 +61,13 @@ def request_kind(method: str, path: str) -> str:
     return "other"
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client gave up first (its timeout during an injected delay): expected
+        super().handle_error(request, client_address)
+
+
 class S3FaultProxy:
     """``with S3FaultProxy(upstream, {"get": FaultSpec(slowdown=0.3)}) as proxy: ...``"""
 
@@ -78,7 +86,7 @@ class S3FaultProxy:
         self.injected: Counter[tuple[str, str]] = Counter()
         self.log: list[tuple[str, str, str | None]] = []  # (kind, path, fault or None) of every request
         self._streak: Counter[str] = Counter()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="s3-fault-proxy", daemon=True)
 
