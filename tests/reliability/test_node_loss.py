@@ -95,10 +95,10 @@ def test_node_with_the_workers_lost_run_resumes_on_the_other(tmp_path, notice):
     head = LocalRayHead(num_cpus=HEAD_CPUS)
     blocker = job = None
     try:
-        head.start()
+        head.start(timeout=600)
         spec["address"] = head.gcs_address
         (tmp_path / "spec.json").write_text(json.dumps(spec))
-        node = head.add_node(NODE_CPUS)
+        node = head.add_node(NODE_CPUS, timeout=600)  # a loaded 2-core machine: joining can take minutes
         env = {**head.env, "PYTHONPATH": str(REPO), STEP_JOURNAL: journal, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
         blocker = subprocess.Popen([sys.executable, "-c", BLOCKER, head.gcs_address, str(BLOCK_CPUS)], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -96,7 +96,10 @@ def test_worker_killed_twice_resumes_and_matches_fault_free_run(ray_local, tmp_p
     else:  # Ray Data delivered a different batch order after a restart: bounded, not equal
         assert rel < 0.05, f"final weights {rel:.2%} away from the fault-free run (data order differed)"
     measured = Measured.from_journal(read_journal(str(tmp_path / "journal")))
-    assert measured.steps_lost == steps_lost, (measured, steps_lost)  # the journal and the workload's trace agree
+    # the trace counts every micro-batch started, the journal every optimizer step completed: a
+    # kill lands between the two for at most one step per kill
+    assert steps_lost - len(killed) <= measured.steps_lost <= steps_lost, (measured, steps_lost)
+    assert measured.evidence["attempts"] == len(killed) + 1, measured
     record("training worker SIGKILL (2 per run, random steps)", len(killed), True, measured,
            f"resumed from steps {resumed}; final weights vs fault-free run: max |diff| {diff:.1e}, "
            f"relative L2 {rel:.1e} ({'same' if same_order else 'different'} batch order)")
