@@ -113,13 +113,13 @@ def load(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _cell(v: Any) -> str:
-    return "n/a" if v is None else str(v)
+    return "n/a" if v is None else str(v).replace("|", "\\|")  # a pipe would end the Markdown cell
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = "| fault | faults injected | runs survived | steps lost | clips lost | how measured | note |"
     lines = [head, "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['fault']} | {r['injected']} | {r['survived']}/{r['runs']} | {_cell(r['steps_lost'])} | "
-                     f"{_cell(r['clips_lost'])} | {r.get('how', '')} | {r['note']} |")
+        lines.append(f"| {_cell(r['fault'])} | {r['injected']} | {r['survived']}/{r['runs']} | {_cell(r['steps_lost'])} | "
+                     f"{_cell(r['clips_lost'])} | {_cell(r.get('how', ''))} | {_cell(r['note'])} |")
     return "\n".join(lines)
