@@ -102,7 +102,12 @@ def test_node_with_the_workers_lost_run_resumes_on_the_other(tmp_path, notice):
         env = {**head.env, "PYTHONPATH": str(REPO), STEP_JOURNAL: journal, "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5"}
         blocker = subprocess.Popen([sys.executable, "-c", BLOCKER, head.gcs_address, str(BLOCK_CPUS)], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        assert blocker.stdout.readline().strip() == "holding"
+        said = []  # Ray's own log lines come first
+        for line in iter(blocker.stdout.readline, ""):
+            said.append(line)
+            if line.strip() == "holding":
+                break
+        assert said and said[-1].strip() == "holding", "".join(said)[-3000:]
         job = subprocess.Popen([sys.executable, "-m", "tests.reliability.plane_job", str(tmp_path / "spec.json")],
                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
