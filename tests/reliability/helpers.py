@@ -131,7 +131,7 @@ def checkpoint_problems(uri: str) -> list[str]:
                         [z[k] for k in z.files]
                 elif f.suffix == ".json":
                     json.loads(f.read_text())
-            except Exception as e:  # noqa: BLE001 - any failure to load is the finding
+            except Exception as e:  # any failure to load is the finding
                 problems.append(f"{uri}/{f.relative_to(root)}: does not load: {type(e).__name__}: {e}")
     return problems
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.faults.report import ENV, Measured, markdown, record
+from orchestrator.devtools.faults.report import ENV, Measured, markdown, record
 from orchestrator.train.journal import StepJournal, read
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from orchestrator import storage
-from orchestrator.faults.report import Measured, record
+from orchestrator.devtools.faults.report import Measured, record
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.cluster.ray_head import LocalRayHead

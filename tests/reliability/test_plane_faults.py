@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from orchestrator import storage
-from orchestrator.faults.report import Measured, record
-from orchestrator.faults.s3_proxy import FaultSpec, S3FaultProxy
+from orchestrator.devtools.faults.report import Measured, record
+from orchestrator.devtools.faults.s3_proxy import FaultSpec, S3FaultProxy
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.reliability.helpers import REPO, checkpoint_problems, coco_images, registered_checkpoints, split_size

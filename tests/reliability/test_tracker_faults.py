@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.faults.report import Measured, record
+from orchestrator.devtools.faults.report import Measured, record
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.conftest import free_port

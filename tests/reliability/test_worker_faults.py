@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from orchestrator.faults.report import Measured, record
+from orchestrator.devtools.faults.report import Measured, record
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.reliability.helpers import checkpoint_steps, toy_cfg, toy_datasets, train_workers

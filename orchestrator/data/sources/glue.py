@@ -7,7 +7,13 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 
-from orchestrator.data.sources.base import MalformedRow, ParseReport, csv_records, make_row, parse_records
+from orchestrator.data.sources.base import (
+    MalformedRow,
+    ParseReport,
+    csv_records,
+    make_row,
+    parse_records,
+)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,17 @@ import json
 import re
 
 from orchestrator import storage
-from orchestrator.data.sources.base import (AnnotationError, MalformedRow, ParseReport, csv_records, json_records,
-                                            make_row, need, parse_records, parse_timestamp)
+from orchestrator.data.sources.base import (
+    AnnotationError,
+    MalformedRow,
+    ParseReport,
+    csv_records,
+    json_records,
+    make_row,
+    need,
+    parse_records,
+    parse_timestamp,
+)
 
 
 def parse_iso_duration(text: str) -> float:

@@ -5,7 +5,14 @@ import ast
 import json
 
 from orchestrator import storage
-from orchestrator.data.sources.base import MalformedRow, ParseReport, csv_records, make_row, need, parse_records
+from orchestrator.data.sources.base import (
+    MalformedRow,
+    ParseReport,
+    csv_records,
+    make_row,
+    need,
+    parse_records,
+)
 
 # The 45 video categories of Youku-mPLUG's category-prediction benchmark, in id order.
 YOUKU_CATEGORIES = (
