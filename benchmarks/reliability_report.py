@@ -4,7 +4,8 @@
 
 Runs ``pytest tests/reliability`` with ``$MPLUG2_RELIABILITY_REPORT`` pointing at a fresh JSON
 Lines file; each fault test appends one row (faults injected, whether the run survived, steps and
-clips lost); the rows are printed as a Markdown table (and written to ``--out``).
+clips lost as measured from the run's step journal, and how); the rows are printed as a Markdown
+table (and written to ``--out``), with the suite's wall time.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as a script
@@ -29,12 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as d:
         rows_file = Path(d) / "rows.jsonl"
         env = {**os.environ, ENV: str(rows_file)}
+        t0 = time.time()
         proc = subprocess.run([sys.executable, "-m", "pytest", "tests/reliability", "-q", "-p", "no:cacheprovider",
                                *pytest_args], cwd=REPO, env=env)
         rows = load(rows_file)
     table = markdown(rows)
     print(table)
-    print(f"\n{len(rows)} fault scenarios; pytest exit status {proc.returncode}")
+    print(f"\n{len(rows)} fault scenarios; pytest exit status {proc.returncode}; {time.time() - t0:.0f} s")
     if args.out:
         Path(args.out).write_text(table + "\n", encoding="utf-8")
     return proc.returncode

@@ -298,11 +298,15 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> int:
 
     Object keys are untrusted: a key whose remainder after the prefix would name a file outside
     ``local_dir`` (``..`` segments, ``//``, an absolute name, a symlinked folder) raises
-    :class:`UnsafeKey` before anything is written; nothing is followed or overwritten outside."""
+    :class:`UnsafeKey` before anything is written; nothing is followed or overwritten outside.
+    Keys ending in ``/`` are folder markers (what ``pyarrow.fs`` leaves in a checkpoint it uploads) and
+    are skipped."""
     local_dir = Path(local_dir)
     base = uri.rstrip("/") + "/"
     plan = []
     for src in list_files(uri):
+        if is_s3(src) and src.endswith("/"):
+            continue  # a folder marker (pyarrow writes them, e.g. into every Ray Train checkpoint): not a file
         rel = src[len(base):] if src.startswith(base) else os.path.relpath(src, local_path(uri))
         plan.append((src, safe_destination(local_dir, Path(rel).as_posix() if not is_s3(src) else rel)))
     n = 0

@@ -38,6 +38,7 @@ from orchestrator.tracking.mlflow_run import (
 from orchestrator.train.checkpoint import finished_run, resolve_init_from, write_vocab
 from orchestrator.train.deepspeed_config import load_user_json
 from orchestrator.train.failures import fail_fast_callback, find_setup_error
+from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.lease import RunLease
 from orchestrator.train.loop import redacted_train_loop
 from orchestrator.train.manifest import resolve_export
@@ -191,6 +192,8 @@ def _trainer(plan: WorkerPlan, experiment: str, datasets: dict, callbacks: list)
     t = plan.run.train
     storage_path, storage_fs = storage.for_ray(storage.join(plan.run.storage, experiment))
     worker_env = {} if t.use_gpu else {"DS_ACCELERATOR": "cpu"}
+    if os.environ.get(STEP_JOURNAL):  # measuring a fault test: the workers record their steps there
+        worker_env[STEP_JOURNAL] = os.environ[STEP_JOURNAL]
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
     return TorchTrainer(
         redacted_train_loop,

@@ -29,6 +29,7 @@ from orchestrator.tracking.redact import redact_exception
 from orchestrator.train import checkpoint, manifest, momentum_sync
 from orchestrator.train.deepspeed_config import build_deepspeed_config
 from orchestrator.train.failures import SetupPhase
+from orchestrator.train.journal import StepJournal
 from orchestrator.train.model_setup import load_run_tokenizer
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.plan import WorkerPlan
@@ -140,6 +141,7 @@ class Worker:
     window: LossWindow = dataclasses.field(default_factory=LossWindow)
     last_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     saved_step: int = -1
+    journal: StepJournal | None = None  # $MPLUG2_STEP_JOURNAL: every computed step and its rows (fault tests)
 
     @property
     def batch_size(self) -> int:
@@ -216,6 +218,7 @@ def setup_worker(plan: WorkerPlan) -> Worker:
                validator, progress, TrainState(), resumed=False)
     _resume(w, checkpoint.resume_point(ray.train.get_checkpoint(), plan.run_dir))  # complete ones only
     w.preemption = PreemptionCheckpointer()
+    w.journal = StepJournal(rank)
     w.shard = ray.train.get_dataset_shard(MAIN_STREAM)
     if rank == 0 and plan.mlflow_run_id:
         w.metrics_logger = MetricLogger(plan.tracking_uri, plan.mlflow_run_id, system_metrics=run.tracking.system_metrics)
@@ -298,6 +301,8 @@ def run_steps(w: Worker) -> None:
             if w.engine.global_steps == state.step:
                 continue  # gradient accumulation: no optimizer step yet
             state.step = w.engine.global_steps
+            if w.journal is not None:
+                w.journal.step(state.step, state.epoch)
             state.samples += w.batch_size * tcfg.grad_accum_steps * w.world
             actions = schedule.at(state.step)
             after_step(w, actions, timer)
@@ -318,7 +323,10 @@ def _tagged(batches) -> Iterator[tuple[str, dict]]:
 def train_micro_batch(w: Worker, stream: str, batch: dict) -> dict[str, torch.Tensor]:
     """Record the batch's rows as consumed, move it to the device, and run one micro-step."""
     if SAMPLE_KEY in batch:
-        w.progress.record(stream, batch.pop(SAMPLE_KEY))
+        keys = batch.pop(SAMPLE_KEY)
+        w.progress.record(stream, keys)
+        if w.journal is not None:
+            w.journal.batch(stream, keys)
     batch = {k: v.to(w.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     batch.update(w.constants)
     steps_per_epoch = w.plan.run.train.steps_per_epoch

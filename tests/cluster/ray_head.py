@@ -98,9 +98,9 @@ class LocalRayHead:
             raise RuntimeError(f"ray start --head did not come up:\n{tail}") from None
         return self
 
-    def add_node(self, num_cpus: int, timeout: float = 120.0) -> None:
+    def add_node(self, num_cpus: int, timeout: float = 120.0) -> int:
         """A second node of this cluster (``ray start --address --block``, its own process group and
-        ports), waited for until the cluster counts its CPUs."""
+        ports), waited for until the cluster counts its CPUs; returns its index (for :meth:`kill_node`)."""
         cmd = [str(BIN / "ray"), "start", f"--address={self.gcs_address}", "--block", "--disable-usage-stats",
                "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
                # its own temp dir (under the head's): sharing one would let this node's runtime-env
@@ -115,14 +115,47 @@ class LocalRayHead:
         want = self.num_cpus + num_cpus
         deadline = time.time() + timeout
         while True:
-            status = subprocess.run([str(BIN / "ray"), "status", f"--address={self.gcs_address}"], env=self.env,
-                                    capture_output=True, text=True, timeout=60).stdout
+            try:
+                status = subprocess.run([str(BIN / "ray"), "status", f"--address={self.gcs_address}"], env=self.env,
+                                        capture_output=True, text=True, timeout=60).stdout
+            except subprocess.TimeoutExpired:  # a loaded machine: ask again until the deadline
+                status = ""
             if f"/{float(want)} CPU" in status:
-                return
+                return len(self._nodes) - 1
             if time.time() > deadline or self._nodes[-1].poll() is not None:
                 raise RuntimeError(f"the second node did not join with {num_cpus} CPUs:\n{status[-2000:]}\n"
                                    + (self.temp_dir / f"ray-node-{len(self._nodes) - 1}.log").read_text()[-2000:])
             time.sleep(2)
+
+    def node_temp_dir(self, index: int) -> Path:
+        return self.temp_dir / f"n{index}"
+
+    def node_pids(self, index: int) -> list[int]:
+        """The node's processes: its ``ray start`` and everything under it (raylet, agents, workers)."""
+        import psutil
+
+        try:
+            root = psutil.Process(self._nodes[index].pid)
+            return [root.pid] + [p.pid for p in root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def kill_node(self, index: int) -> list[int]:
+        """The node lost for real: SIGKILL its raylet and every process of it (its process group and
+        any process naming its temp dir: workers, agents), as when a machine goes away.  Returns the pids."""
+        node = self._nodes[index]
+        pids = sorted(set(self.node_pids(index)) | set(self._stray_pids(self.node_temp_dir(index))))
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        node.wait()
+        return pids
 
     def client(self):
         from ray.job_submission import JobSubmissionClient
@@ -218,9 +251,9 @@ class LocalRayHead:
             self._log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    def _stray_pids(self) -> list[int]:
+    def _stray_pids(self, temp_dir: Path | None = None) -> list[int]:
         """Processes of this head that left its process group (they name its temp dir)."""
-        needle = str(self.temp_dir).encode()
+        needle = str(temp_dir or self.temp_dir).encode()
         pids = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():

@@ -105,6 +105,19 @@ def test_download_dir_does_not_follow_a_symlinked_folder_out(tmp_path, s3_bucket
     assert not (outside / "x").exists()
 
 
+def test_download_dir_skips_folder_markers(tmp_path, s3_bucket):
+    """pyarrow (Ray Train's checkpoint upload) leaves ``prefix/`` and ``prefix/sub/`` marker objects;
+    they are not files and used to be refused as an empty key (issue 17: a checkpoint on S3 could
+    not be downloaded)."""
+    fs, path = storage.filesystem(s3_bucket + "/ckpt")
+    fs.create_dir(path + "/ds")
+    with fs.open_output_stream(path + "/ds/x.pt") as f:
+        f.write(b"w")
+    assert any(u.endswith("/") for u in storage.list_files(s3_bucket + "/ckpt")), "no marker to skip"
+    assert storage.download_dir(s3_bucket + "/ckpt", tmp_path / "dst") == 1
+    assert (tmp_path / "dst" / "ds" / "x.pt").read_bytes() == b"w"
+
+
 @pytest.mark.parametrize("rel", ["../x", "a/../../x", "/etc/x", "a//b", "a/./b", "a\\..\\b", "", "a/\0"])
 def test_safe_destination_rejects(tmp_path, rel):
     with pytest.raises(storage.UnsafeKey):

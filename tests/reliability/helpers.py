@@ -1,15 +1,22 @@
 """Shared helpers for the fault tests: a toy run config, our own Ray's train workers, MLflow servers."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+import torch
 
+from orchestrator import storage
 from orchestrator.config import load_config
+from orchestrator.train import checkpoint
 from tests.conftest import wait_http
 
 SLOW_TOY = "tests.reliability.slow_toy"
@@ -94,3 +101,56 @@ class MlflowServer:
                 time.sleep(0.2)
             except TimeoutError:
                 return
+
+
+def registered_checkpoints(run_dir: str) -> list[str]:
+    """URIs of the checkpoints Ray Train registered for the run (its checkpoint manager's snapshot)."""
+    snapshot = storage.read_text(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
+    return [storage.join(run_dir, f"checkpoint_step_{s}") for s in sorted(set(re.findall(r"checkpoint_step_(\d{8})",
+                                                                                          snapshot)))]
+
+
+def checkpoint_problems(uri: str) -> list[str]:
+    """What is wrong with one checkpoint: a missing marker / progress / model file, or a file that
+    does not load (a truncated upload).  Empty when it is complete."""
+    problems = []
+    with tempfile.TemporaryDirectory() as d:
+        storage.download_dir(uri, d)
+        root = Path(d)
+        for need in (checkpoint.META, "progress.npz"):
+            if not (root / need).is_file():
+                problems.append(f"{uri}: no {need}")
+        if not list(root.glob("ds/*model_states.pt")):
+            problems.append(f"{uri}: no DeepSpeed model states")
+        for f in root.rglob("*"):
+            try:
+                if f.suffix == ".pt":
+                    torch.load(f, map_location="cpu", weights_only=False)  # our own test run's files
+                elif f.suffix == ".npz":
+                    with np.load(f, allow_pickle=False) as z:
+                        [z[k] for k in z.files]
+                elif f.suffix == ".json":
+                    json.loads(f.read_text())
+            except Exception as e:  # any failure to load is the finding
+                problems.append(f"{uri}/{f.relative_to(root)}: does not load: {type(e).__name__}: {e}")
+    return problems
+
+
+def coco_images(root: str, n: int) -> None:
+    """``n`` distinct small JPEGs (ids 0..n-1) and their coco_captions annotation under ``root`` (a URI)."""
+    from tests.data.conftest import jpeg
+
+    images, anns = [], []
+    for i in range(n):
+        storage.write_bytes(storage.join(root, "imgs", f"{i}.jpg"), jpeg(h=24, w=24, value=4 * i))
+        images.append({"file_name": f"{i}.jpg", "id": i})
+        anns.append({"image_id": i, "id": i, "caption": f"image {i}"})
+    storage.write_text(storage.join(root, "coco.json"), json.dumps({"images": images, "annotations": anns}))
+
+
+def split_size(root: str) -> int:
+    """Rows of the train split, as the data plane parses them (not taken from the test's own count)."""
+    from orchestrator.data.config import SourceConfig
+    from orchestrator.data.sources import read_rows
+
+    return len(read_rows(SourceConfig(format="coco_captions", train=["coco.json"], media="imgs"), root, "train"))

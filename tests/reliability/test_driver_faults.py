@@ -14,16 +14,20 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.devtools.faults.report import record
+from orchestrator.devtools.faults.report import Measured, record
+from orchestrator.train.journal import ENV as STEP_JOURNAL
+from orchestrator.train.journal import read as read_journal
 from tests.reliability.helpers import REPO, checkpoint_steps
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "mplug2-tests.reliability.slow_toy"
 
 
-def _job(storage: str, name: str, *extra: str) -> subprocess.Popen:
+def _job(storage: str, name: str, *extra: str, journal: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
+    if journal:
+        env[STEP_JOURNAL] = journal
     return subprocess.Popen([sys.executable, "-m", "tests.reliability.toy_job", storage, name, *extra], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -43,7 +47,8 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 def test_driver_killed_and_resubmitted_resumes_from_last_complete_checkpoint(tmp_path):
     storage = str(tmp_path / "store")
     run_dir = Path(storage) / EXPERIMENT / "drv"
-    first = _job(storage, "drv", "--sleep", "2.0")  # slow: still training when the contender is refused
+    journal = str(tmp_path / "journal")
+    first = _job(storage, "drv", "--sleep", "2.0", journal=journal)  # slow: still training when the contender is refused
     # one run per name (issue 17, item 7): a second start while the first trains is refused, no training
     contender = None
     deadline = time.time() + 240
@@ -69,7 +74,7 @@ def test_driver_killed_and_resubmitted_resumes_from_last_complete_checkpoint(tmp
     partial.mkdir(parents=True)
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"\x80\x02partial")
 
-    second = _job(storage, "drv")
+    second = _job(storage, "drv", journal=journal)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out[-4000:]
     resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", out)]
@@ -77,13 +82,18 @@ def test_driver_killed_and_resubmitted_resumes_from_last_complete_checkpoint(tmp
     assert "99999999" not in " ".join(re.findall(r"resumed from step \d+", out))
     result = json.loads([line for line in out.splitlines() if line.startswith('{"result_step"')][-1])
     assert result["result_step"] == 24 and result["checkpoint"].endswith("checkpoint_step_00000024")
-    record("driver SIGKILL + resubmit same name (+ a half-written checkpoint)", 1, True,
-           "< 4 (since the last checkpoint)", 0, f"resumed from step {resumed[0]}; partial checkpoint ignored")
+    lines = read_journal(journal)
+    measured = Measured.from_journal(lines)
+    first_steps = max(ln["step"] for ln in lines if ln["attempt"] == lines[0]["attempt"])  # the killed driver's run
+    assert measured.steps_lost == first_steps - last_complete, (measured, first_steps, last_complete)
+    record("driver SIGKILL + resubmit same name (+ a half-written checkpoint)", 1, True, measured,
+           f"resumed from step {resumed[0]}; partial checkpoint ignored")
 
 
 def test_preemption_signal_takes_a_checkpoint_before_the_node_goes(tmp_path):
     storage = str(tmp_path / "store")
-    job = _job(storage, "pre", "--drain-after", "4", "--steps", "16")
+    journal = str(tmp_path / "journal")
+    job = _job(storage, "pre", "--drain-after", "4", "--steps", "16", journal=journal)
     try:
         out, _ = job.communicate(timeout=300)
     finally:
@@ -97,5 +107,5 @@ def test_preemption_signal_takes_a_checkpoint_before_the_node_goes(tmp_path):
     assert "node preemption signalled" in out, out[-3000:]
     off_schedule = sorted({s for s in steps if s % 4})  # checkpoint_every=4: any other step came from preemption
     assert off_schedule, f"no checkpoint outside the schedule: {sorted(set(steps))}"
-    record("spot preemption (node drain, reason PREEMPTION)", 1, True, 0, 0,
+    record("spot preemption (node drain, reason PREEMPTION)", 1, True, Measured.from_journal(read_journal(journal)),
            f"checkpoint taken at step {off_schedule[0]} on the signal (schedule: every 4)")

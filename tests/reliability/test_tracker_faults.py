@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.devtools.faults.report import record
+from orchestrator.devtools.faults.report import Measured, record
+from orchestrator.train.journal import ENV as STEP_JOURNAL
+from orchestrator.train.journal import read as read_journal
 from tests.conftest import free_port
 from tests.reliability.helpers import MlflowServer, checkpoint_steps, toy_cfg, toy_datasets
 
@@ -32,6 +34,7 @@ def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tm
     from orchestrator.train.driver import run_training
 
     monkeypatch.setenv("MPLUG2_TEST_API_TOKEN", SECRET)  # a secret-named variable: redacted by value
+    monkeypatch.setenv(STEP_JOURNAL, str(tmp_path / "journal"))
     server = MlflowServer(tmp_path, free_port())
     server.start()
     try:
@@ -63,7 +66,7 @@ def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tm
         steps = sorted({m.step for m in c.get_metric_history(run.info.run_id, "loss")})
         assert steps == list(range(1, MAX_STEPS + 1)), f"missing steps: {set(range(1, MAX_STEPS + 1)) - set(steps)}"
         assert run.data.tags["mplug2.checkpoint_uri"].endswith(f"checkpoint_step_{MAX_STEPS:08d}")
-        record("MLflow server down 12 s mid-run", 1, True, 0, 0,
+        record("MLflow server down 12 s mid-run", 1, True, Measured.from_journal(read_journal(str(tmp_path / "journal"))),
                f"all {MAX_STEPS} steps' metrics delivered after it came back; run FINISHED")
 
         # Secrets: the env secret, the S3 secret key, and a secret inside a config value.
@@ -74,7 +77,8 @@ def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tm
             assert secret not in text, f"{secret!r} reached MLflow"
             assert secret not in logs_text, f"{secret!r} reached the job logs"
         assert run.data.params["data.root"] == "s3://b/***"
-        record("secrets in env/config searched in MLflow + logs", 2, True, 0, 0,
+        record("secrets in env/config searched in MLflow + logs", 2, True,
+               Measured.not_a_run("a search of the outage run's MLflow records and logs"),
                "params, tags, metric keys, artifacts, driver/worker/server logs: 0 hits")
     finally:
         server.stop()
@@ -96,7 +100,8 @@ def test_close_run_waits_for_a_tracker_that_is_down_at_the_end(tmp_path):
         assert time.time() - t0 >= 4
         run = MlflowClient(server.uri).get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.tags["mplug2.export_uri"] == "x"
-        record("MLflow down when the run closes", 1, True, 0, 0, "close_run retried until it came back")
+        record("MLflow down when the run closes", 1, True, Measured.not_a_run("close_run against a stopped server"),
+               "close_run retried until it came back")
     finally:
         time.sleep(0.5)
         server.stop()

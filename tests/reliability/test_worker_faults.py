@@ -13,7 +13,9 @@ import time
 import pytest
 import torch
 
-from orchestrator.devtools.faults.report import record
+from orchestrator.devtools.faults.report import Measured, record
+from orchestrator.train.journal import ENV as STEP_JOURNAL
+from orchestrator.train.journal import read as read_journal
 from tests.reliability.helpers import checkpoint_steps, toy_cfg, toy_datasets, train_workers
 from tests.reliability.slow_toy import read_trace
 
@@ -28,7 +30,7 @@ def _weights(export_uri: str) -> dict[str, torch.Tensor]:
     return state_dict_from(export_uri)
 
 
-def test_worker_killed_twice_resumes_and_matches_fault_free_run(ray_local, tmp_path, mlflow_uri):
+def test_worker_killed_twice_resumes_and_matches_fault_free_run(ray_local, tmp_path, mlflow_uri, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.train.driver import run_training
@@ -60,6 +62,7 @@ def test_worker_killed_twice_resumes_and_matches_fault_free_run(ray_local, tmp_p
 
     watcher = threading.Thread(target=killer, daemon=True)
     watcher.start()
+    monkeypatch.setenv(STEP_JOURNAL, str(tmp_path / "journal"))
     out = run_training(cfg, datasets=toy_datasets())
     watcher.join(timeout=10)
 
@@ -92,6 +95,11 @@ def test_worker_killed_twice_resumes_and_matches_fault_free_run(ray_local, tmp_p
         assert diff <= 1e-6, f"same data order, yet the final weights differ from the fault-free run by {diff}"
     else:  # Ray Data delivered a different batch order after a restart: bounded, not equal
         assert rel < 0.05, f"final weights {rel:.2%} away from the fault-free run (data order differed)"
-    record("training worker SIGKILL (2 per run, random steps)", len(killed), True, steps_lost, 0,
+    measured = Measured.from_journal(read_journal(str(tmp_path / "journal")))
+    # the trace counts every micro-batch started, the journal every optimizer step completed: a
+    # kill lands between the two for at most one step per kill
+    assert steps_lost - len(killed) <= measured.steps_lost <= steps_lost, (measured, steps_lost)
+    assert measured.evidence["attempts"] == len(killed) + 1, measured
+    record("training worker SIGKILL (2 per run, random steps)", len(killed), True, measured,
            f"resumed from steps {resumed}; final weights vs fault-free run: max |diff| {diff:.1e}, "
            f"relative L2 {rel:.1e} ({'same' if same_order else 'different'} batch order)")

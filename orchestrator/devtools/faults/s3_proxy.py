@@ -20,6 +20,7 @@ import http.client
 import random
 import socket
 import struct
+import sys
 import threading
 import time
 import urllib.parse
@@ -60,6 +61,13 @@ def request_kind(method: str, path: str) -> str:
     return "other"
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # the client gave up first (its timeout during an injected delay): expected
+        super().handle_error(request, client_address)
+
+
 class S3FaultProxy:
     """``with S3FaultProxy(upstream, {"get": FaultSpec(slowdown=0.3)}) as proxy: ...``"""
 
@@ -76,8 +84,9 @@ class S3FaultProxy:
         self._lock = threading.Lock()
         self.requests: Counter[str] = Counter()
         self.injected: Counter[tuple[str, str]] = Counter()
+        self.log: list[tuple[str, str, str | None]] = []  # (kind, path, fault or None) of every request
         self._streak: Counter[str] = Counter()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="s3-fault-proxy", daemon=True)
 
@@ -112,7 +121,18 @@ class S3FaultProxy:
         with self._lock:
             return sum(n for (k, _), n in self.injected.items() if kind is None or k == kind)
 
-    def _draw(self, kind: str) -> str | None:
+    def injected_where(self, fragment: str, kind: str | None = None) -> int:
+        """Faults injected on requests whose path contains ``fragment`` (e.g. a key prefix)."""
+        with self._lock:
+            return sum(1 for k, p, f in self.log if f and fragment in p and (kind is None or k == kind))
+
+    def _draw(self, kind: str, path: str = "") -> str | None:
+        fault = self._pick(kind)
+        with self._lock:
+            self.log.append((kind, path, fault))
+        return fault
+
+    def _pick(self, kind: str) -> str | None:
         with self._lock:
             self.requests[kind] += 1
             spec = self.faults.get(kind)
@@ -176,7 +196,7 @@ class S3FaultProxy:
             def _handle(self) -> None:
                 body = self._read_body()
                 kind = request_kind(self.command, self.path)
-                fault = proxy._draw(kind)
+                fault = proxy._draw(kind, self.path)
                 if fault == "reset":
                     return self._reset()
                 if fault == "slowdown":
