@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
+from typing import Iterator
 
 from orchestrator.data.sources.base import MalformedRow, ParseReport, csv_records, make_row, parse_records
 
@@ -31,7 +32,7 @@ GLUE = {
 def make_parser(task: str):
     spec = GLUE[task]
 
-    def parse(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
+    def parse(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
         required = (spec.text,) + ((spec.text_b,) if spec.text_b else ())
         def row(r, line):
             a = r[spec.text].strip()
