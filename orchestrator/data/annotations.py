@@ -10,9 +10,10 @@ the decode stage block by block:
    file past ``data.max_bad_fraction`` malformed rows or a label outside the vocabulary; sums the
    rows per source for the MLflow dataset inputs; and applies ``data.limit`` per file.
 2. **Stream** (:func:`read_files`, a ``map_batches`` generator over the file list): each task parses
-   its file again and yields blocks of ``data.decode_batch_size`` rows as it goes (a training read
-   shuffles them in windows of :data:`SHUFFLE_WINDOW` rows), so the first batch decodes while the
-   rest of the file is still being parsed.
+   its file again and yields its rows as it goes (a training read shuffles them in windows of
+   :data:`SHUFFLE_WINDOW` rows); Ray Data ships them in blocks of up to its target block size
+   (128 MiB), which a streaming repartition cuts into ``data.decode_batch_size`` rows (or more, to
+   keep to :data:`MAX_BLOCKS` blocks per source) for the decode stage.  A file's first block is ready after its first 128 MiB of rows, not the whole file.
 
 Ids are computed where the row is parsed (``orchestrator.data.ids``): ``clip_index`` hashes the
 source and the row's media + segment (rows of one source showing the same clip share it, as the
@@ -46,7 +47,8 @@ from orchestrator.data.sources.base import AnnotationError, ParseReport, read_te
 log = logging.getLogger(__name__)
 
 SHUFFLE_WINDOW = 4096  # rows a training read shuffles at once (per file, per task)
-READ_CPUS = 0.25  # parsing is light next to decoding; the decode stage's backpressure paces it
+READ_CPUS = 0.25
+MAX_BLOCKS = 200  # parsing is light next to decoding; the decode stage's backpressure paces it
 
 ROW_SCHEMA = pa.schema([("media_uri", pa.string()), ("media_bytes", pa.binary()), ("bad", pa.string()),
                         ("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
@@ -159,15 +161,21 @@ def annotation_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trai
     parsed = sum(takes)
     if not parsed:
         raise ValueError(f"source {src.format!r} has no usable {split} rows")
-    plan = FilePlan(**{**plan.__dict__, "vocab": vocab, "training": training, "weight": src.weight if training
-                       else 1.0, "seed": seed})
+    weight = src.weight if training else 1.0
+    # blocks of decode batches, at most MAX_BLOCKS per source (as from_items was given before): small
+    # sources spread over every decode task, large ones without a Ray Data block per 8 rows
+    block_rows = max(data_cfg.decode_batch_size, -(-int(parsed * weight) // MAX_BLOCKS))
+    plan = FilePlan(**{**plan.__dict__, "vocab": vocab, "training": training, "weight": weight, "seed": seed,
+                       "block_rows": block_rows})
     items = [{"uri": u, "take": t} for u, t in zip(files, takes) if t]
     if training:
         order.shuffle(items)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(read_files, fn_kwargs={"plan": plan}, batch_size=1, batch_format="numpy",
                         num_cpus=READ_CPUS)
-    return ds, parsed
+    # Ray Data merges what one task yields into blocks of up to DataContext.target_max_block_size
+    # (128 MiB); cut them to decode batches again, so the decode stage runs in parallel on them
+    return ds.repartition(target_num_rows_per_block=plan.block_rows), parsed
 
 
 def read_files(batch: dict[str, np.ndarray], plan: FilePlan) -> Iterator[pa.Table]:
