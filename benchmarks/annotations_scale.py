@@ -132,7 +132,11 @@ def main(argv=None) -> int:
     for mode in args.modes:
         cmd = [sys.executable, __file__, "--one", mode, "--rows", str(args.rows), "--cpus", str(args.cpus),
                "--workdir", str(workdir)] + (["--full"] if args.full else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ, RAY_raylet_start_wait_time_s=os.environ.get("RAY_raylet_start_wait_time_s", "180"))
+        for _ in range(3):  # on a crowded machine Ray itself can time out starting; try again
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if "timed out during startup" not in proc.stderr:
+                break
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not line:
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
