@@ -138,7 +138,7 @@ def main(argv=None) -> int:
             if "timed out during startup" not in proc.stderr:
                 break
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
+        if not line:  # (a RESULT line stands even when Ray crashes in its own shutdown afterwards)
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
             res[mode] = {"error": f"exit {proc.returncode}"}
             continue
