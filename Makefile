@@ -20,7 +20,7 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed-$(TORCH)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean apt lock
+.PHONY: install demo test test-fast lint clean apt lock
 
 install: $(STAMP)
 
@@ -34,7 +34,10 @@ $(STAMP): pyproject.toml Makefile $(LOCKS) | $(BIN)/python
 	$(PIP) install -q --no-deps --require-hashes $(TORCH_SOURCE_$(TORCH)) -r requirements/torch-$(TORCH).lock
 	$(PIP) install -q --no-deps --require-hashes -r requirements/main.lock
 	$(PIP) install -q --no-deps --no-build-isolation -e .
-	$(PIP) check
+	@# decord 0.6.0's wheel file is py3-none-manylinux2010 but its WHEEL metadata says cp36, which
+	@# pip >= 24.1 reports as 'not supported'; it imports and decodes here (tests/data). Anything else fails.
+	@out="$$($(PIP) check 2>&1)"; rest="$$(echo "$$out" | grep -v -e '^decord 0\.6\.0 is not supported on this platform$$' -e '^No broken requirements found')"; \
+	  if [ -n "$$rest" ]; then echo "$$rest"; exit 1; fi; echo "pip check: consistent"
 	@$(MAKE) --no-print-directory apt
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -62,6 +65,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+# ruff, with the rules in pyproject.toml ([tool.ruff]); it comes from the lock (the `test` extra).
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -3,7 +3,7 @@
     python benchmarks/ablation_lt.py [--seeds 0 1 2] [--steps 300] [--batch-size 16] [--frames 4]
                                      [--train-clips 384] [--val-repeats 2] [--lr 5e-4] [--threads 1]
 
-Data: the synthetic clips of ``orchestrator.synth`` (a coloured shape moving left / right / up / down
+Data: the synthetic clips of ``orchestrator.devtools.synth`` (a coloured shape moving left / right / up / down
 over noise), rendered in memory at 32 x 32 px, ``--frames`` frames at the segment centres. "left" is
 the time-reverse of "right" (likewise up/down): without frame order a clip shows at most the axis of
 its motion, never the direction. Captions: "a <colour> <shape> moves <direction>", word-level ids.
@@ -33,10 +33,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, when run as a script
 
-from model import MPlug2, MPlugConfig  # noqa: E402
-from model import objectives as O  # noqa: E402
-from model.preprocess import normalize_frames  # noqa: E402
-from orchestrator.synth import COLORS, DIRECTIONS, SHAPES, ClipMeta, ClipSpec, render_frames  # noqa: E402
+from model import MPlug2, MPlugConfig
+from model import objectives as O
+from model.preprocess import normalize_frames
+from orchestrator.devtools.synth import COLORS, DIRECTIONS, SHAPES, ClipMeta, ClipSpec, render_frames
 
 SPEC = ClipSpec(width=32, height=32, fps=8, seconds=4.0)
 WORDS = ["a", "moves", *COLORS, *SHAPES, *DIRECTIONS]

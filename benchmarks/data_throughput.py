@@ -51,7 +51,7 @@ WIDTH, HEIGHT, FPS, SECONDS, GOP = 640, 360, 30, 10.0, 60
 
 def make_clips(workdir: Path, n: int) -> list[str]:
     """n distinct 10 s 360p H.264 clips (synthetic moving shapes over noise) + annotations + tokenizer."""
-    from orchestrator import hf_assets, synth
+    from orchestrator.devtools import hf_assets, synth
 
     videos = workdir / "videos"
     videos.mkdir(parents=True, exist_ok=True)

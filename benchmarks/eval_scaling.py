@@ -57,8 +57,8 @@ def main(argv=None) -> dict:
     import ray
 
     from orchestrator.config import load_config
+    from orchestrator.devtools.synth import ClipSpec, generate
     from orchestrator.evaluate import run_evaluation
-    from orchestrator.synth import ClipSpec, generate
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="eval_scaling_"))
     data = work / "data"

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, when run as a script
 
-from model import MPlug2, MPlugConfig  # noqa: E402
+from model import MPlug2, MPlugConfig
 
 
 def measure(preset: str, args) -> dict:

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, when run as a script
 
-from model import MPlug2, MPlugConfig  # noqa: E402
-from model import objectives as O  # noqa: E402
+from model import MPlug2, MPlugConfig
+from model import objectives as O
 
 
 def make_batch(cfg: MPlugConfig, b: int, t: int, length: int = 32, seed: int = 0):

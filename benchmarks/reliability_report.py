@@ -15,10 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as a script
 
-from orchestrator.faults.report import ENV, load, markdown  # noqa: E402
+from orchestrator.devtools.faults.report import ENV, load, markdown
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> int:

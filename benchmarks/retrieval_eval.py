@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from workloads.metrics.retrieval import rerank_topk, retrieval_metrics, score_all_pairs  # noqa: E402
+from workloads.metrics.retrieval import rerank_topk, retrieval_metrics, score_all_pairs
 
 
 class PairMLP:

@@ -115,8 +115,8 @@ def main(argv=None) -> int:
     import ray
     import torch
 
-    from orchestrator import hf_assets, synth
     from orchestrator.config import load_config
+    from orchestrator.devtools import synth
     from orchestrator.train.model_setup import model_config_for
     from workloads import pretrain
 

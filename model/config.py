@@ -163,7 +163,7 @@ class MPlugConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Matches tests' tiny HF checkpoints (orchestrator.hf_assets): hidden 64, 4 layers, 4 heads,
+    # Matches tests' tiny HF checkpoints (orchestrator.devtools.hf_assets): hidden 64, 4 layers, 4 heads,
     # CLIP 32 px / patch 8, BERT max positions 128; special ids of the project's WordPiece tokenizer.
     "tiny": dict(vocab_size=2000, max_text_len=128, pad_token_id=0, bos_token_id=2, eos_token_id=3,
                  mask_token_id=4, text_width=64, text_layers=4, text_heads=4, text_intermediate=256,

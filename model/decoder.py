@@ -30,7 +30,8 @@ class DecoderCache:
 
     def select(self, index: torch.Tensor) -> "DecoderCache":
         """Rows ``index`` of everything (repeat for beams, or reorder)."""
-        pick = lambda kv: (kv[0].index_select(0, index), kv[1].index_select(0, index))  # noqa: E731
+        def pick(kv):
+            return (kv[0].index_select(0, index), kv[1].index_select(0, index))
         return DecoderCache([pick(kv) for kv in self.cross_kv],
                             None if self.cross_mask is None else self.cross_mask.index_select(0, index),
                             None if self.self_kv is None else [pick(kv) for kv in self.self_kv])

@@ -79,7 +79,7 @@ def _check_arch(kind: str, path: str, pairs: list[tuple[str, object, str, object
 
 def load_hf_vision(path: str, cfg: MPlugConfig) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """-> (hf state dict, {our key under vision.: hf key})."""
-    from transformers import AutoConfig, CLIPVisionModel  # noqa: PLC0415
+    from transformers import AutoConfig, CLIPVisionModel
 
     mt = AutoConfig.from_pretrained(path).model_type
     if mt not in VISION_TYPES:
@@ -108,7 +108,7 @@ def load_hf_vision(path: str, cfg: MPlugConfig) -> tuple[dict[str, torch.Tensor]
 
 def load_hf_text(path: str, cfg: MPlugConfig, built: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """-> (hf state dict, {our key: hf key}) for text encoder, universal, decoder and fusion warm starts."""
-    from transformers import AutoConfig, BertForMaskedLM  # noqa: PLC0415
+    from transformers import AutoConfig, BertForMaskedLM
 
     mt = AutoConfig.from_pretrained(path).model_type
     if mt not in TEXT_TYPES:

@@ -11,6 +11,8 @@ from .config import TASKS, MPlugConfig
 from .decoder import DecoderOutput, SharedDecoder
 from .fusion import Fusion, FusionOutput
 from .heads import Classifier, ContrastiveHeads, MatchingHead, MLMHead
+from .hf_loading import from_hf
+from .io import load_pretrained, save_pretrained
 from .momentum import MOMENTUM_OF, Momentum
 from .text import TextEncoder, TextOutput
 from .universal import Universal, UniversalOutput
@@ -188,18 +190,15 @@ class MPlug2(nn.Module):
 
     # -- persistence (implemented in model/io.py and model/hf_loading.py) -------------------------
     def save_pretrained(self, directory: str) -> None:
-        from .io import save_pretrained  # noqa: PLC0415
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory: str, task: str | None = None, **overrides) -> "MPlug2":
-        from .io import load_pretrained  # noqa: PLC0415
         return load_pretrained(cls, directory, task, **overrides)
 
     @classmethod
     def from_hf(cls, config: MPlugConfig, task: str = "pretrain", vision_pretrained: str | None = None,
                 text_pretrained: str | None = None):
-        from .hf_loading import from_hf  # noqa: PLC0415
         return from_hf(cls, config, task, vision_pretrained, text_pretrained)
 
     def param_counts(self) -> dict[str, int]:

@@ -11,6 +11,7 @@ import sys
 
 from orchestrator.config import ConfigError
 from orchestrator.console import configure_logging
+from orchestrator.tracking.redact import redact_exception
 
 # verb -> one-line help.  Order is the order users meet them.
 VERBS = {
@@ -24,18 +25,24 @@ VERBS = {
 }
 
 
-def _available_verbs() -> dict[str, object]:
-    mods = {}
-    for verb in VERBS:
-        try:
-            mods[verb] = importlib.import_module(f"orchestrator.commands.{verb}")
-        except ModuleNotFoundError as e:
-            if e.name != f"orchestrator.commands.{verb}":
-                raise
-    return mods
+def _verb_module(verb: str):
+    """The verb's module, or None where this installation leaves it out."""
+    try:
+        return importlib.import_module(f"orchestrator.commands.{verb}")
+    except ModuleNotFoundError as e:
+        if e.name != f"orchestrator.commands.{verb}":
+            raise
+        return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_verb(argv: list[str]) -> str | None:
+    """The verb on the command line (the first word that is not an option), if any."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``verb``'s module is imported (its arguments and ``run``), so ``--help`` and
+    every verb start without importing the others' dependencies (Ray, torch, MLflow)."""
     parser = argparse.ArgumentParser(
         prog="python -m orchestrator",
         description="Pre-train and fine-tune mPLUG-2-style video-language models on Ray.",
@@ -43,18 +50,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and Ray's own INFO logs from every process of the run")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for verb, mod in _available_verbs().items():
-        p = sub.add_parser(verb, help=VERBS[verb], description=(mod.__doc__ or VERBS[verb]).strip())
+    for name, help_text in VERBS.items():
+        if name != verb:
+            sub.add_parser(name, help=help_text)
+            continue
+        mod = _verb_module(name)
+        if mod is None:
+            continue
+        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_chosen_verb(argv))
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    from orchestrator.tracking.redact import redact_exception  # noqa: PLC0415
 
     try:
         return int(args.func(args) or 0)
@@ -62,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact_exception(e)}", file=sys.stderr)
         return 2
     except BaseException as e:  # the traceback printed on the way out carries no credential either
-        raise redact_exception(e)
+        redact_exception(e)  # in place
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,8 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.data.config import DataConfig
+from orchestrator.storage import check_segment
 from orchestrator.tracking.config import TrackingConfig
 from orchestrator.train.config import TrainConfig
+from workloads import get_workload
 
 WORKLOADS = ("pretrain", "retrieval", "videoqa", "captioning", "classification", "glue")
 
@@ -77,7 +79,6 @@ class RunConfig(Section):
         would leave the storage root)."""
         if v is None:
             return v
-        from orchestrator.storage import check_segment  # noqa: PLC0415
 
         return check_segment(v, "a run name" if info.field_name == "name" else "an experiment name")
 
@@ -220,10 +221,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 
 def _validate_task_section(cfg: RunConfig) -> None:
     """The ``task`` mapping belongs to the workload; its schema validates it when it has one."""
-    try:
-        from workloads import get_workload  # noqa: PLC0415 (workloads are optional at import time)
-    except ImportError:
-        return
     try:
         workload = get_workload(cfg.workload)
     except KeyError:

@@ -59,7 +59,6 @@ def quiet_ray_internals() -> None:
 
 
 def ray_init_options() -> dict[str, Any]:
-    import ray  # noqa: PLC0415
 
     env = {VERBOSE_ENV: os.environ.get(VERBOSE_ENV, "")}
     if not verbose():
@@ -71,7 +70,7 @@ def ray_init_options() -> dict[str, Any]:
 
 def train_logging_config():
     """Ray Train's own console level (its controller and workers): WARNING unless verbose."""
-    import ray.train  # noqa: PLC0415
+    import ray.train
 
     return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")
 
@@ -110,7 +109,7 @@ class Progress:
     """Driver side: a thread that prints each report the controller callback forwards."""
 
     def __init__(self, run_name: str, max_steps: int, printer=print):
-        from ray.util.queue import Queue  # noqa: PLC0415
+        from ray.util.queue import Queue
 
         self.run_name, self.max_steps, self.printer = run_name, max_steps, printer
         self.queue = Queue(actor_options={"num_cpus": 0})
@@ -133,7 +132,7 @@ class Progress:
         self._drain()
         try:
             self.queue.shutdown()
-        except Exception:  # noqa: BLE001 - Ray may already be going down
+        except Exception:  # Ray may already be going down
             pass
 
     def eta(self, step: int) -> float | None:
@@ -155,19 +154,19 @@ class Progress:
         while True:
             try:
                 self.show(self.queue.get_nowait())
-            except Exception:  # noqa: BLE001 - Empty, or the queue is gone
+            except Exception:  # Empty, or the queue is gone
                 return
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self.show(self.queue.get(timeout=1))
-            except Exception:  # noqa: BLE001 - Empty (timeout): look at the stop flag again
+            except Exception:  # Empty (timeout): look at the stop flag again
                 continue
 
 
 def _progress_callback_cls():
-    from ray.train import UserCallback  # noqa: PLC0415
+    from ray.train import UserCallback
 
     class ProgressCallback(UserCallback):
         """Controller side: forward rank 0's metrics of every report to the driver's queue."""
@@ -179,13 +178,13 @@ def _progress_callback_cls():
             if metrics and metrics[0]:
                 try:
                     self.queue.put_nowait({k: v for k, v in metrics[0].items() if isinstance(v, (int, float))})
-                except Exception:  # noqa: BLE001 - a full or closed queue never stops training
+                except Exception:  # a full or closed queue never stops training
                     pass
 
     return ProgressCallback
 
 
-def _ProgressCallback(queue):  # noqa: N802 - built lazily so importing this module never imports Ray
+def _ProgressCallback(queue):  # built lazily so importing this module never imports Ray
     return _progress_callback_cls()(queue)
 
 

@@ -37,6 +37,14 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from orchestrator.config import RunConfig
+from orchestrator.data import quality
+from orchestrator.data.formats import TEXT_FORMATS
+from orchestrator.data.pipeline import build_dataset, iter_worker_batches
+from orchestrator.train.model_setup import load_model_for_eval, load_run_tokenizer
+from workloads import common
+from workloads.metrics.retrieval import assemble_scores, plan_rerank, retrieval_metrics
+
 log = logging.getLogger(__name__)
 
 EVAL_DATASET = "val"  # the Train dataset name of the evaluated split
@@ -54,7 +62,7 @@ class Comm:
     def all_gather(self, obj: Any) -> list[Any]:
         if self.world == 1:
             return [obj]
-        import torch.distributed as dist  # noqa: PLC0415
+        import torch.distributed as dist
 
         out: list[Any] = [None] * self.world
         dist.all_gather_object(out, obj, group=self.group)
@@ -64,7 +72,7 @@ class Comm:
         """Rank 0's ``obj`` on every rank."""
         if self.world == 1:
             return obj
-        import torch.distributed as dist  # noqa: PLC0415
+        import torch.distributed as dist
 
         box = [obj if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0, group=self.group)
@@ -78,7 +86,7 @@ def worker_comm() -> Comm:
     """The Comm of this process's default process group (as Ray Train sets it up), or a
     single-process one when there is none."""
     global _GLOO_GROUP
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return Comm()
@@ -162,9 +170,6 @@ def evaluate_shard(workload, model: torch.nn.Module, batches: Iterable[dict], ta
 
 
 def _retrieval(workload, model, batches, task_cfg, comm: Comm, pair_batch: int):
-    from workloads import common  # noqa: PLC0415
-    from workloads.metrics.retrieval import assemble_scores, plan_rerank, retrieval_metrics  # noqa: PLC0415
-
     opts = workload.retrieval_options(task_cfg)
     texts, clips = common.retrieval_embed(model, batches)
     all_texts = common.sort_records(_flat(comm.all_gather(texts)))
@@ -227,7 +232,7 @@ def _gather_rows_then_evaluate(workload, model, batches, task_cfg, tokenizer, co
 def sharded_eval_data_config():
     """A ``ray.train.DataConfig`` that splits the ``val`` dataset into uneven shards holding every
     row exactly once (other datasets as Ray Train splits them: equal shards)."""
-    import ray.train  # noqa: PLC0415
+    import ray.train
 
     class ShardedEvalDataConfig(ray.train.DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
@@ -248,16 +253,12 @@ def sharded_eval_data_config():
 
 def eval_sources(cfg, columns: tuple[str, ...]):
     """The sources with a ``val`` split (media sources only when the workload needs frames)."""
-    from orchestrator.data.pipeline import TEXT_FORMATS  # noqa: PLC0415
-
     return [s for s in cfg.data.sources if s.val and not ("frames" in columns and s.format in TEXT_FORMATS)]
 
 
 def build_eval_dataset(cfg, columns: tuple[str, ...], split: str, tracker_name: str):
     """The evaluated split as a Ray dataset (``eval.max_samples`` rows at most), or None when no
     source has it.  Bad clips are counted under ``tracker_name``."""
-    from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
-
     sources = eval_sources(cfg, columns) if split == "val" else list(cfg.data.sources)
     if not sources:
         return None
@@ -271,11 +272,10 @@ def coverage(items: float, tracker_name: str | None) -> dict[str, float]:
     and ``item_coverage`` = items / (items + bad_items): 1.0 only when no item was skipped."""
     bad = 0
     if tracker_name is not None:
-        from orchestrator.data import quality  # noqa: PLC0415
 
         try:
             bad = int(quality.end_epoch_report(tracker_name).get("this_epoch", {}).get("bad", 0))
-        except Exception as e:  # noqa: BLE001 - no tracker (no Ray): nothing was counted
+        except Exception as e:  # no tracker (no Ray): nothing was counted
             log.debug("no bad-clip counts for %s: %s", tracker_name, e)
     total = items + bad
     return {"bad_items": float(bad), "item_coverage": items / total if total else 0.0}
@@ -286,8 +286,6 @@ def run_on_shard(workload, model, task_cfg, run, *, shard, device, constants=Non
     """One evaluation pass over this worker's ``shard`` (a Ray ``DataIterator``): batches of
     ``eval.batch_size`` (the last may be short: no row dropped), bad clips gated by
     ``data.max_bad_fraction``; returns ``(metrics with coverage, predictions on rank 0)``."""
-    from orchestrator.data.pipeline import iter_worker_batches  # noqa: PLC0415
-
     comm = comm or worker_comm()
     batches = iter_worker_batches(shard, batch_size=run.eval.batch_size, device="cpu",
                                   prefetch_batches=run.data.prefetch_batches, drop_last=False,
@@ -309,7 +307,7 @@ def full_parameters(module: torch.nn.Module, zero_stage: int):
     if zero_stage != 3:
         yield
         return
-    import deepspeed  # noqa: PLC0415
+    import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         yield
@@ -338,7 +336,6 @@ class Validator:
 
     def _tok(self):
         if self._tokenizer is None and getattr(self.workload, "USES_MODEL_CONFIG", True):
-            from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
 
             self._tokenizer = load_run_tokenizer(self.run_cfg)
         return self._tokenizer
@@ -346,7 +343,7 @@ class Validator:
     def run(self, engine, step: int) -> dict[str, float]:
         if not self.due(step):
             return {}
-        import ray.train  # noqa: PLC0415
+        import ray.train
 
         self._done_step = step
         module = engine.module
@@ -362,16 +359,12 @@ class Validator:
 def eval_loop_per_worker(config: dict[str, Any]) -> None:
     """The ``evaluate`` verb's Train function: load the checkpoint on this worker's device,
     evaluate its shard; rank 0 reports the metrics with the predictions as a checkpoint file."""
-    import json  # noqa: PLC0415
-    import os  # noqa: PLC0415
-    import tempfile  # noqa: PLC0415
+    import json
+    import os
+    import tempfile
 
-    import ray.train  # noqa: PLC0415
-    import ray.train.torch  # noqa: PLC0415
-
-    from orchestrator.config import RunConfig  # noqa: PLC0415
-    from orchestrator.evaluate import load_model_for_eval  # noqa: PLC0415
-    from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
+    import ray.train
+    import ray.train.torch
 
     run = RunConfig.model_validate(config["run"])
     device = ray.train.torch.get_device()

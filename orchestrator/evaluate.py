@@ -18,10 +18,20 @@ import os
 import time
 from typing import Any
 
-import torch
-
+from orchestrator import storage
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.console import train_logging_config
+from orchestrator.eval_workers import (
+    EVAL_DATASET,
+    build_eval_dataset,
+    eval_loop_per_worker,
+    sharded_eval_data_config,
+)
+from orchestrator.ray_env import ensure_ray
+from orchestrator.tracking import mlflow_run
+from orchestrator.train.checkpoint import resolve_init_from
+from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
+from workloads import get_workload
 
 log = logging.getLogger(__name__)
 
@@ -34,42 +44,11 @@ class EvalOutcome:
     checkpoint_uri: str
 
 
-def load_model_for_eval(cfg: RunConfig, checkpoint_uri: str, tokenizer, device, model_config=None):
-    """Build the workload's model (its Table 2 modules) and load the checkpoint's weights into it."""
-    from orchestrator.train.checkpoint import load_weights  # noqa: PLC0415
-    from orchestrator.train.model_setup import model_config_for  # noqa: PLC0415
-    from workloads import get_workload  # noqa: PLC0415
-
-    workload = get_workload(cfg.workload)
-    task_cfg = workload.Config.model_validate(cfg.task)
-    if model_config is None and getattr(workload, "USES_MODEL_CONFIG", True):
-        model_config = model_config_for(cfg, tokenizer)
-    model = workload.build_model(model_config, task_cfg)
-    report = load_weights(model, checkpoint_uri, cfg.train.init_allow_mismatch, tokenizer, cfg.train.init_allow_new_vocab)
-    n_own = len(model.state_dict())
-    if len(report["missing"]) >= n_own:
-        raise ValueError(f"{checkpoint_uri}: none of the model's {n_own} weights are in the checkpoint")
-    if report["missing"]:
-        log.warning("%d weights not in the checkpoint (left as initialised): %s", len(report["missing"]),
-                    ", ".join(report["missing"][:10]))
-    return workload, task_cfg, model.to(device).eval()
-
-
 def run_evaluation(cfg: RunConfig, checkpoint: str, split: str = "val", track: bool = True) -> EvalOutcome:
     """Evaluate ``checkpoint`` on ``split`` with an evaluation-only ``TorchTrainer`` on the run's
     workers; the metrics equal those of one worker for any ``train.num_workers``."""
-    import ray.train  # noqa: PLC0415
-    from ray.train.torch import TorchTrainer  # noqa: PLC0415
-
-    from orchestrator import storage  # noqa: PLC0415
-    from orchestrator.eval_workers import (EVAL_DATASET, build_eval_dataset, eval_loop_per_worker,  # noqa: PLC0415
-                                           sharded_eval_data_config)
-    from orchestrator.ray_env import ensure_ray  # noqa: PLC0415
-    from orchestrator.tracking import mlflow_run  # noqa: PLC0415
-    from orchestrator.train.checkpoint import resolve_init_from  # noqa: PLC0415
-    from orchestrator.train.driver import _storage_for_ray  # noqa: PLC0415
-    from orchestrator.train.model_setup import load_run_tokenizer, model_config_for  # noqa: PLC0415
-    from workloads import get_workload  # noqa: PLC0415
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
     tracking_uri = mlflow_run.resolve_tracking_uri(cfg.tracking.uri) if (track and cfg.tracking.enabled) else None
     try:
@@ -91,7 +70,7 @@ def run_evaluation(cfg: RunConfig, checkpoint: str, split: str = "val", track: b
 
     t = cfg.train
     resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
-    storage_path, storage_fs = _storage_for_ray(storage.join(cfg.storage, cfg.experiment_name()))
+    storage_path, storage_fs = storage.for_ray(storage.join(cfg.storage, cfg.experiment_name()))
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={"run": cfg.to_dict(), "checkpoint_uri": uri, "model_config": model_config,

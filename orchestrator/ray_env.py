@@ -11,16 +11,16 @@ LOCAL_NUM_CPUS = int(os.environ.get("MPLUG2_LOCAL_NUM_CPUS", "8"))
 
 def quiet_progress_bars() -> None:
     """Ray Data's progress bars flood logs that are not a terminal (job logs, CI, the demo's file)."""
-    import sys  # noqa: PLC0415
+    import sys
 
-    import ray.data  # noqa: PLC0415
+    import ray.data
 
     if not sys.stderr.isatty() or os.environ.get("MPLUG2_NO_PROGRESS"):
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def ensure_ray() -> None:
-    import ray  # noqa: PLC0415
+    import ray
 
     quiet_progress_bars()
     if ray.is_initialized():

@@ -109,8 +109,8 @@ def _region() -> str:
 
 @functools.lru_cache(maxsize=8)
 def _s3_client_cached(endpoint: str | None, region: str, max_attempts: int, read_timeout: float = 60.0):
-    import boto3  # noqa: PLC0415
-    from botocore.config import Config  # noqa: PLC0415
+    import boto3
+    from botocore.config import Config
 
     cfg = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
@@ -181,11 +181,15 @@ def _get_object_body(bucket: str, key: str, max_bytes: int | None = None) -> byt
     """GetObject and read its body.  botocore retries the request but not a body that breaks off
     mid-stream (connection reset, truncated response, read timeout): retry those here too, with
     the same attempt budget and exponential backoff; the last error is raised."""
-    import random  # noqa: PLC0415
-    import time  # noqa: PLC0415
+    import random
+    import time
 
-    from botocore.exceptions import ConnectionError as BotoConnectionError  # noqa: PLC0415
-    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError  # noqa: PLC0415
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import (
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
 
     for attempt in range(1, S3_MAX_ATTEMPTS + 1):
         try:
@@ -235,7 +239,7 @@ def write_text(uri: str, text: str, encoding: str = "utf-8") -> None:
 
 def exists(uri: str) -> bool:
     if is_s3(uri):
-        from botocore.exceptions import ClientError  # noqa: PLC0415
+        from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
         try:
@@ -334,3 +338,11 @@ def stat(uri: str) -> dict[str, Any]:
         return {"size": head["ContentLength"], "etag": head.get("ETag", "").strip('"')}
     st = os.stat(local_path(uri))
     return {"size": st.st_size, "mtime": st.st_mtime_ns}
+
+
+def for_ray(uri: str):
+    """(storage_path, storage_filesystem) for ``ray.train.RunConfig`` / ``ray.tune.RunConfig``."""
+    if is_s3(uri):
+        fs, path = filesystem(uri)
+        return path, fs
+    return local_path(uri), None

@@ -50,7 +50,7 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
                 return
         except urllib.error.HTTPError:
             return  # it answered
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             last = e
             time.sleep(0.25)
     raise TimeoutError(f"{url} did not answer in {timeout}s: {last}")
@@ -145,7 +145,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory):
     """Tokenizer + tiny BertModel + tiny CLIPVisionModel, saved as hub-style directories."""
-    from orchestrator import hf_assets, synth
+    from orchestrator.devtools import hf_assets, synth
 
     root = tmp_path_factory.mktemp("hf")
     tok_dir = hf_assets.build_wordpiece_tokenizer(synth.all_texts(synth.make_clips(16, 0)), root / "tokenizer")
@@ -160,7 +160,7 @@ def tiny_hf(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
     """24 short real H.264 clips with every annotation format, in a local folder."""
-    from orchestrator.synth import ClipSpec, generate
+    from orchestrator.devtools.synth import ClipSpec, generate
 
     out = tmp_path_factory.mktemp("synth") / "data"
     generate(str(out), n=24, seed=0, spec=ClipSpec(width=96, height=64, fps=8, seconds=2.0, gop=8), log=lambda *_: None)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model import objectives
 from workloads import common
+from workloads.metrics.captioning import caption_metrics
 
 TASK = "captioning"
 COLUMNS = ("frames", "answer_ids", "answer_mask", "clip_index")
@@ -91,8 +92,6 @@ def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) ->
 def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
     """Caption metrics over the clips of ``records`` (all workers' records, in one order);
     predictions: clip_index, prediction, references."""
-    from workloads.metrics.captioning import caption_metrics  # noqa: PLC0415
-
     predictions: dict[int, str] = {}
     references: dict[int, list[str]] = {}
     for r in common.sort_records(records):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from workloads import common
+from workloads.metrics.classification import topk_accuracy
 
 TASK = "classification"
 COLUMNS = ("frames", "text_ids", "text_mask", "label")
@@ -79,8 +80,6 @@ def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) ->
 
 def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
     """top-k accuracies (%); predictions: label, prediction, top-k ids (names when ``label_names``), title."""
-    from workloads.metrics.classification import topk_accuracy  # noqa: PLC0415
-
     if not records:
         raise ValueError("classification evaluation got no batches: the validation split is empty or every clip was bad")
     records = common.sort_records(records)
@@ -90,7 +89,7 @@ def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
     metrics = topk_accuracy(logits, label, ks=task_cfg.topk)
     metrics["num_samples"] = float(len(label))
     names = task_cfg.label_names
-    name = (lambda i: names[i]) if names else (lambda i: i)  # noqa: E731
+    name = (lambda i: names[i]) if names else (lambda i: i)
     k = min(max(task_cfg.topk), logits.shape[1])
     top = logits.topk(k, dim=1).indices
     rows = []

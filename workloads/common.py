@@ -6,8 +6,9 @@ from typing import Iterable
 
 import torch
 
-from model import MPlug2
+from model import MPlug2, build_prefix_inputs, objectives
 from model.preprocess import normalize_frames
+from workloads.metrics.retrieval import assemble_scores, plan_rerank, retrieval_metrics
 
 
 def build(task: str, model_cfg, vision_pretrained: str | None = None, text_pretrained: str | None = None) -> MPlug2:
@@ -127,8 +128,6 @@ def retrieval_eval(model: MPlug2, batches: Iterable[dict], k_test: int = 128, re
     """R@1/5/10, median and mean rank both ways: contrastive top-k, re-scored by the matching head.
 
     One process; ``orchestrator.eval_workers`` runs the same steps sharded over Train workers."""
-    from workloads.metrics.retrieval import assemble_scores, plan_rerank, retrieval_metrics  # noqa: PLC0415
-
     texts, clips = retrieval_embed(model, batches, max_samples)
     texts = sort_records(texts)
     sim, text_to_clip, clip_ids = retrieval_sim(texts, {c: clips[c]["v"] for c in clips})
@@ -159,8 +158,6 @@ def instruction_constants(tokenizer, task: str, modality: str) -> dict[str, torc
     """The instruction prompts of ``task``, tokenised once per worker ([1, Lp] each): ``prompt_*`` the
     video one and ``image_prompt_*`` the image one when ``modality`` is "auto" (the batch decides:
     T = 1 is an image); only ``prompt_*`` when a modality is forced."""
-    from model import objectives  # noqa: PLC0415
-
     def enc(mod: str) -> tuple[torch.Tensor, torch.Tensor]:
         e = tokenizer(objectives.instruction_for(task, mod), return_tensors="pt")
         return e["input_ids"], e["attention_mask"]
@@ -202,8 +199,6 @@ def sequence_logprob(model: MPlug2, cross_states: torch.Tensor, cross_mask: torc
 
     Rows are scored exactly as the LM loss trains them (``build_prefix_inputs``: [prompt; target],
     only the target's tokens counted, its final [SEP] included)."""
-    from model import build_prefix_inputs  # noqa: PLC0415
-
     cfg = model.config
     target_ids, target_mask = drop_leading_bos(target_ids, target_mask, cfg.bos_token_id)
     ids, mask, labels = build_prefix_inputs(prompt_ids, prompt_mask, target_ids, target_mask, cfg.pad_token_id)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from workloads import common
+from workloads.metrics.classification import glue_metrics
 
 TASK = "glue"
 COLUMNS = ("text_ids", "text_mask", "text_type_ids", "label")
@@ -88,8 +89,6 @@ def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) ->
 
 def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
     """accuracy (+ f1 for MRPC / QQP), in %; predictions: text, label, prediction, correct."""
-    from workloads.metrics.classification import glue_metrics  # noqa: PLC0415
-
     if not records:
         raise ValueError("GLUE evaluation got no labelled rows: evaluate on a dev split (a test TSV has no labels)")
     records = common.sort_records(records)

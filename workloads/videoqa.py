@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model import objectives
 from workloads import common
+from workloads.metrics.qa import exact_match_accuracy, normalize_answer, rank_answers
 
 TASK = "videoqa"
 COLUMNS = ("frames", "text_ids", "text_mask", "answer_ids", "answer_mask")
@@ -99,8 +100,6 @@ def rank_scores(model, states: torch.Tensor, states_mask: torch.Tensor, prompt_i
 def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) -> list[dict]:
     """One record per question: ``{"item", "question", "answer", "prediction", "ranked"}``
     (``ranked``: the best of ``answer_list`` by likelihood, None without a list)."""
-    from workloads.metrics.qa import rank_answers  # noqa: PLC0415
-
     tok = common.need_tokenizer(tokenizer, "videoqa")
     model.eval()
     device = next(model.parameters()).device
@@ -134,8 +133,6 @@ def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) ->
 def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
     """Exact-match accuracy (%) of generated answers, ``ranked_accuracy`` over ``answer_list`` when
     given; predictions: question, answer, prediction, correct (+ ranked_prediction)."""
-    from workloads.metrics.qa import exact_match_accuracy, normalize_answer  # noqa: PLC0415
-
     if not records:
         raise ValueError("videoqa evaluation got no batches: the validation split is empty or every clip was bad")
     records = common.sort_records(records)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from orchestrator.config import load_config
+
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--config YAML plus trailing dotted overrides (``train.lr=5e-5``), shared by run verbs."""
@@ -14,6 +16,4 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
 
 def resolve_config(args: argparse.Namespace):
     """Load + validate the run config of a verb (raises ConfigError before anything starts)."""
-    from orchestrator.config import load_config  # noqa: PLC0415
-
     return load_config(args.config, args.overrides)

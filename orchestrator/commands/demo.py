@@ -9,6 +9,13 @@ import json
 import os
 from pathlib import Path
 
+import workloads
+from orchestrator import storage
+from orchestrator.config import load_config
+from orchestrator.devtools.synth import ClipSpec, generate
+from orchestrator.evaluate import run_evaluation
+from orchestrator.train.driver import run_training
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_output", help="local folder for data, checkpoints and MLflow")
@@ -20,18 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _configs_dir() -> Path:
-    import workloads  # noqa: PLC0415
-
     return Path(workloads.__file__).resolve().parent / "configs"
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator import storage  # noqa: PLC0415
-    from orchestrator.config import load_config  # noqa: PLC0415
-    from orchestrator.evaluate import run_evaluation  # noqa: PLC0415
-    from orchestrator.synth import ClipSpec, generate  # noqa: PLC0415
-    from orchestrator.train.driver import run_training  # noqa: PLC0415
-
     out = os.path.abspath(args.out)
     data = os.path.join(out, "synth")
     tracking = f"sqlite:///{os.path.join(out, 'mlflow.db')}"

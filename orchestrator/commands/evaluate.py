@@ -8,6 +8,7 @@ import argparse
 import json
 
 from orchestrator.commands import add_config_arguments, resolve_config
+from orchestrator.evaluate import run_evaluation
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +24,6 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from orchestrator.evaluate import run_evaluation  # noqa: PLC0415
 
     out = run_evaluation(cfg, args.checkpoint, split=args.split, track=not args.no_track)
     print(json.dumps({"checkpoint": out.checkpoint_uri, "mlflow_run_id": out.mlflow_run_id, "metrics": out.metrics},

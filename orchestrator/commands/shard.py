@@ -17,6 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from orchestrator.config import ConfigError
+from orchestrator.data.config import SourceConfig
+from orchestrator.data.shards import write_shards
+from orchestrator.data.sources import AnnotationError, read_rows
+from orchestrator.data.transcode import TranscodeSpec
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, help="source adapter name (e.g. msrvtt, youku_retrieval, webvid_csv)")
@@ -39,12 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.config import ConfigError  # noqa: PLC0415
-    from orchestrator.data.config import SourceConfig  # noqa: PLC0415
-    from orchestrator.data.shards import write_shards  # noqa: PLC0415
-    from orchestrator.data.sources import AnnotationError, read_rows  # noqa: PLC0415
-    from orchestrator.data.transcode import TranscodeSpec  # noqa: PLC0415
-
     try:
         files = {"train": args.annotations, "val": args.annotations}
         src = SourceConfig(format=args.source, media=args.media, labels=args.labels, **files)

@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from orchestrator.sweep.runner import run_sweep
+from orchestrator.sweep.spec import load_sweep
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="sweep YAML (see workloads/configs/sweep_*.yaml)")
@@ -18,14 +21,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.sweep.spec import load_sweep  # noqa: PLC0415
-
     sweep = load_sweep(args.config, args.overrides)
     if args.check:
         print(json.dumps({"sweep": sweep.spec.model_dump(mode="json"), "base": str(sweep.base_path),
                           "run_overrides": sweep.run_overrides, "grid_trials": sweep.spec.num_trials()}, indent=2))
         return 0
-    from orchestrator.sweep.runner import run_sweep  # noqa: PLC0415
 
     out = run_sweep(args.config, args.overrides)
     summary = {"sweep": out.name, "experiment_path": out.experiment_path, "parent_run_id": out.parent_run_id,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from orchestrator.devtools.synth import ClipSpec, generate
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="destination: a local folder or s3://bucket/prefix")
@@ -18,8 +20,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.synth import ClipSpec, generate  # noqa: PLC0415
-
     spec = ClipSpec(width=args.width, height=args.height, fps=args.fps, seconds=args.seconds, gop=2 * args.fps)
     generate(args.out, n=args.n, seed=args.seed, spec=spec, with_tokenizer=not args.no_tokenizer)
     return 0

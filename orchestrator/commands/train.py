@@ -6,6 +6,7 @@ import argparse
 import json
 
 from orchestrator.commands import add_config_arguments, resolve_config
+from orchestrator.train.driver import run_training
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +23,6 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from orchestrator.train.driver import run_training  # noqa: PLC0415
 
     out = run_training(cfg, init_from=args.init_from, register=args.register)
     print(json.dumps({"run_name": out.run_name, "mlflow_run_id": out.mlflow_run_id, "checkpoint": out.checkpoint_uri,

@@ -103,7 +103,7 @@ def summarize_file(uri: str, plan: FilePlan, collect_labels: bool) -> dict[str, 
 
 def summarize(jobs: list[tuple[str, FilePlan, bool]]) -> list[dict[str, Any]]:
     """:func:`summarize_file` for every (uri, plan, collect_labels), one Ray task each, in order."""
-    import ray  # noqa: PLC0415 - importing this module never starts Ray
+    import ray  # here, not at the top: importing this module never starts Ray
 
     task = ray.remote(num_cpus=READ_CPUS, max_retries=3)(summarize_file)
     return ray.get([task.remote(*job) for job in jobs])
@@ -139,7 +139,7 @@ def annotation_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trai
                        order: random.Random):
     """``(dataset, rows parsed)`` of one parsed (not sharded) source: the count pass in the driver,
     then a streamed read.  ``order`` shuffles the file order (training)."""
-    import ray  # noqa: PLC0415
+    import ray
 
     files = split_files(src, data_cfg.root, split)
     classification = SOURCES[src.format].classification

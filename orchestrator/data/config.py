@@ -1,9 +1,22 @@
 """Typed configuration of the data plane (sources, decoding, tokenization, bad-input policy)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from orchestrator.data.formats import FORMATS
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Size caps for untrusted input (``data.max_annotation_bytes`` / ``data.max_object_bytes``);
+    None = unbounded."""
+
+    annotation_bytes: int | None = None
+    object_bytes: int | None = None
+
 
 Sampling = Literal["rand", "middle", "uniform", "headtail", "keyframe"]
 
@@ -13,7 +26,7 @@ class SourceConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: str = Field("msrvtt", description="source adapter name, see orchestrator.data.sources.SOURCES")
+    format: str = Field("msrvtt", description="source adapter name, see orchestrator.data.formats.FORMATS")
     # Annotation file(s): absolute URIs, or paths relative to data.root.  For the webdataset formats
     # (webvid_wds, cc3m_wds, wds) these are tar shards or folders/prefixes holding *.tar shards.
     train: list[str] = Field(default_factory=lambda: ["annotations/msrvtt_train.jsonl"])
@@ -29,10 +42,8 @@ class SourceConfig(BaseModel):
     @field_validator("format")
     @classmethod
     def _known_format(cls, v: str) -> str:
-        from orchestrator.data.sources import SOURCES  # noqa: PLC0415 (registry imports this module)
-
-        if v not in SOURCES:
-            raise ValueError(f"unknown source format {v!r}; accepted: {', '.join(sorted(SOURCES))}")
+        if v not in FORMATS:
+            raise ValueError(f"unknown source format {v!r}; accepted: {', '.join(sorted(FORMATS))}")
         return v
 
 
@@ -77,7 +88,5 @@ class DataConfig(BaseModel):
                                 "pays on long epochs (benchmarks/data_throughput.py measures both)")
 
     def caps(self):
-        """The size caps the source readers apply (see ``orchestrator.data.sources.base.Caps``)."""
-        from orchestrator.data.sources.base import Caps  # noqa: PLC0415 (sources import this module)
-
+        """The size caps the source readers apply."""
         return Caps(annotation_bytes=self.max_annotation_bytes, object_bytes=self.max_object_bytes)

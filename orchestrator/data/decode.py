@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from orchestrator import storage
-from orchestrator.data.quality import BadClip
 from orchestrator.data import video
+from orchestrator.data.quality import BadClip
 from orchestrator.data.sampling import frames_decoded, sample_indices
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -126,11 +126,11 @@ def decode_video(data: bytes, uri: str, spec: DecodeSpec, rng: np.random.Generat
 
 def decode_image(data: bytes, uri: str, spec: DecodeSpec) -> Decoded:
     """An image as one frame: uint8 [1, H, W, 3]."""
-    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise BadClip("empty", uri)
-    import warnings  # noqa: PLC0415
+    import warnings
 
     try:
         with warnings.catch_warnings():

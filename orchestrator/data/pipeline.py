@@ -24,23 +24,23 @@ from typing import Any, Iterator
 import numpy as np
 
 from orchestrator import storage
-from orchestrator.data import quality
+from orchestrator.data import progress, quality
 from orchestrator.data.annotations import annotation_dataset
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.decode import DecodeSpec
+from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
 from orchestrator.data.ids import HASHED, SAMPLE_KEY, stable_id
 from orchestrator.data.process import BatchProcessor, ProcessParams, process_batch, to_dataset_row
-from orchestrator.data.sources import SOURCES, is_sharded, split_files
+from orchestrator.data.sources import is_sharded, split_files, wds
 from orchestrator.data.sources.base import ParseReport
-from orchestrator.data.tokenize import default_tokenizer
+from orchestrator.data.tokenize import default_tokenizer, load_tokenizer
+from orchestrator.data.video import decode_short_side
 
 log = logging.getLogger(__name__)
 
 __all__ = ["BATCH_KEYS", "HASHED", "SAMPLE_KEY", "build_dataset", "iter_worker_batches", "process_params", "stable_id"]
 
 BATCH_KEYS = ("frames", "text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask", "label", "clip_index")
-IMAGE_FORMATS = ("coco_captions", "cc3m_wds")
-TEXT_FORMATS = tuple(f for f in SOURCES if f.startswith("glue_"))
 
 
 def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> list[dict]:
@@ -51,8 +51,6 @@ def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> 
     one clip still share an id; a sample without one (video2dataset / img2dataset) is its own clip,
     hashed from its media URI and segment.  ``sample_key`` is hashed from the shard and position.
     Members over ``max_member_bytes`` and samples with unusable JSON become counted bad rows."""
-    from orchestrator.data.sources import wds  # noqa: PLC0415
-
     shard, ns = item["shard"], item.get("ns", "")
     report = ParseReport(shard)
     rows = []
@@ -78,10 +76,9 @@ def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trainin
                     seed: int):
     """``(dataset, rows parsed or None)`` of one source: webdataset shards expanded by Ray tasks, or
     annotation files parsed and streamed by Ray tasks (:mod:`orchestrator.data.annotations`)."""
-    import ray  # noqa: PLC0415
+    import ray
 
     if is_sharded(src.format):
-        from orchestrator.data.sources import wds  # noqa: PLC0415
 
         files = split_files(src, data_cfg.root, split)
         shards = [s for f in files for s in wds.list_shards(f)]
@@ -97,7 +94,6 @@ def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trainin
 def _short_side(data_cfg: DataConfig, training: bool) -> int:
     if data_cfg.decode_short_side is not None:
         return data_cfg.decode_short_side
-    from orchestrator.data.video import decode_short_side  # noqa: PLC0415
 
     return decode_short_side(data_cfg.image_size, data_cfg.scale_min if training else 1.0)
 
@@ -134,8 +130,6 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     publishes as consumed are dropped before decoding and frame sampling is seeded by the epoch
     (:mod:`orchestrator.data.progress`); ``columns`` may then also ask for :data:`SAMPLE_KEY`.
     """
-    import ray  # noqa: PLC0415
-
     unknown = [c for c in columns if c not in BATCH_KEYS + (SAMPLE_KEY,)]
     if unknown:
         raise ValueError(f"unknown batch column(s) {unknown}; the contract (workloads/base.py) has {BATCH_KEYS}")
@@ -149,7 +143,6 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     if needs_text and not storage.has_scheme(params.tokenizer) and not storage.exists(params.tokenizer):
         log.info("tokenizer %s is not a local path; treating it as a hub name", params.tokenizer)
     if needs_text:  # fail early, in the driver, on a bad tokenizer setting
-        from orchestrator.data.tokenize import load_tokenizer  # noqa: PLC0415
 
         load_tokenizer(params.tokenizer)
     quality.get_tracker(run_name)  # the named actor exists before any decode task runs
@@ -165,7 +158,6 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     # (annotations.SHUFFLE_WINDOW), then each worker's local shuffle buffer (data.shuffle_buffer).  No
     # randomize_block_order: it is an all-to-all step that holds every block before the first batch.
     if progress_stream is not None:
-        from orchestrator.data import progress  # noqa: PLC0415
 
         progress.get_registry(run_name)  # the named actor exists (owned by the driver) before any task
         ds = ds.map_batches(progress.skip_consumed, fn_kwargs={"run_name": run_name, "stream": progress_stream},
@@ -183,7 +175,7 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
 
 def _actor_pool(data_cfg: DataConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``decode_concurrency`` actors, or an autoscaling pool of 1 .. (cluster CPUs / decode_cpus)."""
-    import ray  # noqa: PLC0415
+    import ray
 
     if "concurrency" not in kwargs:
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
@@ -192,13 +184,13 @@ def _actor_pool(data_cfg: DataConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _contract_collate_cls():
-    from ray.data.collate_fn import NumpyBatchCollateFn  # noqa: PLC0415
+    from ray.data.collate_fn import NumpyBatchCollateFn
 
     class ContractCollate(NumpyBatchCollateFn):
         """numpy batch -> tensors: ``frames`` uint8, everything else int64 (moved to the device by Ray)."""
 
         def __call__(self, batch):
-            import torch  # noqa: PLC0415
+            import torch
 
             # [B, T, H, W, 3] frames stay uint8; ids, masks, labels become int64
             return {k: torch.from_numpy(np.require(v, requirements="W")) if k == "frames"
@@ -207,7 +199,7 @@ def _contract_collate_cls():
     return ContractCollate
 
 
-def _ContractCollate():  # noqa: N802 - built lazily so importing this module never imports Ray
+def _ContractCollate():  # built lazily so importing this module never imports Ray
     return _contract_collate_cls()()
 
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from orchestrator import storage
 from orchestrator.data import augment, quality
 from orchestrator.data.decode import DecodeSpec, decode_media, read_media
 from orchestrator.data.quality import BadClip
+from orchestrator.data.sources.wds import read_member
 from orchestrator.data.tokenize import encode, load_tokenizer
 
 # The columns of a dataset row before decoding (no None values, so Arrow types stay fixed).
@@ -76,8 +78,6 @@ def _fetch(uri: str, inline: bytes, max_bytes: int | None = None) -> bytes:
     if inline:
         return inline
     if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
-        from orchestrator import storage  # noqa: PLC0415
-        from orchestrator.data.sources.wds import read_member  # noqa: PLC0415
 
         try:
             return read_member(uri, max_bytes)
@@ -96,7 +96,7 @@ def with_timeout(seconds: float, uri: str, fn, *args):
     def target():
         try:
             box["out"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as e:  # re-raised in the caller's thread
             box["err"] = e
 
     t = threading.Thread(target=target, daemon=True, name=f"decode:{uri[-40:]}")
@@ -164,8 +164,6 @@ class BatchProcessor:
     benchmarks/data_throughput.py), so tasks stay the default."""
 
     def __init__(self, params: ProcessParams):
-        import av  # noqa: F401, PLC0415 - warm the decoder libraries
-        import decord  # noqa: F401, PLC0415
 
         self.params = params
         if {"text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask"} & set(params.columns):

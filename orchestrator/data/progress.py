@@ -53,7 +53,7 @@ def actor_name(run_name: str | None) -> str:
 
 def get_registry(run_name: str | None):
     """The named actor for ``run_name`` (created on first use, by the driver in build_dataset)."""
-    import ray  # noqa: PLC0415
+    import ray
 
     name = actor_name(run_name)
     if name not in _HANDLES:
@@ -65,8 +65,8 @@ def get_registry(run_name: str | None):
 def _call(run_name: str | None, method: str, *args):
     """Call the registry; a handle to an actor that died (its owner went away) is dropped and the
     actor looked up / created again once."""
-    import ray  # noqa: PLC0415
-    from ray.exceptions import RayActorError  # noqa: PLC0415
+    import ray
+    from ray.exceptions import RayActorError
 
     for attempt in range(2):
         try:

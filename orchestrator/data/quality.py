@@ -115,7 +115,7 @@ def actor_name(run_name: str | None) -> str:
 
 def _ray_up() -> bool:
     try:
-        import ray  # noqa: PLC0415
+        import ray
     except ImportError:  # pragma: no cover
         return False
     return ray.is_initialized()
@@ -125,7 +125,7 @@ def get_tracker(run_name: str | None):
     """The named actor for ``run_name`` (created on first use), or None without Ray."""
     if not _ray_up():
         return None
-    import ray  # noqa: PLC0415
+    import ray
 
     name = actor_name(run_name)
     if name not in _HANDLES:
@@ -143,8 +143,8 @@ class BadClipTracker:
 
     def _call(self, method: str, *args, timeout: float | None):
         """Call the actor; a dead actor (its owner went away) is looked up / created again once."""
-        import ray  # noqa: PLC0415
-        from ray.exceptions import RayActorError  # noqa: PLC0415
+        import ray
+        from ray.exceptions import RayActorError
 
         for attempt in range(2):
             ref = getattr(self._actor, method).remote(*args)

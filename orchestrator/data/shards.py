@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from orchestrator import storage
 from orchestrator.data.decode import is_image, read_media
 from orchestrator.data.quality import BadClip
-from orchestrator.data.transcode import TranscodeSpec, transcode as transcode_clip
+from orchestrator.data.transcode import TranscodeSpec
+from orchestrator.data.transcode import transcode as transcode_clip
 
 log = logging.getLogger(__name__)
 

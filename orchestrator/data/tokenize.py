@@ -47,7 +47,7 @@ def _local_copy(uri: str) -> str:
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(name_or_uri: str):
     """A transformers tokenizer from a local dir, an s3:// dir or a hub name (cached per process)."""
-    from transformers import AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoTokenizer
 
     path = name_or_uri
     if storage.is_s3(name_or_uri):

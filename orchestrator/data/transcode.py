@@ -12,6 +12,7 @@ import io
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
+from orchestrator.data.decode import _has_video_signature
 from orchestrator.data.quality import BadClip
 from orchestrator.data.video import DecodeError, probe, scaled_size
 
@@ -47,14 +48,13 @@ def _keep(n_in: int, fps_in: float, fps_out: float) -> bool:
 
 def transcode(data: bytes, uri: str, spec: TranscodeSpec) -> tuple[bytes, dict]:
     """The clip re-encoded per ``spec`` -> (mp4 bytes, {"src": ..., "out": ...}); BadClip when unusable."""
-    import av  # noqa: PLC0415
+    import av
 
     if not data:
         raise BadClip("empty", uri)
     try:
         p = probe(data)
     except DecodeError as e:
-        from orchestrator.data.decode import _has_video_signature  # noqa: PLC0415
 
         raise BadClip("truncated" if _has_video_signature(data) else "not_video", uri, str(e)) from None
     if min(p.width, p.height) < spec.min_resolution or max(p.width, p.height) > spec.max_resolution:
@@ -90,7 +90,7 @@ def transcode(data: bytes, uri: str, spec: TranscodeSpec) -> tuple[bytes, dict]:
                     dst.mux(packet)
             for packet in s_out.encode():
                 dst.mux(packet)
-    except Exception as e:  # noqa: BLE001 - a clip that breaks mid-way is bad, not a crash
+    except Exception as e:  # a clip that breaks mid-way is bad, not a crash
         raise BadClip("undecodable", uri, (str(e).splitlines() or [type(e).__name__])[0][:200]) from None
     if n_out < spec.min_frames:
         raise BadClip("too_few_frames", uri, f"{n_out} frame(s), need {spec.min_frames}")

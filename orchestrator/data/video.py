@@ -40,7 +40,7 @@ class Probe:
 
 def probe(data: bytes) -> Probe:
     """Resolution, frame count and frame rate from the container header; DecodeError when unreadable."""
-    import av  # noqa: PLC0415
+    import av
 
     try:
         with av.open(io.BytesIO(data), mode="r") as c:
@@ -55,7 +55,7 @@ def probe(data: bytes) -> Probe:
             return Probe(int(cc.width or 0), int(cc.height or 0), frames, float(rate), str(cc.name))
     except DecodeError:
         raise
-    except Exception as e:  # noqa: BLE001 - av raises InvalidDataError, EOFError, ValueError ...
+    except Exception as e:  # av raises InvalidDataError, EOFError, ValueError ...
         raise DecodeError(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
 
 
@@ -89,13 +89,13 @@ class DecordReader(Reader):
     decoded = -1
 
     def __init__(self, data: bytes, size: tuple[int, int] | None = None):
-        import decord  # noqa: PLC0415
+        import decord
 
         w, h = size or (-1, -1)
         self.data, self.size = data, size
         try:
             self.vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, width=w, height=h)
-        except Exception as e:  # noqa: BLE001 - DECORDError / RuntimeError
+        except Exception as e:  # DECORDError / RuntimeError
             raise DecodeError(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
 
     def __len__(self) -> int:
@@ -110,7 +110,7 @@ class DecordReader(Reader):
     def get(self, indices: list[int]) -> np.ndarray:
         try:
             out = self.vr.get_batch(list(indices)).asnumpy()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if self.size is None or "must exactly match" not in str(e):
                 raise DecodeError(str(e).splitlines()[0][:200]) from None
             out = None
@@ -125,7 +125,7 @@ class PyAVReader(Reader):
     name = "pyav"
 
     def __init__(self, data: bytes, size: tuple[int, int] | None = None):
-        import av  # noqa: PLC0415
+        import av
 
         self.size = size
         self.decoded = 0
@@ -145,7 +145,7 @@ class PyAVReader(Reader):
                     keys.append(int(p.pts))
         except DecodeError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise DecodeError(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
         self.pts = sorted(pts)
         self.index = {p: i for i, p in enumerate(self.pts)}
@@ -201,7 +201,7 @@ class PyAVReader(Reader):
                 out.append(arr)
         except DecodeError:
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise DecodeError(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
         return np.stack(out)
 

@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from orchestrator.sweep.trial import STATUS_TAG
+from orchestrator.tracking.mlflow_run import client, log_table, log_text
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ def pick_best(trials: list[TrialRecord], mode: str) -> TrialRecord | None:
 def tag_trial_runs(uri: str, trials: list[TrialRecord], best: TrialRecord | None) -> None:
     """How each trial ended, on its child run.  Early-stopped and failed trials' runs end KILLED /
     FAILED (Tune ends their actors, so their training never closed the run)."""
-    from orchestrator.tracking.mlflow_run import client  # noqa: PLC0415
-
     c = client(uri)
     end_status = {"early_stopped": "KILLED", "failed": "FAILED"}
     for t in trials:
@@ -63,9 +62,7 @@ TUNE_KEYS = {"timestamp", "training_iteration", "time_this_iter_s", "time_total_
 def backfill_training_metrics(uri: str, run_id: str, history: list[dict[str, Any]]) -> int:
     """A trial Tune stops ends its workers before their metric buffer reaches MLflow; the points
     Tune received (every training report) are logged to the trial's run for the steps it lacks."""
-    from mlflow.entities import Metric  # noqa: PLC0415
-
-    from orchestrator.tracking.mlflow_run import client  # noqa: PLC0415
+    from mlflow.entities import Metric
 
     c = client(uri)
     have = {m.step for m in c.get_metric_history(run_id, "loss")}
@@ -85,8 +82,6 @@ def backfill_training_metrics(uri: str, run_id: str, history: list[dict[str, Any
 
 def log_parent_summary(uri: str, parent_run_id: str, trials: list[TrialRecord], best: TrialRecord | None,
                        metric: str, best_yaml: str | None) -> None:
-    from orchestrator.tracking.mlflow_run import client, log_table, log_text  # noqa: PLC0415
-
     c = client(uri)
     counts: dict[str, int] = {}
     for t in trials:
@@ -106,7 +101,7 @@ def log_parent_summary(uri: str, parent_run_id: str, trials: list[TrialRecord], 
     figure = plot_metric_vs_params(trials, metric)
     if figure is not None:
         c.log_figure(parent_run_id, figure, "metric_vs_params.png")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
+        import matplotlib.pyplot as plt
 
         plt.close(figure)
 
@@ -124,10 +119,10 @@ def _log_best_params(c, run_id: str, params: dict[str, Any]) -> None:
 def plot_metric_vs_params(trials: list[TrialRecord], metric: str):
     """One panel per searched parameter: the sweep metric of each completed trial against its value
     (log x for positive numbers spanning a decade or more; categories otherwise)."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     done = [t for t in trials if t.status == "completed" and t.metric is not None]
     if not done:

@@ -18,9 +18,23 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import ConfigError, RunConfig
-from orchestrator.sweep.report import TrialRecord, backfill_training_metrics, log_parent_summary, pick_best, tag_trial_runs
+from orchestrator.ray_env import ensure_ray
+from orchestrator.sweep.report import (
+    TrialRecord,
+    backfill_training_metrics,
+    log_parent_summary,
+    pick_best,
+    tag_trial_runs,
+)
 from orchestrator.sweep.spec import LoadedSweep, load_sweep
-from orchestrator.sweep.trial import TRIAL_DONE_KEY, run_trial, trial_index, trial_run_name
+from orchestrator.sweep.trial import (
+    TRIAL_DONE_KEY,
+    run_trial,
+    trial_index,
+    trial_run_name,
+)
+from orchestrator.tracking import mlflow_run
+from orchestrator.tracking.mlflow_run import client, find_run, get_or_create_experiment
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +93,8 @@ def _check_same_sweep(exp_uri: str, fingerprint: str, name: str) -> bool:
 
 
 def _build_tuner(sweep: LoadedSweep, trainable, exp_root: str, concurrency: int):
-    from ray import tune  # noqa: PLC0415
-    from ray.tune.schedulers import ASHAScheduler  # noqa: PLC0415
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
 
     s = sweep.spec
     scheduler = None
@@ -101,8 +115,6 @@ def _build_tuner(sweep: LoadedSweep, trainable, exp_root: str, concurrency: int)
 
 
 def _records(results, sweep: LoadedSweep, tracking_uri: str | None, experiment: str) -> list[TrialRecord]:
-    from orchestrator.tracking.mlflow_run import client, find_run, get_or_create_experiment  # noqa: PLC0415
-
     c = client(tracking_uri) if tracking_uri else None
     exp_id = get_or_create_experiment(c, experiment, tracking_uri) if c else None
     out = []
@@ -126,10 +138,8 @@ def _records(results, sweep: LoadedSweep, tracking_uri: str | None, experiment: 
 
 
 def run_sweep(sweep_file: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> SweepOutcome:
-    from ray import tune  # noqa: PLC0415
+    from ray import tune
 
-    from orchestrator.ray_env import ensure_ray  # noqa: PLC0415
-    from orchestrator.tracking import mlflow_run  # noqa: PLC0415
 
     sweep = load_sweep(sweep_file, overrides)          # validates every searched value first
     spec = sweep.spec
@@ -140,7 +150,7 @@ def run_sweep(sweep_file: str | os.PathLike, overrides: list[str] | tuple[str, .
     had_state = _check_same_sweep(exp_uri, fingerprint, spec.name)
 
     ensure_ray()
-    import ray  # noqa: PLC0415
+    import ray
 
     concurrency = spec.max_concurrent_trials or default_concurrency(base, sweep, ray.cluster_resources())
     tracking_uri = mlflow_run.resolve_tracking_uri(base.tracking.uri) if base.tracking.enabled else None

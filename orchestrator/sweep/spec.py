@@ -26,10 +26,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from orchestrator.config import ConfigError, RunConfig, load_config, parse_override, read_yaml_mapping
-
+from orchestrator.config import (
+    ConfigError,
+    RunConfig,
+    load_config,
+    parse_override,
+    read_yaml_mapping,
+)
+from orchestrator.storage import check_segment
 
 EPOCHS = "epochs"  # the one searched key that is not a run config key (needs train_examples)
 
@@ -74,7 +87,7 @@ class ParamSpace(_Section):
         return list(getattr(self, self.kind))
 
     def to_tune(self):
-        from ray import tune  # noqa: PLC0415
+        from ray import tune
 
         kind, v = self.kind, getattr(self, self.kind)
         return {"grid": tune.grid_search, "choice": tune.choice}[kind](list(v)) if kind in ("grid", "choice") \
@@ -123,8 +136,6 @@ class SweepSpec(_Section):
     @field_validator("name")
     @classmethod
     def _path_safe(cls, v: str) -> str:
-        from orchestrator.storage import check_segment  # noqa: PLC0415
-
         return check_segment(v, "a sweep name")
 
     @field_validator("search")

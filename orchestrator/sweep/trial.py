@@ -16,6 +16,11 @@ import os
 import time
 from typing import Any
 
+from orchestrator.evaluate import run_evaluation
+from orchestrator.sweep.spec import load_sweep
+from orchestrator.tracking.mlflow_run import client
+from orchestrator.train.driver import run_training
+
 log = logging.getLogger(__name__)
 
 TRIAL_DONE_KEY = "mplug2_trial_done"
@@ -38,7 +43,7 @@ def trial_run_name(sweep_name: str, trial_id: str) -> str:
 
 def _tune_report_callbacks() -> dict[str, list]:
     """Train callbacks that forward every worker report of this trial's run to Tune (ASHA cuts on them)."""
-    from ray.tune.integration.ray_train import TuneReportCallback  # noqa: PLC0415
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     return {"callbacks": [TuneReportCallback()]}
 
@@ -58,12 +63,7 @@ def _logged_in_training(train_metrics: dict[str, Any], name: str) -> bool:
 def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
     """The Tune trainable.  ``config``: the sampled assignment {dotted key: value}; ``plan``: what
     the sweep driver decided (sweep file, parent run id, tracking URI, metric, init_from)."""
-    from ray import tune  # noqa: PLC0415
-
-    from orchestrator.evaluate import run_evaluation  # noqa: PLC0415
-    from orchestrator.sweep.spec import load_sweep  # noqa: PLC0415
-    from orchestrator.tracking.mlflow_run import client  # noqa: PLC0415
-    from orchestrator.train.driver import run_training  # noqa: PLC0415
+    from ray import tune
 
     if os.path.isdir(plan["cwd"]):
         os.chdir(plan["cwd"])  # Tune starts trials in their own folder; relative config paths are the driver's
@@ -89,7 +89,7 @@ def run_trial(config: dict[str, Any], plan: dict[str, Any]) -> None:
         raise ValueError(f"sweep metric {spec.metric!r}: the {cfg.workload} evaluation returned "
                          f"{sorted(ev_metrics)}; set metric to eval/<one of them>")
     if outcome.mlflow_run_id and not _logged_in_training(outcome.metrics, spec.eval_metric):
-        from mlflow.entities import Metric  # noqa: PLC0415
+        from mlflow.entities import Metric
 
         c = client(outcome.tracking_uri)
         now = int(time.time() * 1000)

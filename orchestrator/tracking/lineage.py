@@ -54,7 +54,7 @@ def _file_fingerprint(uri: str) -> str:
     """Size and modification time (local) or ETag (S3): cheap, and changes when the file does."""
     try:
         info = storage.stat(uri)
-    except Exception as e:  # noqa: BLE001 - a digest must not fail the run
+    except Exception as e:  # a digest must not fail the run
         return f"{uri}:unreadable:{type(e).__name__}"
     return f"{uri}:{info.get('size')}:{info.get('etag') or info.get('mtime')}"
 
@@ -78,7 +78,7 @@ def dataset_entries(sources: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def log_datasets(c, run_id: str, sources: list[dict[str, Any]]) -> int:
     """Log every source/split of the run as an MLflow dataset input; returns how many."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag  # noqa: PLC0415
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     entries = dataset_entries(sources)
     inputs = [DatasetInput(Dataset(e["name"], e["digest"], e["source_type"], e["source"], profile=e["profile"]),
@@ -95,9 +95,9 @@ def log_exported_model(uri: str, run_id: str, experiment_id: str, export_uri: st
     MLflow's store); registered as ``register`` when given. Returns the model id. The model's
     metrics are its source run's (linked by ``source_run_id``): logging them again would add
     duplicate points to the run's metric history."""
-    import tempfile  # noqa: PLC0415
+    import tempfile
 
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient
 
     c = MlflowClient(uri)
     model = c.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id, model_type=MODEL_TYPE,
@@ -123,24 +123,24 @@ def start_system_metrics(uri: str, run_id: str, node_id: str | None = None):
     this node, logging into ``run_id`` as ``system/*`` and continuing the step count of a resumed
     run. Returns the monitor (``.finish()`` stops it) or None when it cannot start."""
     try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: PLC0415
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True, node_id=node_id,
                                        tracking_uri=uri)
         monitor.start()
         return monitor
-    except Exception as e:  # noqa: BLE001 - metrics about the machine never stop training
+    except Exception as e:  # metrics about the machine never stop training
         log.warning("MLflow system metrics not started: %s", type(e).__name__)
         return None
 
 
 def record_datasets(uri: str, run_id: str, sources: list[dict[str, Any]]) -> None:
     """:func:`log_datasets`, never failing the run (lineage is worth a warning, not a lost job)."""
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient
 
     try:
         log_datasets(MlflowClient(uri), run_id, sources)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         log.warning("MLflow: could not record the run's datasets: %s", redact_text(str(e)))
 
 
@@ -148,13 +148,13 @@ def record_model(uri: str, run_id: str, export_uri: str, name: str, tokenizer: s
                  register: str | None = None) -> str | None:
     """:func:`log_exported_model` for a finished run; a failure is a warning, except that asking
     to register a model that could not be logged is an error the user must see."""
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient
 
     try:
         experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
         return log_exported_model(uri, run_id, experiment_id, export_uri, name, tokenizer=tokenizer,
                                   register=register)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if register:
             raise RuntimeError(f"could not log and register the exported model as {register!r}: "
                                f"{redact_text(str(e))}") from None

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.config import flatten
 from orchestrator.tracking import lineage
 from orchestrator.tracking.redact import redact, redact_text
 
@@ -37,7 +38,7 @@ def resolve_tracking_uri(configured: str | None) -> str:
 
 
 def client(uri: str):
-    from mlflow.tracking import MlflowClient  # noqa: PLC0415
+    from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
@@ -62,7 +63,7 @@ def get_or_create_experiment(c, name: str, tracking_uri: str | None = None) -> s
         try:
             exp_id = c.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name),
                                          tags={lineage.EXPERIMENT_KIND_TAG: lineage.EXPERIMENT_KIND})
-        except Exception:  # noqa: BLE001 - created concurrently by another trial
+        except Exception:  # created concurrently by another trial
             exp_id = c.get_experiment_by_name(name).experiment_id
     lineage.mark_training_experiment(c, exp_id)
     return exp_id
@@ -90,9 +91,7 @@ def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], t
     Logs flattened params (redacted), the resolved config YAML as an artifact and the tags.
     Returns the run id.
     """
-    import yaml  # noqa: PLC0415
-
-    from orchestrator.config import flatten  # noqa: PLC0415
+    import yaml
 
     c = client(uri)
     exp_id = get_or_create_experiment(c, experiment, uri)
@@ -113,7 +112,7 @@ def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], t
         return run_id
     run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
     run_id = run.info.run_id
-    from mlflow.entities import Param  # noqa: PLC0415
+    from mlflow.entities import Param
 
     params = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in flatten(safe_cfg).items()]
     for i in range(0, len(params), 100):
@@ -133,7 +132,7 @@ def retry_until(fn, what: str, budget_s: float, first_wait_s: float = 1.0):
     while True:
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - the tracking server is away; decide below
+        except Exception as e:  # the tracking server is away; decide below
             left = deadline - time.time()
             if left <= 0:
                 raise
@@ -151,12 +150,12 @@ def close_run(uri: str, run_id: str, status: str = "FINISHED", tags: dict[str, A
     c = client(uri)
     safe_tags = {k: str(v) for k, v in redact(tags or {}).items()}
     if safe_tags:
-        from mlflow.entities import RunTag  # noqa: PLC0415
+        from mlflow.entities import RunTag
 
         retry_until(lambda: c.log_batch(run_id, tags=[RunTag(k, v) for k, v in safe_tags.items()]),
                     "setting end tags", budget)
     if metrics:
-        from mlflow.entities import Metric  # noqa: PLC0415
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
@@ -196,7 +195,7 @@ class MetricLogger:
         self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric  # noqa: PLC0415
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         with self._lock:
@@ -222,7 +221,7 @@ class MetricLogger:
                 sent_upto = i + len(chunk)
                 self.sent += len(chunk)
             return True
-        except Exception as e:  # noqa: BLE001 - keep training; retry later
+        except Exception as e:  # keep training; retry later
             with self._lock:
                 self._buf[:0] = batch[sent_upto:]
             self.failed_flushes += 1
@@ -237,7 +236,7 @@ class MetricLogger:
         if self._system is not None:
             try:
                 self._system.finish()
-            except Exception as e:  # noqa: BLE001 - the run's own metrics matter more
+            except Exception as e:  # the run's own metrics matter more
                 log.warning("MLflow system metrics did not stop cleanly: %s", type(e).__name__)
         deadline = time.time() + timeout_s
         self._stop.set()

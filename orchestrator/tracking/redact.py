@@ -116,7 +116,7 @@ def redact_exception(e: BaseException) -> BaseException:
         for attr in ("message", "msg", "detail"):
             if isinstance(getattr(e, attr, None), str):
                 setattr(e, attr, redact_text(getattr(e, attr), secrets))
-    except Exception:  # noqa: BLE001 - an exception type with read-only args stays as it is
+    except Exception:  # an exception type with read-only args stays as it is
         pass
     return e
 
@@ -144,7 +144,7 @@ def install_log_redaction() -> None:
                 record.msg, record.args = clean, ()
             if record.exc_info and record.exc_info[1] is not None:
                 redact_exception(record.exc_info[1])
-        except Exception:  # noqa: BLE001 - a record that cannot be formatted is left to its handler
+        except Exception:  # a record that cannot be formatted is left to its handler
             pass
         return record
 

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 
 from orchestrator import storage
+from orchestrator.tracking.mlflow_run import client
+from orchestrator.tracking.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def export(engine, zero_stage: int, out_dir: str, rank: int) -> bool:
     """Write the consolidated model (``model/`` save format) on rank 0; every rank must call."""
     module = engine.module
     if zero_stage == 3:
-        import deepspeed  # noqa: PLC0415
+        import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return _save_module(module, out_dir) if rank == 0 else False
@@ -89,7 +91,7 @@ def _save_module(module: torch.nn.Module, out_dir: str) -> bool:
     if hasattr(module, "save_pretrained"):
         module.save_pretrained(out_dir)
     else:
-        from safetensors.torch import save_file  # noqa: PLC0415
+        from safetensors.torch import save_file
 
         os.makedirs(out_dir, exist_ok=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
@@ -117,9 +119,9 @@ def _safe_globals() -> list:
     """The few DeepSpeed classes its checkpoint files hold besides tensors and containers: plain
     records, rebuilt by the weights-only unpickler from their fields (no code of the file's choosing)."""
     try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: PLC0415
-        from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: PLC0415
-        from deepspeed.utils.tensor_fragment import fragment_address  # noqa: PLC0415
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
     except ImportError:  # pragma: no cover - deepspeed is a dependency
         return []
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
@@ -128,7 +130,7 @@ def _safe_globals() -> list:
 def safe_torch_load(path, map_location="cpu", **kwargs):
     """``torch.load`` with ``weights_only=True`` whatever the caller asked for: a file that needs
     any other global (a pickle that would run code) raises :class:`UnsafeCheckpoint`."""
-    import pickle  # noqa: PLC0415
+    import pickle
 
     kwargs.pop("weights_only", None)
     with torch.serialization.safe_globals(_safe_globals()):
@@ -150,9 +152,9 @@ class _WeightsOnlyTorch:
 
 
 def _zero_to_fp32(path: str) -> dict[str, torch.Tensor]:
-    from unittest import mock  # noqa: PLC0415
+    from unittest import mock
 
-    from deepspeed.utils import zero_to_fp32  # noqa: PLC0415
+    from deepspeed.utils import zero_to_fp32
 
     with mock.patch.object(zero_to_fp32, "torch", _WeightsOnlyTorch()):
         return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(path, tag=TAG)
@@ -161,7 +163,7 @@ def _zero_to_fp32(path: str) -> dict[str, torch.Tensor]:
 def _read_state_dict(path: str, uri: str) -> dict[str, torch.Tensor]:
     """Weights only: safetensors, or DeepSpeed files through the weights-only unpickler."""
     if Path(path, "model.safetensors").is_file():
-        from safetensors.torch import load_file  # noqa: PLC0415
+        from safetensors.torch import load_file
 
         return load_file(os.path.join(path, "model.safetensors"))
     tag_dir = Path(path, TAG)
@@ -215,9 +217,9 @@ def write_vocab(tokenizer, export_uri: str) -> None:
 def interpolate_pos_embed(pos: torch.Tensor, new_len: int) -> torch.Tensor | None:
     """ViT position embeddings ``[1 + g*g, C]`` -> ``[new_len, C]``: the [CLS] row kept, the patch
     grid resized bicubically (as CLIP fine-tuning at another image size does); None if not square grids."""
-    import math  # noqa: PLC0415
+    import math
 
-    import torch.nn.functional as F  # noqa: PLC0415
+    import torch.nn.functional as F
 
     if pos.dim() != 2:
         return None
@@ -268,7 +270,7 @@ def load_weights(model: torch.nn.Module, uri: str, allow_mismatch: list[str] | t
     The report: ``missing``, ``unexpected``, ``shape_mismatch`` (the allowed ones), and when any,
     ``interpolated`` and ``momentum_copied``.
     """
-    from fnmatch import fnmatchcase  # noqa: PLC0415
+    from fnmatch import fnmatchcase
 
     sd, ckpt_vocab = _read_checkpoint(uri)
     own = model.state_dict()
@@ -326,12 +328,10 @@ def resolve_init_from(spec: str | None, tracking_uri: str | None) -> tuple[str |
     if not spec.startswith("mlflow:"):
         return spec, None
     run_id = spec[len("mlflow:"):]
-    from orchestrator.tracking.mlflow_run import client  # noqa: PLC0415
 
     try:
         run = client(tracking_uri).get_run(run_id)
-    except Exception as e:  # noqa: BLE001
-        from orchestrator.tracking.redact import redact_text  # noqa: PLC0415
+    except Exception as e:
 
         raise ValueError(f"--init-from {spec}: no such MLflow run at {redact_text(str(tracking_uri))} "
                          f"({type(e).__name__})") from None

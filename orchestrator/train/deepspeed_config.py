@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from orchestrator import storage
 from orchestrator.train.config import ZERO3_REFUSED, TrainConfig
 
 
@@ -52,7 +53,6 @@ def build_deepspeed_config(train: TrainConfig, world_size: int, user_json: dict[
 def load_user_json(path: str | None) -> dict[str, Any] | None:
     if not path:
         return None
-    from orchestrator import storage  # noqa: PLC0415
 
     try:
         data = json.loads(storage.read_text(path))

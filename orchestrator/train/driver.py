@@ -17,9 +17,29 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.config import ConfigError, RunConfig
 from orchestrator.console import Progress, summary, train_logging_config
+from orchestrator.data import progress, quality
 from orchestrator.data.catalog import describe_sources
+from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
+from orchestrator.data.pipeline import (
+    SAMPLE_KEY,
+    build_dataset,
+)
 from orchestrator.data.tokenize import default_tokenizer
+from orchestrator.eval_workers import build_eval_dataset, sharded_eval_data_config
+from orchestrator.ray_env import ensure_ray
 from orchestrator.tracking import lineage
+from orchestrator.tracking.mlflow_run import (
+    close_run,
+    git_commit,
+    open_run,
+    resolve_tracking_uri,
+)
+from orchestrator.train.checkpoint import finished_run, resolve_init_from, write_vocab
+from orchestrator.train.deepspeed_config import load_user_json
+from orchestrator.train.failures import fail_fast_callback, find_setup_error
+from orchestrator.train.loop import redacted_train_loop
+from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
+from workloads import get_workload
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +59,10 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.workload}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _storage_for_ray(uri: str):
-    """(storage_path, storage_filesystem) for ray.train.RunConfig."""
-    if storage.is_s3(uri):
-        fs, path = storage.filesystem(uri)
-        return path, fs
-    return storage.local_path(uri), None
-
-
 def _checkpoint_uri(checkpoint) -> str | None:
     if checkpoint is None:
         return None
-    import pyarrow.fs as pafs  # noqa: PLC0415
+    import pyarrow.fs as pafs
 
     if isinstance(checkpoint.filesystem, pafs.S3FileSystem):
         return f"s3://{checkpoint.path}"
@@ -62,17 +74,8 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
                  callbacks: list | None = None, register: str | None = None) -> TrainOutcome:
     """``callbacks``: Ray Train callbacks (e.g. Tune's ``TuneReportCallback`` inside a sweep trial);
     ``register``: a model-registry name for the exported model."""
-    import ray.train  # noqa: PLC0415
-    from ray.train.torch import TorchTrainer  # noqa: PLC0415
-
-    from orchestrator.ray_env import ensure_ray  # noqa: PLC0415
-    from orchestrator.train.checkpoint import finished_run, resolve_init_from  # noqa: PLC0415
-    from orchestrator.eval_workers import sharded_eval_data_config  # noqa: PLC0415
-    from orchestrator.train.deepspeed_config import load_user_json  # noqa: PLC0415
-    from orchestrator.train.failures import fail_fast_callback, find_setup_error  # noqa: PLC0415
-    from orchestrator.train.loop import redacted_train_loop  # noqa: PLC0415
-    from orchestrator.train.model_setup import load_run_tokenizer, model_config_for  # noqa: PLC0415
-    from workloads import get_workload  # noqa: PLC0415
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
     cfg = absolute_paths(cfg)  # workers run in other directories (and on other machines)
     workload = get_workload(cfg.workload)
@@ -82,7 +85,6 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
     export_uri = storage.join(run_dir, "export")
     tracking_uri = None
     if cfg.tracking.enabled:
-        from orchestrator.tracking.mlflow_run import resolve_tracking_uri  # noqa: PLC0415
 
         tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     init_uri, init_run = resolve_init_from(init_from, tracking_uri)
@@ -107,7 +109,6 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
 
     mlflow_run_id = None
     if tracking_uri:
-        from orchestrator.tracking.mlflow_run import git_commit, open_run  # noqa: PLC0415
 
         tags = {
             "mplug2.workload": cfg.workload,
@@ -128,7 +129,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
                                  parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
         lineage.record_datasets(tracking_uri, mlflow_run_id, describe_sources(cfg.data, ("train",), rows=row_counts))
 
-    storage_path, storage_fs = _storage_for_ray(storage.join(cfg.storage, experiment))
+    storage_path, storage_fs = storage.for_ray(storage.join(cfg.storage, experiment))
     progress = Progress(run_name, cfg.train.max_steps, printer=log.info)
     worker_env = {} if cfg.train.use_gpu else {"DS_ACCELERATOR": "cpu"}
     resources = {"CPU": cfg.train.cpus_per_worker}
@@ -176,14 +177,12 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
         ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
         exported = storage.exists(storage.join(export_uri, "model.safetensors"))
         if exported and model_config is not None:
-            from orchestrator.train.checkpoint import write_vocab  # noqa: PLC0415
 
             try:  # checked when a fine-tune starts from this export
                 write_vocab(load_run_tokenizer(cfg), export_uri)
-            except Exception as e:  # noqa: BLE001 - never mask the training outcome
+            except Exception as e:  # never mask the training outcome
                 log.error("could not record the vocabulary beside %s: %s", export_uri, e)
         if mlflow_run_id:
-            from orchestrator.tracking.mlflow_run import close_run  # noqa: PLC0415
 
             end_tags = {"mplug2.checkpoint_uri": ckpt_uri, "mplug2.export_uri": export_uri if exported else None}
             end_tags.update(_bad_clip_tags(run_name))
@@ -197,7 +196,7 @@ def run_training(cfg: RunConfig, init_from: str | None = None, datasets: dict | 
             try:
                 close_run(tracking_uri, mlflow_run_id, status=status,
                           tags={k: v for k, v in end_tags.items() if v is not None})
-            except Exception as e:  # noqa: BLE001 - never mask the training error
+            except Exception as e:  # never mask the training error
                 log.error("could not close MLflow run %s: %s", mlflow_run_id, e)
             if register_error is not None:
                 raise register_error
@@ -236,7 +235,6 @@ def _already_finished(cfg: RunConfig, run_name: str, run_dir: str, export_uri: s
              "choose a new name to train more.", run_name, meta.get("step"), ckpt_uri)
     mlflow_run_id = None
     if tracking_uri:
-        from orchestrator.tracking.mlflow_run import close_run, open_run  # noqa: PLC0415
 
         tags = {"mplug2.workload": cfg.workload, "mplug2.run_dir": run_dir, **(extra_tags or {})}
         mlflow_run_id = open_run(tracking_uri, experiment, run_name, cfg.to_dict(), tags,
@@ -259,8 +257,6 @@ def build_train_datasets(cfg: RunConfig, columns: tuple[str, ...], run_name: str
     sources' weights (see :func:`stream_fractions`).  Every row carries a ``sample_key`` and every
     stream a progress filter, so a resumed pass leaves out what it already trained on.
     ``row_counts`` collects the rows parsed per (source format, split), for lineage."""
-    from orchestrator.data.pipeline import SAMPLE_KEY  # noqa: PLC0415
-
     groups = _stream_sources(cfg, columns)
     out = {}
     for name, sources in groups.items():
@@ -271,8 +267,6 @@ def build_train_datasets(cfg: RunConfig, columns: tuple[str, ...], run_name: str
 
 
 def _stream_sources(cfg: RunConfig, columns: tuple[str, ...]) -> dict[str, list]:
-    from orchestrator.data.pipeline import IMAGE_FORMATS, TEXT_FORMATS  # noqa: PLC0415
-
     if "frames" not in columns:
         return {"train": list(cfg.data.sources)}
     text = [s for s in cfg.data.sources if s.format in TEXT_FORMATS]
@@ -294,9 +288,6 @@ def _stream_sources(cfg: RunConfig, columns: tuple[str, ...]) -> dict[str, list]
 
 def _stream_dataset(cfg: RunConfig, data_cfg, columns: tuple[str, ...], run_name: str, stream: str,
                     row_counts: dict | None = None):
-    from orchestrator.data import progress  # noqa: PLC0415
-    from orchestrator.data.pipeline import build_dataset  # noqa: PLC0415
-
     progress.get_registry(run_name)  # owned by the driver: outlives every worker restart
 
     if not cfg.data.cache:
@@ -311,8 +302,6 @@ def _stream_dataset(cfg: RunConfig, data_cfg, columns: tuple[str, ...], run_name
 
 def stream_fractions(cfg: RunConfig, streams) -> dict[str, float]:
     """Share of micro-batches drawn from each mixed-in stream: its sources' weight over all sources' weight."""
-    from orchestrator.data.pipeline import IMAGE_FORMATS, TEXT_FORMATS  # noqa: PLC0415
-
     total = sum(s.weight for s in cfg.data.sources)
     formats = {"train_text": TEXT_FORMATS, "train_image": IMAGE_FORMATS}
     return {name: sum(s.weight for s in cfg.data.sources if s.format in formats[name]) / total
@@ -328,8 +317,6 @@ def validation_dataset(cfg: RunConfig, workload, run_name: str) -> dict:
     """``{"val": the dev split}`` for validation during training (every ``eval.every_steps`` steps
     and at the end, on the workers), or {} when no source has a val split or the workload has no
     evaluation."""
-    from orchestrator.eval_workers import build_eval_dataset  # noqa: PLC0415
-
     if not hasattr(workload, "evaluate"):
         return {}
     ds = build_eval_dataset(cfg, workload.COLUMNS, "val", val_tracker(run_name))
@@ -341,8 +328,6 @@ def validation_dataset(cfg: RunConfig, workload, run_name: str) -> dict:
 
 def text_fraction(cfg: RunConfig) -> float:
     """Share of micro-batches drawn from text-only sources: their weight over all sources' weight."""
-    from orchestrator.data.pipeline import TEXT_FORMATS  # noqa: PLC0415
-
     total = sum(s.weight for s in cfg.data.sources)
     text = sum(s.weight for s in cfg.data.sources if s.format in TEXT_FORMATS)
     return text / total if total and text < total else 0.0
@@ -350,24 +335,23 @@ def text_fraction(cfg: RunConfig) -> float:
 
 def _bad_clip_tags(run_name: str) -> dict[str, str]:
     try:
-        from orchestrator.data import quality  # noqa: PLC0415
 
         stats = quality.get_bad_clip_stats(run_name) or {}
-    except Exception:  # noqa: BLE001
+    except Exception:
         return {}
     return {f"mplug2.data.{k}": str(v) for k, v in stats.items() if k in ("total_seen", "bad", "by_reason")}
 
 
 def _ray_job_id() -> str | None:
     try:
-        import ray  # noqa: PLC0415
+        import ray
 
         return ray.get_runtime_context().get_job_id()
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
 def _cluster_resource(name: str) -> float:
-    import ray  # noqa: PLC0415
+    import ray
 
     return float(ray.cluster_resources().get(name, 0))

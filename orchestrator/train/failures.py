@@ -62,7 +62,7 @@ def find_setup_error(error: BaseException | None) -> SetupError | None:
 def fail_fast_callback():
     """A Ray Train ``UserCallback`` that ends the run at the first :class:`SetupError` of any worker
     (raising in the controller is a non-retryable controller failure: no restart)."""
-    from ray.train import UserCallback  # noqa: PLC0415
+    from ray.train import UserCallback
 
     class FailFast(UserCallback):
         def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:

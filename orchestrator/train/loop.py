@@ -14,10 +14,20 @@ from typing import Any, Iterator
 
 import torch
 
+from orchestrator import storage
+from orchestrator.config import RunConfig
+from orchestrator.data import quality
+from orchestrator.data.pipeline import iter_worker_batches
+from orchestrator.eval_workers import Validator
+from orchestrator.tracking.mlflow_run import MetricLogger
+from orchestrator.tracking.redact import redact_exception
 from orchestrator.train import checkpoint, momentum_sync
 from orchestrator.train.deepspeed_config import build_deepspeed_config
+from orchestrator.train.failures import SetupPhase
+from orchestrator.train.model_setup import load_run_tokenizer
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.progress import EpochProgress
+from workloads import get_workload
 
 SAMPLE_KEY = "sample_key"  # orchestrator.data.pipeline.SAMPLE_KEY (not imported: keeps Ray Data out of import time)
 STREAM_KEY = "_stream"     # set by StreamMix on the batches it mixes in
@@ -60,8 +70,6 @@ class StepTimer:
 def _iter_batches(shard, batch_size: int, data_cfg, run_name: str | None, shuffle_seed: int | None = None):
     """Full batches only: every rank takes the same number of steps (DeepSpeed's collectives).
     The local shuffle buffer is seeded by ``shuffle_seed`` (the loop passes one per (seed, epoch, rank))."""
-    from orchestrator.data.pipeline import iter_worker_batches  # noqa: PLC0415
-
     return iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=data_cfg.prefetch_batches,
                                drop_last=True, local_shuffle_buffer_size=data_cfg.shuffle_buffer or None,
                                run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
@@ -70,7 +78,7 @@ def _iter_batches(shard, batch_size: int, data_cfg, run_name: str | None, shuffl
 
 def pass_seed(seed: int, stream: str, epoch: int, rank: int) -> int:
     """The local shuffle seed of one pass of one stream on one rank."""
-    import zlib  # noqa: PLC0415
+    import zlib
 
     return zlib.crc32(f"{seed}-{stream}-{epoch}-{rank}".encode())
 
@@ -78,7 +86,7 @@ def pass_seed(seed: int, stream: str, epoch: int, rank: int) -> int:
 def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]:
     if world == 1 or not values:
         return values
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
@@ -97,7 +105,7 @@ def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
     the file behind and every later worker on that node waits for it forever.  A lock older than
     any real build is stale: remove it, and say so.
     """
-    import glob  # noqa: PLC0415
+    import glob
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions")
@@ -115,8 +123,6 @@ def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
 
 
 def build_model(run, config: dict[str, Any]):
-    from workloads import get_workload  # noqa: PLC0415
-
     workload = get_workload(run.workload)
     task_cfg = workload.Config.model_validate(run.task)
     model_cfg = config.get("model_config")
@@ -141,23 +147,20 @@ def micro_step(engine, workload, batch: dict, task_cfg, ema_per_step: bool) -> d
 def redacted_train_loop(config: dict[str, Any]) -> None:
     """:func:`train_loop_per_worker` whose exceptions leave the worker (to Ray's logs, the driver,
     MLflow) with credentials masked in their messages."""
-    from orchestrator.tracking.redact import redact_exception  # noqa: PLC0415
-
     try:
         train_loop_per_worker(config)
     except BaseException as e:
-        raise redact_exception(e)
+        redact_exception(e)  # in place
+        raise
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's worker function: a config or file error during setup is raised as
     :class:`~orchestrator.train.failures.SetupError`, which ends the run at once (no restarts)."""
-    from orchestrator.train.failures import SetupPhase  # noqa: PLC0415
-
     phase = SetupPhase()
     try:
         _train(config, phase)
-    except Exception as e:  # noqa: BLE001 - re-raised, classified
+    except Exception as e:  # re-raised, classified
         classified = phase.classify(e)
         if classified is e:
             raise
@@ -165,11 +168,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _train(config: dict[str, Any], phase) -> None:
-    import deepspeed  # noqa: PLC0415
-    import ray.train  # noqa: PLC0415
-    import ray.train.torch  # noqa: PLC0415
+    import deepspeed
+    import ray.train
+    import ray.train.torch
 
-    from orchestrator.config import RunConfig  # noqa: PLC0415
 
     run = RunConfig.model_validate(config["run"])
     tcfg = run.train
@@ -179,7 +181,6 @@ def _train(config: dict[str, Any], phase) -> None:
     torch.manual_seed(run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
 
     workload, task_cfg, model = build_model(run, config)
-    from orchestrator.train.model_setup import load_run_tokenizer  # noqa: PLC0415
 
     # loaded once: the batch constants (instruction prompts) and the init-from vocabulary check use it
     tokenizer = load_run_tokenizer(run) if (hasattr(workload, "batch_constants") or (
@@ -187,7 +188,6 @@ def _train(config: dict[str, Any], phase) -> None:
     constants: dict[str, torch.Tensor] = {}
     if hasattr(workload, "batch_constants"):
         constants = {k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
-    from orchestrator.eval_workers import Validator  # noqa: PLC0415
 
     validator = Validator(run, config, workload, task_cfg, device, constants)  # eval.every_steps + at the end
     if config.get("init_from"):
@@ -224,7 +224,6 @@ def _train(config: dict[str, Any], phase) -> None:
 
     metrics_logger = None
     if rank == 0 and config.get("mlflow_run_id"):
-        from orchestrator.tracking.mlflow_run import MetricLogger  # noqa: PLC0415
 
         metrics_logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"],
                                       system_metrics=run.tracking.system_metrics)
@@ -371,7 +370,7 @@ class StreamMix:
         raise RuntimeError(f"the {name} training dataset yielded no full batch")
 
     def interleave(self, batches, step: int):
-        import random  # noqa: PLC0415
+        import random
 
         coin = random.Random(f"{self.seed}-{step}")  # same draws on every rank
         streams = sorted(self.fractions)
@@ -408,7 +407,7 @@ class PreemptionCheckpointer:
     calls :meth:`should_checkpoint` at the same step; it answers True once per preemption event."""
 
     def __init__(self) -> None:
-        import ray.train  # noqa: PLC0415
+        import ray.train
 
         self._get = getattr(ray.train, "get_preemption_info", None)  # Ray Train V2 (2.55+)
         self._handled: tuple | None = None
@@ -430,7 +429,7 @@ class PreemptionCheckpointer:
 
 def _save_and_report(engine, state: dict[str, Any], metrics: dict[str, float], rank: int,
                      progress: "EpochProgress | None" = None) -> None:
-    import ray.train  # noqa: PLC0415
+    import ray.train
 
     reported = {**metrics, "step": state["step"]}
     consumed = progress.gather() if progress is not None else None  # collective: before any rank saves
@@ -446,7 +445,6 @@ def _epoch_end(config: dict[str, Any], state: dict[str, Any], metrics_logger, ra
     """Bad-clip counts at the end of each epoch: logged, and the job stops past the threshold."""
     if rank != 0:
         return
-    from orchestrator.data import quality  # noqa: PLC0415
 
     stats = quality.end_epoch_report(config.get("run_name")).get("total", {})
     if metrics_logger is not None and stats:
@@ -457,7 +455,6 @@ def _epoch_end(config: dict[str, Any], state: dict[str, Any], metrics_logger, ra
 def _export(engine, zero_stage: int, export_uri: str | None, rank: int) -> None:
     if not export_uri:
         return
-    from orchestrator import storage  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "export")

@@ -2,12 +2,18 @@
 typed config (preset + overrides + the tokenizer's vocabulary and special token ids)."""
 from __future__ import annotations
 
+import logging
+
+from model import MPlugConfig
 from orchestrator.config import ConfigError, RunConfig
+from orchestrator.data.tokenize import default_tokenizer, load_tokenizer
+from orchestrator.train.checkpoint import load_weights
+from workloads import get_workload
+
+log = logging.getLogger(__name__)
 
 
 def load_run_tokenizer(cfg: RunConfig):
-    from orchestrator.data.tokenize import default_tokenizer, load_tokenizer  # noqa: PLC0415
-
     return load_tokenizer(cfg.data.tokenizer or default_tokenizer(cfg.data.root))
 
 
@@ -21,11 +27,9 @@ def tokenizer_overrides(tokenizer) -> dict[str, int]:
 
 def _uses_frames(cfg: RunConfig) -> bool:
     """Whether the run's workload reads frames (text-only workloads keep the preset's image size)."""
-    from workloads import get_workload  # noqa: PLC0415
-
     try:
         return "frames" in getattr(get_workload(cfg.workload), "COLUMNS", ("frames",))
-    except Exception:  # noqa: BLE001 - an unknown workload is reported where it is loaded
+    except Exception:  # an unknown workload is reported where it is loaded
         return True
 
 
@@ -33,8 +37,6 @@ def model_config_for(cfg: RunConfig, tokenizer=None):
     """The model's typed config: preset < tokenizer ids < ``model.overrides`` from the run config.
     For workloads that read frames the model's ``image_size`` is ``data.image_size`` (a different
     ``model.overrides.image_size`` is a ConfigError)."""
-    from model import MPlugConfig  # noqa: PLC0415
-
     overrides = tokenizer_overrides(tokenizer) if tokenizer is not None else {}
     overrides.update(cfg.model.overrides)
     # The model's patch grid follows the frames the data plane produces: one place sets the size.
@@ -48,3 +50,21 @@ def model_config_for(cfg: RunConfig, tokenizer=None):
         return MPlugConfig.from_preset(cfg.model.preset, **overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model: {e} (the model's image_size is data.image_size={cfg.data.image_size})") from None
+
+
+def load_model_for_eval(cfg: RunConfig, checkpoint_uri: str, tokenizer, device, model_config=None):
+    """Build the workload's model (its Table 2 modules) and load the checkpoint's weights into it."""
+
+    workload = get_workload(cfg.workload)
+    task_cfg = workload.Config.model_validate(cfg.task)
+    if model_config is None and getattr(workload, "USES_MODEL_CONFIG", True):
+        model_config = model_config_for(cfg, tokenizer)
+    model = workload.build_model(model_config, task_cfg)
+    report = load_weights(model, checkpoint_uri, cfg.train.init_allow_mismatch, tokenizer, cfg.train.init_allow_new_vocab)
+    n_own = len(model.state_dict())
+    if len(report["missing"]) >= n_own:
+        raise ValueError(f"{checkpoint_uri}: none of the model's {n_own} weights are in the checkpoint")
+    if report["missing"]:
+        log.warning("%d weights not in the checkpoint (left as initialised): %s", len(report["missing"]),
+                    ", ".join(report["missing"][:10]))
+    return workload, task_cfg, model.to(device).eval()

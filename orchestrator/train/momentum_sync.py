@@ -14,7 +14,7 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """[B, ...] on every rank -> [W*B, ...], rank 0's rows first, identical on every rank.
 
     Every rank calls it at the same point with the same B (the loop yields full batches only)."""
-    import torch.distributed as dist  # noqa: PLC0415
+    import torch.distributed as dist
 
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())

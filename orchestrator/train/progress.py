@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.data import progress
+
 log = logging.getLogger(__name__)
 
 FILE = "progress.npz"
@@ -49,7 +51,6 @@ class EpochProgress:
             self.passes[stream] = epoch
         epoch = self.passes.setdefault(stream, 0)
         if self.rank == 0:
-            from orchestrator.data import progress  # noqa: PLC0415
 
             progress.publish(self.run_name, stream, epoch, self.gathered.get(stream, np.zeros(0, np.int64)))
         self._barrier()
@@ -94,15 +95,15 @@ class EpochProgress:
     # ---------------------------------------------------------------- collectives
     def _barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist  # noqa: PLC0415
+            import torch.distributed as dist
 
             dist.barrier()
 
     def _all_gather(self, mine: np.ndarray) -> np.ndarray:
         if self.world == 1:
             return mine
-        import torch  # noqa: PLC0415
-        import torch.distributed as dist  # noqa: PLC0415
+        import torch
+        import torch.distributed as dist
 
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         n = torch.tensor([len(mine)], dtype=torch.int64, device=device)

@@ -135,7 +135,7 @@ class LocalRayHead:
             try:
                 self.client().list_jobs()
                 return
-            except Exception:  # noqa: BLE001 - the job agent comes up a little after the dashboard
+            except Exception:  # the job agent comes up a little after the dashboard
                 if time.time() > deadline:
                     raise
                 time.sleep(1)

@@ -207,7 +207,7 @@ def test_mlflow_requires_a_login_and_its_secrets_stay_out_of_argv():
     vol = next(v for v in pod["volumes"] if v["name"] == "auth-config")
     assert vol["secret"]["secretName"] == "mplug2-mlflow-auth"
     assert pod["serviceAccountName"] == "mplug2-mlflow", "MLflow runs as its own identity"
-    for name, kind in (("raycluster.yaml", "RayCluster"), ("rayjob-pretrain.yaml", "RayJob")):
+    for name in ("raycluster.yaml", "rayjob-pretrain.yaml"):
         text = (KUBERAY / name).read_text()
         assert "MLFLOW_TRACKING_PASSWORD" in text and "mplug2-mlflow-client" in text, f"{name}: jobs have no login"
 

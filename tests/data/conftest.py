@@ -22,7 +22,7 @@ def numbered_frames(n: int, h: int = 48, w: int = 64) -> np.ndarray:
 
 
 def numbered_clip(n: int = 24, fps: int = 8, gop: int = 8, h: int = 48, w: int = 64) -> bytes:
-    from orchestrator.synth import encode_h264
+    from orchestrator.devtools.synth import encode_h264
 
     return encode_h264(numbered_frames(n, h, w), fps, gop)
 

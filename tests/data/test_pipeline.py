@@ -3,9 +3,8 @@ per-worker shards, bad clips removed and counted, the job stopped past the thres
 from __future__ import annotations
 
 import json
-from pathlib import Path
-import shutil
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest

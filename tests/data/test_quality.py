@@ -52,7 +52,7 @@ def test_tokenizer_english_and_chinese(tiny_hf, tmp_path):
     assert tok.decode(enc["ids"][0], skip_special_tokens=True) == "a red square moves left"
     pair = encode(tok, ["the film is dull"], 16, ["a lovely movie"])
     assert set(pair["type_ids"][0][pair["mask"][0] == 1].tolist()) == {0, 1}
-    from orchestrator.hf_assets import build_wordpiece_tokenizer
+    from orchestrator.devtools.hf_assets import build_wordpiece_tokenizer
 
     zh = load_tokenizer(build_wordpiece_tokenizer(["一只猫在玩", "风景很美"], tmp_path / "zh", vocab_size=100))
     ids = encode(zh, ["猫在玩"], 8)["ids"][0]

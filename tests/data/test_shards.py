@@ -22,7 +22,8 @@ def test_shard_verb_round_trip(synth_data, tmp_path, capsys):
                          synth_data, "train")
     assert summary["samples"] == len(original) == 57 and len(summary["shards"]) == 3
     back = read_rows(SourceConfig(format="wds", train=[str(out)]), "", "train")
-    key = lambda r: (r["text"], r["answer"], r["clip_index"])  # noqa: E731
+    def key(r):
+        return (r["text"], r["answer"], r["clip_index"])
     assert [key(r) for r in back] == [key(r) for r in original]
     assert back[0]["media_uri"].endswith("shard-000000.tar#000000000.mp4")
 

@@ -119,7 +119,7 @@ def test_images_in_a_mixed_run_stay_one_frame(ray_local, fixture_root, tiny_hf, 
     torch.manual_seed(0)
     model = MPlug2(MPlugConfig.from_preset("tiny", queue_size=16), task="pretrain").eval()
     with torch.no_grad():
-        for k, v in by_key.items():
+        for v in by_key.values():
             a, b = (model.encode_vision(normalize_frames(v[n][None])).tokens for n in ("mixed", "image"))
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 

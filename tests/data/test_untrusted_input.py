@@ -16,8 +16,7 @@ from orchestrator import storage
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.decode import DecodeSpec, decode_image, decode_video, read_media
 from orchestrator.data.quality import BadClip
-from orchestrator.data.sources import AnnotationError, Caps, read_rows
-from orchestrator.data.sources import wds
+from orchestrator.data.sources import AnnotationError, Caps, read_rows, wds
 from orchestrator.data.sources.base import ParseReport
 
 

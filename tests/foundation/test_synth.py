@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from orchestrator import storage
-from orchestrator.synth import COLORS, ClipSpec, make_clips, render_frames
+from orchestrator.devtools.synth import COLORS, ClipSpec, make_clips, render_frames
 
 
 def _centroid_track(frames: np.ndarray, color) -> np.ndarray:
@@ -31,7 +31,7 @@ def test_clips_decode_with_decord_and_motion_matches_caption(synth_data):
     import decord
 
     manifest = json.loads(storage.read_text(storage.join(synth_data, "manifest.json")))
-    rows = [json.loads(l) for l in storage.read_text(storage.join(synth_data, "annotations/msrvtt_train.jsonl")).splitlines()]
+    rows = [json.loads(line) for line in storage.read_text(storage.join(synth_data, "annotations/msrvtt_train.jsonl")).splitlines()]
     assert len(rows) == manifest["train"] and manifest["train"] + manifest["val"] == 24
     for r in rows[:8]:
         vr = decord.VideoReader(storage.join(synth_data, "videos", r["video"]))
@@ -58,14 +58,15 @@ def test_direction_is_invisible_without_order():
 
 
 def test_every_annotation_format_is_written(synth_data):
-    ann = lambda n: storage.read_text(storage.join(synth_data, "annotations", n))  # noqa: E731
+    def ann(n):
+        return storage.read_text(storage.join(synth_data, "annotations", n))
     head = next(csv.reader(io.StringIO(ann("youku_pretrain_train.csv"))))
     assert head == ["video_id:FILE", "title"]
     assert next(csv.reader(io.StringIO(ann("youku_classification_val.csv")))) == ["video_id:FILE", "title", "label"]
     assert next(csv.reader(io.StringIO(ann("youku_retrieval_val.csv")))) == ["clip_name:FILE", "caption"]
     cap = list(csv.reader(io.StringIO(ann("youku_captioning_val.csv"))))
     assert cap[0] == ["video_id:FILE", "golden_caption"] and isinstance(json.loads(cap[1][1]), list)
-    qa = [json.loads(l) for l in ann("msrvtt_qa_train.jsonl").splitlines()]
+    qa = [json.loads(line) for line in ann("msrvtt_qa_train.jsonl").splitlines()]
     assert {"video_id", "question", "answer"} <= set(qa[0])
     tsv = ann("sst2_train.tsv").splitlines()
     assert tsv[0] == "sentence\tlabel" and tsv[1].split("\t")[1] in ("0", "1")

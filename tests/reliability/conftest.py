@@ -13,7 +13,7 @@ def s3_proxy(s3_server):
     Storage clients are cached per endpoint, so pointing ``AWS_ENDPOINT_URL`` at the proxy gives
     fresh clients; Ray workers started earlier keep the direct endpoint.
     """
-    from orchestrator.faults.s3_proxy import S3FaultProxy
+    from orchestrator.devtools.faults.s3_proxy import S3FaultProxy
 
     proxy = S3FaultProxy(s3_server.endpoint, seed=7, max_consecutive=3).start()
     old = os.environ["AWS_ENDPOINT_URL"]

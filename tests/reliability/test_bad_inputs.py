@@ -97,7 +97,7 @@ def test_random_bytes_decode_or_are_counted_bad(data, uri):
 
 @pytest.fixture(scope="module")
 def real_clip(tmp_path_factory) -> bytes:
-    from orchestrator.synth import ClipSpec, generate
+    from orchestrator.devtools.synth import ClipSpec, generate
 
     out = tmp_path_factory.mktemp("clip") / "d"
     generate(str(out), n=4, seed=0, spec=ClipSpec(width=96, height=64, fps=8, seconds=2.0, gop=8), with_tokenizer=False,

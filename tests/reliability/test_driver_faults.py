@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.faults.report import record
+from orchestrator.devtools.faults.report import record
 from tests.reliability.helpers import REPO, checkpoint_steps
 
 pytestmark = pytest.mark.slow

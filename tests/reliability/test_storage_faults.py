@@ -19,8 +19,8 @@ from botocore.exceptions import ClientError
 from orchestrator import storage
 from orchestrator.data import quality
 from orchestrator.data.decode import read_media
-from orchestrator.faults.report import record
-from orchestrator.faults.s3_proxy import FaultSpec, request_kind
+from orchestrator.devtools.faults.report import record
+from orchestrator.devtools.faults.s3_proxy import FaultSpec, request_kind
 
 pytestmark = pytest.mark.slow  # starts the moto server
 KINDS = ("get", "put", "head", "list")
@@ -136,7 +136,7 @@ def test_no_clip_silently_dropped(s3_proxy, s3_bucket, monkeypatch, transient):
     from orchestrator.data.config import SourceConfig
     from orchestrator.data.process import process_batch
     from orchestrator.data.sources import read_rows
-    from orchestrator.synth import ClipSpec, generate
+    from orchestrator.devtools.synth import ClipSpec, generate
 
     root = f"{s3_bucket}/synth"
     generate(root, n=8, seed=3, spec=ClipSpec(width=96, height=64, fps=8, seconds=2.0, gop=8), log=lambda *_: None)

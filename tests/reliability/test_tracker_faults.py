@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.faults.report import record
+from orchestrator.devtools.faults.report import record
 from tests.conftest import free_port
 from tests.reliability.helpers import MlflowServer, checkpoint_steps, toy_cfg, toy_datasets
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from orchestrator.faults.report import record
+from orchestrator.devtools.faults.report import record
 from tests.reliability.helpers import checkpoint_steps, toy_cfg, toy_datasets, train_workers
 from tests.reliability.slow_toy import read_trace
 

@@ -20,8 +20,8 @@ def _children(c, parent):
 def test_tiny_sweep_parent_children_best_and_early_stop(ray_local, synth_data, mlflow_uri, tmp_path, write_sweep):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.commands import sweep as sweep_cmd
     from orchestrator.cli import main
+    from orchestrator.commands import sweep as sweep_cmd
 
     # ASHA cuts on the learning rate the loop reports: deterministic (the lowest-lr trial 0 always
     # passes; trial 3, the highest, starts after a lower one was recorded at the first rung and is cut).

@@ -10,11 +10,11 @@ from orchestrator.config import ConfigError, load_config
 
 
 def test_worker_setup_error_is_not_retried(ray_local, tmp_path):
+    import ray
+
     from orchestrator.train.driver import run_training
     from tests.reliability.trace_clips import read
     from tests.train.toy_workload import make_rows
-
-    import ray
 
     trace = tmp_path / "setup.jsonl"
     cfg = load_config(None, [f"{k}={v}" for k, v in {

@@ -20,7 +20,7 @@ CONFIG = REPO / "workloads/configs/pretrain_tiny.yaml"
 def test_pretrain_e2e_survives_worker_kill_and_rerun_is_noop(ray_local, s3_bucket, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.synth import ClipSpec, generate
+    from orchestrator.devtools.synth import ClipSpec, generate
     from orchestrator.train.driver import run_training
 
     data = f"{s3_bucket}/synth"

@@ -6,8 +6,16 @@ import random
 import pytest
 import torch
 
-from workloads.metrics.retrieval import (_topk_stable, assemble_scores, plan_rerank, rerank_topk, retrieval_metrics, score_all_pairs, t2v_ranks,
-                                         v2t_ranks)
+from workloads.metrics.retrieval import (
+    _topk_stable,
+    assemble_scores,
+    plan_rerank,
+    rerank_topk,
+    retrieval_metrics,
+    score_all_pairs,
+    t2v_ranks,
+    v2t_ranks,
+)
 
 
 class RecordingHead:
@@ -143,7 +151,8 @@ def test_rerank_rejects_a_bad_callback(bad, msg):
 
 
 def test_rerank_rejects_bad_arguments():
-    ok = lambda t, v: torch.zeros(t.shape)  # noqa: E731
+    def ok(t, v):
+        return torch.zeros(t.shape)
     with pytest.raises(ValueError, match="k \\(k_test\\) must be >= 1"):
         rerank_topk(torch.randn(3, 3), k=0, score_pairs=ok)
     with pytest.raises(ValueError, match="batch_size"):
@@ -230,7 +239,8 @@ def test_rerank_then_metrics_end_to_end_with_a_perfect_head():
     # found at rank 1; with k = 1 only pairs whose true match the sim already ranks first are.
     nt, nv = 6, 3
     text_to_clip = torch.tensor([0, 1, 2, 0, 1, 2])
-    perfect = lambda t, v: (text_to_clip[t] == v).float()  # noqa: E731
+    def perfect(t, v):
+        return (text_to_clip[t] == v).float()
     sim = torch.randn(nt, nv, generator=torch.Generator().manual_seed(3))
     m = retrieval_metrics(*rerank_topk(sim, k=nt, score_pairs=perfect), text_to_clip)
     assert m["t2v_r1"] == 100.0 and m["v2t_r1"] == 100.0 and m["t2v_meanr"] == 1.0

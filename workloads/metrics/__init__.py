@@ -19,10 +19,22 @@ module                    entry points
 stays cheap.
 """
 from workloads.metrics.captioning import caption_metrics, meteor_score, tokenize_caption
-from workloads.metrics.classification import GLUE_TASKS, accuracy, f1_binary, glue_metrics, topk_accuracy
+from workloads.metrics.classification import (
+                                         GLUE_TASKS,
+                                         accuracy,
+                                         f1_binary,
+                                         glue_metrics,
+                                         topk_accuracy,
+)
 from workloads.metrics.qa import exact_match_accuracy, normalize_answer, rank_answers
-from workloads.metrics.retrieval import (RerankPlan, assemble_scores, plan_rerank, rerank_topk,
-                                         retrieval_metrics, score_all_pairs)
+from workloads.metrics.retrieval import (
+                                         RerankPlan,
+                                         assemble_scores,
+                                         plan_rerank,
+                                         rerank_topk,
+                                         retrieval_metrics,
+                                         score_all_pairs,
+)
 
 __all__ = ["GLUE_TASKS", "RerankPlan", "accuracy", "assemble_scores", "caption_metrics", "exact_match_accuracy",
            "f1_binary", "glue_metrics", "meteor_score", "normalize_answer", "plan_rerank", "rank_answers",

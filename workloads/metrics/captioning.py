@@ -16,7 +16,6 @@ divides by the prediction length, so that item's ROUGE-L is set to 0 here).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -90,7 +89,8 @@ def meteor_score(gts: Mapping[Hashable, Sequence[str]], res: Mapping[Hashable, S
                 pass
             return read()
 
-        clean = lambda s: " ".join(s.replace("|||", "").split())  # noqa: E731 - "|||" is the protocol's separator
+        def clean(s):
+            return " ".join(s.replace("|||", "").split())  # "|||" is the protocol's separator
         try:
             stats = [ask(" ||| ".join(("SCORE", " ||| ".join(clean(r) for r in gts[i]), clean(res[i][0]))))
                      for i in gts]

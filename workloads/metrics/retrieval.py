@@ -109,7 +109,8 @@ def plan_rerank(sim: torch.Tensor, k: int) -> RerankPlan:
         raise ValueError(f"k (k_test) must be >= 1, got {k}")
     nt, nv = sim.shape
     kt, kv = min(k, nv), min(k, nt)
-    arange = lambda n: torch.arange(n, device=sim.device)  # noqa: E731
+    def arange(n):
+        return torch.arange(n, device=sim.device)
     t2v_cand = _topk_stable(sim, kt)                                                    # [Nt, kt]
     v2t_cand = _topk_stable(sim.T, kv)                                                  # [Nv, kv]
     text_idx = torch.cat([arange(nt).repeat_interleave(kt), v2t_cand.reshape(-1)])     # [Nt*kt + Nv*kv]

@@ -22,15 +22,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from orchestrator import storage
+from orchestrator.data.config import Caps, SourceConfig
+from orchestrator.data.formats import FORMATS, GLUE_TASKS
 from orchestrator.data.sources import glue, misc, msrvtt, wds, youku
-from orchestrator.data.sources.base import (ROW_KEYS, AnnotationError, Caps, MalformedRow, ParseReport,
-                                            assign_clip_index, read_text)
-
-if TYPE_CHECKING:
-    from orchestrator.data.config import SourceConfig
+from orchestrator.data.sources.base import (
+    ROW_KEYS,
+    AnnotationError,
+    MalformedRow,
+    ParseReport,
+    assign_clip_index,
+    read_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +74,14 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
     *[Source(f"glue_{t}", glue.make_parser(t)) for t in glue.GLUE],
     Source("wds", None, sharded=True),
 ]}
+assert SOURCES.keys() == FORMATS.keys() and set(glue.GLUE) == set(GLUE_TASKS), "data/formats.py lists the adapters"
 
 
 def is_sharded(fmt: str) -> bool:
     return SOURCES[fmt].sharded
 
 
-def split_files(source: "SourceConfig", root: str, split: str) -> list[str]:
+def split_files(source: SourceConfig, root: str, split: str) -> list[str]:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     files = source.train if split == "train" else source.val
@@ -84,7 +90,7 @@ def split_files(source: "SourceConfig", root: str, split: str) -> list[str]:
     return [storage.resolve(root, f) for f in files]
 
 
-def _read_split(source: "SourceConfig", root: str, split: str, max_bad_fraction: float,
+def _read_split(source: SourceConfig, root: str, split: str, max_bad_fraction: float,
                 caps: Caps = Caps()) -> list[dict]:
     spec = SOURCES[source.format]
     ctx = Context(media=storage.resolve(root, source.media), split=split)
@@ -102,7 +108,7 @@ def _read_split(source: "SourceConfig", root: str, split: str, max_bad_fraction:
     return rows
 
 
-def label_vocabulary(source: "SourceConfig", root: str, max_bad_fraction: float = 0.05,
+def label_vocabulary(source: SourceConfig, root: str, max_bad_fraction: float = 0.05,
                      caps: Caps = Caps()) -> list[str]:
     """Label names in id order: the 45 Youku categories, the training split's sorted labels, or a list."""
     if isinstance(source.labels, list) or source.labels == "youku":
@@ -111,7 +117,7 @@ def label_vocabulary(source: "SourceConfig", root: str, max_bad_fraction: float 
                                                                                 caps)})
 
 
-def vocabulary_from_names(source: "SourceConfig", names: set) -> list[str]:
+def vocabulary_from_names(source: SourceConfig, names: set) -> list[str]:
     """The label vocabulary of ``source`` given the label names of its training split (only used
     for ``labels: train | auto``; the streamed reader collects them per file)."""
     if isinstance(source.labels, list):
@@ -135,14 +141,14 @@ def label_id(name: str | None, index: dict[str, int], vocab: list[str], source_f
                           "data.sources[].labels to 'train' to derive it from the training split")
 
 
-def _apply_labels(rows: list[dict], vocab: list[str], source: "SourceConfig") -> list[dict]:
+def _apply_labels(rows: list[dict], vocab: list[str], source: SourceConfig) -> list[dict]:
     index = {n: i for i, n in enumerate(vocab)}
     for r in rows:
         r["label"] = label_id(r["label_name"], index, vocab, source.format, r["id"])
     return rows
 
 
-def read_rows(source: "SourceConfig", root: str, split: str, max_bad_fraction: float = 0.05,
+def read_rows(source: SourceConfig, root: str, split: str, max_bad_fraction: float = 0.05,
               caps: Caps = Caps()) -> list[dict]:
     """Rows of one source's ``train`` or ``val`` split, with clip indices and label ids assigned.
     ``caps`` bounds what is read (``DataConfig.caps()``)."""

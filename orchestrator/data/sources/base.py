@@ -37,15 +37,6 @@ ROW_KEYS = ("media_uri", "start", "end", "text", "text_b", "answer", "label", "l
             "modality", "references")
 
 
-@dataclass(frozen=True)
-class Caps:
-    """Size caps for untrusted input (``data.max_annotation_bytes`` / ``data.max_object_bytes``);
-    None = unbounded."""
-
-    annotation_bytes: int | None = None
-    object_bytes: int | None = None
-
-
 class AnnotationError(ValueError):
     """An annotation file that cannot be used as it is; the message names the file (and line)."""
 
@@ -96,7 +87,7 @@ def read_text(uri: str, max_bytes: int | None = None) -> str:
                               "or split it") from None
     except FileNotFoundError:
         raise AnnotationError(f"annotation file not found: {uri}") from None
-    except Exception as e:  # noqa: BLE001 - boto's NoSuchKey and friends
+    except Exception as e:  # boto's NoSuchKey and friends
         if "NoSuchKey" in str(e) or "404" in str(e):
             raise AnnotationError(f"annotation file not found: {uri}") from None
         raise

@@ -8,7 +8,13 @@ import csv
 from dataclasses import dataclass
 from typing import Iterator
 
-from orchestrator.data.sources.base import MalformedRow, ParseReport, csv_records, make_row, parse_records
+from orchestrator.data.sources.base import (
+    MalformedRow,
+    ParseReport,
+    csv_records,
+    make_row,
+    parse_records,
+)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,17 @@ import re
 from typing import Iterator
 
 from orchestrator import storage
-from orchestrator.data.sources.base import (AnnotationError, MalformedRow, ParseReport, csv_records, json_records,
-                                            make_row, need, parse_records, parse_timestamp)
+from orchestrator.data.sources.base import (
+    AnnotationError,
+    MalformedRow,
+    ParseReport,
+    csv_records,
+    json_records,
+    make_row,
+    need,
+    parse_records,
+    parse_timestamp,
+)
 
 
 def parse_iso_duration(text: str) -> float:

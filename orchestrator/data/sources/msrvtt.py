@@ -4,7 +4,14 @@ from __future__ import annotations
 from typing import Iterator
 
 from orchestrator import storage
-from orchestrator.data.sources.base import MalformedRow, ParseReport, json_records, make_row, need, parse_records
+from orchestrator.data.sources.base import (
+    MalformedRow,
+    ParseReport,
+    json_records,
+    make_row,
+    need,
+    parse_records,
+)
 
 
 def msrvtt(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:

@@ -93,7 +93,7 @@ META_TYPES = {"text": _STR, "text_b": _STR, "answer": _STR, "label_name": _STR, 
 
 def _check_meta(key: str, meta) -> dict:
     """The sample's JSON, checked field by field: a wrong type is this sample's MalformedRow."""
-    import math  # noqa: PLC0415
+    import math
 
     if not isinstance(meta, dict):
         raise MalformedRow(f"{key}.json: the top level is a {type(meta).__name__}, expected an object")

@@ -6,7 +6,14 @@ import json
 from typing import Iterator
 
 from orchestrator import storage
-from orchestrator.data.sources.base import MalformedRow, ParseReport, csv_records, make_row, need, parse_records
+from orchestrator.data.sources.base import (
+    MalformedRow,
+    ParseReport,
+    csv_records,
+    make_row,
+    need,
+    parse_records,
+)
 
 # The 45 video categories of Youku-mPLUG's category-prediction benchmark, in id order.
 YOUKU_CATEGORIES = (

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from orchestrator import storage
+from orchestrator.devtools.hf_assets import build_wordpiece_tokenizer
 
 COLORS = {
     "red": (220, 40, 40),
@@ -106,7 +107,7 @@ def render_frames(meta: ClipMeta, spec: ClipSpec, rng: random.Random) -> np.ndar
 
 def encode_h264(frames: np.ndarray, fps: int, gop: int) -> bytes:
     """Encode uint8 [T, H, W, 3] frames as an H.264 MP4 in memory (PyAV + libx264)."""
-    import av  # noqa: PLC0415
+    import av
 
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
@@ -204,7 +205,8 @@ def generate(out: str, n: int = 200, seed: int = 0, spec: ClipSpec = ClipSpec(),
             log(f"synth: {i + 1}/{n} clips")
     metas = done
     splits = {"train": metas[: n - n_val], "val": metas[n - n_val:]}
-    ann = lambda name: storage.join(out, "annotations", name)  # noqa: E731
+    def ann(name):
+        return storage.join(out, "annotations", name)
     for split, ms in splits.items():
         storage.write_text(ann(f"youku_pretrain_{split}.csv"),
                            _csv([[m.file, m.caption] for m in ms], ["video_id:FILE", "title"]))
@@ -224,10 +226,9 @@ def generate(out: str, n: int = 200, seed: int = 0, spec: ClipSpec = ClipSpec(),
         storage.write_text(ann(f"msrvtt_qa_{split}.jsonl"), _jsonl(qa))
     for split, k in (("train", max(64, n)), ("dev", max(32, n // 4))):
         rows = _sst2_rows(k, rng)
-        storage.write_text(ann(f"sst2_{split}.tsv"), "sentence\tlabel\n" + "".join(f"{s}\t{l}\n" for s, l in rows))
+        storage.write_text(ann(f"sst2_{split}.tsv"), "sentence\tlabel\n" + "".join(f"{s}\t{label}\n" for s, label in rows))
     if with_tokenizer:
-        from orchestrator.hf_assets import build_wordpiece_tokenizer  # noqa: PLC0415
-        import tempfile  # noqa: PLC0415
+        import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             build_wordpiece_tokenizer(all_texts(metas), tmp)

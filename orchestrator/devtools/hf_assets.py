@@ -19,8 +19,8 @@ def build_wordpiece_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, 
     Chinese text works too: BERT pre-tokenization splits CJK characters one by one, so the
     vocabulary learns the characters (Youku-mPLUG scores Chinese character by character).
     """
-    from tokenizers import BertWordPieceTokenizer  # noqa: PLC0415
-    from transformers import BertTokenizer  # noqa: PLC0415
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizer
 
     texts = list(texts)
     wp = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase, handle_chinese_chars=True)
@@ -37,8 +37,8 @@ def build_wordpiece_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, 
 def build_tiny_bert(out_dir: str | os.PathLike, vocab_size: int, hidden: int = 64, layers: int = 4,
                     heads: int = 4, max_positions: int = 128, seed: int = 0) -> str:
     """A randomly initialised ``BertModel`` saved like a hub checkpoint."""
-    import torch  # noqa: PLC0415
-    from transformers import BertConfig, BertModel  # noqa: PLC0415
+    import torch
+    from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
@@ -51,8 +51,8 @@ def build_tiny_bert(out_dir: str | os.PathLike, vocab_size: int, hidden: int = 6
 def build_tiny_clip_vision(out_dir: str | os.PathLike, image_size: int = 32, patch_size: int = 8,
                            hidden: int = 64, layers: int = 4, heads: int = 4, seed: int = 0) -> str:
     """A randomly initialised ``CLIPVisionModel`` saved like a hub checkpoint."""
-    import torch  # noqa: PLC0415
-    from transformers import CLIPVisionConfig, CLIPVisionModel  # noqa: PLC0415
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
     cfg = CLIPVisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=hidden,
