@@ -204,8 +204,12 @@ def one_pass():
 one_pass()
 first.clear()
 t0 = time.perf_counter(); n = sum(one_pass() for _ in range({repeats})); wall = time.perf_counter() - t0
+stats = ds.stats()
+keep = [ln.strip() for ln in stats.splitlines() if ln.startswith("Operator") or "Remote wall time" in ln
+        or "Remote cpu time" in ln or ln.strip().startswith(("* Total time", "* In ray.wait", "* In batch",
+                                                              "* In collate", "* In format", "* In user code"))]
 print("RESULT", json.dumps({{"clips_per_s": n / wall, "first_batch_s": sum(first) / len(first),
-                             "first_batch_share": sum(first) / wall}}))
+                             "first_batch_share": sum(first) / wall, "stats": keep}}))
 """
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_USAGE_STATS_ENABLED="0")
     for _ in range(3):  # on a crowded machine Ray itself can time out starting; try again
@@ -216,9 +220,40 @@ print("RESULT", json.dumps({{"clips_per_s": n / wall, "first_batch_s": sum(first
         if line.startswith("RESULT "):
             r = json.loads(line[7:])
             RAY_DETAIL[f"{num_frames}/{cpus}/{'actors' if actors else 'tasks'}/{'shards' if shards else 'clips'}"] = {
-                k: round(v, 3) for k, v in r.items()}
+                k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+            print("\n  ".join(["Ray Data stats (last pass):"] + r["stats"]), flush=True)
             return r["clips_per_s"]
     raise RuntimeError(f"ray benchmark failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def profile_process_batch(workdir: Path, num_frames: int, top: int = 12) -> list[str]:
+    """cProfile of the pipeline's batch function (read, decode, sample, augment, tokenize, count) on
+    every clip once, in this process (no Ray): where a decode task's time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    from orchestrator.data.config import DataConfig, SourceConfig
+    from orchestrator.data.pipeline import process_params
+    from orchestrator.data.process import process_batch, to_dataset_row
+    from orchestrator.data.sources import read_rows
+
+    src = SourceConfig(format="msrvtt", train=["ann.jsonl"], val=["ann.jsonl"])
+    cfg = DataConfig(root=str(workdir), sources=[src], num_frames=num_frames, image_size=SIZE,
+                     tokenizer=str(workdir / "tokenizer"), max_bad_fraction=0.0)
+    params = process_params(cfg, True, ("frames", "text_ids"), 0, "profile")
+    rows = [to_dataset_row(r) for r in read_rows(src, str(workdir), "train")]
+    batches = [{k: np.array([r[k] for r in rows[i:i + 4]], dtype=object) for k in rows[0]}
+               for i in range(0, len(rows), 4)]
+    process_batch(batches[0], params)  # warm: tokenizer, decoder libraries
+    prof = cProfile.Profile()
+    prof.enable()
+    for b in batches:
+        process_batch(b, params)
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return [ln.strip() for ln in out.getvalue().splitlines() if ln.strip()][:top + 8]
 
 
 def decoded_per_returned(datas: list[bytes], num_frames: int, strategy: str = "rand") -> float:
@@ -319,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             "original_keyframe": round(decoded_per_returned(orig_datas, t, "keyframe"), 2),
             "transcoded_rand": round(decoded_per_returned(tc_datas, t), 2)}
         print(f"T={t} frames decoded per frame returned (PyAV's count): {res['frames_decoded_per_returned'][k]}",
+              flush=True)
+        res.setdefault("profile_process_batch", {})[k] = profile_process_batch(workdir, t)
+        print("\n  ".join([f"T={t} cProfile of process_batch, by own time:"] + res["profile_process_batch"][k]),
               flush=True)
         res["bare"][k] = round(bench_bare(paths, t, args.repeats), 2)
         print(f"T={t} (a) bare decord loop: {res['bare'][k]} clips/s", flush=True)

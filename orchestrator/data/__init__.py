@@ -31,11 +31,15 @@ Public API (what the train loop, the evaluators and the CLI call)::
 
 Modules: ``config`` (typed config), ``sources`` (annotation adapters), ``sampling`` (frame index
 strategies), ``decode`` (bytes -> frames with decord / Pillow), ``augment`` (crop + resize),
-``tokenize``, ``process`` (the Ray Data batch function), ``pipeline`` (Ray Data + Ray Train glue),
+``tokenize``, ``process`` (the Ray Data batch function), ``pipeline`` (Ray Data + Ray Train glue), ``annotations`` (streamed annotation reads), ``ids``,
 ``quality`` (bad-clip accounting), ``shards`` (webdataset writer), ``progress`` (rows a resumed
 epoch leaves out).
 
-Ids: ``clip_index`` is unique across a run's sources (each parsed source's clips are numbered after
-the previous sources'; webdataset rows get a 63-bit hash of their source and stored id, or of their
-media URI and segment), and the train loop's datasets carry a per-row ``sample_key``.
+Annotations are parsed by Ray tasks and streamed (``annotations``): the driver holds the file list
+and one count per file, never the rows, so its memory is flat in the corpus size.
+
+Ids (``ids``): ``clip_index`` is unique across a run's sources: a 63-bit hash of the source and the
+row's media + segment (rows of one source showing the same clip share it), or of the shard source
+and stored id for webdataset rows; the train loop's datasets carry a per-row ``sample_key`` hashed
+from the source, file (or shard), position in it and weight copy.
 """

@@ -67,7 +67,7 @@ class DataConfig(BaseModel):
     max_resolution: int = Field(8192, ge=64, description="a side longer than this is bad (bad_resolution)")
     min_resolution: int = Field(8, ge=1, description="a side shorter than this is bad (bad_resolution)")
     max_annotation_bytes: int = Field(4 * 2**30, ge=1, description="an annotation file larger than this is an "
-                                      "error (it is read whole into the driver's memory)")
+                                      "error (a Ray task reads it whole: split larger files)")
     max_object_bytes: int = Field(2**30, ge=1, description="a clip/image object or shard member larger than "
                                   "this is a bad clip (too_large), never read whole")
     decode_timeout_s: float = Field(60.0, gt=0, description="a clip that takes longer to decode is bad (undecodable)")

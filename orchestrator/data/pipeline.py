@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import random
@@ -29,16 +28,13 @@ import numpy as np
 
 from orchestrator import storage
 from orchestrator.data import progress, quality
+from orchestrator.data.annotations import annotation_dataset
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.decode import DecodeSpec
 from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
-from orchestrator.data.process import (
-    BatchProcessor,
-    ProcessParams,
-    process_batch,
-    to_dataset_row,
-)
-from orchestrator.data.sources import is_sharded, read_rows, split_files, wds
+from orchestrator.data.ids import HASHED, SAMPLE_KEY, stable_id
+from orchestrator.data.process import BatchProcessor, ProcessParams, process_batch, to_dataset_row
+from orchestrator.data.sources import is_sharded, split_files, wds
 from orchestrator.data.sources.base import ParseReport
 from orchestrator.data.tokenize import default_tokenizer, load_tokenizer
 from orchestrator.data.video import decode_short_side
@@ -46,25 +42,7 @@ from workloads.base import BATCH_KEYS
 
 log = logging.getLogger(__name__)
 
-# Not part of the workload contract: a per-row id unique within an epoch, which the train loop
-# records so a resumed epoch leaves out the rows it already trained on (orchestrator.data.progress).
-SAMPLE_KEY = "sample_key"
-HASHED = 1 << 62  # ids hashed from a URI carry this bit; counted ids (offsets, positions) stay below it
-
-
-def _weighted(rows: list[dict], weight: float, rng: random.Random) -> list[dict]:
-    """``weight`` x the rows: whole copies plus a random fraction (weights < 1 subsample)."""
-    if weight == 1.0:
-        return rows
-    whole, frac = int(weight), weight - int(weight)
-    return rows * whole + rng.sample(rows, int(round(frac * len(rows))))
-
-
-def stable_id(*parts: Any) -> int:
-    """A 63-bit id from ``parts`` (the same in every process and run), with the :data:`HASHED` bit
-    set so it never equals a counted id."""
-    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return HASHED | (int.from_bytes(digest, "big") & (HASHED - 1))
+__all__ = ["BATCH_KEYS", "HASHED", "SAMPLE_KEY", "build_dataset", "iter_worker_batches", "process_params", "stable_id"]
 
 
 def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> list[dict]:
@@ -119,9 +97,9 @@ def _shard_counts(folder: str) -> dict[str, int]:
 
 
 def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, training: bool, rng: random.Random,
-                    offsets: list[int]):
-    """One source's rows as a dataset.  ``offsets`` = [next clip id, next sample key] of the counted
-    (parsed) sources before this one; advanced past this source's ids, so ids never collide."""
+                    seed: int):
+    """``(dataset, rows parsed or None)`` of one source: webdataset shards expanded by Ray tasks, or
+    annotation files parsed and streamed by Ray tasks (:mod:`orchestrator.data.annotations`)."""
     import ray
 
     if is_sharded(src.format):
@@ -134,25 +112,7 @@ def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trainin
         ds = ray.data.from_items([{"shard": s, "ns": ns} for s in shards], override_num_blocks=max(1, len(shards)))
         ds = ds.flat_map(_expand_shard, fn_kwargs={"fmt": src.format, "max_member_bytes": data_cfg.max_object_bytes})
         return (ds.limit(data_cfg.limit) if data_cfg.limit else ds), None
-    rows = read_rows(src, data_cfg.root, split, data_cfg.max_bad_fraction, data_cfg.caps())
-    if data_cfg.limit:
-        rows = rows[: data_cfg.limit]
-    parsed = len(rows)
-    if training:
-        rows = _weighted(rows, src.weight, rng)
-        rng.shuffle(rows)
-    if not rows:
-        raise ValueError(f"source {src.format!r} has no usable {split} rows")
-    items = []
-    for i, r in enumerate(rows):
-        item = to_dataset_row(r)
-        item["clip_index"] += offsets[0]  # clip ids are numbered per source: shift past the earlier sources
-        item[SAMPLE_KEY] = offsets[1] + i
-        items.append(item)
-    offsets[0] += max(int(r["clip_index"]) for r in rows) + 1
-    offsets[1] += len(items)
-    blocks = max(1, min(len(items) // max(1, data_cfg.decode_batch_size), 200))
-    return ray.data.from_items(items, override_num_blocks=blocks), parsed
+    return annotation_dataset(src, data_cfg, split, training, seed, rng)
 
 
 def _short_side(data_cfg: DataConfig, training: bool) -> int:
@@ -214,16 +174,16 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
         load_tokenizer(params.tokenizer)
     quality.get_tracker(run_name)  # the named actor exists before any decode task runs
     rng = random.Random(seed)
-    offsets = [0, 0]  # next clip id, next sample key: ids stay unique across the sources
     parts = []
     for src in data_cfg.sources:
-        part, parsed = _source_dataset(src, data_cfg, split, training, rng, offsets)
+        part, parsed = _source_dataset(src, data_cfg, split, training, rng, seed)
         parts.append(part)
         if row_counts is not None and parsed is not None:  # rows parsed (before weights); shards: unknown
             row_counts[(src.format, split)] = row_counts.get((src.format, split), 0) + parsed
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if training:  # rows were shuffled once, by seed, in the driver; blocks are dealt in a seeded order
-        ds = ds.randomize_block_order(seed=seed)
+    # Training order: files and shards in a seeded order, rows shuffled in windows as they are read
+    # (annotations.SHUFFLE_WINDOW), then each worker's local shuffle buffer (data.shuffle_buffer).  No
+    # randomize_block_order: it is an all-to-all step that holds every block before the first batch.
     if progress_stream is not None:
 
         progress.get_registry(run_name)  # the named actor exists (owned by the driver) before any task

@@ -111,32 +111,41 @@ def _read_split(source: SourceConfig, root: str, split: str, max_bad_fraction: f
 def label_vocabulary(source: SourceConfig, root: str, max_bad_fraction: float = 0.05,
                      caps: Caps = Caps()) -> list[str]:
     """Label names in id order: the 45 Youku categories, the training split's sorted labels, or a list."""
+    if isinstance(source.labels, list) or source.labels == "youku":
+        return vocabulary_from_names(source, set())
+    return vocabulary_from_names(source, {r["label_name"] for r in _read_split(source, root, "train", max_bad_fraction,
+                                                                                caps)})
+
+
+def vocabulary_from_names(source: SourceConfig, names: set) -> list[str]:
+    """The label vocabulary of ``source`` given the label names of its training split (only used
+    for ``labels: train | auto``; the streamed reader collects them per file)."""
     if isinstance(source.labels, list):
         return list(source.labels)
     if source.labels == "youku":
         return list(YOUKU_CATEGORIES)
-    names = sorted({r["label_name"] for r in _read_split(source, root, "train", max_bad_fraction, caps)
-                    if r["label_name"] is not None})
+    names = sorted(n for n in names if n is not None)
     if source.labels == "auto" and names and all(n in YOUKU_CATEGORIES or n.isdigit() for n in names):
         return list(YOUKU_CATEGORIES)
     return names
 
 
+def label_id(name: str | None, index: dict[str, int], vocab: list[str], source_format: str, row_id: str) -> int:
+    """The id of label ``name`` in ``vocab`` (``index`` = name -> id), or an AnnotationError."""
+    if name in index:
+        return index[name]
+    if name is not None and name.isdigit() and int(name) < len(vocab):
+        return int(name)  # already an id
+    raise AnnotationError(f"label {name!r} of row {row_id} is not in the label vocabulary of "
+                          f"{source_format} ({len(vocab)} labels: {vocab[:8]}...); set "
+                          "data.sources[].labels to 'train' to derive it from the training split")
+
+
 def _apply_labels(rows: list[dict], vocab: list[str], source: SourceConfig) -> list[dict]:
     index = {n: i for i, n in enumerate(vocab)}
-    kept = []
     for r in rows:
-        name = r["label_name"]
-        if name in index:
-            r["label"] = index[name]
-        elif name is not None and name.isdigit() and int(name) < len(vocab):
-            r["label"] = int(name)  # already an id
-        else:
-            raise AnnotationError(f"label {name!r} of row {r['id']} is not in the label vocabulary of "
-                                  f"{source.format} ({len(vocab)} labels: {vocab[:8]}...); set "
-                                  "data.sources[].labels to 'train' to derive it from the training split")
-        kept.append(r)
-    return kept
+        r["label"] = label_id(r["label_name"], index, vocab, source.format, r["id"])
+    return rows
 
 
 def read_rows(source: SourceConfig, root: str, split: str, max_bad_fraction: float = 0.05,

@@ -193,9 +193,10 @@ def _json_array_elements(uri: str, text: str) -> Iterator[tuple[int, Any]]:
         yield index, _loads_record(last)
 
 
-def parse_records(uri: str, records: Iterator[tuple[int, Any]], to_row, report: ParseReport) -> list[dict]:
-    """Apply ``to_row(record, line)`` to each record; MalformedRow/KeyError/ValueError are counted."""
-    rows = []
+def parse_records(uri: str, records: Iterator[tuple[int, Any]], to_row, report: ParseReport) -> Iterator[dict]:
+    """Apply ``to_row(record, line)`` to each record; MalformedRow/KeyError/ValueError are counted.
+    Lazy: rows come out as the records are read (a streamed read holds one file's text, not its rows);
+    ``report`` is complete once the iterator is exhausted."""
     for line, rec in records:
         if isinstance(rec, dict) and "__error__" in rec:
             report.bad(line, rec["__error__"])
@@ -212,10 +213,8 @@ def parse_records(uri: str, records: Iterator[tuple[int, Any]], to_row, report: 
             # a field of the wrong type (a list where a string belongs ...) is this row's problem only
             report.bad(line, str(e)[:300] or type(e).__name__)
             continue
-        for r in out if isinstance(out, list) else [out]:
-            rows.append(r)
         report.rows += 1
-    return rows
+        yield from out if isinstance(out, list) else [out]
 
 
 def need(rec: dict, key: str) -> Any:

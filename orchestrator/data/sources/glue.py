@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
+from typing import Iterator
 
 from orchestrator.data.sources.base import (
     MalformedRow,
@@ -37,7 +38,7 @@ GLUE = {
 def make_parser(task: str):
     spec = GLUE[task]
 
-    def parse(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
+    def parse(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
         required = (spec.text,) + ((spec.text_b,) if spec.text_b else ())
         def row(r, line):
             a = r[spec.text].strip()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Iterator
 
 from orchestrator import storage
 from orchestrator.data.sources.base import (
@@ -27,7 +28,7 @@ def parse_iso_duration(text: str) -> float:
     return h * 3600 + mi * 60 + s
 
 
-def webvid_csv(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
+def webvid_csv(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
     """``videoid,contentUrl,duration,page_dir,name``; the clip is ``<media>/<page_dir>/<videoid>.mp4``."""
     def row(r, line):
         vid = need(r, "videoid").strip()
@@ -39,7 +40,7 @@ def webvid_csv(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
                          row, report)
 
 
-def coco_captions(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
+def coco_captions(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
     """COCO ``captions_*.json``: ``images`` [{id, file_name}] + ``annotations`` [{image_id, id, caption}]."""
     try:
         doc = json.loads(text)
@@ -75,7 +76,7 @@ def coco_captions(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
     return parse_records(uri, ((i + 1, a) for i, a in enumerate(doc["annotations"])), row, report)
 
 
-def internvid(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
+def internvid(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
     """``{"YoutubeID", "Start_timestamp", "End_timestamp", "Caption", ...}``: the segment of ``<id>.mp4``."""
     def row(r, line):
         start, end = parse_timestamp(need(r, "Start_timestamp")), parse_timestamp(need(r, "End_timestamp"))

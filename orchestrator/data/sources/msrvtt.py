@@ -1,6 +1,8 @@
 """MSR-VTT captions (JSON list or JSON Lines) and MSRVTT-QA."""
 from __future__ import annotations
 
+from typing import Iterator
+
 from orchestrator import storage
 from orchestrator.data.sources.base import (
     MalformedRow,
@@ -12,7 +14,7 @@ from orchestrator.data.sources.base import (
 )
 
 
-def msrvtt(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
+def msrvtt(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
     """``{"video": "video9770.mp4", "caption": str | [str, ...], "duration": 10.8}``: one row per caption."""
     def row(r, line):
         media = storage.resolve(ctx.media, str(need(r, "video")))
@@ -35,7 +37,7 @@ def _qa_video_file(r: dict) -> str:
     return vid if "." in vid else f"{vid}.mp4"
 
 
-def msrvtt_qa(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
+def msrvtt_qa(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
     """``{"video_id": 7010 | "video7010", "question": ..., "answer": ...}`` (optional ``video`` file)."""
     def row(r, line):
         return make_row(media_uri=storage.resolve(ctx.media, _qa_video_file(r)), text=str(need(r, "question")),

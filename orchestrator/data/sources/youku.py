@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import json
+from typing import Iterator
 
 from orchestrator import storage
 from orchestrator.data.sources.base import (
@@ -29,20 +30,20 @@ def _media(ctx, name: str) -> str:
     return storage.resolve(ctx.media, name.strip())
 
 
-def pretrain(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
+def pretrain(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
     def row(r, line):
         return make_row(media_uri=_media(ctx, need(r, "video_id:FILE")), text=need(r, "title"), id=f"{line}")
     return parse_records(uri, csv_records(uri, text, ("video_id:FILE", "title")), row, report)
 
 
-def classification(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
+def classification(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
     def row(r, line):
         return make_row(media_uri=_media(ctx, need(r, "video_id:FILE")), text=r.get("title") or "",
                         label_name=str(need(r, "label")).strip(), id=f"{line}")
     return parse_records(uri, csv_records(uri, text, ("video_id:FILE", "title", "label")), row, report)
 
 
-def retrieval(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
+def retrieval(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
     def row(r, line):
         return make_row(media_uri=_media(ctx, need(r, "clip_name:FILE")), text=need(r, "caption"), id=f"{line}")
     return parse_records(uri, csv_records(uri, text, ("clip_name:FILE", "caption")), row, report)
@@ -65,7 +66,7 @@ def parse_caption_list(value: str) -> list[str]:
     return [c.strip() for c in caps]
 
 
-def captioning(uri: str, text: str, ctx, report: ParseReport) -> list[dict]:
+def captioning(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
     def row(r, line):
         media = _media(ctx, need(r, "video_id:FILE"))
         caps = parse_caption_list(need(r, "golden_caption"))
