@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ConfigError, flatten
+from orchestrator.config import ConfigError
+from orchestrator.mappings import flatten
 from orchestrator.tracking.redact import redact
 
 log = logging.getLogger(__name__)
