@@ -84,8 +84,8 @@ def test_a_hanging_decode_is_a_bad_clip_not_a_hang():
 def test_tokenizer_build_is_a_function_of_the_texts(tmp_path):
     """Two builds from the same texts give the same vocabulary, ids and files (the demo repeats its
     figures only if its synthetic dataset's tokenizer does); every character of the texts is known."""
-    from orchestrator import synth
-    from orchestrator.hf_assets import build_wordpiece_tokenizer
+    from orchestrator.devtools import synth
+    from orchestrator.devtools.hf_assets import build_wordpiece_tokenizer
 
     texts = synth.all_texts(synth.make_clips(24, 0))
     a, b = (build_wordpiece_tokenizer(texts, tmp_path / name) for name in ("a", "b"))

@@ -61,12 +61,16 @@ def test_the_loop_checks_the_threshold_when_the_run_ends_mid_epoch():
     from orchestrator.train.loop import _check_bad_fraction
 
     run = SimpleNamespace(data=SimpleNamespace(max_bad_fraction=0.1))
+
+    def worker(name: str, rank: int):
+        return SimpleNamespace(rank=rank, world=1, plan=SimpleNamespace(run=run, run_name=name))
+
     quality.BadClipTracker("mid-epoch").record(12, [("empty", "s3://b/e.mp4"), ("missing", "s3://b/m.mp4")])
     with pytest.raises(quality.TooManyBadClips, match="2 bad of 12"):
-        _check_bad_fraction(run, "mid-epoch", rank=0, world=1)
-    _check_bad_fraction(run, "mid-epoch", rank=1, world=1)  # only rank 0 decides (and tells the others)
+        _check_bad_fraction(worker("mid-epoch", 0))
+    _check_bad_fraction(worker("mid-epoch", 1))  # only rank 0 decides (and tells the others)
     quality.BadClipTracker("fine").record(40, [("empty", "s3://b/e.mp4")])
-    _check_bad_fraction(run, "fine", rank=0, world=1)
+    _check_bad_fraction(worker("fine", 0))
 
 
 @pytest.mark.slow
