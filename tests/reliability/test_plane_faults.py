@@ -17,6 +17,7 @@ from orchestrator.devtools.faults.report import Measured, record
 from orchestrator.devtools.faults.s3_proxy import FaultSpec, S3FaultProxy
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
+from orchestrator.train.manifest import resolve_export
 from tests.reliability.helpers import REPO, checkpoint_problems, coco_images, registered_checkpoints, split_size
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,8 @@ def test_training_run_through_s3_faults_loses_nothing(s3_server, s3_bucket, tmp_
     assert registered, "no checkpoint registered"
     problems = [p for uri in registered for p in checkpoint_problems(uri)]
     assert not problems, problems
-    assert storage.exists(storage.join(result["run_dir"], "export", "model.safetensors"))
+    export = resolve_export(storage.join(result["run_dir"], "export"))  # export/step_N, named by its pointer
+    assert export is not None and storage.exists(storage.join(export, "model.safetensors")), export
     record("S3 faults on a training run's clip reads + checkpoint uploads (workers through the proxy)",
            proxy.injected_total(), True, measured,
            f"{n_split} clips x {EPOCHS} epochs, 2 workers, shuffle: {on_clips} faults on clip reads, {on_ckpt} on "
