@@ -104,8 +104,12 @@ def summarize_file(uri: str, plan: FilePlan, collect_labels: bool) -> dict[str, 
 def summarize(jobs: list[tuple[str, FilePlan, bool]]) -> list[dict[str, Any]]:
     """:func:`summarize_file` for every (uri, plan, collect_labels), one Ray task each, in order."""
     import ray  # here, not at the top: importing this module never starts Ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    task = ray.remote(num_cpus=READ_CPUS, max_retries=3)(summarize_file)
+    # outside the caller's placement group, as Ray Data's own tasks are (a Tune trial's bundle is
+    # the trial driver's alone)
+    task = ray.remote(num_cpus=READ_CPUS, max_retries=3, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        placement_group=None))(summarize_file)
     return ray.get([task.remote(*job) for job in jobs])
 
 

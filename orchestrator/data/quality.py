@@ -156,6 +156,7 @@ def get_tracker(run_name: str | None):
     if not _ray_up():
         return None
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     name = actor_name(run_name)
     if name not in _HANDLES:
@@ -165,7 +166,10 @@ def get_tracker(run_name: str | None):
         cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
                          resources={HEAD_RESOURCE: 0.001} if HEAD_RESOURCE in ray.cluster_resources() else None
                          )(BadClipStats)
-        _HANDLES[name] = cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+        # never inside the caller's placement group (a Tune trial's bundles hold no head-node resource)
+        outside = PlacementGroupSchedulingStrategy(placement_group=None)
+        _HANDLES[name] = cls.options(name=name, namespace=NAMESPACE, get_if_exists=True,
+                                     scheduling_strategy=outside).remote()
     return _HANDLES[name]
 
 
