@@ -46,7 +46,8 @@ def test_videoqa_batches_from_local_folder(ray_local, synth_data):
     questions = {tok.decode(x, skip_special_tokens=True) for bb in batches for x in bb["text_ids"].tolist()}
     assert all(q.endswith("?") for q in questions)
     stats = quality.get_bad_clip_stats(name)
-    assert stats == {"total_seen": 5, "bad": 0, "by_reason": {}, "examples": {}}
+    counts = {k: stats[k] for k in ("total_seen", "bad", "by_reason", "examples")}  # beside the tracker's incarnation
+    assert counts == {"total_seen": 5, "bad": 0, "by_reason": {}, "examples": {}}
 
 
 def test_reads_through_s3_server(ray_local, s3_bucket, synth_data):
