@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -215,7 +216,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     p = Path(local_path(uri))
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
+    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")  # unique per writer, threads of one process too
     tmp.write_bytes(data)
     os.replace(tmp, p)  # atomic: a reader never sees half a file
 
@@ -360,7 +361,7 @@ def create_exclusive(uri: str, data: bytes) -> None:
         return
     p = Path(local_path(uri))
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")  # unique per writer, threads of one process too
     tmp.write_bytes(data)
     try:
         os.link(tmp, p)  # atomic and exclusive (as O_EXCL), and a reader never sees half a file

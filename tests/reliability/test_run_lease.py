@@ -49,6 +49,43 @@ def test_exclusive_create_is_exclusive(run_dir):
     assert storage.read_text(uri) == "1"
 
 
+def test_threads_of_one_process_racing_on_local_files(tmp_path):
+    """Writers in one process share a pid: each needs its own temporary file (CI caught a race where
+    two threads' exclusive creates shared one, and the loser failed with FileNotFoundError)."""
+    uri, n = str(tmp_path / "d" / "x.json"), 8
+    outcomes: list[object] = []
+    barrier = threading.Barrier(n)
+
+    def create(i):
+        barrier.wait()
+        try:
+            storage.create_exclusive(uri, str(i).encode())
+            outcomes.append("won")
+        except Exception as e:  # anything but AlreadyExists is the bug
+            outcomes.append(e)
+
+    def write(i):
+        barrier.wait()
+        storage.write_text(str(tmp_path / "d" / "y.json"), str(i))
+
+    def race(target):
+        threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+
+    for _ in range(20):
+        outcomes.clear()
+        race(create)
+        assert outcomes.count("won") == 1, outcomes
+        assert all(isinstance(o, storage.AlreadyExists) for o in outcomes if o != "won"), outcomes
+        race(write)
+        assert int(storage.read_text(str(tmp_path / "d" / "y.json"))) in range(n)
+        assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["x.json", "y.json"]  # no temporary left
+        (tmp_path / "d" / "x.json").unlink()
+
+
 def test_two_concurrent_starts_one_wins_the_other_gets_a_clear_error(run_dir):
     for _ in range(3):  # three rounds of the race: always exactly one winner
         won, lost = _race(run_dir, 2)
