@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.data.placement import head_actor_options
+
 log = logging.getLogger(__name__)
 
 NAMESPACE = "mplug2"
@@ -57,8 +59,9 @@ def get_registry(run_name: str | None):
 
     name = actor_name(run_name)
     if name not in _HANDLES:
-        cls = ray.remote(num_cpus=0)(ProgressState)
-        _HANDLES[name] = cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+        cls = ray.remote(num_cpus=0)(ProgressState)  # on the head node (placement.py)
+        _HANDLES[name] = cls.options(name=name, namespace=NAMESPACE, get_if_exists=True,
+                                     **head_actor_options()).remote()
     return _HANDLES[name]
 
 

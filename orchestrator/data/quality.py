@@ -23,6 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from orchestrator.data.placement import head_actor_options
+
 log = logging.getLogger(__name__)
 
 REASONS = ("missing", "empty", "not_video", "truncated", "undecodable", "too_few_frames", "bad_resolution",
@@ -132,7 +134,6 @@ def check(stats: dict[str, Any], max_fraction: float, min_seen: int = 1) -> None
 # ---------------------------------------------------------------------------------------------
 
 _LOCAL: dict[str, BadClipStats] = {}
-HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 _SEEN_INCARNATION: dict[str, str] = {}  # per process: the tracker incarnation each run's counts came from
 # Actor handles held for the life of this process: a named, non-detached actor is destroyed when
 # its last handle goes, and the first process to create it (the driver, in build_dataset) owns it.
@@ -156,20 +157,15 @@ def get_tracker(run_name: str | None):
     if not _ray_up():
         return None
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     name = actor_name(run_name)
     if name not in _HANDLES:
-        # on the head node (never a spot worker that goes away with its counts); restarted if it dies
-        # anyway, and then empty: callers see the new incarnation and warn, the loop restores the
-        # counts its last checkpoint carried (restore_counts)
-        cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
-                         resources={HEAD_RESOURCE: 0.001} if HEAD_RESOURCE in ray.cluster_resources() else None
-                         )(BadClipStats)
-        # never inside the caller's placement group (a Tune trial's bundles hold no head-node resource)
-        outside = PlacementGroupSchedulingStrategy(placement_group=None)
+        # on the head node (placement.py); restarted if it dies anyway, and then empty: callers see
+        # the new incarnation and warn, the loop restores the counts its last checkpoint carried
+        # (restore_counts)
+        cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(BadClipStats)
         _HANDLES[name] = cls.options(name=name, namespace=NAMESPACE, get_if_exists=True,
-                                     scheduling_strategy=outside).remote()
+                                     **head_actor_options()).remote()
     return _HANDLES[name]
 
 

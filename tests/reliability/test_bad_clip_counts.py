@@ -9,6 +9,7 @@ import logging
 import pytest
 
 from orchestrator.data import quality
+from orchestrator.data.placement import HEAD_RESOURCE
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +86,7 @@ def test_the_tracker_sits_on_the_head_node_and_a_reset_is_warned_and_restored(ra
     handle = ray.get_actor(quality.actor_name(name), namespace=quality.NAMESPACE)
     # the node it runs on, asked of the actor itself (the state API needs the one cluster on the machine)
     actor_node = ray.get(handle.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
-    head = [n["NodeID"] for n in ray.nodes() if n["Alive"] and quality.HEAD_RESOURCE in n["Resources"]]
+    head = [n["NodeID"] for n in ray.nodes() if n["Alive"] and HEAD_RESOURCE in n["Resources"]]
     assert actor_node in head
     ray.kill(quality._HANDLES[quality.actor_name(name)], no_restart=False)  # restarts empty
     with caplog.at_level(logging.WARNING):

@@ -1,0 +1,23 @@
+"""Where the run's small state actors live (the bad-clip tracker, the resume-progress registry).
+
+On the head node: a worker node can be a spot instance that goes away, and with it an actor's
+state (a node loss killed the progress registry with the training workers, and the resumed run
+could not start its epoch).  Never inside the caller's placement group: a Tune trial's bundles
+hold no head-node resource, and the actors serve the whole run, not one bundle.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
+
+
+def head_actor_options() -> dict[str, Any]:
+    """``.options(...)`` for a zero-CPU state actor pinned to the head node (where it has one)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    options: dict[str, Any] = {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
+    if HEAD_RESOURCE in ray.cluster_resources():
+        options["resources"] = {HEAD_RESOURCE: 0.001}
+    return options
