@@ -179,6 +179,12 @@ class MetricLogger:
     dropped and counted in ``rejected``, so one bad point never blocks the ones after it.
     ``close()`` lets the sender drain the buffer until its deadline and reports what was not
     confirmed delivered: the buffer plus any chunk still in flight.
+
+    The points not yet confirmed (:meth:`pending`) travel with each checkpoint (:func:`write_pending`)
+    and are sent again by the resumed rank 0 (:meth:`requeue`), so rank 0 dying with a full buffer
+    loses none of the steps before its last checkpoint (the steps after it are trained and logged
+    again).  A point re-sent after all is stored once: MLflow's store keeps one copy of identical
+    (key, value, timestamp, step) points.
     """
 
     def __init__(self, uri: str, run_id: str, flush_every_s: float = 5.0, max_buffer: int = 200_000,
@@ -197,10 +203,24 @@ class MetricLogger:
         self.rejected = 0         # refused by the server (4xx), after splitting down to single points
         self.failed_flushes = 0   # sends that found the server unreachable
         self.sent = 0
-        self._inflight = 0        # points the sender holds: neither confirmed nor back in the buffer
+        self._inflight: list = []  # points the sender holds: neither confirmed nor back in the buffer
         self._client = None
         self._thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
         self._thread.start()
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Every point not yet confirmed delivered (in flight, then buffered), oldest first."""
+        with self._lock:
+            points = list(self._inflight) + list(self._buf)
+        return [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in points]
+
+    def requeue(self, points: list[dict[str, Any]]) -> None:
+        """Points of an earlier incarnation (:meth:`pending`), sent before anything logged since."""
+        from mlflow.entities import Metric
+
+        with self._lock:
+            self._buf[:0] = [Metric(p["key"], p["value"], p["timestamp"], p["step"]) for p in points]
+        self._wake.set()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -244,7 +264,7 @@ class MetricLogger:
         Called by the sender thread only (and by tests before it starts)."""
         with self._lock:
             batch, self._buf = self._buf, []
-            self._inflight = len(batch)
+            self._inflight = batch
         if not batch:
             return True
         done = 0
@@ -256,18 +276,18 @@ class MetricLogger:
                 self._send(chunk)
                 done = i + len(chunk)
                 with self._lock:
-                    self._inflight = len(batch) - done
+                    self._inflight = batch[done:]
             return True
         except Exception as e:  # keep training; retry later
             with self._lock:
                 self._buf[:0] = batch[done:]
-                self._inflight = 0
+                self._inflight = []
             self.failed_flushes += 1
             log.warning("MLflow unreachable (%s); %d metric points buffered", type(e).__name__, len(self._buf))
             return False
         finally:
             with self._lock:
-                self._inflight = 0
+                self._inflight = []
 
     def _loop(self) -> None:
         while not self._closing.is_set():
@@ -301,9 +321,45 @@ class MetricLogger:
         self._wake.set()
         self._thread.join(timeout=timeout_s + 1.0)
         with self._lock:
-            undelivered = len(self._buf) + self._inflight
+            undelivered = len(self._buf) + len(self._inflight)
         return {"sent": self.sent, "undelivered": undelivered, "dropped": self.dropped, "rejected": self.rejected,
                 "failed_flushes": self.failed_flushes}
+
+
+PENDING_FILE = "metrics_pending.json"
+
+
+def write_pending(directory: str, points: list[dict[str, Any]]) -> None:
+    """The logger's undelivered points into a checkpoint folder (rank 0's part of it)."""
+    import json
+
+    with open(os.path.join(directory, PENDING_FILE), "w") as f:
+        json.dump(points, f)
+
+
+def read_pending(directory: str, limit: int = 200_000) -> list[dict[str, Any]]:
+    """The points a checkpoint carries ([] when none).  The file comes from storage: anything that is
+    not a list of {key: str, value: number, timestamp: int, step: int} is refused with a warning
+    (the run goes on; those points are the only loss), and at most ``limit`` points are taken."""
+    import json
+    import math
+
+    path = os.path.join(directory, PENDING_FILE)
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        points = [{"key": p["key"], "value": float(p["value"]), "timestamp": int(p["timestamp"]),
+                   "step": int(p["step"])} for p in raw[:limit]]
+        if not all(isinstance(p["key"], str) and 0 < len(p["key"]) <= 250 and not math.isinf(p["value"])
+                   for p in points):
+            raise ValueError("a key that is not a short string, or an infinite value")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        log.warning("checkpoint's undelivered metric points not read (%s: %s); they are lost",
+                    type(e).__name__, str(e)[:200])
+        return []
+    return points
 
 
 def log_table(uri: str, run_id: str, rows: list[dict[str, Any]], artifact_file: str) -> None:

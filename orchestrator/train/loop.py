@@ -24,7 +24,7 @@ from orchestrator.data import quality
 from orchestrator.data.mix import STREAM_KEY, StreamMix, epoch_batches
 from orchestrator.data.pipeline import SAMPLE_KEY
 from orchestrator.eval_workers import Validator
-from orchestrator.tracking.mlflow_run import MetricLogger
+from orchestrator.tracking.mlflow_run import MetricLogger, read_pending, write_pending
 from orchestrator.tracking.redact import redact_exception
 from orchestrator.train import checkpoint, manifest, momentum_sync
 from orchestrator.train.deepspeed_config import build_deepspeed_config
@@ -141,6 +141,7 @@ class Worker:
     window: LossWindow = dataclasses.field(default_factory=LossWindow)
     last_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     saved_step: int = -1
+    carried_metrics: list = dataclasses.field(default_factory=list)  # the resumed checkpoint's undelivered points
     journal: StepJournal | None = None  # $MPLUG2_STEP_JOURNAL: every computed step and its rows (fault tests)
 
     @property
@@ -222,6 +223,7 @@ def setup_worker(plan: WorkerPlan) -> Worker:
     w.shard = ray.train.get_dataset_shard(MAIN_STREAM)
     if rank == 0 and plan.mlflow_run_id:
         w.metrics_logger = MetricLogger(plan.tracking_uri, plan.mlflow_run_id, system_metrics=run.tracking.system_metrics)
+        w.metrics_logger.requeue(w.carried_metrics)  # the last checkpoint's undelivered points first
         if w.resumed:
             w.log_metrics({"resumed_from_step": w.state.step}, w.state.step)
     if plan.stream_fractions:
@@ -274,6 +276,7 @@ def _resume(w: Worker, ckpt) -> None:
         w.progress.load(d)
         if w.rank == 0:
             _restore_bad_clip_counts(d, w.plan.run_name)
+            w.carried_metrics = read_pending(d)
     w.state.restore(saved)
     w.resumed, w.saved_step = True, w.state.step
     if w.rank == 0:
@@ -413,6 +416,8 @@ def save_and_report(w: Worker) -> None:
         w.progress.save(d, consumed)
         if w.rank == 0:
             _carry_bad_clip_counts(d, w.plan.run_name)
+            if w.metrics_logger is not None:  # what MLflow has not confirmed yet: a resumed rank 0 sends it
+                write_pending(d, w.metrics_logger.pending())
         files = manifest.describe_files(d)
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
     if w.plan.run_dir:  # the completion marker, last

@@ -1,5 +1,7 @@
-"""The MLflow server goes away mid-run and comes back (issue 9, item 4); secrets in the environment
-never reach MLflow params, tags, metric keys, artifacts or the job's logs (item 7)."""
+"""The MLflow server goes away mid-run and comes back (issue 9, item 4), and rank 0 (the only sender
+of metrics) is killed while it is away, holding undelivered points (issue 17, item 6): every step's
+metrics reach MLflow.  Secrets in the environment never reach MLflow params, tags, metric keys,
+artifacts or the job's logs (item 7)."""
 from __future__ import annotations
 
 import threading
@@ -12,7 +14,14 @@ from orchestrator.devtools.faults.report import Measured, record
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.conftest import free_port
-from tests.reliability.helpers import MlflowServer, checkpoint_steps, toy_cfg, toy_datasets
+from tests.reliability.helpers import (
+    MlflowServer,
+    checkpoint_steps,
+    registered_checkpoints,
+    toy_cfg,
+    toy_datasets,
+    train_workers,
+)
 
 pytestmark = pytest.mark.slow
 SECRET = "tok-9f8e7d6c5b4a-DO-NOT-LOG"
@@ -43,13 +52,27 @@ def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tm
         run_dir = str(tmp_path / "store" / cfg.experiment_name() / "outage")
         outage = {}
 
+        def registered(step: int) -> bool:
+            try:
+                return any(u.endswith(f"checkpoint_step_{step:08d}") for u in registered_checkpoints(run_dir))
+            except FileNotFoundError:
+                return False
+
         def take_server_away():
             deadline = time.time() + 300
             while time.time() < deadline and not (checkpoint_steps(run_dir) and max(checkpoint_steps(run_dir)) >= 10):
                 time.sleep(0.1)
             outage["down_at"] = time.time()
             server.stop()
-            time.sleep(12)
+            # rank 0 dies holding the points of steps 11..20+ that it could not send: the checkpoint
+            # of step 20 carries them, and the resumed rank 0 sends them once the server is back
+            while time.time() < deadline and not registered(20):
+                time.sleep(0.05)
+            workers = train_workers()
+            if workers:
+                workers[0].kill()
+                outage["killed_at"] = time.time()
+            time.sleep(max(0.0, outage["down_at"] + 12 - time.time()))
             server.start()
             outage["up_at"] = time.time()
 
@@ -58,6 +81,8 @@ def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tm
         out = run_training(cfg, datasets=toy_datasets())
         t.join(timeout=180)
         assert "up_at" in outage, "the outage never happened"
+        assert outage.get("killed_at", float("inf")) < outage["up_at"], ("rank 0 was not killed during the outage",
+                                                                         outage)
         assert out.metrics["step"] == MAX_STEPS
 
         c = MlflowClient(server.uri)
@@ -66,8 +91,11 @@ def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tm
         steps = sorted({m.step for m in c.get_metric_history(run.info.run_id, "loss")})
         assert steps == list(range(1, MAX_STEPS + 1)), f"missing steps: {set(range(1, MAX_STEPS + 1)) - set(steps)}"
         assert run.data.tags["mplug2.checkpoint_uri"].endswith(f"checkpoint_step_{MAX_STEPS:08d}")
-        record("MLflow server down 12 s mid-run", 1, True, Measured.from_journal(read_journal(str(tmp_path / "journal"))),
-               f"all {MAX_STEPS} steps' metrics delivered after it came back; run FINISHED")
+        assert sorted(int(m.value) for m in c.get_metric_history(run.info.run_id, "resumed_from_step")) == [20]
+        record("MLflow server down 12 s mid-run; rank 0 killed during it", 2, True,
+               Measured.from_journal(read_journal(str(tmp_path / "journal"))),
+               f"all {MAX_STEPS} steps' metrics delivered after it came back (the dead rank 0's undelivered points "
+               "carried by its last checkpoint); run FINISHED")
 
         # Secrets: the env secret, the S3 secret key, and a secret inside a config value.
         text = _all_text_of_run(c, run.info.run_id, tmp_path)

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -126,3 +127,44 @@ def test_a_real_mlflow_outage_spanning_the_close(tmp_path, monkeypatch):
                "back in time: 30/30 points delivered; down for good: undelivered = points missing from the server")
     finally:
         server.stop()
+
+
+def test_pending_points_travel_with_a_checkpoint_and_are_stored_once(tmp_path, mlflow_uri):
+    """Rank 0's undelivered points (in flight and buffered) go into the checkpoint folder; a new
+    logger sends them first; points already delivered are stored once, not twice."""
+    gate = threading.Event()
+    logger = _logger(Recording(gate), max_batch=4)
+    for step in range(1, 11):
+        logger.log({"loss": float(step)}, step)
+    sender = threading.Thread(target=logger.flush)
+    sender.start()  # the first chunk is now in flight, never answered
+    deadline = time.time() + 10
+    while not logger._inflight and time.time() < deadline:
+        time.sleep(0.01)
+    logger.log({"loss": 11.0}, 11)
+    points = logger.pending()
+    assert [p["step"] for p in points] == list(range(1, 12))  # in flight first, then the buffer
+    mlflow_run.write_pending(str(tmp_path), points)
+    gate.set()
+    sender.join(10)
+
+    c = mlflow_run.client(mlflow_uri)
+    run_id = c.create_run(c.create_experiment("pending")).info.run_id
+    c.log_batch(run_id, metrics=[Metric(p["key"], p["value"], p["timestamp"], p["step"])
+                                 for p in points[:3]])  # delivered after all, before the rank died
+    resumed = mlflow_run.MetricLogger(mlflow_uri, run_id, flush_every_s=3600)
+    resumed.requeue(mlflow_run.read_pending(str(tmp_path)))
+    resumed.log({"loss": 12.0}, 12)
+    assert resumed.close(timeout_s=30)["undelivered"] == 0
+    history = c.get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 13))  # each step once
+
+
+@pytest.mark.parametrize("content", ['{"not": "a list"}', '[{"key": 5, "value": 1, "timestamp": 1, "step": 1}]',
+                                     '[{"key": "loss"}]', "not json", '[{"key": "x", "value": "inf", '
+                                     '"timestamp": 1, "step": 1}]'])
+def test_pending_points_from_storage_are_untrusted(tmp_path, content, caplog):
+    (tmp_path / mlflow_run.PENDING_FILE).write_text(content)
+    assert mlflow_run.read_pending(str(tmp_path)) == []
+    assert "not read" in caplog.text
+    assert mlflow_run.read_pending(str(tmp_path / "none")) == []

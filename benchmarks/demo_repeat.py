@@ -1,0 +1,88 @@
+"""Does a fresh demo repeat its figures?  Runs ``python -m orchestrator demo`` ``--runs`` times, each
+into a fresh folder, and compares what they printed and logged.
+
+    PYTHONPATH=$PWD python benchmarks/demo_repeat.py [--runs 2] [--out /tmp/demo-repeat] [demo options]
+
+Each run is the demo exactly as ``make demo`` runs it (its own local Ray, synthetic data, SQLite
+MLflow), in a subprocess.  Compared, run by run against the first:
+
+* the final retrieval figures (``demo_results.json``: zero-shot and fine-tuned);
+* the pre-train and fine-tune runs' logged ``loss`` histories, step by step: the first step where
+  they differ and the largest difference (0 and "none" when the runs are bit-identical).
+
+Prints one line per run, the comparison, and a JSON object with every figure on the last line,
+including the range of each retrieval figure over the runs (what the README quotes).
+Any extra argument is passed to the demo (e.g. ``--pretrain-steps 40`` for a quick check).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _history(db: str, run_id: str, key: str = "loss") -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def _compare(a: dict[int, float], b: dict[int, float]) -> dict:
+    steps = sorted(set(a) & set(b))
+    diffs = [(s, abs(a[s] - b[s])) for s in steps]
+    first = next((s for s, d in diffs if d > 0), None)
+    return {"steps_compared": len(steps), "first_step_differing": first,
+            "max_abs_diff": max((d for _, d in diffs), default=0.0),
+            "missing_steps": sorted(set(a) ^ set(b))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--out", default="/tmp/demo-repeat")
+    args, demo_args = p.parse_known_args()
+    results = []
+    for i in range(args.runs):
+        out = os.path.join(args.out, f"run{i}")
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "orchestrator", "demo", "--out", out, *demo_args], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            sys.exit(f"demo run {i} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+        res = json.load(open(os.path.join(out, "demo_results.json")))
+        db = os.path.join(out, "mlflow.db")
+        res["loss"] = {"pretrain": _history(db, res["pretrain_run"]), "finetune": _history(db, res["finetune_run"])}
+        res["wall_s"] = wall
+        results.append(res)
+        print(f"run {i}: {wall:.0f} s; zero-shot t2v R@1/5/10 "
+              + "/".join(f"{res['zero_shot'][k]:.1f}" for k in ("t2v_r1", "t2v_r5", "t2v_r10"))
+              + "; fine-tuned " + "/".join(f"{res['fine_tuned'][k]:.1f}" for k in ("t2v_r1", "t2v_r5", "t2v_r10")),
+              flush=True)
+    summary: dict = {"runs": args.runs, "wall_s": [r["wall_s"] for r in results], "compare": [], "range": {}}
+    for i, r in enumerate(results[1:], start=1):
+        cmp = {stage: _compare(results[0]["loss"][stage], r["loss"][stage]) for stage in ("pretrain", "finetune")}
+        cmp["figures_equal"] = all(r[k] == results[0][k] for k in ("zero_shot", "fine_tuned"))
+        summary["compare"].append(cmp)
+        print(f"run {i} vs run 0: figures {'identical' if cmp['figures_equal'] else 'DIFFER'}; "
+              + "; ".join(f"{stage} loss: first differing step {c['first_step_differing']}, max |diff| "
+                          f"{c['max_abs_diff']:.3g} over {c['steps_compared']} steps"
+                          for stage, c in cmp.items() if isinstance(c, dict)))
+    for stage in ("zero_shot", "fine_tuned"):
+        for key in results[0][stage]:
+            vals = [r[stage][key] for r in results]
+            if all(isinstance(v, (int, float)) for v in vals):
+                summary["range"][f"{stage}/{key}"] = [min(vals), max(vals)]
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
