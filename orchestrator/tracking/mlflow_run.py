@@ -218,6 +218,8 @@ class MetricLogger:
         """Points of an earlier incarnation (:meth:`pending`), sent before anything logged since."""
         from mlflow.entities import Metric
 
+        if not points:
+            return
         with self._lock:
             self._buf[:0] = [Metric(p["key"], p["value"], p["timestamp"], p["step"]) for p in points]
         self._wake.set()
@@ -292,6 +294,7 @@ class MetricLogger:
     def _loop(self) -> None:
         while not self._closing.is_set():
             self._wake.wait(self.flush_every_s)
+            self._wake.clear()  # a wake-up is one flush, not a spin
             if not self._closing.is_set():
                 self.flush()
         wait = 0.5  # closing: drain until the buffer is empty or the deadline passes

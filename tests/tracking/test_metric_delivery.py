@@ -168,3 +168,20 @@ def test_pending_points_from_storage_are_untrusted(tmp_path, content, caplog):
     assert mlflow_run.read_pending(str(tmp_path)) == []
     assert "not read" in caplog.text
     assert mlflow_run.read_pending(str(tmp_path / "none")) == []
+
+
+def test_a_wake_up_sends_once_and_the_sender_then_sleeps():
+    """The sender thread once spun on a wake-up event it never cleared (a core of rank 0 burnt)."""
+    fake = Recording()
+    logger = _logger(fake)
+    flushes = []
+    real_flush = logger.flush
+    logger.flush = lambda: flushes.append(1) or real_flush()
+    logger.requeue([{"key": "loss", "value": 1.0, "timestamp": 1, "step": 1}])
+    time.sleep(1.0)
+    assert [m.step for m in fake.points] == [1]
+    assert len(flushes) <= 2, f"{len(flushes)} flushes in 1 s with flush_every_s=3600: the sender spins"
+    logger.requeue([])  # nothing to send: no wake-up
+    time.sleep(0.3)
+    assert len(flushes) <= 2
+    assert logger.close(timeout_s=5)["undelivered"] == 0
