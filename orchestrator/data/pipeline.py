@@ -28,7 +28,7 @@ import numpy as np
 
 from orchestrator import storage
 from orchestrator.data import progress, quality
-from orchestrator.data.annotations import annotation_dataset
+from orchestrator.data.annotations import READ_CPUS, annotation_dataset
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.decode import DecodeSpec
 from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
@@ -203,12 +203,20 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
 
 
 def _actor_pool(data_cfg: DataConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``decode_concurrency`` actors, or an autoscaling pool of 1 .. (cluster CPUs / decode_cpus)."""
+    """``decode_concurrency`` actors, or an autoscaling pool of 1 .. (cluster CPUs left beside the
+    annotation read tasks / decode_cpus).  A pool that would hold every CPU starves the read tasks
+    that feed it, and the dataset never yields (seen with 1 CPU): refused instead."""
     import ray
 
-    if "concurrency" not in kwargs:
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        kwargs["concurrency"] = (1, max(1, int(cpus // data_cfg.decode_cpus)))
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    room = cpus - READ_CPUS  # one annotation read task runs beside the pool
+    most = int(room // data_cfg.decode_cpus) if "concurrency" not in kwargs else kwargs["concurrency"]
+    if most < 1 or most * data_cfg.decode_cpus > room:
+        raise ValueError(f"data.decode_actors: {most} actor(s) x data.decode_cpus={data_cfg.decode_cpus} leave no "
+                         f"CPU of the cluster's {cpus:g} for the annotation read ({READ_CPUS} CPU), so the pool would "
+                         "wait for its input forever; lower data.decode_cpus / data.decode_concurrency, add CPUs, or "
+                         "decode with tasks (data.decode_actors=false)")
+    kwargs.setdefault("concurrency", (1, most))
     return kwargs
 
 

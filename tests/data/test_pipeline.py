@@ -12,7 +12,7 @@ import pytest
 from orchestrator import storage
 from orchestrator.data import quality
 from orchestrator.data.config import DataConfig, SourceConfig
-from orchestrator.data.pipeline import build_dataset, iter_worker_batches
+from orchestrator.data.pipeline import _actor_pool, build_dataset, iter_worker_batches
 from orchestrator.data.sources import read_rows
 from orchestrator.data.tokenize import load_tokenizer
 from tests.data.conftest import frame_index, numbered_clip
@@ -217,3 +217,24 @@ def test_decode_actors_and_pyav_count_bad_clips_like_the_task_path(ray_local, tm
     strict = cfg.model_copy(update={"max_bad_fraction": 0.2, "bad_check_min_seen": 4})
     with pytest.raises(Exception, match=r"too many bad clips.*by reason"):
         collect(build_dataset(strict, "val", False, ("frames",), run_name=run_name()))
+
+
+@pytest.mark.parametrize("cpus,decode_cpus,concurrency,expect", [
+    (1.0, 1.0, None, None),        # the pool would hold the only CPU: the read task never runs
+    (2.0, 1.0, None, (1, 1)),      # one actor beside the read
+    (8.0, 0.5, None, (1, 15)),
+    (4.0, 1.0, 4, None),           # an explicit pool that leaves nothing for the read
+    (4.0, 1.0, 3, 3),
+])
+def test_an_actor_pool_leaves_room_for_the_read_that_feeds_it(monkeypatch, cpus, decode_cpus, concurrency, expect):
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": cpus})
+    cfg = DataConfig(root="/x", sources=[SourceConfig(format="msrvtt", train=["a.jsonl"])], decode_actors=True,
+                     decode_cpus=decode_cpus, decode_concurrency=concurrency)
+    kwargs = {"num_cpus": decode_cpus, **({"concurrency": concurrency} if concurrency else {})}
+    if expect is None:
+        with pytest.raises(ValueError, match="leave no CPU"):
+            _actor_pool(cfg, kwargs)
+    else:
+        assert _actor_pool(cfg, kwargs)["concurrency"] == expect
