@@ -96,8 +96,6 @@ def main() -> None:
               + "/".join(f"{res['zero_shot'][k]:.1f}" for k in ("t2v_r1", "t2v_r5", "t2v_r10"))
               + "; fine-tuned " + "/".join(f"{res['fine_tuned'][k]:.1f}" for k in ("t2v_r1", "t2v_r5", "t2v_r10")),
               flush=True)
-    for r in results:
-        del r["journal"]  # long; its comparison is kept
     summary: dict = {"runs": args.runs, "wall_s": [r["wall_s"] for r in results], "compare": [], "range": {}}
     for i, r in enumerate(results[1:], start=1):
         cmp = {stage: _compare(results[0]["loss"][stage], r["loss"][stage]) for stage in ("pretrain", "finetune")}
@@ -109,6 +107,8 @@ def main() -> None:
                           f"{c['max_abs_diff']:.3g} over {c['steps_compared']} steps"
                           for stage, c in cmp.items() if stage in ("pretrain", "finetune"))
               + f"; rows trained, first differing journal line per rank: {cmp['rows_first_differ']}")
+    for r in results:
+        del r["journal"]  # long; its comparison is kept
     for stage in ("zero_shot", "fine_tuned"):
         for key in results[0][stage]:
             vals = [r[stage][key] for r in results]

@@ -39,7 +39,7 @@ import pyarrow as pa
 
 from orchestrator import storage
 from orchestrator.data.config import DataConfig, SourceConfig
-from orchestrator.data.ids import SAMPLE_KEY, clip_id, stable_id, unit_draw
+from orchestrator.data.ids import SAMPLE_KEY, clip_id, seed_part, stable_id, unit_draw
 from orchestrator.data.process import EMPTY_ROW, to_dataset_row
 from orchestrator.data.sources import SOURCES, Context, label_id, split_files, vocabulary_from_names
 from orchestrator.data.sources.base import AnnotationError, ParseReport, read_text
@@ -73,6 +73,7 @@ class FilePlan:
     weight: float = 1.0
     seed: int = 0
     block_rows: int = 8
+    root: str = ""  # data.root: seeds use paths relative to it (ids.seed_part)
 
 
 def source_namespace(fmt: str, files: list[str]) -> str:
@@ -136,7 +137,8 @@ def _vocabulary(src: SourceConfig, data_cfg: DataConfig, split: str, summaries: 
 def _plan(src: SourceConfig, data_cfg: DataConfig, split: str, files: list[str], **kw) -> FilePlan:
     return FilePlan(fmt=src.format, media=storage.resolve(data_cfg.root, src.media), split=split,
                     ns=source_namespace(src.format, files), annotation_bytes=data_cfg.max_annotation_bytes,
-                    max_bad_fraction=data_cfg.max_bad_fraction, block_rows=data_cfg.decode_batch_size, **kw)
+                    max_bad_fraction=data_cfg.max_bad_fraction, block_rows=data_cfg.decode_batch_size,
+                    root=data_cfg.root, **kw)
 
 
 def annotation_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, training: bool, seed: int,
@@ -192,7 +194,7 @@ def file_blocks(uri: str, take: int, plan: FilePlan) -> Iterator[pa.Table]:
     """Blocks of ``plan.block_rows`` dataset rows from the first ``take`` rows of one file."""
     rows = _file_rows(uri, take, plan)
     if plan.training:
-        rows = _window_shuffled(rows, random.Random(f"{plan.seed}|{uri}"))
+        rows = _window_shuffled(rows, random.Random(f"{plan.seed}|{seed_part(uri, plan.root)}"))
     while True:
         block = list(itertools.islice(rows, plan.block_rows))
         if not block:
@@ -208,7 +210,7 @@ def _file_rows(uri: str, take: int, plan: FilePlan) -> Iterator[dict]:
         if index is not None:
             r["label"] = label_id(r["label_name"], index, list(plan.vocab), plan.fmt, r["id"])
         r["clip_index"] = clip_id(plan.ns, r)
-        copies = whole + (1 if frac and unit_draw(plan.seed, plan.ns, uri, pos) < frac else 0)
+        copies = whole + (1 if frac and unit_draw(plan.seed, plan.fmt, seed_part(uri, plan.root), pos) < frac else 0)
         for copy in range(copies):
             row = to_dataset_row(r)
             row[SAMPLE_KEY] = stable_id(plan.ns, uri, pos, copy)

@@ -29,6 +29,16 @@ def unit_draw(*parts: Any) -> float:
     return int.from_bytes(digest, "big") / 2.0 ** 64
 
 
+def seed_part(uri: str, root: str) -> str:
+    """``uri`` as a seed ingredient: relative to the data root when under it, so a seeded draw
+    (shuffle window, weight fraction, frames, crops) is the same wherever the dataset lives (a
+    fresh clone, another bucket); ids stay absolute."""
+    root = root.rstrip("/")
+    if root and uri.startswith(root + "/"):
+        return uri[len(root) + 1:]
+    return uri
+
+
 def clip_id(ns: str, row: dict) -> int:
     """Rows of one source (``ns``) showing the same media and segment share an id; a text-only row
     is its own clip (by its id)."""

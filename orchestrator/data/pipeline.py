@@ -139,7 +139,7 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
         max_text_len=data_cfg.max_text_len, max_answer_len=data_cfg.max_answer_len, seed=seed,
         run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
         bad_check_min_seen=data_cfg.bad_check_min_seen, decode_timeout_s=data_cfg.decode_timeout_s,
-        max_object_bytes=data_cfg.max_object_bytes)
+        max_object_bytes=data_cfg.max_object_bytes, root=data_cfg.root)
 
 
 def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tuple[str, ...], seed: int = 0,

@@ -17,6 +17,7 @@ import numpy as np
 from orchestrator import storage
 from orchestrator.data import augment, quality
 from orchestrator.data.decode import DecodeSpec, decode_media, read_media
+from orchestrator.data.ids import seed_part
 from orchestrator.data.quality import BadClip
 from orchestrator.data.sources.wds import read_member
 from orchestrator.data.tokenize import encode, load_tokenizer
@@ -45,6 +46,7 @@ class ProcessParams:
     decode_timeout_s: float = 60.0
     max_object_bytes: int | None = None  # a larger clip/image is bad (too_large), never read whole
     epoch: int | None = None  # training rows without an epoch column are seeded as this epoch (None: fresh)
+    root: str = ""  # data.root: frames and crops are seeded by paths relative to it (ids.seed_part)
 
 
 def to_dataset_row(row: dict) -> dict:
@@ -120,7 +122,7 @@ def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
         raise BadClip(str(batch["bad"][i]), uri)
     data = _fetch(uri, bytes(batch["media_bytes"][i]), params.max_object_bytes)
     start, end = float(batch["start"][i]), float(batch["end"][i])
-    rng = _rng(params, f"{uri}|{batch['id'][i]}", int(batch["epoch"][i]) if "epoch" in batch else None)
+    rng = _rng(params, f"{seed_part(uri, params.root)}|{batch['id'][i]}", int(batch["epoch"][i]) if "epoch" in batch else None)
     dec = with_timeout(params.decode_timeout_s, uri, decode_media, data, uri, params.decode, rng,
                        str(batch["modality"][i]), None if math.isnan(start) else start, None if math.isnan(end) else end)
     if params.training:

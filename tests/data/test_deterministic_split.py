@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import threading
 import uuid
 
@@ -68,3 +69,15 @@ def test_cached_training_rows_are_seeded():
     assert draws[0] == draws[1] == _rng(params, "s3://b/clip.mp4|7", 0).random(4).tolist()
     fresh = [_rng(params, "s3://b/clip.mp4|7").random(4).tolist() for _ in range(2)]
     assert fresh[0] != fresh[1]
+
+
+def test_the_same_dataset_under_another_root_gives_the_same_order_and_pixels(ray_local, synth_data, tmp_path):
+    """Seeds use paths relative to data.root: a fresh clone, or a copy in another bucket, draws the
+    same shuffle windows, frames and crops (before, they were seeded by the absolute path, and two
+    demos in two folders trained on different batches from the first step)."""
+    moved = tmp_path / "elsewhere" / "synth"
+    shutil.copytree(synth_data, moved)
+    cfgs = [DataConfig(root=root, sources=[SRC], num_frames=2, image_size=16, sampling="rand", scale_min=0.3,
+                       decode_batch_size=2, decode_cpus=0.5, deterministic=True) for root in (synth_data, str(moved))]
+    here, there = (_pass(cfg, cached=False) for cfg in cfgs)
+    assert all(here) and [[d for _, d in rank] for rank in here] == [[d for _, d in rank] for rank in there]
