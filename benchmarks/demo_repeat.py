@@ -1,7 +1,7 @@
 """Does a fresh demo repeat its figures?  Runs ``python -m orchestrator demo`` ``--runs`` times, each
 into a fresh folder, and compares what they printed and logged.
 
-    PYTHONPATH=$PWD python benchmarks/demo_repeat.py [--runs 2] [--out /tmp/demo-repeat] [demo options]
+    PYTHONPATH=$PWD python benchmarks/demo_repeat.py [--runs 2] [--out /tmp/demo-repeat] [--same-folder] [demo options]
 
 Each run is the demo exactly as ``make demo`` runs it (its own local Ray, synthetic data, SQLite
 MLflow), in a subprocess.  Compared, run by run against the first:
@@ -12,6 +12,9 @@ MLflow), in a subprocess.  Compared, run by run against the first:
 * what each rank trained on: every run writes the step journal (``MPLUG2_STEP_JOURNAL``: each
   optimizer step's ``sample_key``s per rank, pre-train then fine-tune); the first journal line
   where the runs' rows differ says whether a difference comes from the data or from the compute.
+  Row ids are hashes of absolute paths, so this needs ``--same-folder``: every run in ``<out>/demo``
+  (moved to ``<out>/run<i>`` when it ends).  Without it each run has its own folder, as two fresh
+  clones would: the figures and losses are compared, the rows are not.
 
 Prints one line per run, the comparison, and a JSON object with every figure on the last line,
 including the range of each retrieval figure over the runs (what the README quotes).
@@ -74,11 +77,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--out", default="/tmp/demo-repeat")
+    p.add_argument("--same-folder", action="store_true", help="run every demo in the same folder (rows comparable)")
     args, demo_args = p.parse_known_args()
     results = []
     for i in range(args.runs):
-        out = os.path.join(args.out, f"run{i}")
+        out = os.path.join(args.out, "demo" if args.same_folder else f"run{i}")
         shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(os.path.join(args.out, f"run{i}"), ignore_errors=True)
         t0 = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": REPO, STEP_JOURNAL: os.path.join(out, "journal")}
         proc = subprocess.run([sys.executable, "-m", "orchestrator", "demo", "--out", out, *demo_args], cwd=REPO,
@@ -91,6 +96,8 @@ def main() -> None:
         res["loss"] = {"pretrain": _history(db, res["pretrain_run"]), "finetune": _history(db, res["finetune_run"])}
         res["wall_s"] = wall
         res["journal"] = _journal(os.path.join(out, "journal"))
+        if args.same_folder:
+            os.rename(out, os.path.join(args.out, f"run{i}"))
         results.append(res)
         print(f"run {i}: {wall:.0f} s; zero-shot t2v R@1/5/10 "
               + "/".join(f"{res['zero_shot'][k]:.1f}" for k in ("t2v_r1", "t2v_r5", "t2v_r10"))
@@ -100,7 +107,8 @@ def main() -> None:
     for i, r in enumerate(results[1:], start=1):
         cmp = {stage: _compare(results[0]["loss"][stage], r["loss"][stage]) for stage in ("pretrain", "finetune")}
         cmp["figures_equal"] = all(r[k] == results[0][k] for k in ("zero_shot", "fine_tuned"))
-        cmp["rows_first_differ"] = _first_row_difference(results[0]["journal"], r["journal"])
+        cmp["rows_first_differ"] = (_first_row_difference(results[0]["journal"], r["journal"]) if args.same_folder
+                                    else "not compared (separate folders: row ids differ)")
         summary["compare"].append(cmp)
         print(f"run {i} vs run 0: figures {'identical' if cmp['figures_equal'] else 'DIFFER'}; "
               + "; ".join(f"{stage} loss: first differing step {c['first_step_differing']}, max |diff| "
