@@ -40,6 +40,7 @@ import pyarrow as pa
 from orchestrator import storage
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.ids import SAMPLE_KEY, clip_id, seed_part, stable_id, unit_draw
+from orchestrator.data.placement import outside_caller_group
 from orchestrator.data.process import EMPTY_ROW, to_dataset_row
 from orchestrator.data.sources import SOURCES, Context, label_id, split_files, vocabulary_from_names
 from orchestrator.data.sources.base import AnnotationError, ParseReport, read_text
@@ -105,12 +106,8 @@ def summarize_file(uri: str, plan: FilePlan, collect_labels: bool) -> dict[str, 
 def summarize(jobs: list[tuple[str, FilePlan, bool]]) -> list[dict[str, Any]]:
     """:func:`summarize_file` for every (uri, plan, collect_labels), one Ray task each, in order."""
     import ray  # here, not at the top: importing this module never starts Ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    # outside the caller's placement group, as Ray Data's own tasks are (a Tune trial's bundle is
-    # the trial driver's alone)
-    task = ray.remote(num_cpus=READ_CPUS, max_retries=3, scheduling_strategy=PlacementGroupSchedulingStrategy(
-        placement_group=None))(summarize_file)
+    task = ray.remote(num_cpus=READ_CPUS, max_retries=3, scheduling_strategy=outside_caller_group())(summarize_file)
     return ray.get([task.remote(*job) for job in jobs])
 
 

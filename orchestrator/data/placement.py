@@ -12,12 +12,19 @@ from typing import Any
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 
 
+def outside_caller_group():
+    """A scheduling strategy that ignores the caller's placement group (as Ray Data's own tasks do):
+    a Tune trial's bundle is the trial driver's alone."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=None)
+
+
 def head_actor_options() -> dict[str, Any]:
     """``.options(...)`` for a zero-CPU state actor pinned to the head node (where it has one)."""
     import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    options: dict[str, Any] = {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
+    options: dict[str, Any] = {"scheduling_strategy": outside_caller_group()}
     if HEAD_RESOURCE in ray.cluster_resources():
         options["resources"] = {HEAD_RESOURCE: 0.001}
     return options

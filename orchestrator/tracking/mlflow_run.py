@@ -8,7 +8,9 @@ Nothing is logged without passing through :mod:`orchestrator.tracking.redact`.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import subprocess
 import threading
@@ -334,8 +336,6 @@ PENDING_FILE = "metrics_pending.json"
 
 def write_pending(directory: str, points: list[dict[str, Any]]) -> None:
     """The logger's undelivered points into a checkpoint folder (rank 0's part of it)."""
-    import json
-
     with open(os.path.join(directory, PENDING_FILE), "w") as f:
         json.dump(points, f)
 
@@ -344,9 +344,6 @@ def read_pending(directory: str, limit: int = 200_000) -> list[dict[str, Any]]:
     """The points a checkpoint carries ([] when none).  The file comes from storage: anything that is
     not a list of {key: str, value: number, timestamp: int, step: int} is refused with a warning
     (the run goes on; those points are the only loss), and at most ``limit`` points are taken."""
-    import json
-    import math
-
     path = os.path.join(directory, PENDING_FILE)
     if not os.path.exists(path):
         return []
