@@ -23,6 +23,22 @@ SLOW_TOY = "tests.reliability.slow_toy"
 REPO = Path(__file__).resolve().parents[2]
 
 
+def emit(obj: dict) -> None:
+    """One JSON line on stdout in a single write: Ray forwards its workers' logs to the same stdout
+    from another thread, and a ``print`` (text, then newline) can be split by one of their lines."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def last_json(out: str, first_key: str) -> dict:
+    """The last JSON object in a job's output that starts with ``{"first_key"``, read up to its own
+    end (a forwarded Ray log line may follow it on the same line)."""
+    marker = '{"' + first_key + '"'
+    found = [line[line.index(marker):] for line in out.splitlines() if marker in line]
+    assert found, f"no {marker} line in the output:\n{out[-3000:]}"
+    return json.JSONDecoder().raw_decode(found[-1])[0]
+
+
 def toy_cfg(storage_uri: str, tracking_uri: str | None, name: str, trace: str | None = None, sleep_s: float = 0.0,
             **over):
     base = {"workload": SLOW_TOY, "name": name, "storage": storage_uri, "train.num_workers": 1,

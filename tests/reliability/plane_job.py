@@ -23,7 +23,7 @@ import ray
 from orchestrator.config import load_config
 from orchestrator.data import quality
 from orchestrator.train.driver import run_training
-from tests.reliability.helpers import REPO, checkpoint_steps
+from tests.reliability.helpers import REPO, checkpoint_steps, emit
 
 PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
             "AWS_EC2_METADATA_DISABLED", "MPLUG2_S3_MAX_ATTEMPTS", "MPLUG2_S3_READ_TIMEOUT_S", "MPLUG2_STEP_JOURNAL",
@@ -56,8 +56,7 @@ def _drain_others_when(run_dir: str, step: int) -> None:
         if node["Alive"] and "node:__internal_head__" not in node["Resources"]:
             ok, why = gcs.drain_node(node["NodeID"], reason, "reliability test: spot reclaim notice",
                                      int(time.time() * 1000) + 600_000)
-            print(json.dumps({"drained": node["NodeID"], "ok": ok, "why": why,
-                              "at_checkpoint": max(checkpoint_steps(run_dir))}), flush=True)
+            emit({"drained": node["NodeID"], "ok": ok, "why": why, "at_checkpoint": max(checkpoint_steps(run_dir))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(target=_drain_others_when, args=(run_dir, spec["drain_after"]), daemon=True).start()
         out = run_training(cfg)
         stats = quality.get_bad_clip_stats(out.run_name)
-        print(json.dumps({"result_step": out.metrics.get("step"), "checkpoint": out.checkpoint_uri,
-                          "run_dir": out.run_dir, "bad": stats.get("bad", 0), "seen": stats.get("total_seen", 0),
-                          "by_reason": stats.get("by_reason", {})}), flush=True)
+        emit({"result_step": out.metrics.get("step"), "checkpoint": out.checkpoint_uri,
+              "run_dir": out.run_dir, "bad": stats.get("bad", 0), "seen": stats.get("total_seen", 0),
+              "by_reason": stats.get("by_reason", {})})
     finally:
         ray.shutdown()
     return 0

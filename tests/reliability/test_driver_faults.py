@@ -2,7 +2,6 @@
 spot preemption (item 5): both as real processes, each with its own local Ray."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,7 +16,7 @@ import pytest
 from orchestrator.devtools.faults.report import Measured, record
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
-from tests.reliability.helpers import REPO, checkpoint_steps
+from tests.reliability.helpers import REPO, checkpoint_steps, last_json
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = "mplug2-tests.reliability.slow_toy"
@@ -80,7 +79,7 @@ def test_driver_killed_and_resubmitted_resumes_from_last_complete_checkpoint(tmp
     resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", out)]
     assert resumed and resumed[0] == last_complete, (resumed, last_complete)
     assert "99999999" not in " ".join(re.findall(r"resumed from step \d+", out))
-    result = json.loads([line for line in out.splitlines() if line.startswith('{"result_step"')][-1])
+    result = last_json(out, "result_step")
     assert result["result_step"] == 24 and result["checkpoint"].endswith("checkpoint_step_00000024")
     lines = read_journal(journal)
     measured = Measured.from_journal(lines)
@@ -100,7 +99,7 @@ def test_preemption_signal_takes_a_checkpoint_before_the_node_goes(tmp_path):
         if job.poll() is None:
             _kill_tree(job)
     assert job.returncode == 0, out[-4000:]
-    drained = json.loads([line for line in out.splitlines() if line.startswith('{"drained"')][-1])
+    drained = last_json(out, "drained")
     assert drained["drained"], drained
     steps = [int(s) for s in re.findall(r"checkpointing now", out) and re.findall(
         r"checkpoint_step_(\d{8})", out)]

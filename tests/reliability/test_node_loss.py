@@ -22,7 +22,7 @@ from orchestrator.devtools.faults.report import Measured, record
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.cluster.ray_head import LocalRayHead
-from tests.reliability.helpers import REPO, checkpoint_problems, coco_images, split_size
+from tests.reliability.helpers import REPO, checkpoint_problems, coco_images, last_json, split_size
 
 pytestmark = pytest.mark.slow
 N, WORKERS, BATCH = 32, 2, 4        # 4 steps per epoch
@@ -137,7 +137,7 @@ def test_node_with_the_workers_lost_run_resumes_on_the_other(tmp_path, notice):
                 p.wait()
         head.stop()
     assert job.returncode == 0, out[-6000:]
-    result = json.loads([ln for ln in out.splitlines() if ln.startswith('{"result_step"')][-1])
+    result = last_json(out, "result_step")
     assert result["result_step"] == STEPS, result
 
     lines = read_journal(journal)

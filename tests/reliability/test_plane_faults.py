@@ -18,7 +18,14 @@ from orchestrator.devtools.faults.s3_proxy import FaultSpec, S3FaultProxy
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from orchestrator.train.manifest import resolve_export
-from tests.reliability.helpers import REPO, checkpoint_problems, coco_images, registered_checkpoints, split_size
+from tests.reliability.helpers import (
+    REPO,
+    checkpoint_problems,
+    coco_images,
+    last_json,
+    registered_checkpoints,
+    split_size,
+)
 
 pytestmark = pytest.mark.slow
 N, WORKERS, BATCH = 32, 2, 4          # 4 steps per epoch, no remainder dropped
@@ -48,7 +55,7 @@ def test_training_run_through_s3_faults_loses_nothing(s3_server, s3_bucket, tmp_
         fault_kinds = {f for _, p, f in proxy.log if f}
     out = job.stdout + job.stderr
     assert job.returncode == 0, out[-6000:]
-    result = json.loads([ln for ln in job.stdout.splitlines() if ln.startswith('{"result_step"')][-1])
+    result = last_json(job.stdout, "result_step")
     assert result["result_step"] == spec["steps"], result
     # the workers' own requests met the faults: clip reads (Ray Data tasks) and checkpoint uploads (Train workers)
     assert on_clips > 0 and on_ckpt > 0, stats

@@ -8,7 +8,6 @@ STEP exists: exactly the signal a spot reclaim gives, without the node actually 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import threading
 import time
@@ -18,7 +17,7 @@ def _drain_when(run_dir: str, step: int) -> None:
     import ray
     from ray.core.generated import autoscaler_pb2
 
-    from tests.reliability.helpers import checkpoint_steps
+    from tests.reliability.helpers import checkpoint_steps, emit
 
     while not (checkpoint_steps(run_dir) and max(checkpoint_steps(run_dir)) >= step):
         time.sleep(0.1)
@@ -26,7 +25,7 @@ def _drain_when(run_dir: str, step: int) -> None:
     ok, why = gcs.drain_node(ray.get_runtime_context().get_node_id(),
                              autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
                              "reliability test: simulated spot reclaim", int(time.time() * 1000) + 600_000)
-    print(json.dumps({"drained": ok, "why": why, "at_checkpoint": max(checkpoint_steps(run_dir))}), flush=True)
+    emit({"drained": ok, "why": why, "at_checkpoint": max(checkpoint_steps(run_dir))})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from orchestrator.train.driver import run_training
-    from tests.reliability.helpers import REPO, toy_cfg, toy_datasets
+    from tests.reliability.helpers import REPO, emit, toy_cfg, toy_datasets
 
     ray.init(num_cpus=4, include_dashboard=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}})
@@ -51,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = os.path.join(args.storage, cfg.experiment_name(), args.name)
             threading.Thread(target=_drain_when, args=(run_dir, args.drain_after), daemon=True).start()
         out = run_training(cfg, datasets=toy_datasets())
-        print(json.dumps({"result_step": out.metrics.get("step"), "checkpoint": out.checkpoint_uri}), flush=True)
+        emit({"result_step": out.metrics.get("step"), "checkpoint": out.checkpoint_uri})
     finally:
         ray.shutdown()
     return 0
