@@ -18,7 +18,12 @@ frames per clip (``rand`` sampling, random resized crop to 224, flip), the throu
 plus frames decoded per frame returned, counted by the PyAV decoder itself (original clips with
 ``rand`` and ``keyframe`` sampling, transcoded clips with ``rand``), and the peak memory of a decode
 process on an 8K clip (full-size decode vs the header-probed downscaled decode).  Each timed series follows
-an untimed warm-up pass; a figure is all clips over all the time of ``--repeats`` passes.  Every
+an untimed warm-up pass; a figure is all clips over all the time of ``--repeats`` passes, and its
+steady state is the clips after each pass's first batch over the time after it (a pass's start-up,
+paid once per epoch, left out; the start-up's share of the pass is printed too).  For each Ray run
+the CPU seconds of the timed passes are split by process (the driver's iterator, Ray's worker
+processes, raylet, GCS, other Ray daemons) and set against the machine's busy and idle time: where
+the cores went when Ray Data is slower than the loop.  Every
 pipeline draws fresh random frame indices per clip, as training does: which frames are drawn sets
 how much must be decoded (~24 frames per frame returned at 4 frames per clip), so a fixed seed in
 one pipeline, or the best pass of a few, would favour it by luck of the draw.  The last line of
@@ -166,16 +171,37 @@ def bench_dataloader(paths: list[str], num_frames: int, workers: int, repeats: i
                         persistent_workers=True, prefetch_factor=2)
     for _ in loader:  # warm-up pass (starts the workers)
         pass
-    t0 = time.perf_counter()
-    n = sum(sum(len(b) for b in loader) for _ in range(repeats))
-    return n / (time.perf_counter() - t0)
+    passes = [_timed_pass(loader) for _ in range(repeats)]
+    DL_DETAIL[f"{num_frames}/{workers}"] = _pass_figures(passes)
+    return sum(p[0] for p in passes) / sum(p[1] for p in passes)
 
 
-RAY_DETAIL: dict = {}  # per Ray run: seconds to the first batch of a pass, and its share of the timed wall
+def _timed_pass(batches) -> tuple[int, float, int, float]:
+    """One pass over an iterable of batches: (clips, seconds, clips in the first batch, seconds to it)."""
+    t, n, n_first, t_first = time.perf_counter(), 0, 0, 0.0
+    for b in batches:
+        if not n:
+            t_first, n_first = time.perf_counter() - t, len(b["frames"] if isinstance(b, dict) else b)
+        n += len(b["frames"] if isinstance(b, dict) else b)
+    return n, time.perf_counter() - t, n_first, t_first
+
+
+def _pass_figures(passes: list[tuple[int, float, int, float]]) -> dict:
+    """Whole-pass and steady-state figures of timed passes: steady state is every clip after a pass's
+    first batch over the time after it, i.e. without the pass's start-up (paid once per epoch)."""
+    n, wall = sum(p[0] for p in passes), sum(p[1] for p in passes)
+    n_after, t_after = sum(p[0] - p[2] for p in passes), sum(p[1] - p[3] for p in passes)
+    return {"clips_per_s": round(n / wall, 2), "steady_clips_per_s": round(n_after / t_after, 2) if t_after else None,
+            "first_batch_s": round(sum(p[3] for p in passes) / len(passes), 3),
+            "first_batch_share": round(sum(p[3] for p in passes) / wall, 3)}
+
+
+RAY_DETAIL: dict = {}  # per Ray run: first batch, steady state, where the CPU went
+DL_DETAIL: dict = {}  # per DataLoader run: first batch and steady state
 
 
 def bench_ray(workdir: Path, num_frames: int, cpus: int, repeats: int, actors: bool = False,
-              shards: str | None = None) -> float | None:
+              shards: str | None = None, decode_batch: int = 8, decode_cpus: float = 1.0) -> float | None:
     """One Ray per measurement (a fresh process), so the CPU limit is exactly ``cpus``."""
     src = (f"SourceConfig(format='wds', train=[{shards!r}], val=[{shards!r}])" if shards
            else "SourceConfig(format='msrvtt', train=['ann.jsonl'], val=['ann.jsonl'])")
@@ -190,26 +216,55 @@ from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.pipeline import build_dataset, iter_worker_batches
 src = {src}
 cfg = DataConfig(root={str(workdir)!r}, sources=[src], num_frames={num_frames}, image_size={SIZE},
-                 decode_cpus=1, decode_batch_size=4, max_bad_fraction=0.0, decode_actors={actors},
+                 decode_cpus={decode_cpus}, decode_batch_size={decode_batch}, max_bad_fraction=0.0, decode_actors={actors},
                  tokenizer={str(workdir / "tokenizer")!r})
 ds = build_dataset(cfg, "train", True, ("frames", "text_ids"), run_name="bench")
-first = []
+import psutil
+me = psutil.Process()
+def snapshot():
+    out = {{}}
+    for p in [me] + me.children(recursive=True):
+        try:
+            with p.oneshot():
+                t = p.cpu_times()
+                out[p.pid] = (p.name(), t.user + t.system + t.children_user + t.children_system)
+        except psutil.Error:
+            pass
+    return out
+def group(pid, name):
+    if pid == me.pid:
+        return "driver (iterator, collate)"
+    if name.startswith("ray::"):
+        return "Ray worker processes (read, decode tasks)"
+    return name if name in ("raylet", "gcs_server") else "other Ray daemons"
 def one_pass():
-    t, n = time.perf_counter(), 0
+    t, n, n_first, t_first = time.perf_counter(), 0, 0, 0.0
     for b in iter_worker_batches(ds, 4, "cpu", 2):
         if not n:
-            first.append(time.perf_counter() - t)
+            t_first, n_first = time.perf_counter() - t, len(b["frames"])
         n += len(b["frames"])
-    return n
+    return n, time.perf_counter() - t, n_first, t_first
 one_pass()
-first.clear()
-t0 = time.perf_counter(); n = sum(one_pass() for _ in range({repeats})); wall = time.perf_counter() - t0
+before, machine0 = snapshot(), psutil.cpu_times()
+t0 = time.perf_counter(); passes = [one_pass() for _ in range({repeats})]; wall = time.perf_counter() - t0
+after, machine1 = snapshot(), psutil.cpu_times()
+cpu = {{}}
+for pid, (name, used) in after.items():
+    g = group(pid, name)
+    cpu[g] = cpu.get(g, 0.0) + used - before.get(pid, (name, 0.0))[1]
+busy = lambda c: sum(getattr(c, f) for f in ("user", "system", "nice", "irq", "softirq"))
+machine = {{"busy_core_s": busy(machine1) - busy(machine0), "idle_core_s": machine1.idle - machine0.idle}}
+n = sum(p[0] for p in passes)
+n_after, t_after = sum(p[0] - p[2] for p in passes), sum(p[1] - p[3] for p in passes)
 stats = ds.stats()
 keep = [ln.strip() for ln in stats.splitlines() if ln.startswith("Operator") or "Remote wall time" in ln
         or "Remote cpu time" in ln or ln.strip().startswith(("* Total time", "* In ray.wait", "* In batch",
                                                               "* In collate", "* In format", "* In user code"))]
-print("RESULT", json.dumps({{"clips_per_s": n / wall, "first_batch_s": sum(first) / len(first),
-                             "first_batch_share": sum(first) / wall, "stats": keep}}))
+print("RESULT", json.dumps({{"clips_per_s": n / wall, "steady_clips_per_s": n_after / t_after,
+                             "first_batch_s": sum(p[3] for p in passes) / len(passes),
+                             "first_batch_share": sum(p[3] for p in passes) / wall, "wall_s": wall,
+                             "cpu_core_s": {{k: round(v, 2) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])}},
+                             "machine_core_s": {{k: round(v, 2) for k, v in machine.items()}}, "stats": keep}}))
 """
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1", RAY_USAGE_STATS_ENABLED="0")
     for _ in range(3):  # on a crowded machine Ray itself can time out starting; try again
@@ -222,6 +277,8 @@ print("RESULT", json.dumps({{"clips_per_s": n / wall, "first_batch_s": sum(first
             RAY_DETAIL[f"{num_frames}/{cpus}/{'actors' if actors else 'tasks'}/{'shards' if shards else 'clips'}"] = {
                 k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
             print("\n  ".join(["Ray Data stats (last pass):"] + r["stats"]), flush=True)
+            print(f"  CPU seconds over the timed passes ({r['wall_s']:.1f} s wall x {cpus} CPUs), by process: "
+                  f"{r['cpu_core_s']}; whole machine: {r['machine_core_s']}", flush=True)
             return r["clips_per_s"]
     if "leave no CPU" in out.stderr + out.stdout:  # a decode-actor pool that cannot fit beside its read
         print(f"  not measured: {(out.stderr + out.stdout).split('ValueError: ')[-1].splitlines()[0][:300]}")
@@ -327,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="where clips are generated (kept for reuse)")
     ap.add_argument("--short-side", type=int, default=256, help="transcoded shards: short side (default 256)")
     ap.add_argument("--gop", type=int, default=8, help="transcoded shards: keyframe every N frames (default 8)")
+    ap.add_argument("--decode-batch", type=int, default=8,
+                    help="clips per Ray Data decode task (data.decode_batch_size; default 8, the config's default)")
+    ap.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs per Ray Data decode task (data.decode_cpus)")
     ap.add_argument("--skip-8k", action="store_true", help="skip the 8K peak-memory figure")
     ap.add_argument("--only-8k", action="store_true", help="only the 8K peak-memory figure")
     args = ap.parse_args(argv)
@@ -346,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - t1:.1f}s ({tc_per_clip:.2f} s/clip on one core)", flush=True)
     orig_datas = [Path(p).read_bytes() for p in paths]
     res: dict = {"clips": len(paths), "video": f"{WIDTH}x{HEIGHT} {SECONDS:.0f}s {FPS}fps gop {GOP}",
-                 "crop": SIZE, "load_avg_start": os.getloadavg()[0],
+                 "crop": SIZE, "decode_batch": args.decode_batch,
+                 "decode_cpus": args.decode_cpus, "load_avg_start": os.getloadavg()[0],
                  "transcode": {**tc_report["transcode"], "s_per_clip": round(tc_per_clip, 3)},
                  "bare": {}, "bare_transcoded": {}, "dataloader": {}, "ray": {}, "ray_actors": {},
                  "ray_transcoded": {}, "frames_decoded_per_returned": {}, "ratios": {}}
@@ -370,11 +431,16 @@ def main(argv: list[str] | None = None) -> int:
         r["transcode_epochs_to_pay_off"] = round(tc_per_clip / saved, 2) if saved > 0 else None
         for c in args.cpus:
             res["dataloader"].setdefault(k, {})[str(c)] = round(bench_dataloader(paths, t, c, args.repeats), 2)
-            print(f"T={t} (b) DataLoader {c} workers: {res['dataloader'][k][str(c)]} clips/s", flush=True)
+            print(f"T={t} (b) DataLoader {c} workers: {res['dataloader'][k][str(c)]} clips/s "
+                  f"({DL_DETAIL[f'{t}/{c}']})", flush=True)
             for name, kw in (("ray", {}), ("ray_actors", {"actors": True}), ("ray_transcoded", {"shards": shards})):
-                v = bench_ray(workdir, t, c, args.repeats, **kw)
+                v = bench_ray(workdir, t, c, args.repeats, decode_batch=args.decode_batch,
+                              decode_cpus=args.decode_cpus, **kw)
                 res[name].setdefault(k, {})[str(c)] = None if v is None else round(v, 2)
-                print(f"T={t} ({name}) {c} CPUs: {res[name][k][str(c)]} clips/s", flush=True)
+                detail = RAY_DETAIL.get(f"{t}/{c}/{'actors' if 'actors' in kw else 'tasks'}/"
+                                        f"{'shards' if 'shards' in kw else 'clips'}", {})
+                print(f"T={t} ({name}) {c} CPUs: {res[name][k][str(c)]} clips/s, steady state "
+                      f"{detail.get('steady_clips_per_s')} clips/s", flush=True)
             dl = res["dataloader"][k][str(c)]
             for name in ("ray", "ray_actors"):
                 if res[name][k][str(c)] is None:
@@ -382,6 +448,13 @@ def main(argv: list[str] | None = None) -> int:
                 r[f"{name}_per_cpu_over_bare_{c}cpu"] = round(res[name][k][str(c)] / c / res["bare"][k], 3)
                 r[f"{name}_over_dataloader_{c}cpu"] = round(res[name][k][str(c)] / dl, 3)
             r[f"ray_transcoded_over_dataloader_original_{c}cpu"] = round(res["ray_transcoded"][k][str(c)] / dl, 3)
+            dl_steady = DL_DETAIL[f"{t}/{c}"]["steady_clips_per_s"]  # without each pass's start-up
+            for name, kind in (("ray", "clips"), ("ray_transcoded", "shards")):
+                steady = RAY_DETAIL.get(f"{t}/{c}/tasks/{kind}", {}).get("steady_clips_per_s")
+                if steady and dl_steady:
+                    r[f"{name}_steady_over_dataloader_steady_{c}cpu"] = round(steady / dl_steady, 3)
+                    if name == "ray":
+                        r[f"ray_steady_per_cpu_over_bare_{c}cpu"] = round(steady / c / res["bare"][k], 3)
             r[f"ray_transcoded_per_cpu_over_bare_transcoded_{c}cpu"] = round(
                 res["ray_transcoded"][k][str(c)] / c / res["bare_transcoded"][k], 3)
         print(f"T={t} ratios: {r}", flush=True)
@@ -389,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         res["peak_memory_8k_mb"] = peak_memory_8k(workdir, 4)
         print(f"8K clip, one decode process: {res['peak_memory_8k_mb']}", flush=True)
     res["ray_first_batch"] = RAY_DETAIL
+    res["dataloader_first_batch"] = DL_DETAIL
     res["load_avg_end"] = os.getloadavg()[0]
     res["cpu_count"] = os.cpu_count()
     print(json.dumps(res))

@@ -3,6 +3,12 @@ one worker, on the same pre-train batches; then the same stack fed by the Ray Da
 data-wait fraction: once reading the clips as generated, once reading shards written by
 ``shard --transcode`` (short side just above the crop, a keyframe every 4 frames, no B-frames).  Prints the overhead ratio (target <= 1.10x) and data-wait (target <= 5%).
 
+For the transcoded run it also measures what one sample costs in CPU: training it (the plain loop's
+CPU seconds) and feeding it (the machine's busy CPU seconds while the data plane alone iterates the
+same dataset: decode tasks, Ray's processes and the iterator), and from those the least data wait
+any overlap could reach on this machine's cores (``data_wait_floor``): a step lasts at least the
+training alone and at least all the work over the cores.
+
     .venv/bin/python benchmarks/train_throughput.py                      # tiny on CPU
     .venv/bin/python benchmarks/train_throughput.py --presets tiny base --image-size 224 --gpu
 
@@ -38,8 +44,9 @@ def make_batches(tokenizer, n_batches: int, batch: int, frames: int, size: int, 
     return out
 
 
-def plain_loop(cfg, model_cfg, batches, warmup: int, device) -> float:
-    """samples/s of model + AdamW + the workload's losses, one process, no Ray, no DeepSpeed."""
+def plain_loop(cfg, model_cfg, batches, warmup: int, device) -> tuple[float, float]:
+    """(samples/s, CPU seconds per sample) of model + AdamW + the workload's losses, one process, no
+    Ray, no DeepSpeed."""
     import torch
 
     from orchestrator.train.optim import build_optimizer
@@ -55,7 +62,7 @@ def plain_loop(cfg, model_cfg, batches, warmup: int, device) -> float:
     t0, seen = None, 0
     for i, b in enumerate(batches):
         if i == warmup:
-            t0, seen = time.perf_counter(), 0
+            t0, c0, seen = time.perf_counter(), time.process_time(), 0
         b = {k: v.to(device) for k, v in b.items() if not k.startswith("_")} | consts
         loss = pretrain.loss(model, b, task_cfg)["loss"]
         opt.zero_grad(set_to_none=True)
@@ -66,7 +73,43 @@ def plain_loop(cfg, model_cfg, batches, warmup: int, device) -> float:
         seen += len(b["text_ids"])
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return seen / (time.perf_counter() - t0)
+    return seen / (time.perf_counter() - t0), (time.process_time() - c0) / seen
+
+
+def pipeline_core_s_per_sample(cfg, batch: int, samples: int) -> dict:
+    """The data plane alone (no training): build the run's training dataset and iterate it in this
+    process as a worker would, for ``samples`` samples after the first batch (Ray Data's start-up is
+    left out); the machine's busy CPU seconds over that window per sample are what feeding one sample
+    costs: decode tasks, Ray's own processes and the iterator together."""
+    import psutil
+
+    from orchestrator.data.pipeline import build_dataset, iter_worker_batches
+    from workloads import pretrain
+
+    def busy() -> float:
+        c = psutil.cpu_times()
+        return c.user + c.system + c.nice + c.irq + c.softirq
+
+    ds = build_dataset(cfg.data, "train", True, pretrain.COLUMNS, seed=cfg.seed, run_name=f"bench-feed-{time.time_ns()}")
+    n, start = 0, None
+    while n < samples:
+        for b in iter_worker_batches(ds, batch, "cpu", cfg.data.prefetch_batches):
+            if start is None:
+                start = (busy(), time.perf_counter())
+                continue
+            n += len(b["frames"])
+            if n >= samples:
+                break
+    core_s, wall = busy() - start[0], time.perf_counter() - start[1]
+    return {"core_s_per_sample": core_s / n, "samples_per_s": n / wall, "samples": n}
+
+
+def data_wait_floor(cores: int, train_wall_s: float, train_core_s: float, feed_core_s: float) -> float:
+    """The least data-wait fraction any overlap can reach when one trainer (``train_wall_s`` per
+    sample alone, using ``train_core_s`` CPU seconds) and the data plane (``feed_core_s`` per sample)
+    share ``cores``: a step takes at least its own time and at least the total work over the cores."""
+    step = max(train_wall_s, (train_core_s + feed_core_s) / cores)
+    return 1.0 - train_wall_s / step
 
 
 def ray_stack(cfg, datasets, steps: int, log_every: int) -> dict:
@@ -108,9 +151,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=120,
                    help="steps per run; the first fifth is warm-up and the figure is the last window")
     p.add_argument("--gpu", action="store_true")
-    p.add_argument("--data-clips", type=int, default=64, help="synthetic clips for the data-plane run")
+    p.add_argument("--data-clips", type=int, default=None,
+                   help="synthetic clips for the data-plane run (default: steps x batch, so the measured window "
+                        "stays inside one epoch, as it does on a corpus, instead of paying Ray Data's per-pass "
+                        "start-up every few steps)")
     p.add_argument("--no-transcoded", action="store_true", help="skip the run fed by transcoded shards")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every run (e.g. data.decode_concurrency=1); repeatable")
     args = p.parse_args(argv)
+    args.data_clips = args.data_clips or args.steps * args.batch
 
     import ray
     import torch
@@ -135,7 +184,7 @@ def main(argv=None) -> int:
             size = args.image_size or (32 if preset == "tiny" else 224)
             over = [f"model.preset={preset}", f"data.root={data}", f"data.image_size={size}",
                     f"data.num_frames={args.frames}", f"train.batch_size_per_worker={args.batch}",
-                    f"train.use_gpu={str(args.gpu).lower()}", "data.cache=false"]
+                    f"train.use_gpu={str(args.gpu).lower()}", "data.cache=false", *args.set]
             if args.image_size:  # the model's patch grid follows the frames
                 over.append(f"model.overrides={{image_size: {size}}}")
             cfg = load_config(REPO / "workloads/configs/pretrain_tiny.yaml", over)
@@ -144,7 +193,7 @@ def main(argv=None) -> int:
             consts = pretrain.batch_constants(tok, pretrain.Config.model_validate(cfg.task))
             batches[0]["_consts"] = consts
             warm = max(2, args.steps // 5)  # steps excluded from the timing (start-up, allocator warm-up)
-            plain = plain_loop(cfg, model_cfg, batches, warm, device)
+            plain, plain_core_s = plain_loop(cfg, model_cfg, batches, warm, device)
             rows = [{k: v[j].numpy() for k, v in b.items() if not k.startswith("_")}
                     for b in batches for j in range(args.batch)]
             # the last report covers the steps after the final multiple of `warm`: steady state
@@ -156,6 +205,9 @@ def main(argv=None) -> int:
                 tc_cfg = load_config(REPO / "workloads/configs/pretrain_tiny.yaml", over + [
                     f"data.sources=[{{format: wds, train: [{shards}], val: [{shards}]}}]"])
                 fed_tc = ray_stack(tc_cfg, None, steps=args.steps, log_every=warm)
+                feed = pipeline_core_s_per_sample(tc_cfg, args.batch, args.steps * args.batch // 2)
+                cores = os.cpu_count() or 1
+                floor = data_wait_floor(cores, 1 / plain, plain_core_s, feed["core_s_per_sample"])
             results[preset] = {
                 "plain_samples_per_s": plain, "ray_ds_samples_per_s": m["samples_per_s"],
                 "overhead_ratio": plain / m["samples_per_s"], "ray_ds_data_wait_frac_inmemory": m["data_wait_frac"],
@@ -163,7 +215,11 @@ def main(argv=None) -> int:
             }
             if fed_tc is not None:
                 results[preset].update(data_plane_transcoded_samples_per_s=fed_tc["samples_per_s"],
-                                       data_plane_transcoded_wait_frac=fed_tc["data_wait_frac"])
+                                       data_plane_transcoded_wait_frac=fed_tc["data_wait_frac"],
+                                       plain_core_s_per_sample=plain_core_s,
+                                       feed_transcoded_core_s_per_sample=feed["core_s_per_sample"],
+                                       feed_transcoded_alone_samples_per_s=feed["samples_per_s"],
+                                       cores=cores, data_wait_floor_transcoded=floor)
             r = results[preset]
             print(f"{preset}: plain {r['plain_samples_per_s']:.2f} samples/s | Ray Train + DeepSpeed {r['ray_ds_samples_per_s']:.2f} "
                   f"(overhead {r['overhead_ratio']:.2f}x, target <= 1.10x) | fed by Ray Data {r['data_plane_samples_per_s']:.2f}, "
@@ -171,8 +227,14 @@ def main(argv=None) -> int:
             if fed_tc is not None:
                 print(f"{preset}: fed by transcoded shards {r['data_plane_transcoded_samples_per_s']:.2f} samples/s, "
                       f"data wait {100 * r['data_plane_transcoded_wait_frac']:.1f}% (target <= 5%)", flush=True)
+                print(f"{preset}: CPU per sample: training {r['plain_core_s_per_sample'] * 1e3:.1f} ms "
+                      f"({1e3 / r['plain_samples_per_s']:.1f} ms wall), feeding it from transcoded shards "
+                      f"{r['feed_transcoded_core_s_per_sample'] * 1e3:.1f} ms (data plane alone: "
+                      f"{r['feed_transcoded_alone_samples_per_s']:.1f} samples/s); on {cores} cores no overlap can "
+                      f"bring data wait under {100 * r['data_wait_floor_transcoded']:.1f}%", flush=True)
     ray.shutdown()
     print(json.dumps({"batch": args.batch, "frames": args.frames, "steps": args.steps, "device": device.type,
+                      "overrides": args.set,
                       "results": results}))
     return 0
 
