@@ -20,7 +20,9 @@ plus frames decoded per frame returned, counted by the PyAV decoder itself (orig
 process on an 8K clip (full-size decode vs the header-probed downscaled decode).  Each timed series follows
 an untimed warm-up pass; a figure is all clips over all the time of ``--repeats`` passes, and its
 steady state is the clips after each pass's first batch over the time after it (a pass's start-up,
-paid once per epoch, left out; the start-up's share of the pass is printed too).  For each Ray run
+paid once per epoch, left out; the start-up's share of the pass is printed too; it means
+something only when a pass spans many decode tasks, e.g. ``--clips 128`` at the default 8 clips
+per task: with one task per pass every clip arrives with the first batch).  For each Ray run
 the CPU seconds of the timed passes are split by process (the driver's iterator, Ray's worker
 processes, raylet, GCS, other Ray daemons) and set against the machine's busy and idle time: where
 the cores went when Ray Data is slower than the loop.  Every
