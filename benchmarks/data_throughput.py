@@ -210,6 +210,8 @@ def bench_ray(workdir: Path, num_frames: int, cpus: int, repeats: int, actors: b
     code = f"""
 import json, sys, time
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from data_throughput import _pass_figures, _timed_pass  # the same pass timing as the DataLoader's
 import ray
 ray.init(num_cpus={cpus}, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
 from ray.data import DataContext
@@ -240,12 +242,7 @@ def group(pid, name):
         return "Ray worker processes (read, decode tasks)"
     return name if name in ("raylet", "gcs_server") else "other Ray daemons"
 def one_pass():
-    t, n, n_first, t_first = time.perf_counter(), 0, 0, 0.0
-    for b in iter_worker_batches(ds, 4, "cpu", 2):
-        if not n:
-            t_first, n_first = time.perf_counter() - t, len(b["frames"])
-        n += len(b["frames"])
-    return n, time.perf_counter() - t, n_first, t_first
+    return _timed_pass(iter_worker_batches(ds, 4, "cpu", 2))
 one_pass()
 before, machine0 = snapshot(), psutil.cpu_times()
 t0 = time.perf_counter(); passes = [one_pass() for _ in range({repeats})]; wall = time.perf_counter() - t0
@@ -256,15 +253,11 @@ for pid, (name, used) in after.items():
     cpu[g] = cpu.get(g, 0.0) + used - before.get(pid, (name, 0.0))[1]
 busy = lambda c: sum(getattr(c, f) for f in ("user", "system", "nice", "irq", "softirq"))
 machine = {{"busy_core_s": busy(machine1) - busy(machine0), "idle_core_s": machine1.idle - machine0.idle}}
-n = sum(p[0] for p in passes)
-n_after, t_after = sum(p[0] - p[2] for p in passes), sum(p[1] - p[3] for p in passes)
 stats = ds.stats()
 keep = [ln.strip() for ln in stats.splitlines() if ln.startswith("Operator") or "Remote wall time" in ln
         or "Remote cpu time" in ln or ln.strip().startswith(("* Total time", "* In ray.wait", "* In batch",
                                                               "* In collate", "* In format", "* In user code"))]
-print("RESULT", json.dumps({{"clips_per_s": n / wall, "steady_clips_per_s": n_after / t_after,
-                             "first_batch_s": sum(p[3] for p in passes) / len(passes),
-                             "first_batch_share": sum(p[3] for p in passes) / wall, "wall_s": wall,
+print("RESULT", json.dumps({{**_pass_figures(passes), "wall_s": wall,
                              "cpu_core_s": {{k: round(v, 2) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])}},
                              "machine_core_s": {{k: round(v, 2) for k, v in machine.items()}}, "stats": keep}}))
 """
