@@ -8,6 +8,21 @@ from orchestrator.console import ray_init_options
 
 LOCAL_NUM_CPUS = int(os.environ.get("MPLUG2_LOCAL_NUM_CPUS", "8"))
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default:
+# 2 s) and takes one result per poll; a worker's ``ray.train.report`` waits in a one-slot queue
+# until the previous result is taken.  At Ray's default every step that reports (``log_every``)
+# within 2 s of the last report stalls until the next poll: 2.0 s per step on the tests' toy run
+# whose step computes in milliseconds (benchmarks/report_poll.py).  The poll also is how fast a dead
+# worker is noticed.  A user's own value (environment or the job's runtime env) wins.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+TRAIN_POLL_S = "0.25"
+
+
+def train_env_defaults() -> dict[str, str]:
+    """Ray Train settings this project runs with; TorchTrainer passes them from the driver's
+    environment to its controller and workers."""
+    return {TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, TRAIN_POLL_S)}
+
 
 def quiet_progress_bars() -> None:
     """Ray Data's progress bars flood logs that are not a terminal (job logs, CI, the demo's file)."""
@@ -22,6 +37,7 @@ def quiet_progress_bars() -> None:
 def ensure_ray() -> None:
     import ray
 
+    os.environ.update(train_env_defaults())  # before any TorchTrainer of this process (also a Tune trial's)
     quiet_progress_bars()
     if ray.is_initialized():
         return

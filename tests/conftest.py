@@ -24,12 +24,17 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.ray_env import train_env_defaults
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The Ray Train settings the product runs with (every Ray these tests start inherits them, and a
+# TorchTrainer built without ``ensure_ray`` passes them to its controller too).
+os.environ.update(train_env_defaults())
 
 RAY_NUM_CPUS = 8  # logical CPUs for the local Ray (the machine has 2 cores)
 REPO_ROOT = Path(__file__).resolve().parents[1]
