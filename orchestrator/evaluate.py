@@ -21,6 +21,7 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.config import ConfigError, RunSpec
 from orchestrator.console import train_logging_config
+from orchestrator.data import quality
 from orchestrator.eval_workers import (
     EVAL_DATASET,
     build_eval_dataset,
@@ -83,7 +84,10 @@ def run_evaluation(cfg: RunSpec, checkpoint: str, split: str = "val", track: boo
         datasets={EVAL_DATASET: ds},
         dataset_config=sharded_eval_data_config(),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        quality.release(tracker)  # the pass is over; its counts are in the workers' metrics (bad_items)
     metrics = {k: float(v) for k, v in (result.metrics or {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     predictions: list[dict[str, Any]] = []

@@ -16,6 +16,7 @@ The filter stage also stamps each row with the pass number, so frame sampling is
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 
 import numpy as np
@@ -27,21 +28,25 @@ log = logging.getLogger(__name__)
 NAMESPACE = "mplug2"
 EPOCH_COLUMN = "epoch"
 _HANDLES: dict[str, Any] = {}
-_CACHE: dict[tuple[str, str], tuple[int, int, np.ndarray]] = {}  # (run, stream) -> (version, epoch, keys)
+_CACHE: dict[tuple[str, str], tuple[str | int, int, np.ndarray]] = {}  # (run, stream) -> (version, epoch, keys)
 
 
 class ProgressState:
-    """Per stream: (version, pass number, sorted keys to leave out)."""
+    """Per stream: (version, pass number, sorted keys to leave out).  A version names this actor's
+    incarnation too: a process that cached a released run's state never takes it for a rerun's."""
 
     def __init__(self) -> None:
-        self._state: dict[str, tuple[int, int, np.ndarray]] = {}
+        self._state: dict[str, tuple[str, int, np.ndarray]] = {}
+        self._incarnation = uuid.uuid4().hex[:12]
+        self._published = 0
 
-    def publish(self, stream: str, epoch: int, keys: np.ndarray) -> int:
-        version = self._state.get(stream, (0,))[0] + 1
+    def publish(self, stream: str, epoch: int, keys: np.ndarray) -> str:
+        self._published += 1
+        version = f"{self._incarnation}-{self._published}"
         self._state[stream] = (version, int(epoch), np.unique(np.asarray(keys, np.int64)))
         return version
 
-    def get(self, stream: str, known_version: int) -> tuple[int, int, np.ndarray] | None:
+    def get(self, stream: str, known_version: str | int) -> tuple[str, int, np.ndarray] | None:
         """The state when it is newer than ``known_version`` (else None: nothing to send)."""
         st = self._state.get(stream)
         if st is None or st[0] == known_version:
@@ -63,6 +68,23 @@ def get_registry(run_name: str | None):
         _HANDLES[name] = cls.options(name=name, namespace=NAMESPACE, get_if_exists=True,
                                      **head_actor_options()).remote()
     return _HANDLES[name]
+
+
+def release(run_name: str | None) -> None:
+    """End a finished run's registry (the driver, after the run): otherwise it lives as long as the
+    job, one idle actor process per run.  A rerun of the name starts a new one."""
+    import ray
+
+    name = actor_name(run_name)
+    handle = _HANDLES.pop(name, None)
+    for key in [k for k in _CACHE if k[0] == (run_name or "")]:
+        del _CACHE[key]
+    try:
+        ray.kill(handle or ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    except ValueError:  # none: this run published nothing
+        pass
+    except Exception as e:  # already gone, or Ray going down
+        log.debug("progress registry %s: %s", name, e)
 
 
 def _call(run_name: str | None, method: str, *args):

@@ -58,6 +58,7 @@ class TrainOutcome:
     metrics: dict[str, Any]
     mlflow_run_id: str | None
     tracking_uri: str | None
+    bad_clips: dict[str, Any] = dataclasses.field(default_factory=dict)  # the run's final counts (quality.py)
 
 
 def default_run_name(cfg: RunSpec) -> str:
@@ -125,22 +126,25 @@ def _run_training(r: _Run, datasets: dict | None, extra_tags: dict[str, str] | N
         init_from=r.init_uri, deepspeed_user=r.ds_user, mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri,
         stream_fractions=stream_fractions(r.cfg.data.sources, datasets), validate="val" in datasets,
         val_tracker=val_tracker(r.run_name))
-    progress = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info)
-    trainer = _trainer(plan, r.experiment, datasets, [*(callbacks or []), progress.callback()])
+    console = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info)
+    trainer = _trainer(plan, r.experiment, datasets, [*(callbacks or []), console.callback()])
     status, result, started = "FAILED", None, time.time()
     try:
-        result = _fit(trainer, progress)
+        result = _fit(trainer, console)
         status = "FINISHED"
-        log.info(summary(r.run_name, result.metrics or progress.last, r.cfg.train.max_steps, time.time() - started,
+        log.info(summary(r.run_name, result.metrics or console.last, r.cfg.train.max_steps, time.time() - started,
                          _checkpoint_uri(result.checkpoint), r.export_uri, mlflow_run_id))
     finally:
         ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
         export_version = resolve_export(r.export_uri)  # <run>/export/step_N, named by the pointer written last
         exported = export_version is not None
-        _record_outcome(r, mlflow_run_id, status, ckpt_uri, export_version, register)
+        bad_clips = _final_bad_clips(r.run_name)
+        quality.release(r.run_name, val_tracker(r.run_name))  # the run is over: its actors go
+        progress.release(r.run_name)
+        _record_outcome(r, mlflow_run_id, status, ckpt_uri, export_version, register, bad_clips)
     return TrainOutcome(run_name=r.run_name, run_dir=r.run_dir, checkpoint_uri=ckpt_uri,
                         export_uri=r.export_uri if exported else None, metrics=dict(result.metrics or {}),
-                        mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri)
+                        mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri, bad_clips=bad_clips)
 
 
 def _settle(cfg: RunSpec, init_from: str | None) -> _Run:
@@ -225,7 +229,7 @@ def _fit(trainer, progress):
 
 
 def _record_outcome(r: _Run, mlflow_run_id: str | None, status: str, ckpt_uri: str | None,
-                    export_version: str | None, register: str | None) -> None:
+                    export_version: str | None, register: str | None, bad_clips: dict[str, Any]) -> None:
     """The vocabulary beside the export; the MLflow run's end tags, model lineage and status."""
     exported = export_version is not None
     if exported and r.model_config is not None:
@@ -236,7 +240,8 @@ def _record_outcome(r: _Run, mlflow_run_id: str | None, status: str, ckpt_uri: s
     if not mlflow_run_id:
         return
     end_tags = {"mplug2.checkpoint_uri": ckpt_uri, "mplug2.export_uri": r.export_uri if exported else None}
-    end_tags.update(_bad_clip_tags(r.run_name))
+    end_tags.update({f"mplug2.data.{k}": str(v) for k, v in bad_clips.items()
+                     if k in ("total_seen", "bad", "by_reason")})
     register_error = None
     if exported and status == "FINISHED":
         try:
@@ -365,13 +370,12 @@ def validation_dataset(cfg: RunSpec, workload, run_name: str) -> dict:
     return {"val": ds}
 
 
-def _bad_clip_tags(run_name: str) -> dict[str, str]:
+def _final_bad_clips(run_name: str) -> dict[str, Any]:
+    """The run's bad-clip counts as its tracker holds them at the end ({} when there is none)."""
     try:
-
-        stats = quality.get_bad_clip_stats(run_name) or {}
+        return quality.get_bad_clip_stats(run_name) or {}
     except Exception:
         return {}
-    return {f"mplug2.data.{k}": str(v) for k, v in stats.items() if k in ("total_seen", "bad", "by_reason")}
 
 
 def _ray_job_id() -> str | None:

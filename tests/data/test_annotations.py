@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from orchestrator.data import annotations, progress
@@ -127,3 +128,33 @@ def test_a_resumed_epoch_leaves_out_the_consumed_keys(ray_local, tmp_path):
     # another process order (seed) and the keys still name the same rows
     rest = rows_of(build_dataset(cfg, "train", True, COLS, seed=9, run_name=name, progress_stream="train"))
     assert len(rest) == 33 and {k for _, k in rest} == {k for _, k in full} - set(consumed)
+
+
+def test_released_run_state_goes_and_a_rerun_never_sees_the_old_keys(ray_local):
+    """A finished run's registries (progress, bad-clip counts) are ended by its driver; a process
+    that cached the released registry's keys takes a rerun's new keys, not the old ones."""
+    import ray
+
+    from orchestrator.data import quality
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    progress.publish(name, "train", 1, [1, 2, 3])
+    batch = {"sample_key": np.arange(6, dtype=np.int64)}
+    assert progress.skip_consumed(batch, name, "train")["sample_key"].tolist() == [0, 4, 5]
+    quality.BadClipTracker(name).record(4, [("empty", "s3://b/e.mp4")])
+    stale = dict(progress._CACHE)  # what a Ray Data worker of the first run still holds
+
+    def named():
+        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+
+    assert {progress.actor_name(name), quality.actor_name(name)} <= named()
+    progress.release(name)
+    quality.release(name)
+    assert not {progress.actor_name(name), quality.actor_name(name)} & named()
+
+    progress._CACHE.update(stale)
+    progress.publish(name, "train", 1, [4])  # the rerun's own first publication
+    assert progress.skip_consumed(batch, name, "train")["sample_key"].tolist() == [0, 1, 2, 3, 5]
+    assert quality.get_bad_clip_stats(name)["total_seen"] == 0  # a new tracker
+    progress.release(name)
+    quality.release(name)

@@ -21,7 +21,6 @@ import time
 import ray
 
 from orchestrator.config import load_config
-from orchestrator.data import quality
 from orchestrator.train.driver import run_training
 from tests.reliability.helpers import REPO, checkpoint_steps, emit
 
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = os.path.join(spec["storage"], cfg.experiment_name(), spec["name"])
             threading.Thread(target=_drain_others_when, args=(run_dir, spec["drain_after"]), daemon=True).start()
         out = run_training(cfg)
-        stats = quality.get_bad_clip_stats(out.run_name)
+        stats = out.bad_clips  # the run's final counts (its tracker is gone once the run is over)
         emit({"result_step": out.metrics.get("step"), "checkpoint": out.checkpoint_uri,
               "run_dir": out.run_dir, "bad": stats.get("bad", 0), "seen": stats.get("total_seen", 0),
               "by_reason": stats.get("by_reason", {})})

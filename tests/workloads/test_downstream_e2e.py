@@ -44,6 +44,8 @@ def test_tiny_finetune_then_evaluate(task, ray_local, synth_data, mlflow_uri, tm
     assert client.get_run(trained.mlflow_run_id).info.status == "FINISHED"
 
     out = run_evaluation(cfg, f"mlflow:{trained.mlflow_run_id}")
+    import ray  # the run's and the evaluation's named actors (bad-clip counts, progress) ended with them
+    assert not [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if f"e2e-{task}" in a["name"]]
     ranges, columns = EXPECTED[task]
     for key, (lo, hi) in ranges.items():
         assert lo <= out.metrics[key] <= hi, (key, out.metrics)
