@@ -7,7 +7,10 @@ hold no head-node resource, and the actors serve the whole run, not one bundle.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 
@@ -28,3 +31,16 @@ def head_actor_options() -> dict[str, Any]:
     if HEAD_RESOURCE in ray.cluster_resources():
         options["resources"] = {HEAD_RESOURCE: 0.001}
     return options
+
+
+def end_state_actor(name: str, namespace: str, handle=None) -> None:
+    """End a finished run's state actor (``handle``, else looked up by name); none by that name,
+    or one already gone, is nothing to end."""
+    import ray
+
+    try:
+        ray.kill(handle or ray.get_actor(name, namespace=namespace), no_restart=True)
+    except ValueError:  # no such actor
+        pass
+    except Exception as e:  # already gone, or Ray going down
+        log.debug("state actor %s: %s", name, e)

@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.data.placement import head_actor_options
+from orchestrator.data.placement import end_state_actor, head_actor_options
 
 log = logging.getLogger(__name__)
 
 NAMESPACE = "mplug2"
 EPOCH_COLUMN = "epoch"
 _HANDLES: dict[str, Any] = {}
-_CACHE: dict[tuple[str, str], tuple[str | int, int, np.ndarray]] = {}  # (run, stream) -> (version, epoch, keys)
+_CACHE: dict[tuple[str, str], tuple[str, int, np.ndarray]] = {}  # (run, stream) -> (version, epoch, keys)
 
 
 class ProgressState:
@@ -46,7 +46,7 @@ class ProgressState:
         self._state[stream] = (version, int(epoch), np.unique(np.asarray(keys, np.int64)))
         return version
 
-    def get(self, stream: str, known_version: str | int) -> tuple[str, int, np.ndarray] | None:
+    def get(self, stream: str, known_version: str) -> tuple[str, int, np.ndarray] | None:
         """The state when it is newer than ``known_version`` (else None: nothing to send)."""
         st = self._state.get(stream)
         if st is None or st[0] == known_version:
@@ -73,18 +73,10 @@ def get_registry(run_name: str | None):
 def release(run_name: str | None) -> None:
     """End a finished run's registry (the driver, after the run): otherwise it lives as long as the
     job, one idle actor process per run.  A rerun of the name starts a new one."""
-    import ray
-
     name = actor_name(run_name)
-    handle = _HANDLES.pop(name, None)
     for key in [k for k in _CACHE if k[0] == (run_name or "")]:
         del _CACHE[key]
-    try:
-        ray.kill(handle or ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-    except ValueError:  # none: this run published nothing
-        pass
-    except Exception as e:  # already gone, or Ray going down
-        log.debug("progress registry %s: %s", name, e)
+    end_state_actor(name, NAMESPACE, _HANDLES.pop(name, None))
 
 
 def _call(run_name: str | None, method: str, *args):
@@ -112,7 +104,7 @@ def publish(run_name: str | None, stream: str, epoch: int, keys) -> None:
 
 
 def _current(run_name: str | None, stream: str) -> tuple[int, np.ndarray]:
-    cached = _CACHE.get((run_name or "", stream), (0, 0, np.zeros(0, np.int64)))
+    cached = _CACHE.get((run_name or "", stream), ("", 0, np.zeros(0, np.int64)))  # "": nothing published seen
     newer = _call(run_name, "get", stream, cached[0])
     if newer is not None:
         cached = newer

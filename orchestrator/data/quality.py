@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from orchestrator.data.placement import head_actor_options
+from orchestrator.data.placement import end_state_actor, head_actor_options
 
 log = logging.getLogger(__name__)
 
@@ -295,19 +295,11 @@ def release(*run_names: str | None) -> None:
         for run_name in run_names:
             _LOCAL.pop(actor_name(run_name), None)
         return
-    import ray
-
     for run_name in run_names:
         name = actor_name(run_name)
-        handle = _HANDLES.pop(name, None)
         _SEEN_INCARNATION.pop(name, None)
         _LAST_SAVED.pop(name, None)
-        try:
-            ray.kill(handle or ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
-        except ValueError:  # no such actor: nothing was counted under this name
-            continue
-        except Exception as e:  # already gone, or Ray going down: nothing to end
-            log.debug("bad-clip tracker %s: %s", name, e)
+        end_state_actor(name, NAMESPACE, _HANDLES.pop(name, None))
 
 
 _LAST_SAVED: dict[str, dict[str, Any]] = {}  # rank 0: the counts of the last checkpoint written or resumed from
