@@ -124,6 +124,40 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+def _prefix(module) -> str:
+    """What the actor names of ``module`` (quality, progress) start with."""
+    return module.actor_name("x")[:-1]
+
+
+def _run_state_actors() -> set[str]:
+    """The names of the run-state actors (bad-clip trackers, progress registries) alive in this
+    process's Ray, if it has one."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return set()
+    from orchestrator.data import progress, quality
+
+    prefixes = (_prefix(quality), _prefix(progress))
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == quality.NAMESPACE and a["name"].startswith(prefixes)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _end_test_run_state():
+    """Run-state actors a test module created without ``run_training`` (which ends its own): a test
+    that builds a dataset or a tracker by hand leaves one idle actor process per run name in the
+    session's Ray, and the suite's later tests share the cores with them.  Ended when the module is
+    done (a module's tests may share a dataset and so its tracker)."""
+    before = _run_state_actors()
+    yield
+    from orchestrator.data import progress, quality
+
+    for name in _run_state_actors() - before:
+        for module in (quality, progress):
+            if name.startswith(_prefix(module)):
+                module.release(name[len(_prefix(module)):])
+
+
 @pytest.fixture(scope="session")
 def mlflow_db_template(tmp_path_factory) -> Path:
     """An empty MLflow SQLite store with its schema migrated, built once per session (a fresh
