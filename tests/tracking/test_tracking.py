@@ -53,3 +53,28 @@ def test_metric_logger_buffers_while_unreachable_then_delivers(tmp_path):
     stats = logger.close(timeout_s=10)
     assert stats["undelivered"] == 0 and stats["sent"] == 5
     assert [m.step for m in good.get_metric_history(run_id, "loss")] == [0, 1, 2, 3, 4]
+
+
+def test_mlflow_telemetry_is_off_in_our_processes_unless_asked_for():
+    """MLflow's telemetry thread deletes an environment variable when its config fetch fails (no
+    internet): a KeyError in any thread iterating os.environ at that moment. Importing the package
+    turns it off before MLflow is imported; a user's explicit setting wins."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import orchestrator, mlflow, threading\n"
+             "from mlflow.telemetry.client import get_telemetry_client\n"
+             "print(get_telemetry_client() is None, any(t.name == 'GetTelemetryConfig' for t in threading.enumerate()))")
+    # as a user's process: none of the variables by which MLflow itself turns telemetry off in CI or
+    # under pytest (mlflow.telemetry.utils._is_ci_env_or_testing)
+    ci = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "CIRCLECI", "GITLAB_CI", "JENKINS_URL", "TRAVIS", "TF_BUILD",
+          "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION", "CLOUD_RUN_EXECUTION",
+          "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", *ci)}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["True", "False"], out.stdout
+    kept = subprocess.run([sys.executable, "-c", "import os, orchestrator; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"],
+                          env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"}, capture_output=True, text=True, timeout=120)
+    assert kept.stdout.split()[-1:] == ["false"], kept.stderr[-3000:]
