@@ -1,4 +1,8 @@
 """MLflow run handling and redaction, against a real SQLite store."""
+import os
+import subprocess
+import sys
+
 import yaml
 
 from orchestrator.tracking import mlflow_run
@@ -59,10 +63,6 @@ def test_mlflow_telemetry_is_off_in_our_processes_unless_asked_for():
     """MLflow's telemetry thread deletes an environment variable when its config fetch fails (no
     internet): a KeyError in any thread iterating os.environ at that moment. Importing the package
     turns it off before MLflow is imported; a user's explicit setting wins."""
-    import os
-    import subprocess
-    import sys
-
     probe = ("import orchestrator, mlflow, threading\n"
              "from mlflow.telemetry.client import get_telemetry_client\n"
              "print(get_telemetry_client() is None, any(t.name == 'GetTelemetryConfig' for t in threading.enumerate()))")
