@@ -122,17 +122,34 @@ def s3_filesystem() -> pafs.S3FileSystem:
 @functools.lru_cache(maxsize=8)
 def _s3_filesystem_cached(endpoint: str | None, region: str, max_attempts: int,
                           request_timeout: float = 60.0) -> pafs.S3FileSystem:
-    kwargs = dict(
-        region=region,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
-        connect_timeout=10,
-        request_timeout=request_timeout,
-    )
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or endpoint, scheme=scheme if host else "https")
-        kwargs["force_virtual_addressing"] = False
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(endpoint, region, max_attempts, request_timeout)
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with our retries and timeouts, also after pickling.
+
+    pyarrow's own ``S3FileSystem`` leaves ``retry_strategy`` and ``connect_timeout`` out of what it
+    pickles (pyarrow 25), so in the processes it is shipped to (Ray Train's controller writing its
+    checkpoint registry, the workers uploading checkpoints, Ray Data's read tasks) it retried 3
+    times, not ``S3_MAX_ATTEMPTS``: one S3 blip of 3 failures in a row ended a whole run. This one
+    pickles its settings and is rebuilt from them."""
+
+    def __init__(self, endpoint: str | None, region: str, max_attempts: int, request_timeout: float = 60.0):
+        kwargs = dict(
+            region=region,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts),
+            connect_timeout=10,
+            request_timeout=request_timeout,
+        )
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host or endpoint, scheme=scheme if host else "https")
+            kwargs["force_virtual_addressing"] = False
+        super().__init__(**kwargs)
+        self.settings = (endpoint, region, max_attempts, request_timeout)
+
+    def __reduce__(self):
+        return RetryingS3FileSystem, self.settings
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -120,6 +120,24 @@ def test_checkpoint_upload_fails_loudly_when_s3_stays_down(s3_proxy, s3_bucket, 
            "raises ClientError/OSError (no silent partial checkpoint)")
 
 
+def test_the_filesystem_ray_is_given_keeps_its_retries_when_shipped(s3_proxy, s3_bucket):
+    """Ray pickles the storage filesystem into its controller and workers; there it must still
+    retry ``S3_MAX_ATTEMPTS`` times. Every write request below fails 3 times in a row, once more
+    than pyarrow's default (3 attempts) survives: the controller's registry write in a CI run
+    failed just so (``checkpoint_manager_snapshot.json``, a ControllerError that ended the run)."""
+    import ray.cloudpickle
+
+    fs, path = storage.filesystem(f"{s3_bucket}/shipped")
+    shipped = ray.cloudpickle.loads(ray.cloudpickle.dumps(fs))
+    assert isinstance(shipped, pafs.S3FileSystem)
+    s3_proxy.set_faults({"put": FaultSpec(reset=1.0)})  # max_consecutive=3: the 4th attempt goes through
+    with shipped.open_output_stream(f"{path}/registry.json") as f:
+        f.write(b'{"step": 4}')
+    s3_proxy.set_faults({})
+    assert storage.read_bytes(f"{s3_bucket}/shipped/registry.json") == b'{"step": 4}'
+    assert s3_proxy.injected_total("put") >= 3 * 3, s3_proxy.stats()  # create, part, complete: 3 faults each
+
+
 def _batch(rows: list[dict]) -> dict[str, np.ndarray]:
     from orchestrator.data.process import to_dataset_row
 
