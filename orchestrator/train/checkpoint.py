@@ -86,6 +86,15 @@ def resume_point(ckpt, run_dir: str | None):
     return ray.train.Checkpoint(path=ckpt.path.rstrip("/").rsplit("/", 1)[0] + "/" + name, filesystem=ckpt.filesystem)
 
 
+def redo_count(latest, point) -> int:
+    """The redo count of this attempt's checkpoint names (``manifest.checkpoint_dir_name``): the
+    latest registered one's, plus one when the resume fell back behind it (``point`` is not Ray's
+    ``latest``), since the steps redone up to it would be reported under names Ray registered."""
+    if latest is None:
+        return 0
+    return manifest.redo_of(latest.path) + (point is not latest)
+
+
 def check_own(checkpoint_path: str, run_dir: str | None) -> None:
     """A resume reads only checkpoints inside the run's own folder (``<storage>/<experiment>/<name>/``)."""
     if not run_dir:

@@ -141,6 +141,7 @@ class Worker:
     window: LossWindow = dataclasses.field(default_factory=LossWindow)
     last_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     saved_step: int = -1
+    redo: int = 0  # the checkpoint names' redo count (manifest.checkpoint_dir_name)
     carried_metrics: list = dataclasses.field(default_factory=list)  # the resumed checkpoint's undelivered points
     journal: StepJournal | None = None  # $MPLUG2_STEP_JOURNAL: every computed step and its rows (fault tests)
 
@@ -217,7 +218,10 @@ def setup_worker(plan: WorkerPlan) -> Worker:
     progress = EpochProgress(plan.run_name, rank, world)
     w = Worker(plan, rank, world, device, workload, task_cfg, engine, scheduler, ema_per_step, constants,
                validator, progress, TrainState(), resumed=False)
-    _resume(w, checkpoint.resume_point(ray.train.get_checkpoint(), plan.run_dir))  # complete ones only
+    latest = ray.train.get_checkpoint()
+    point = checkpoint.resume_point(latest, plan.run_dir)  # complete ones only
+    _resume(w, point)
+    w.redo = checkpoint.redo_count(latest, point)  # a fall back behind Ray's latest: new names for redone steps
     w.preemption = PreemptionCheckpointer()
     w.journal = StepJournal(rank)
     w.shard = ray.train.get_dataset_shard(MAIN_STREAM)
@@ -371,7 +375,8 @@ def after_step(w: Worker, actions: StepActions, timer: StepTimer) -> None:
     elif actions.log:
         ray.train.report(dict(w.last_metrics))
     if actions.check_preemption and w.preemption.should_checkpoint():
-        save_and_report(w)
+        if w.saved_step != step:  # a step that just saved answers with that checkpoint: one report per name
+            save_and_report(w)
         w.log_metrics({"preemption_checkpoint_step": step}, step)
 
 
@@ -410,7 +415,7 @@ def save_and_report(w: Worker) -> None:
 
     reported = {**w.last_metrics, "step": w.state.step}
     consumed = w.progress.gather()  # collective: before any rank saves
-    name = manifest.checkpoint_dir_name(w.state.step)
+    name = manifest.checkpoint_dir_name(w.state.step, w.redo)
     with tempfile.TemporaryDirectory() as d:
         checkpoint.save(w.engine, d, dataclasses.asdict(w.state), w.rank, metrics=reported)
         w.progress.save(d, consumed)

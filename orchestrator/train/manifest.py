@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 META = "mplug2_checkpoint.json"
 EXPORT_POINTER = "LATEST.json"
-CHECKPOINT_DIR = re.compile(r"checkpoint_step_(\d{8})$")
+# checkpoint_step_<step>[_redo<k>]: k counts the times a restart fell back behind Ray Train's latest
+# registered checkpoint (an incomplete one) and redid steps it had registered; see checkpoint_dir_name
+CHECKPOINT_DIR = re.compile(r"checkpoint_step_(\d{8})(?:_redo(\d+))?$")
 # config keys a rerun of a finished name may change: where it logs, how long/robustly it runs
 RERUN_MAY_CHANGE = ("name", "tracking.", "train.max_steps", "train.max_failures", "train.keep_checkpoints")
 
@@ -51,8 +53,19 @@ def _norm(uri: str) -> str:
     return uri.rstrip("/") if storage.is_s3(uri) else os.path.normpath(storage.local_path(uri))
 
 
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint_step_{step:08d}"
+def checkpoint_dir_name(step: int, redo: int = 0) -> str:
+    """The folder of step ``step``'s checkpoint. Ray Train's registry keeps one entry per report and
+    deletes the oldest by path: a name reported twice is deleted twice, and the second deletion ends
+    the run (``Path not found``, a controller error). A restart that falls back behind the latest
+    registered checkpoint therefore names what it redoes with ``redo`` (one more than the latest's),
+    so no name is ever reported twice."""
+    return f"checkpoint_step_{step:08d}" + (f"_redo{redo}" if redo else "")
+
+
+def redo_of(checkpoint_path: str | None) -> int:
+    """The ``redo`` count in a checkpoint folder's name (0 for none or a plain name)."""
+    m = CHECKPOINT_DIR.search(str(checkpoint_path or "").rstrip("/"))
+    return int(m.group(2) or 0) if m else 0
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -155,8 +168,8 @@ def checkpoints(run_dir: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
             continue
         m = CHECKPOINT_DIR.match(uri[len(base):].split("/", 1)[0])
         if m:
-            found.add((int(m.group(1)), base + m.group(0)))
-    return sorted(found, reverse=True), sizes
+            found.add((int(m.group(1)), int(m.group(2) or 0), base + m.group(0)))
+    return [(step, uri) for step, _, uri in sorted(found, reverse=True)], sizes
 
 
 def latest_complete(run_dir: str, at_most_step: int | None = None) -> tuple[str, dict[str, Any]] | None:

@@ -122,8 +122,8 @@ class MlflowServer:
 def registered_checkpoints(run_dir: str) -> list[str]:
     """URIs of the checkpoints Ray Train registered for the run (its checkpoint manager's snapshot)."""
     snapshot = storage.read_text(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
-    return [storage.join(run_dir, f"checkpoint_step_{s}") for s in sorted(set(re.findall(r"checkpoint_step_(\d{8})",
-                                                                                          snapshot)))]
+    names = re.findall(r"checkpoint_step_(\d{8}(?:_redo\d+)?)", snapshot)
+    return [storage.join(run_dir, f"checkpoint_step_{s}") for s in sorted(set(names))]
 
 
 def checkpoint_problems(uri: str) -> list[str]:

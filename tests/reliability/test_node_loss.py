@@ -17,12 +17,18 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator import storage
 from orchestrator.devtools.faults.report import Measured, record
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.cluster.ray_head import LocalRayHead
-from tests.reliability.helpers import REPO, checkpoint_problems, coco_images, last_json, split_size
+from tests.reliability.helpers import (
+    REPO,
+    checkpoint_problems,
+    coco_images,
+    last_json,
+    registered_checkpoints,
+    split_size,
+)
 
 pytestmark = pytest.mark.slow
 N, WORKERS, BATCH = 32, 2, 4        # 4 steps per epoch
@@ -150,7 +156,7 @@ def test_node_with_the_workers_lost_run_resumes_on_the_other(tmp_path, notice):
     measured = Measured.from_journal(lines, split_size=n_split, bad=result["bad"], epochs=EPOCHS)
     assert measured.clips_lost == 0, measured
     assert measured.steps_lost == computed - latest, (measured, computed, latest)
-    problems = [p for s in _registered(run_dir) for p in checkpoint_problems(storage.join(run_dir, f"checkpoint_step_{s:08d}"))]
+    problems = [p for uri in registered_checkpoints(run_dir) for p in checkpoint_problems(uri)]
     assert not problems, problems
     record("node with the training workers lost (raylet + processes SIGKILLed)"
            + (" after a preemption notice" if notice else ", no notice"), 1, True, measured,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,12 @@ def run_dir(request, tmp_path):
 
 
 def _write_checkpoint(tmp_path: Path, run_dir: str, step: int, ranks: int = 2, marker: bool = True,
-                      run: dict | None = RUN) -> str:
+                      run: dict | None = RUN, redo: int = 0) -> str:
     """What the loop does: each rank's files uploaded (as Ray's report does), then rank 0's marker."""
-    uri = storage.join(run_dir, manifest.checkpoint_dir_name(step))
+    uri = storage.join(run_dir, manifest.checkpoint_dir_name(step, redo))
     per_rank = []
     for r in range(ranks):
-        local = tmp_path / f"ck{step}-{r}"
+        local = Path(tempfile.mkdtemp(prefix=f"ck{step}-{r}-", dir=tmp_path))
         (local / "ds").mkdir(parents=True)
         (local / "ds" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(bytes([r]) * (100 + r))
         if r == 0:
@@ -108,6 +109,62 @@ def test_resume_point_falls_back_from_rays_latest_when_it_is_partial(tmp_path, c
     with caplog.at_level(logging.ERROR):
         assert checkpoint.resume_point(ray.train.Checkpoint(newest), run_dir) is None
     assert "no complete checkpoint" in caplog.text
+
+
+def _ray_registry(storage_path: Path, keep: int):
+    """Ray Train's own checkpoint registry (the controller's), on a local run folder ``storage_path/run``."""
+    from ray.train import CheckpointConfig
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    return CheckpointManager(CheckpointConfig(num_to_keep=keep), StorageContext(str(storage_path), "run"))
+
+
+@pytest.mark.parametrize("names", ["redo", "plain"])
+def test_a_restart_that_falls_back_never_reports_a_name_ray_registered(tmp_path, names):
+    """A crash after Ray registered checkpoint 4 and before its marker: the restart falls back (to
+    step 0), redoes step 4 and reports it again. Ray's registry keeps one entry per report and
+    deletes the oldest by path, so a name reported twice is deleted twice: the second deletion ends
+    the run with ``Path not found`` (CI, 2026-12-02). Driven through Ray's own registry, the loop's
+    naming (``checkpoint.redo_count``) survives two fall backs; plain names (``plain``) do not."""
+    import asyncio
+
+    import ray.train
+    from ray.train.v2._internal.execution.training_report import _TrainingReport
+
+    run_dir = str(tmp_path / "store" / "run")
+    attempts = [  # (steps this attempt checkpoints, whether the last one gets its marker before the crash)
+        ([4], False),        # registered, no marker: the restart finds nothing complete, starts over
+        ([4, 8, 12], False),  # 4 and 8 complete, 12 not: the next restart falls back to 8
+        ([12, 16], True),
+    ]
+
+    async def run() -> list[str]:
+        registry = _ray_registry(tmp_path / "store", keep=2)
+        latest, reported = None, []
+        for steps, last_marked in attempts:
+            point = checkpoint.resume_point(latest, run_dir)
+            redo = checkpoint.redo_count(latest, point) if names == "redo" else 0
+            start = 0 if point is None else int(manifest.CHECKPOINT_DIR.search(point.path).group(1))
+            assert steps[0] > start, (steps, point)
+            for step in steps:
+                uri = _write_checkpoint(tmp_path, run_dir, step, marker=step != steps[-1] or last_marked, redo=redo)
+                latest = ray.train.Checkpoint(uri)
+                registry.register_checkpoint(_TrainingReport(latest, {"step": step}, validation=False))
+                reported.append(uri.rsplit("/", 1)[-1])
+        return reported
+
+    if names == "plain":
+        with pytest.raises(FileNotFoundError, match="Path not found"):
+            asyncio.run(run())
+        return
+    reported = asyncio.run(run())
+    assert len(reported) == len(set(reported)) == 6, reported
+    assert reported[1:4] == [manifest.checkpoint_dir_name(s, 1) for s in (4, 8, 12)], reported
+    assert reported[4:] == [manifest.checkpoint_dir_name(s, 2) for s in (12, 16)], reported
+    uri, marker = manifest.latest_complete(run_dir)
+    assert uri.endswith("checkpoint_step_00000016_redo2") and marker["step"] == 16
+    assert manifest.redo_of(uri) == 2 and manifest.redo_of(storage.join(run_dir, "checkpoint_step_00000016")) == 0
 
 
 def _publish(tmp_path: Path, export_uri: str, step: int, payload: bytes) -> None:

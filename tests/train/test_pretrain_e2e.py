@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator import storage
 from orchestrator.config import load_config
+from orchestrator.train import manifest
 from tests.reliability.helpers import train_workers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,12 +40,15 @@ def test_pretrain_e2e_survives_worker_kill_and_rerun_is_noop(ray_local, s3_bucke
 
     def kill_after_checkpoint_4_is_registered():
         """Ray's Train controller registers a reported checkpoint asynchronously and persists its
-        registry in checkpoint_manager_snapshot.json; only a registered checkpoint is resumed from
-        (one still being reported when the fault hits is not taken as the latest)."""
+        registry in checkpoint_manager_snapshot.json; rank 0 writes the completion marker after
+        that. Only a checkpoint both registered and complete is resumed from: a kill between the
+        two falls back to an earlier one (tests/train/test_checkpoint_manifest.py covers that)."""
         deadline = time.time() + 600
         snapshot = f"{run_dir}/checkpoint_manager_snapshot.json"
+        marker = f"{run_dir}/checkpoint_step_00000004/{manifest.META}"
         while time.time() < deadline and not killed:
-            if storage.exists(snapshot) and "checkpoint_step_00000004" in storage.read_text(snapshot):
+            if storage.exists(snapshot) and "checkpoint_step_00000004" in storage.read_text(snapshot) \
+                    and storage.exists(marker):
                 workers = train_workers()  # this test's Ray only, never another run's
                 if workers:
                     workers[-1].kill()  # SIGKILL one training worker process
