@@ -105,12 +105,16 @@ def test_resume_continues_step_and_schedule(ray_local, tmp_path, mlflow_uri):
     shard = next(u for u in storage.list_files(storage.join(run_dir, "checkpoint_step_00000008"))
                  if u.endswith("model_states.pt"))
     storage.write_bytes(shard, storage.read_bytes(shard)[:100])
-    cfg10 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 10})})
-    assert run_training(cfg10, datasets=_datasets()).metrics["step"] == 10
+    # ... and the steps redone past the fall back (7-8) are reported under new names: Ray's registry
+    # (restored from its snapshot: 6 and 8) deletes old checkpoints by path, and a second report of
+    # checkpoint_step_00000008 would have it delete that path twice, at step 12 (Path not found)
+    cfg12 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 12})})
+    redone = run_training(cfg12, datasets=_datasets())
+    assert redone.metrics["step"] == 12 and redone.checkpoint_uri.endswith("checkpoint_step_00000012_redo1")
     resumed = [int(m.value) for m in c.get_metric_history(runs[0].info.run_id, "resumed_from_step")]
     assert resumed == [4, 6], resumed
-    assert run_training(cfg10, datasets=_datasets()).metrics["step"] == 10  # same config: the old result
-    other = cfg10.model_copy(update={"train": cfg10.train.model_copy(update={"lr": 0.02})})
+    assert run_training(cfg12, datasets=_datasets()).metrics["step"] == 12  # same config: the old result
+    other = cfg12.model_copy(update={"train": cfg12.train.model_copy(update={"lr": 0.02})})
     with pytest.raises(FinishedWithOtherConfig, match="train.lr"):
         run_training(other, datasets=_datasets())
 
