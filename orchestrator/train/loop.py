@@ -10,7 +10,6 @@ each step does) -> :func:`finish` (last checkpoint, export).
 from __future__ import annotations
 
 import dataclasses
-import glob
 import logging
 import os
 import tempfile
@@ -28,6 +27,7 @@ from orchestrator.tracking.mlflow_run import MetricLogger, read_pending, write_p
 from orchestrator.tracking.redact import redact_exception
 from orchestrator.train import checkpoint, manifest, momentum_sync
 from orchestrator.train.deepspeed_config import build_deepspeed_config
+from orchestrator.train.extensions import clear_stale_extension_locks, use_locked_build_tools
 from orchestrator.train.failures import SetupPhase
 from orchestrator.train.journal import StepJournal
 from orchestrator.train.model_setup import load_run_tokenizer
@@ -38,9 +38,6 @@ from orchestrator.train.schedule import MAIN_STREAM, ResumeSkip, StepActions, St
 from workloads import get_workload
 
 log = logging.getLogger(__name__)
-
-STALE_LOCK_S = 600  # far longer than DeepSpeed's CPU op takes to compile (~30 s)
-
 
 class StepTimer:
     """Splits wall time into waiting for data and computing, over a logging window."""
@@ -260,6 +257,7 @@ def _build_engine(model, plan: WorkerPlan, world: int):
 
     tcfg = plan.run.train
     optimizer, scheduler = build_optimizer(model, tcfg)
+    use_locked_build_tools()
     if not tcfg.use_gpu:
         clear_stale_extension_locks()
     deepspeed.init_distributed(dist_backend="nccl" if tcfg.use_gpu else "gloo", dist_init_required=False)
@@ -441,29 +439,6 @@ def _mean_across_ranks(values: dict[str, float], world: int) -> dict[str, float]
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
     dist.all_reduce(t)
     return {k: float(v) / world for k, v in zip(keys, t.tolist())}
-
-
-def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
-    """Remove torch JIT-extension build locks left by a killed process.
-
-    DeepSpeed's CPU backend JIT-builds its shared-memory allreduce op under a lock file in the
-    torch extensions directory; a worker SIGKILLed while holding it (a preemption, a fault) leaves
-    the file behind and every later worker on that node waits for it forever.  A lock older than
-    any real build is stale: remove it, and say so.
-    """
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions")
-    removed = []
-    for lock in glob.glob(os.path.join(root, "**", "lock"), recursive=True):
-        try:
-            if time.time() - os.path.getmtime(lock) > max_age_s:
-                os.remove(lock)
-                removed.append(lock)
-        except OSError:
-            continue  # another worker removed it first
-    if removed:
-        log.warning("removed stale torch extension build lock(s) left by a killed process: %s", removed)
-    return removed
 
 
 class PreemptionCheckpointer:

@@ -3,7 +3,7 @@ import os
 import time
 
 from orchestrator.data.mix import TextMix
-from orchestrator.train.loop import clear_stale_extension_locks
+from orchestrator.train.extensions import clear_stale_extension_locks
 
 
 def test_stale_extension_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
@@ -62,3 +62,30 @@ def test_finished_run_needs_the_export_and_a_marker_at_max_steps(tmp_path):
     ckpt(12, marker=False)                                     # a checkpoint some rank never finished
     assert finished_run(str(run), 12) is None
     assert finished_run(str(run), 8)[1]["step"] == 8
+
+
+def test_deepspeeds_op_build_uses_the_locked_ninja_whatever_path_the_worker_got(tmp_path):
+    """A worker whose PATH finds another ninja first (here: one that only records that it ran)
+    still loads DeepSpeed's CPU op with the environment's own: two ninja versions each discard
+    the other's build log and rebuild the op from scratch (3 rebuilds in one run of the slow tests)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    other = tmp_path / "bin"
+    other.mkdir()
+    mark = tmp_path / "other-ninja-ran"
+    (other / "ninja").write_text(f"#!/bin/sh\necho \"$@\" >> {mark}\nexit 1\n")
+    (other / "ninja").chmod(0o755)
+    here = str(Path(sys.executable).parent)
+    path = os.pathsep.join([str(other)] + [p for p in os.environ["PATH"].split(os.pathsep) if p != here])
+    probe = ("import os, shutil; os.environ['DS_ACCELERATOR'] = 'cpu'\n"
+             "from orchestrator.train.extensions import use_locked_build_tools\n"
+             "print(use_locked_build_tools(), shutil.which('ninja'))\n"
+             "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder\n"
+             "ShareMemCommBuilder().load(verbose=False)\n")
+    out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "PATH": path}, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == [here, os.path.join(here, "ninja")], out.stdout
+    assert not mark.exists(), mark.read_text()
