@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 
 from orchestrator.ray_env import train_env_defaults
-from orchestrator.train.extensions import use_locked_build_tools
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,10 +35,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The Ray Train settings the product runs with (every Ray these tests start inherits them, and a
 # TorchTrainer built without ``ensure_ray`` passes them to its controller too).
 os.environ.update(train_env_defaults())
-# The suite's own processes (DeepSpeed in the test process, its subprocesses, the Ray it starts) build
-# DeepSpeed's CPU op with the same ninja as the train loop's workers: one build per machine, not one
-# per switch between the system's ninja and the locked one.
-use_locked_build_tools()
 
 RAY_NUM_CPUS = 8  # logical CPUs for the local Ray (the machine has 2 cores)
 REPO_ROOT = Path(__file__).resolve().parents[1]

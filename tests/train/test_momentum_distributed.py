@@ -48,6 +48,9 @@ def _worker(rank: int, port: int, out: str, precision: str, zero_stage: int) -> 
                        "RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(WORLD)})
     torch.set_num_threads(1)
+    from orchestrator.train.extensions import use_locked_build_tools
+
+    use_locked_build_tools()  # DeepSpeed's CPU op built with the ninja the train loop's workers use
     import deepspeed
     import torch.distributed as dist
 
