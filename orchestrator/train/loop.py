@@ -39,6 +39,7 @@ from workloads import get_workload
 
 log = logging.getLogger(__name__)
 
+
 class StepTimer:
     """Splits wall time into waiting for data and computing, over a logging window."""
 

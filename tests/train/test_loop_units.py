@@ -2,6 +2,8 @@
 import os
 import time
 
+import pytest
+
 from orchestrator.data.mix import TextMix
 from orchestrator.train.extensions import clear_stale_extension_locks
 
@@ -64,6 +66,7 @@ def test_finished_run_needs_the_export_and_a_marker_at_max_steps(tmp_path):
     assert finished_run(str(run), 8)[1]["step"] == 8
 
 
+@pytest.mark.slow  # on a machine without the op built yet, it is built here (about a minute)
 def test_deepspeeds_op_build_uses_the_locked_ninja_whatever_path_the_worker_got(tmp_path):
     """A worker whose PATH finds another ninja first (here: one that only records that it ran)
     still loads DeepSpeed's CPU op with the environment's own: two ninja versions each discard
