@@ -20,7 +20,7 @@ PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed-$(TORCH)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint clean apt lock
+.PHONY: install demo test test-fast coverage lint clean apt lock
 
 install: $(STAMP)
 
@@ -73,5 +73,16 @@ lint: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Line coverage of model/, workloads/ and orchestrator/ over the whole suite, in every Python process
+# it starts (Ray workers and actors included: tests/coverage_flush.py, loaded through a .pth line
+# that exists only while this runs, copies each process's lines every few seconds, since Ray ends
+# its workers without running atexit).  `make coverage PYTEST_ARGS="-m 'not slow'"` for a part.
+COV_PTH = $(shell $(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" 2>/dev/null)/a2_mplug2_coverage_flush.pth
+coverage: $(STAMP)
+	rm -rf .coverage && mkdir -p .coverage
+	echo "import os; p = os.environ.get('MPLUG2_COVERAGE_FLUSH'); p and exec(open(p).read(), {'__name__': 'mplug2_coverage_flush'})" > $(COV_PTH)
+	MPLUG2_COVERAGE_DIR=$(CURDIR)/.coverage MPLUG2_COVERAGE_FLUSH=$(CURDIR)/tests/coverage_flush.py \
+	  $(BIN)/python -m pytest --cov --cov-report=term --durations=0 $(PYTEST_ARGS); rc=$$?; rm -f $(COV_PTH); exit $$rc
+
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache .coverage
