@@ -8,14 +8,21 @@ errors with exponential backoff.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
+import logging
 import os
+import posixpath
 import shutil
+import stat as stat_mod
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
 
 S3_MAX_ATTEMPTS = int(os.environ.get("MPLUG2_S3_MAX_ATTEMPTS", "10"))
 S3_READ_TIMEOUT_S = float(os.environ.get("MPLUG2_S3_READ_TIMEOUT_S", "60"))  # per request, then retried
@@ -81,6 +88,88 @@ def local_path(uri: str) -> str:
     if uri.startswith("file://"):
         return uri[len("file://"):]
     return os.path.abspath(uri)
+
+
+def normalized(uri: str) -> str:
+    """``uri`` with ``.``/``..`` segments and repeated slashes resolved, for comparing locations:
+    ``s3://bucket/key`` or an absolute local path.  ValueError for a URI that names no object
+    (``s3:///x``, a key climbing above its bucket), a scheme this project does not read, or a NUL."""
+    uri = str(uri)
+    if "\0" in uri:
+        raise ValueError(f"{uri!r} holds a NUL byte")
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        key = posixpath.normpath("/" + key).lstrip("/") if key else ""
+        if ".." in key.split("/") or "/" in bucket:
+            raise ValueError(f"{uri!r} climbs above its bucket")
+        return f"s3://{bucket}/{key}".rstrip("/") if key else f"s3://{bucket}"
+    if has_scheme(uri) and not uri.startswith("file://"):
+        raise ValueError(f"{uri!r}: only s3:// URIs and local paths are read")
+    return os.path.normpath(local_path(uri))
+
+
+def is_within(uri: str, folder: str) -> bool:
+    """Whether ``uri`` is ``folder`` or lies under it, after :func:`normalized` (segment-wise: ``s3://b/v``
+    does not contain ``s3://b/v2/x``).  False for anything :func:`normalized` refuses."""
+    try:
+        u, f = normalized(uri), normalized(folder)
+    except ValueError:
+        return False
+    return u == f or u.startswith(f.rstrip("/") + "/")
+
+
+class NotARegularFile(OSError):
+    """A local path that is a FIFO, a device, a socket or a folder: reading it could block forever or
+    never end, so it is refused before any byte is read."""
+
+
+def open_regular(path: str | os.PathLike):
+    """A binary file object for ``path`` when it is a regular file (symlinks to one are followed);
+    :class:`NotARegularFile` otherwise.  Opened non-blocking first, so a FIFO without a writer is
+    refused at once instead of blocking the open."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat_mod.S_ISREG(mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file (a FIFO, device, socket or folder)", str(path))
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def open_input(uri: str):
+    """A readable binary stream of one object: pyarrow's S3 input stream (request timeouts and
+    retries of :func:`s3_filesystem`), or :func:`open_regular` for a local path."""
+    if is_s3(uri):
+        fs, path = filesystem(uri)
+        return fs.open_input_stream(path)
+    return open_regular(local_path(uri))
+
+
+def regular_files(local_dir: str | os.PathLike) -> list[tuple[Path, str]]:
+    """``[(file, relative name)]`` of the regular files inside ``local_dir``, sorted.  A symlink is
+    followed only when its target lies inside ``local_dir`` too; one that leads outside (a file
+    elsewhere on the machine, ``/etc/passwd``, another user's data) and anything that is not a
+    regular file is left out with a warning, so copying a folder never copies foreign content."""
+    root = Path(local_dir)
+    real_root = root.resolve()
+    out = []
+    for f in sorted(root.rglob("*")):
+        if f.is_dir() and not f.is_symlink():
+            continue
+        real = f.resolve()
+        if real != real_root and real_root not in real.parents:
+            log.warning("not copying %s: a symlink to %s, outside %s", f, real, root)
+            continue
+        if f.is_dir():
+            continue  # a symlinked folder inside the tree: its files are listed under their own path
+        if not real.is_file():
+            log.warning("not copying %s: not a regular file", f)
+            continue
+        out.append((f, f.relative_to(root).as_posix()))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +264,7 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
         bucket, key = split_s3(uri)
         data = _get_object_body(bucket, key, max_bytes)
     else:
-        with open(local_path(uri), "rb") as f:
+        with open_regular(local_path(uri)) as f:
             data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     if max_bytes is not None and len(data) > max_bytes:
         raise TooLarge(f"{uri} is larger than {max_bytes} bytes")
@@ -295,19 +384,16 @@ def delete_prefix(prefix: str) -> int:
 
 def upload_dir(local_dir: str | os.PathLike, uri: str) -> int:
     """Copy a local directory tree to ``uri``; returns the number of files."""
-    local_dir = Path(local_dir)
     n = 0
-    for f in sorted(local_dir.rglob("*")):
-        if f.is_file():
-            rel = f.relative_to(local_dir).as_posix()
-            if is_s3(uri):
-                bucket, key = split_s3(join(uri, rel))
-                s3_client().upload_file(str(f), bucket, key)
-            else:
-                dst = Path(local_path(join(uri, rel)))
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, dst)
-            n += 1
+    for f, rel in regular_files(local_dir):  # no symlink out of the folder, no FIFO
+        if is_s3(uri):
+            bucket, key = split_s3(join(uri, rel))
+            s3_client().upload_file(str(f), bucket, key)
+        else:
+            dst = Path(local_path(join(uri, rel)))
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+        n += 1
     return n
 
 
@@ -316,17 +402,23 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> int:
 
     Object keys are untrusted: a key whose remainder after the prefix would name a file outside
     ``local_dir`` (``..`` segments, ``//``, an absolute name, a symlinked folder) raises
-    :class:`UnsafeKey` before anything is written; nothing is followed or overwritten outside.
+    :class:`UnsafeKey` before anything is written; nothing is followed or overwritten outside.  From a
+    local folder only its regular files are copied (:func:`regular_files`): a symlink inside it that
+    leads elsewhere is left out, so its target's content is never copied (into MLflow, a checkpoint).
     Keys ending in ``/`` are folder markers (what ``pyarrow.fs`` leaves in a checkpoint it uploads) and
     are skipped."""
     local_dir = Path(local_dir)
     base = uri.rstrip("/") + "/"
     plan = []
-    for src in list_files(uri):
-        if is_s3(src) and src.endswith("/"):
-            continue  # a folder marker (pyarrow writes them, e.g. into every Ray Train checkpoint): not a file
-        rel = src[len(base):] if src.startswith(base) else os.path.relpath(src, local_path(uri))
-        plan.append((src, safe_destination(local_dir, Path(rel).as_posix() if not is_s3(src) else rel)))
+    if is_s3(uri):
+        for src in list_files(uri):
+            if src.endswith("/"):
+                continue  # a folder marker (pyarrow writes them, e.g. into every Ray Train checkpoint): not a file
+            plan.append((src, safe_destination(local_dir, src[len(base):])))
+    elif os.path.isfile(local_path(uri)):
+        plan.append((local_path(uri), safe_destination(local_dir, os.path.basename(local_path(uri)))))
+    else:  # a local folder: its regular files only (a symlink out of it is not followed)
+        plan = [(str(f), safe_destination(local_dir, rel)) for f, rel in regular_files(local_path(uri))]
     n = 0
     for src, dst in plan:
         dst.parent.mkdir(parents=True, exist_ok=True)

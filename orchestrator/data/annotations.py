@@ -75,6 +75,7 @@ class FilePlan:
     seed: int = 0
     block_rows: int = 8
     root: str = ""  # data.root: seeds use paths relative to it (ids.seed_part)
+    allowed: tuple[str, ...] = ()  # data.allowed_media_prefixes, resolved: media rows may name besides `media`
 
 
 def source_namespace(fmt: str, files: list[str]) -> str:
@@ -82,7 +83,7 @@ def source_namespace(fmt: str, files: list[str]) -> str:
 
 
 def _parse(uri: str, plan: FilePlan, report: ParseReport) -> Iterator[dict]:
-    ctx = Context(media=plan.media, split=plan.split)
+    ctx = Context(media=plan.media, split=plan.split, allowed=plan.allowed)
     return SOURCES[plan.fmt].parse(uri, read_text(uri, plan.annotation_bytes), ctx, report)
 
 
@@ -135,7 +136,7 @@ def _plan(src: SourceConfig, data_cfg: DataConfig, split: str, files: list[str],
     return FilePlan(fmt=src.format, media=storage.resolve(data_cfg.root, src.media), split=split,
                     ns=source_namespace(src.format, files), annotation_bytes=data_cfg.max_annotation_bytes,
                     max_bad_fraction=data_cfg.max_bad_fraction, block_rows=data_cfg.decode_batch_size,
-                    root=data_cfg.root, **kw)
+                    root=data_cfg.root, allowed=data_cfg.allowed_media(), **kw)
 
 
 def annotation_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, training: bool, seed: int,

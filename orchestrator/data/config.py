@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from orchestrator import storage
 from orchestrator.data.formats import FORMATS
 
 
@@ -71,6 +72,12 @@ class DataConfig(BaseModel):
     max_object_bytes: int = Field(2**30, ge=1, description="a clip/image object or shard member larger than "
                                   "this is a bad clip (too_large), never read whole")
     decode_timeout_s: float = Field(60.0, gt=0, description="a clip that takes longer to decode is bad (undecodable)")
+    read_timeout_s: float = Field(300.0, gt=0, description="a clip/image whose bytes take longer to read is bad "
+                                  "(read_error); S3 requests also time out and are retried inside it")
+    allowed_media_prefixes: list[str] = Field(default_factory=list, description="folders or s3:// prefixes "
+                                              "(relative to data.root, or URIs) that annotation rows may name media "
+                                              "in besides their source's media folder; a row naming anything else "
+                                              "is malformed")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each decode task")
     decode_concurrency: int | None = Field(None, ge=1, description="decode tasks at once (None = Ray decides)")
     decode_batch_size: int = Field(8, ge=1)
@@ -94,3 +101,7 @@ class DataConfig(BaseModel):
     def caps(self):
         """The size caps the source readers apply."""
         return Caps(annotation_bytes=self.max_annotation_bytes, object_bytes=self.max_object_bytes)
+
+    def allowed_media(self) -> tuple[str, ...]:
+        """``allowed_media_prefixes`` resolved against ``root``."""
+        return tuple(storage.resolve(self.root, p) for p in self.allowed_media_prefixes)

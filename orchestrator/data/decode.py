@@ -39,19 +39,24 @@ class DecodeSpec:
 
 
 def read_media(uri: str, max_bytes: int | None = None) -> bytes:
-    """The object's bytes through pyarrow.fs (local or S3); BadClip('missing'/'read_error') on failure,
-    BadClip('too_large') past ``max_bytes`` (at most ``max_bytes + 1`` bytes are read)."""
+    """The object's bytes (S3 through pyarrow.fs, a local path only when it is a regular file);
+    BadClip('missing'/'read_error') on failure, BadClip('bad_uri') for a URI no storage can open
+    (a NUL byte, ``s3:///x``, a FIFO or device), BadClip('too_large') past ``max_bytes`` (at most
+    ``max_bytes + 1`` bytes are read)."""
     try:
-        fs, path = storage.filesystem(uri)
-        with fs.open_input_stream(path) as f:
+        with storage.open_input(uri) as f:
             data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except FileNotFoundError as e:
         raise BadClip("missing", uri, str(e)) from None
+    except storage.NotARegularFile as e:
+        raise BadClip("bad_uri", uri, str(e)) from None
     except OSError as e:
         text = str(e)
         if "does not exist" in text or "NoSuchKey" in text or "Not Found" in text or "404" in text:
             raise BadClip("missing", uri, text) from None
         raise BadClip("read_error", uri, text) from None
+    except ValueError as e:  # pyarrow's ArrowInvalid (NUL in a path), a URI without a bucket ...
+        raise BadClip("bad_uri", uri, str(e)[:200]) from None
     if max_bytes is not None and len(data) > max_bytes:
         raise BadClip("too_large", uri, f"larger than data.max_object_bytes={max_bytes}")
     return data

@@ -55,17 +55,24 @@ def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> 
     Members over ``max_member_bytes`` and samples with unusable JSON become counted bad rows."""
     shard, ns = item["shard"], item.get("ns", "")
     report = ParseReport(shard)
+    bad_rows: list[tuple[str, str, str]] = []  # (reason, where, message): one per sample left out
+    broke: list[str] = []
+
+    def on_bad(line: int, reason: str, msg: str) -> None:
+        if line == 0:
+            broke.append(msg)
+        else:
+            bad_rows.append((reason, msg, msg))
+
     rows = []
-    for i, r in enumerate(wds.read_shard_rows(fmt, shard, report, with_bytes=True, max_member_bytes=max_member_bytes)):
+    samples = wds.read_shard_rows(fmt, shard, report, with_bytes=True, max_member_bytes=max_member_bytes, on_bad=on_bad)
+    for i, r in enumerate(samples):
         local = r.get("clip_index")
         r["clip_index"] = (stable_id(ns, "clip", local) if local is not None
                            else stable_id(r.get("media_uri") or r.get("id"), r.get("start"), r.get("end")))
         row = to_dataset_row(r)
         row[SAMPLE_KEY] = stable_id(shard, i)
         rows.append(row)
-    broke = [m for m in report.malformed if m.startswith(f"{shard}:0:")]
-    bad_rows = [(("too_large" if "max_object_bytes" in m else "malformed"), m, m)  # one sample each
-                for m in report.malformed if m not in broke]
     if broke:  # the tar itself broke: every sample after the break is lost, each one counted
         lost = shard_remainder(shard, report.rows + len(bad_rows))
         bad_rows += [("truncated", shard if lost == 1 else f"{shard}#remainder-{j}", f"{broke[0]}#{j}")
@@ -139,6 +146,7 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
         max_text_len=data_cfg.max_text_len, max_answer_len=data_cfg.max_answer_len, seed=seed,
         run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
         bad_check_min_seen=data_cfg.bad_check_min_seen, decode_timeout_s=data_cfg.decode_timeout_s,
+        read_timeout_s=data_cfg.read_timeout_s,
         max_object_bytes=data_cfg.max_object_bytes, root=data_cfg.root)
 
 

@@ -7,6 +7,7 @@ Runs inside Ray Data tasks (``map_batches``), so everything it needs arrives in 
 """
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import zlib
@@ -14,13 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from orchestrator import storage
 from orchestrator.data import augment, quality
 from orchestrator.data.decode import DecodeSpec, decode_media, read_media
 from orchestrator.data.ids import seed_part
 from orchestrator.data.quality import BadClip
-from orchestrator.data.sources.wds import read_member
 from orchestrator.data.tokenize import encode, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 # The columns of a dataset row before decoding (no None values, so Arrow types stay fixed).
 EMPTY_ROW = {"media_uri": "", "media_bytes": b"", "bad": "", "start": math.nan, "end": math.nan, "text": "",
@@ -44,6 +45,7 @@ class ProcessParams:
     max_bad_fraction: float
     bad_check_min_seen: int
     decode_timeout_s: float = 60.0
+    read_timeout_s: float = 300.0  # reading one clip's bytes longer than this: bad (read_error)
     max_object_bytes: int | None = None  # a larger clip/image is bad (too_large), never read whole
     epoch: int | None = None  # training rows without an epoch column are seeded as this epoch (None: fresh)
     root: str = ""  # data.root: frames and crops are seeded by paths relative to it (ids.seed_part)
@@ -81,22 +83,21 @@ def _rng(params: ProcessParams, key: str, epoch: int | None = None) -> np.random
 
 
 def _fetch(uri: str, inline: bytes, max_bytes: int | None = None) -> bytes:
+    """The clip's bytes: those its row carries (a shard member, read with its shard), else one read
+    of its object.  A shard member never sends the reader back to its shard: a member without bytes
+    is bad here (the shard reader already counts empty members, ``wds.read_shard_rows``)."""
     if inline:
         return inline
     if "#" in uri and uri.split("#", 1)[0].endswith(".tar"):
-
-        try:
-            return read_member(uri, max_bytes)
-        except storage.TooLarge as e:
-            raise BadClip("too_large", uri, str(e)) from None
-        except (FileNotFoundError, OSError) as e:
-            raise BadClip("missing", uri, str(e)) from None
+        raise BadClip("empty", uri, "no bytes came with this shard member")
     return read_media(uri, max_bytes)
 
 
-def with_timeout(seconds: float, uri: str, fn, *args):
-    """Run ``fn(*args)`` in a daemon thread; past ``seconds`` the clip is bad and the thread is abandoned
-    (decord releases the GIL while decoding, so one pathological file cannot stall the batch)."""
+def with_timeout(seconds: float, uri: str, fn, *args, reason: str = "undecodable", what: str = "decoding",
+                 setting: str = "data.decode_timeout_s"):
+    """Run ``fn(*args)`` in a daemon thread; past ``seconds`` the clip is bad (``reason``) and the
+    thread is abandoned (decord and storage reads release the GIL, so one pathological file or a
+    stalled read cannot stall the batch)."""
     box: dict = {}
 
     def target():
@@ -109,7 +110,7 @@ def with_timeout(seconds: float, uri: str, fn, *args):
     t.start()
     t.join(seconds)
     if t.is_alive():
-        raise BadClip("undecodable", uri, f"decoding took longer than {seconds}s (data.decode_timeout_s)")
+        raise BadClip(reason, uri, f"{what} took longer than {seconds}s ({setting})")
     if "err" in box:
         raise box["err"]
     return box["out"]
@@ -120,7 +121,8 @@ def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
     uri = str(batch["media_uri"][i])
     if batch["bad"][i]:
         raise BadClip(str(batch["bad"][i]), uri)
-    data = _fetch(uri, bytes(batch["media_bytes"][i]), params.max_object_bytes)
+    data = with_timeout(params.read_timeout_s, uri, _fetch, uri, bytes(batch["media_bytes"][i]),
+                        params.max_object_bytes, reason="read_error", what="reading", setting="data.read_timeout_s")
     start, end = float(batch["start"][i]), float(batch["end"][i])
     rng = _rng(params, f"{seed_part(uri, params.root)}|{batch['id'][i]}", int(batch["epoch"][i]) if "epoch" in batch else None)
     dec = with_timeout(params.decode_timeout_s, uri, decode_media, data, uri, params.decode, rng,
@@ -153,6 +155,9 @@ def process_batch(batch: dict[str, np.ndarray], params: ProcessParams) -> dict[s
             keep.append(i)
         except BadClip as e:
             bad.append((e.reason, e.uri))
+        except Exception as e:  # whatever a row's bytes do, they cost that row only, never the batch
+            log.warning("bad clip %s: %s: %s", str(batch["media_uri"][i])[:200], type(e).__name__, str(e)[:200])
+            bad.append(("error", str(batch["media_uri"][i])))
     seen = n if want_frames else 0
     if seen:
         stats = quality.BadClipTracker(params.run_name).record(seen, bad)

@@ -11,7 +11,9 @@ Reasons: ``missing`` (no such object), ``empty`` (zero bytes), ``not_video`` (no
 signature), ``truncated`` (a container signature but unreadable), ``undecodable`` (opens, frames
 fail), ``too_few_frames``, ``bad_resolution``, ``read_error`` (storage failed after retries),
 ``too_large`` (an object or shard member over ``data.max_object_bytes``, an image over
-Pillow's decompression-bomb limit), ``malformed`` (a shard sample whose metadata is unusable).
+Pillow's decompression-bomb limit), ``malformed`` (a shard sample whose metadata is unusable),
+``bad_uri`` (a media URI no storage can open: a NUL byte, no bucket, a FIFO or device file),
+``error`` (anything else that went wrong with one clip: its row is dropped, the batch goes on).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from orchestrator.data.placement import end_state_actor, head_actor_options
 log = logging.getLogger(__name__)
 
 REASONS = ("missing", "empty", "not_video", "truncated", "undecodable", "too_few_frames", "bad_resolution",
-           "read_error", "too_large", "malformed")
+           "read_error", "too_large", "malformed", "bad_uri", "error")
 NAMESPACE = "mplug2"
 MAX_EXAMPLES = 5
 RECORD_TIMEOUT_S = 5.0

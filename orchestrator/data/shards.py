@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from orchestrator import storage
 from orchestrator.data.decode import is_image, read_media
+from orchestrator.data.process import with_timeout
 from orchestrator.data.quality import BadClip
 from orchestrator.data.transcode import TranscodeSpec
 from orchestrator.data.transcode import transcode as transcode_clip
@@ -89,9 +90,12 @@ class _ShardWriter:
 
 
 def write_shards(rows: list[dict], out: str, max_samples: int = 1000, max_bytes: int = 512 * 2**20,
-                 transcode: TranscodeSpec | None = None) -> ShardReport:
+                 transcode: TranscodeSpec | None = None, max_object_bytes: int | None = None,
+                 read_timeout_s: float | None = None) -> ShardReport:
     """Pack ``rows`` (from ``sources.read_rows``) and their media into tar shards under ``out``
-    (videos re-encoded per ``transcode`` when given)."""
+    (videos re-encoded per ``transcode`` when given).  The caps of a training read apply: a media
+    object over ``max_object_bytes`` (``data.max_object_bytes``) is skipped as ``too_large`` without
+    being read whole, one whose read outlasts ``read_timeout_s`` as ``read_error``."""
     if max_samples < 1 or max_bytes < 1:
         raise ValueError(f"max_samples ({max_samples}) and max_bytes ({max_bytes}) must be positive")
     writer = _ShardWriter(out, max_samples, max_bytes)
@@ -104,7 +108,11 @@ def write_shards(rows: list[dict], out: str, max_samples: int = 1000, max_bytes:
         if row.get("media_uri"):
             uri = row["media_uri"]
             try:
-                data = read_media(uri)
+                if read_timeout_s is None:
+                    data = read_media(uri, max_object_bytes)
+                else:
+                    data = with_timeout(read_timeout_s, uri, read_media, uri, max_object_bytes, reason="read_error",
+                                        what="reading", setting="--read-timeout-s")
             except BadClip as e:
                 report.skipped.setdefault(e.reason, []).append(uri)
                 log.warning("shard: skipping %s (%s)", uri, e.reason)

@@ -49,6 +49,7 @@ YOUKU_CATEGORIES = youku.YOUKU_CATEGORIES
 class Context:
     media: str  # resolved media base URI
     split: str
+    allowed: tuple[str, ...] = ()  # other folders rows may name media in (data.allowed_media_prefixes, resolved)
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,9 @@ def split_files(source: SourceConfig, root: str, split: str) -> list[str]:
 
 
 def _read_split(source: SourceConfig, root: str, split: str, max_bad_fraction: float,
-                caps: Caps = Caps()) -> list[dict]:
+                caps: Caps = Caps(), allowed: tuple[str, ...] = ()) -> list[dict]:
     spec = SOURCES[source.format]
-    ctx = Context(media=storage.resolve(root, source.media), split=split)
+    ctx = Context(media=storage.resolve(root, source.media), split=split, allowed=tuple(allowed))
     rows: list[dict] = []
     for uri in split_files(source, root, split):
         if spec.sharded:
@@ -149,13 +150,15 @@ def _apply_labels(rows: list[dict], vocab: list[str], source: SourceConfig) -> l
 
 
 def read_rows(source: SourceConfig, root: str, split: str, max_bad_fraction: float = 0.05,
-              caps: Caps = Caps()) -> list[dict]:
+              caps: Caps = Caps(), allowed: tuple[str, ...] = ()) -> list[dict]:
     """Rows of one source's ``train`` or ``val`` split, with clip indices and label ids assigned.
-    ``caps`` bounds what is read (``DataConfig.caps()``)."""
+    ``caps`` bounds what is read (``DataConfig.caps()``); rows may name media inside the source's
+    media folder or inside ``allowed`` (resolved URIs, ``DataConfig.allowed_media()``), any other is a
+    malformed row."""
     spec = SOURCES.get(source.format)
     if spec is None:
         raise AnnotationError(f"unknown source format {source.format!r}; accepted: {', '.join(sorted(SOURCES))}")
-    rows = _read_split(source, root, split, max_bad_fraction, caps)
+    rows = _read_split(source, root, split, max_bad_fraction, caps, allowed)
     if spec.classification:
         rows = _apply_labels(rows, label_vocabulary(source, root, max_bad_fraction, caps), source)
     if not (spec.sharded and any(r["clip_index"] is not None for r in rows)):

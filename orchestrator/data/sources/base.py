@@ -55,13 +55,43 @@ def make_row(**kw: Any) -> dict[str, Any]:
     return row
 
 
+class Counted:
+    """How many items were added, and the first :attr:`keep` of them: ``len()`` is the count,
+    iterating and indexing see the kept examples.  A file of a million malformed rows costs a few
+    bytes, not a message per row (``data.max_annotation_bytes`` bounds the file, this the memory)."""
+
+    def __init__(self, keep: int = 20):
+        self.keep, self.count, self.examples = keep, 0, []
+
+    def append(self, item: str) -> None:
+        self.count += 1
+        if len(self.examples) < self.keep:
+            self.examples.append(item)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def __iter__(self):
+        return iter(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+    def __repr__(self) -> str:
+        return f"Counted({self.count}, first {self.examples[:3]})"
+
+
 @dataclass
 class ParseReport:
-    """Rows kept and malformed rows skipped (file:line: why) for one annotation file."""
+    """Rows kept and malformed rows skipped (file:line: why) for one annotation file: every
+    malformed row is counted, the first 20 are kept as examples (:class:`Counted`)."""
 
     uri: str
     rows: int = 0
-    malformed: list[str] = field(default_factory=list)
+    malformed: Counted = field(default_factory=Counted)
 
     def bad(self, line: int, why: str) -> None:
         msg = f"{self.uri}:{line}: {why}"
@@ -87,14 +117,17 @@ def read_text(uri: str, max_bytes: int | None = None) -> str:
                               "or split it") from None
     except FileNotFoundError:
         raise AnnotationError(f"annotation file not found: {uri}") from None
+    except storage.NotARegularFile:
+        raise AnnotationError(f"annotation file {uri} is not a regular file (a FIFO, device or folder)") from None
+    except IsADirectoryError:
+        raise AnnotationError(f"annotation file {uri} is a folder") from None
     except Exception as e:  # boto's NoSuchKey and friends
         if "NoSuchKey" in str(e) or "404" in str(e):
             raise AnnotationError(f"annotation file not found: {uri}") from None
         raise
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise AnnotationError(f"{uri}: not UTF-8 text ({e})") from None
+    # bytes that are not UTF-8 become lone surrogates, and the rows holding them malformed rows
+    # (parse_records): one bad row costs that row, not the file
+    return data.decode("utf-8-sig", errors="surrogateescape")
 
 
 def csv_records(uri: str, text: str, required: tuple[str, ...], delimiter: str = ",",
@@ -130,22 +163,27 @@ def csv_records(uri: str, text: str, required: tuple[str, ...], delimiter: str =
 
 
 def json_records(uri: str, text: str) -> Iterator[tuple[int, Any]]:
-    """(line, record) from a JSON list (line = index + 1) or JSON Lines; bad lines yield an error."""
+    """(line, record) from a JSON list (line = index + 1) or JSON Lines; bad lines yield an error.
+    Streamed: one record is decoded at a time, so a file's parse holds its text and the current
+    record, never a list of every record (memory per row stays flat, however many rows)."""
     stripped = text.lstrip()
     if stripped.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise AnnotationError(f"{uri}:{e.lineno}: not valid JSON: {e.msg}") from None
-        except (RecursionError, ValueError):  # an element nested too deep, a 5000-digit number ...
-            yield from _json_array_elements(uri, text)
-            return
-        yield from ((i + 1, r) for i, r in enumerate(items))
+        yield from _json_array_elements(uri, text, len(text) - len(stripped))
         return
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         yield i, _loads_record(line)
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` one at a time (``str.splitlines`` would hold all of them at once)."""
+    start, n = 0, len(text)
+    while start < n:
+        end = text.find("\n", start)
+        end = n if end < 0 else end
+        yield text[start:end]
+        start = end + 1
 
 
 def _loads_record(text: str) -> Any:
@@ -161,36 +199,58 @@ def _loads_record(text: str) -> Any:
 
 
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]')
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
 
 
-def _json_array_elements(uri: str, text: str) -> Iterator[tuple[int, Any]]:
-    """The elements of a top-level JSON array one by one (index + 1, record), so one element that
-    cannot be decoded (nested too deep) is one malformed row; strings are skipped whole by the regex."""
-    depth, start, index = 0, None, 0
-    for m in _JSON_TOKEN.finditer(text):
+def _json_array_elements(uri: str, text: str, start: int) -> Iterator[tuple[int, Any]]:
+    """The elements of the top-level JSON array opening at ``text[start]``, one by one (index + 1,
+    record).  Each is decoded where it stands (``raw_decode``); one that cannot be (nested too deep,
+    a 5000-digit number, a syntax error inside it) is one malformed row, found its end by a bracket
+    scan that skips strings whole.  Brackets that never close are an :class:`AnnotationError`."""
+    pos, index = _JSON_WS.match(text, start + 1).end(), 0
+    if text.startswith("]", pos):
+        return
+    while True:
+        index += 1
+        try:
+            rec, end = _DECODER.raw_decode(text, pos)
+            pos = _JSON_WS.match(text, end).end()
+            if not text.startswith((",", "]"), pos):
+                raise json.JSONDecodeError("expected ',' or ']' after an element", text, pos)
+        except (json.JSONDecodeError, RecursionError, ValueError) as e:
+            rec = {"__error__": _why(e)}
+            pos = _element_end(uri, text, pos)
+        yield index, rec
+        if text.startswith("]", pos):
+            return
+        pos = _JSON_WS.match(text, pos + 1).end()
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON: {e.msg}"
+    if isinstance(e, RecursionError):
+        return "JSON nested too deeply"
+    return f"not usable JSON: {str(e)[:120]}"
+
+
+def _element_end(uri: str, text: str, pos: int) -> int:
+    """The position of the ``,`` or ``]`` that ends the array element starting at ``pos``."""
+    depth = 0
+    for m in _JSON_TOKEN.finditer(text, pos):
         tok = m.group()
         if tok[0] == '"':
             continue
         if tok in "[{":
             depth += 1
-            if depth == 1:
-                start = m.end()
         elif tok in "]}":
-            depth -= 1
             if depth == 0:
-                break
-        elif depth == 1:  # a comma between top-level elements
-            index += 1
-            yield index, _loads_record(text[start:m.start()])
-            start = m.end()
-        if depth < 0:
-            break
-    if depth != 0 or start is None:
-        raise AnnotationError(f"{uri}: not valid JSON: unbalanced brackets")
-    last = text[start:m.start()]
-    if last.strip():
-        index += 1
-        yield index, _loads_record(last)
+                return m.start()
+            depth -= 1
+        elif depth == 0:  # a comma between top-level elements
+            return m.start()
+    raise AnnotationError(f"{uri}: not valid JSON: unbalanced brackets")
 
 
 def parse_records(uri: str, records: Iterator[tuple[int, Any]], to_row, report: ParseReport) -> Iterator[dict]:
@@ -213,8 +273,48 @@ def parse_records(uri: str, records: Iterator[tuple[int, Any]], to_row, report: 
             # a field of the wrong type (a list where a string belongs ...) is this row's problem only
             report.bad(line, str(e)[:300] or type(e).__name__)
             continue
+        out = out if isinstance(out, list) else [out]
+        if any(_undecodable(r) for r in out):
+            report.bad(line, "holds bytes that are not UTF-8 text")
+            continue
         report.rows += 1
-        yield from out if isinstance(out, list) else [out]
+        yield from out
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def media_uri(ctx, name: Any) -> str:
+    """The URI of a row's media ``name``: relative names under the source's media folder
+    (``ctx.media``), absolute ones (a path, an ``s3://`` URI) only inside it or inside a prefix the
+    config allows (``ctx.allowed``: ``data.allowed_media_prefixes``).  A name with a control
+    character (NUL ...), one that names no object (``s3:///x.mp4``), another scheme, or one that
+    leads elsewhere (``../../etc/passwd``, another bucket) is this row's :class:`MalformedRow`,
+    counted with its file and line like any other: an annotation file cannot make a run read
+    what its config did not point at."""
+    name = str(name).strip()
+    if not name:
+        raise MalformedRow("empty media name")
+    if _CONTROL.search(name):
+        raise MalformedRow(f"media name {name[:80]!r} holds a control character")
+    uri = storage.resolve(ctx.media, name)
+    try:
+        storage.normalized(uri)
+    except ValueError as e:
+        raise MalformedRow(f"media name {name[:80]!r}: {e}") from None
+    allowed = (ctx.media, *getattr(ctx, "allowed", ()))
+    if not any(storage.is_within(uri, folder) for folder in allowed):
+        raise MalformedRow(f"media {name[:80]!r} lies outside the source's media folder {ctx.media}; a row may only "
+                           "name media inside it (or inside data.allowed_media_prefixes)")
+    return uri
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" made of bytes that are not UTF-8
+
+
+def _undecodable(row: dict) -> bool:
+    return any(isinstance(v, str) and _NOT_UTF8.search(v) for v in row.values()) or any(
+        _NOT_UTF8.search(r) for r in row.get("references") or () if isinstance(r, str))
 
 
 def need(rec: dict, key: str) -> Any:

@@ -5,7 +5,6 @@ import json
 import re
 from typing import Iterator
 
-from orchestrator import storage
 from orchestrator.data.sources.base import (
     AnnotationError,
     MalformedRow,
@@ -13,6 +12,7 @@ from orchestrator.data.sources.base import (
     csv_records,
     json_records,
     make_row,
+    media_uri,
     need,
     parse_records,
     parse_timestamp,
@@ -34,7 +34,7 @@ def webvid_csv(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
         vid = need(r, "videoid").strip()
         if r.get("duration"):
             parse_iso_duration(r["duration"])  # validates the row
-        return make_row(media_uri=storage.resolve(ctx.media, f"{need(r, 'page_dir').strip()}/{vid}.mp4"),
+        return make_row(media_uri=media_uri(ctx, f"{need(r, 'page_dir').strip()}/{vid}.mp4"),
                         text=need(r, "name").strip(), id=vid)
     return parse_records(uri, csv_records(uri, text, ("videoid", "contentUrl", "name", "page_dir", "duration")),
                          row, report)
@@ -71,7 +71,7 @@ def coco_captions(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dic
         cap = need(a, "caption")
         if not isinstance(cap, str):
             raise MalformedRow(f"annotations[{line - 1}]: caption is not a string")
-        return make_row(media_uri=storage.resolve(ctx.media, files[a["image_id"]]), text=cap.strip(),
+        return make_row(media_uri=media_uri(ctx, files[a["image_id"]]), text=cap.strip(),
                         references=by_image[a["image_id"]], id=str(a.get("id", line)), modality="image")
     return parse_records(uri, ((i + 1, a) for i, a in enumerate(doc["annotations"])), row, report)
 
@@ -82,6 +82,6 @@ def internvid(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
         start, end = parse_timestamp(need(r, "Start_timestamp")), parse_timestamp(need(r, "End_timestamp"))
         if end <= start:
             raise MalformedRow(f"End_timestamp {r['End_timestamp']} is not after Start_timestamp {r['Start_timestamp']}")
-        return make_row(media_uri=storage.resolve(ctx.media, f"{need(r, 'YoutubeID')}.mp4"), start=start, end=end,
+        return make_row(media_uri=media_uri(ctx, f"{need(r, 'YoutubeID')}.mp4"), start=start, end=end,
                         text=str(need(r, "Caption")).strip(), id=f"{r['YoutubeID']}_{start:.3f}")
     return parse_records(uri, json_records(uri, text), row, report)

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from orchestrator import storage
 from orchestrator.data.sources.base import (
     MalformedRow,
     ParseReport,
     json_records,
     make_row,
+    media_uri,
     need,
     parse_records,
 )
@@ -17,7 +17,7 @@ from orchestrator.data.sources.base import (
 def msrvtt(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
     """``{"video": "video9770.mp4", "caption": str | [str, ...], "duration": 10.8}``: one row per caption."""
     def row(r, line):
-        media = storage.resolve(ctx.media, str(need(r, "video")))
+        media = media_uri(ctx, need(r, "video"))
         caps = need(r, "caption")
         caps = [caps] if isinstance(caps, str) else list(caps)
         if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
@@ -40,6 +40,6 @@ def _qa_video_file(r: dict) -> str:
 def msrvtt_qa(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
     """``{"video_id": 7010 | "video7010", "question": ..., "answer": ...}`` (optional ``video`` file)."""
     def row(r, line):
-        return make_row(media_uri=storage.resolve(ctx.media, _qa_video_file(r)), text=str(need(r, "question")),
+        return make_row(media_uri=media_uri(ctx, _qa_video_file(r)), text=str(need(r, "question")),
                         answer=str(need(r, "answer")).strip(), id=str(r.get("id", line)))
     return parse_records(uri, json_records(uri, text), row, report)

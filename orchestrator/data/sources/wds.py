@@ -38,10 +38,9 @@ def iter_samples(uri: str, max_member_bytes: int | None = None) -> Iterator[tupl
 
     Shards are plain (uncompressed) tars: a gzip/bz2/xz stream is a ShardError, never inflated. A
     member larger than ``max_member_bytes`` is skipped unread and named under ``TOO_LARGE``."""
-    fs, path = storage.filesystem(uri)
     key, sample = None, {}
     try:
-        with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        with storage.open_input(uri) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for m in tar:
                 if not m.isfile():
                     continue
@@ -55,7 +54,7 @@ def iter_samples(uri: str, max_member_bytes: int | None = None) -> Iterator[tupl
                     continue
                 f = tar.extractfile(m)
                 sample[ext] = f.read() if f is not None else b""
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # ValueError: a URI no storage can open
         if sample:
             yield key, sample
         raise ShardError(f"{uri}: shard unreadable after key {key!r}: {e}") from None
@@ -142,23 +141,36 @@ def sample_to_row(fmt: str, shard: str, key: str, sample: dict[str, bytes]) -> d
 
 
 def read_shard_rows(fmt: str, shard: str, report: ParseReport, with_bytes: bool = False,
-                    max_member_bytes: int | None = None) -> list[dict]:
-    """Every row of one shard (``media_bytes`` kept when ``with_bytes``); malformed samples are counted."""
+                    max_member_bytes: int | None = None, on_bad=None) -> list[dict]:
+    """Every row of one shard (``media_bytes`` kept when ``with_bytes``); malformed samples are counted.
+
+    A sample whose media member is empty is bad (``empty``) here, once: its row would otherwise
+    carry no bytes and send the decoder back to the shard.  ``on_bad(line, reason, message)`` hears
+    of each sample left out (``line`` 0: the tar broke there, reason ``truncated``)."""
     rows = []
+
+    def bad(line: int, reason: str, why: str) -> None:
+        report.bad(line, why)
+        if on_bad is not None:
+            on_bad(line, reason, f"{shard}:{line}: {why}")
+
     try:
         for i, (key, sample) in enumerate(iter_samples(shard, max_member_bytes), 1):
             try:
                 row = sample_to_row(fmt, shard, key, sample)
             except MalformedRow as e:
-                report.bad(i, str(e))
+                bad(i, "too_large" if TOO_LARGE in sample else "malformed", str(e))
+                continue
+            ext, _ = media_of(sample)
+            if ext and not sample[ext]:
+                bad(i, "empty", f"{key}.{ext} is empty")
                 continue
             if with_bytes:
-                ext, _ = media_of(sample)
-                row["media_bytes"] = sample.get(ext, b"") if ext else b""
+                row["media_bytes"] = sample[ext] if ext else b""
             rows.append(row)
             report.rows += 1
     except ShardError as e:
-        report.bad(0, str(e))
+        bad(0, "truncated", str(e))
     return rows
 
 

@@ -5,12 +5,12 @@ import ast
 import json
 from typing import Iterator
 
-from orchestrator import storage
 from orchestrator.data.sources.base import (
     MalformedRow,
     ParseReport,
     csv_records,
     make_row,
+    media_uri,
     need,
     parse_records,
 )
@@ -27,7 +27,7 @@ assert len(YOUKU_CATEGORIES) == 45
 
 
 def _media(ctx, name: str) -> str:
-    return storage.resolve(ctx.media, name.strip())
+    return media_uri(ctx, name)
 
 
 def pretrain(uri: str, text: str, ctx, report: ParseReport) -> Iterator[dict]:
