@@ -19,6 +19,7 @@ from orchestrator.data.config import DataConfig
 from orchestrator.mappings import deep_merge, dotted_keys, set_dotted
 from orchestrator.names import check_segment
 from orchestrator.tracking.config import TrackingConfig
+from orchestrator.tracking.redact import redact
 from orchestrator.train.config import TrainConfig
 from workloads import get_workload
 
@@ -93,7 +94,10 @@ class RunSpec(Section):
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        """The resolved config as YAML for people and logs (the ``config`` verb, ``--print-config``, a
+        sweep's ``best.yaml``): secret-named keys and secret-shaped values (URI passwords, tokens)
+        masked by the redactor, like everything else that leaves a process."""
+        return yaml.safe_dump(redact(self.to_dict()), sort_keys=False, allow_unicode=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import json
 
 from orchestrator.commands import add_config_arguments, resolve_config
 from orchestrator.evaluate import run_evaluation
+from orchestrator.tracking.redact import redact
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     out = run_evaluation(cfg, args.checkpoint, split=args.split, track=not args.no_track)
-    print(json.dumps({"checkpoint": out.checkpoint_uri, "mlflow_run_id": out.mlflow_run_id, "metrics": out.metrics},
-                     indent=2))
+    print(json.dumps(redact({"checkpoint": out.checkpoint_uri, "mlflow_run_id": out.mlflow_run_id,
+                             "metrics": out.metrics}), indent=2))
     return 0

@@ -9,6 +9,7 @@ import json
 
 from orchestrator.sweep.runner import run_sweep
 from orchestrator.sweep.spec import load_sweep
+from orchestrator.tracking.redact import redact
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,8 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.config, args.overrides)
     if args.check:
-        print(json.dumps({"sweep": sweep.spec.model_dump(mode="json"), "base": str(sweep.base_path),
-                          "run_overrides": sweep.run_overrides, "grid_trials": sweep.spec.num_trials()}, indent=2))
+        print(json.dumps(redact({"sweep": sweep.spec.model_dump(mode="json"), "base": str(sweep.base_path),
+                                 "run_overrides": sweep.run_overrides, "grid_trials": sweep.spec.num_trials()}),
+                         indent=2))
         return 0
 
     out = run_sweep(args.config, args.overrides)
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         summary["best"] = {"trial": out.best.run_name, "metric": out.best.metric, "params": out.best.params,
                            "mlflow_run_id": out.best.run_id}
     summary["best_config"] = out.best_config_uri
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(redact(summary), indent=2, default=str))
     if out.interrupted:
         print(f"sweep interrupted: run the same command again to resume it from {out.experiment_path}")
         return 130

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from orchestrator.commands import add_config_arguments, resolve_config
+from orchestrator.tracking.redact import redact
 from orchestrator.train.driver import run_training
 
 
@@ -25,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     out = run_training(cfg, init_from=args.init_from, register=args.register)
-    print(json.dumps({"run_name": out.run_name, "mlflow_run_id": out.mlflow_run_id, "checkpoint": out.checkpoint_uri,
-                      "export": out.export_uri, "metrics": {k: v for k, v in out.metrics.items()
-                                                            if isinstance(v, (int, float))}}, indent=2))
+    print(json.dumps(redact({"run_name": out.run_name, "mlflow_run_id": out.mlflow_run_id,
+                             "checkpoint": out.checkpoint_uri, "export": out.export_uri,
+                             "metrics": {k: v for k, v in out.metrics.items() if isinstance(v, (int, float))}}),
+                     indent=2))
     return 0

@@ -7,11 +7,15 @@ Three layers, each applied to everything that leaves a process:
    Words, not substrings: ``data.tokenizer``, ``mask_token_id`` or ``TOKENIZERS_PARALLELISM`` are not
    secrets.
 2. **Secret-shaped text** anywhere in a value or message: the password of a URI
-   (``scheme://user:pass@host``, also when it contains ``/`` or ``+`` like AWS secret keys),
-   presigned-URL signatures and credentials (``X-Amz-Signature=``, ``X-Amz-Credential=``,
+   (``scheme://user:pass@host``, also when it contains ``/``, ``+`` or ``@``), presigned-URL
+   signatures and credentials (``X-Amz-Signature=``, ``X-Amz-Credential=``,
    ``X-Amz-Security-Token=``, ``Signature=``, ``sig=``, ``token=`` ...), ``Bearer`` tokens, Hugging
-   Face ``hf_`` tokens, AWS access key ids, and ``key=value`` / ``key: value`` pairs whose key names
-   a secret (libpq connection strings: ``host=db password=...``).
+   Face ``hf_`` tokens, GitHub tokens (``ghp_`` ... ``github_pat_``), AWS access key ids and bare AWS
+   secret access keys (40 characters of base64 mixing cases and digits), PEM private key blocks,
+   Azure storage account keys (``AccountKey=``, ``SharedAccessKey=``, a bare 88-character key), and
+   ``key=value`` / ``key: value`` pairs whose key names a secret (libpq connection strings:
+   ``host=db password=...``; ``db_pass``, ``pwd``).  Each shape has its own test
+   (``tests/tracking/test_redaction.py``, ``tests/tracking/test_secret_shapes.py``).
 3. **Known secret values**: the values of this process's secret-named environment variables.
 
 :func:`install_log_redaction` applies 2 and 3 to every log record of the process (Ray's and
@@ -32,29 +36,54 @@ SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
 
 # Words (of a key split at '.', '_', '-', spaces and camelCase) that make the key's value a secret.
 SECRET_WORDS = {"secret", "secrets", "password", "passwd", "passphrase", "credential", "credentials",
-                "apikey", "privatekey", "signature", "sig"}
+                "apikey", "privatekey", "signature", "sig", "pass", "pwd", "accountkey", "sas"}
+# The shell's working-directory variables are paths, not passwords.
+NOT_SECRET_NAMES = {"PWD", "OLDPWD"}
 # ... and pairs of words (``api_key``, ``access-key``, ``session_key``, ``client_secret`` is caught above).
 SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("session", "key"), ("private", "key"),
-                ("signing", "key"), ("encryption", "key"), ("auth", "key"), ("account", "key")}
+                ("signing", "key"), ("encryption", "key"), ("auth", "key"), ("account", "key"),
+                ("connection", "string"), ("shared", "access")}
 # 'token' only as the key's last word (``hf_token``, ``auth_token``), never ``token_type_ids``.
 LAST_WORDS = {"token", "auth", "authorization", "cookie"}
 
 _WORD_SPLIT = re.compile(r"[._\-\s/:]+|(?<=[a-z0-9])(?=[A-Z])")
 # in text, a key counts when it ends with one of these (``hf_token=``, ``password:``, not ``tokenizer=``)
-_SECRET_KEY_TEXT = (r"[\w.\-]*?(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|"
-                    r"session[_-]?key|private[_-]?key|signature|credentials?)")
+_SECRET_KEY_TEXT = (r"[\w.\-]*?(?:password|passwd|pwd|(?<=[_.\-])pass|secret|token|api[_-]?key|access[_-]?key|"
+                    r"session[_-]?key|private[_-]?key|account[_-]?key|signature|credentials?)")
+
+
+def _looks_random(token: str) -> bool:
+    """A bare token that mixes upper and lower case and digits, with enough distinct characters to
+    be a generated key (a 40-character git commit is lower-case hex: not one)."""
+    return (any(c.islower() for c in token) and any(c.isupper() for c in token) and any(c.isdigit() for c in token)
+            and len(set(token)) >= 16)
+
+
+def _mask_random(m: re.Match) -> str:
+    return REDACTED if _looks_random(m.group(0)) else m.group(0)
 TEXT_PATTERNS = [
-    # scheme://user:password@host  (the password may hold '/', '+', '=' ...)
-    (re.compile(r"(\b[A-Za-z][\w+.\-]*://[^\s:/@'\"]*):([^\s@'\"]+)@"), r"\1:" + REDACTED + "@"),
+    # PEM private keys (RSA, EC, OPENSSH, ENCRYPTED ...): the whole block, or all of it that is there
+    (re.compile(r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|\Z)", re.DOTALL),
+     "-----BEGIN \\1PRIVATE KEY-----" + REDACTED + "-----END \\1PRIVATE KEY-----"),
+    # scheme://user:password@host  (the password may hold '/', '+', '=', '@' ...: up to the last '@'
+    # before the host)
+    (re.compile(r"(\b[A-Za-z][\w+.\-]*://[^\s:/@'\"]*):([^\s'\"]+)@(?=[^\s@'\"/]+)"), r"\1:" + REDACTED + "@"),
+    # Azure storage / Service Bus connection strings
+    (re.compile(r"\b((?:AccountKey|SharedAccessKey|SharedAccessSignature)=)[^;'\"\s]+", re.IGNORECASE),
+     r"\1" + REDACTED),
     # query-string / form credentials of presigned URLs and API calls
     (re.compile(r"([?&;](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|AWSAccessKeyId|sig|"
                 r"token|access_token|id_token|refresh_token|api_key|apikey|key|password|secret|"
                 r"x-goog-signature|x-goog-credential)=)[^&\s#'\"]+", re.IGNORECASE), r"\1" + REDACTED),
     # Authorization headers
     (re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=\-]{8,}", re.IGNORECASE), r"\1 " + REDACTED),
-    # Hugging Face tokens, AWS access key ids
+    # Hugging Face tokens, GitHub tokens (classic and fine-grained), AWS access key ids
     (re.compile(r"\bhf_[A-Za-z0-9]{16,}\b"), REDACTED),
-    (re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA)[A-Z0-9]{16}\b"), REDACTED),
+    (re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b"), REDACTED),
+    (re.compile(r"\b(?:AKIA|ASIA|AROA|AIDA|ABIA|ACCA)[A-Z0-9]{16}\b"), REDACTED),
+    # bare AWS secret access keys (40) and Azure account keys (86 + '=='): base64 standing alone
+    (re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"), _mask_random),
+    (re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{86}==(?![A-Za-z0-9/+=])"), _mask_random),
     # key=value / key: value where the key names a secret (libpq strings, env dumps, JSON-ish text)
     (re.compile(r"(\b" + _SECRET_KEY_TEXT + r"['\"]?[ \t]*[=:][ \t]*['\"]?)(?!//)([^\s'\",;&}]+)", re.IGNORECASE),
      r"\1" + REDACTED),
@@ -67,6 +96,8 @@ def _words(key: str) -> list[str]:
 
 def is_secret_key(key: str) -> bool:
     """Whether a config/tag/env key names a secret (by its words, not its substrings)."""
+    if key in NOT_SECRET_NAMES:
+        return False
     words = _words(key)
     if not words:
         return False
