@@ -199,6 +199,7 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
                             batch_size=None, batch_format="numpy", num_cpus=0.1)
     if data_cfg.deterministic:  # decoded rows leave in input order, also when cached by materialize()
         ds.context.execution_options.preserve_order = True
+    original_errors(ds)
     kwargs: dict[str, Any] = {"num_cpus": data_cfg.decode_cpus}
     if data_cfg.decode_concurrency:
         kwargs["concurrency"] = data_cfg.decode_concurrency
@@ -208,6 +209,16 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
                               **_actor_pool(data_cfg, kwargs))
     return ds.map_batches(process_batch, fn_kwargs={"params": params}, batch_size=data_cfg.decode_batch_size,
                           batch_format="numpy", **kwargs)
+
+
+def original_errors(ds):
+    """Let a decode task's error leave it as itself: a data-quality stop (``TooManyBadClips``) then
+    reaches the train worker inside a ``RayTaskError`` that is also a ``TooManyBadClips``, which
+    ``train.failures`` recognises as not retryable.  Ray Data's default wraps it in a
+    ``UserCodeException`` whose pickled form drops its cause: the stop looked like any crash, and
+    every restart decoded and counted the same bad clips again."""
+    ds.context.raise_original_map_exception = True
+    return ds
 
 
 def _actor_pool(data_cfg: DataConfig, kwargs: dict[str, Any]) -> dict[str, Any]:

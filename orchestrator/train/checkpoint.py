@@ -7,7 +7,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -69,21 +69,33 @@ def finished_run(run_dir: str, max_steps: int, run: dict[str, Any] | None = None
 def resume_point(ckpt, run_dir: str | None):
     """The checkpoint to resume from: Ray Train's latest if it is complete, else the newest complete
     one before it (skipped ones are named in a warning), else None (start over, said loudly)."""
-    if ckpt is None or not run_dir:
-        return ckpt
-    check_own(ckpt.path, run_dir)
-    step = int(manifest.CHECKPOINT_DIR.search(ckpt.path.rstrip("/")).group(1)) \
-        if manifest.CHECKPOINT_DIR.search(ckpt.path.rstrip("/")) else None
-    found = manifest.latest_complete(run_dir, at_most_step=step)
-    if found is None:
+    point = next(resume_points(ckpt, run_dir), None)
+    if point is None and ckpt is not None and run_dir:
         log.error("no complete checkpoint in %s (the latest, %s, is not): starting from step 0", run_dir, ckpt.path)
-        return None
-    name = found[0].rstrip("/").rsplit("/", 1)[-1]
-    if ckpt.path.rstrip("/").endswith("/" + name):
-        return ckpt
-    import ray.train
+    return point
 
-    return ray.train.Checkpoint(path=ckpt.path.rstrip("/").rsplit("/", 1)[0] + "/" + name, filesystem=ckpt.filesystem)
+
+def resume_points(ckpt, run_dir: str | None) -> Iterator[Any]:
+    """Every checkpoint a resume may try, best first: Ray Train's latest ``ckpt`` if it is complete
+    (listing: every file of its marker there, with its size), then each older complete one.  The
+    caller moves to the next when the download fails its hashes (``recovery.resume``)."""
+    if ckpt is None:
+        return
+    if not run_dir:
+        yield ckpt
+        return
+    check_own(ckpt.path, run_dir)
+    m = manifest.CHECKPOINT_DIR.search(ckpt.path.rstrip("/"))
+    step = int(m.group(1)) if m else None
+    parent = ckpt.path.rstrip("/").rsplit("/", 1)[0]
+    for uri, _ in manifest.complete_checkpoints(run_dir, at_most_step=step):
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        if ckpt.path.rstrip("/").endswith("/" + name):
+            yield ckpt
+            continue
+        import ray.train
+
+        yield ray.train.Checkpoint(path=parent + "/" + name, filesystem=ckpt.filesystem)
 
 
 def redo_count(latest, point) -> int:
@@ -106,8 +118,25 @@ def check_own(checkpoint_path: str, run_dir: str | None) -> None:
         raise RuntimeError(f"refusing to resume from {checkpoint_path}: not inside this run's folder {run_dir}")
 
 
-def load(engine, directory: str) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, LR schedule) and return the saved client state.
+def verify(directory: str) -> str | None:
+    """Why the downloaded checkpoint in ``directory`` cannot be trusted (no marker, a marker without
+    a file list, a file missing, of another size or whose bytes differ from its SHA-256), or None."""
+    try:
+        marker = json.loads(Path(directory, META).read_text())
+    except FileNotFoundError:
+        return f"checkpoint {directory} has no {META}: it was not completely written"
+    except (ValueError, OSError) as e:
+        return f"checkpoint {directory}: unreadable {META} ({e})"
+    try:
+        manifest.verify_local(directory, marker)
+    except manifest.IncompleteCheckpoint as e:
+        return str(e)
+    return None
+
+
+def load(engine, directory: str, verified: bool = False) -> dict[str, Any]:
+    """Restore engine (weights, optimizer, LR schedule) and return the saved client state
+    (``verified``: :func:`verify` already passed on this directory).
 
     Resuming trusts the run's own storage: DeepSpeed's loader unpickles (``weights_only=False``) the
     files that Ray Train restores from this run's folder, which only this run writes (the loop calls
@@ -115,9 +144,10 @@ def load(engine, directory: str) -> dict[str, Any]:
     training workers, so only the trainers' identity may write there (cluster/README.md, Security).
     Starting from anyone else's weights goes through :func:`load_weights`, which never unpickles.
     """
-    if not Path(directory, META).is_file():
-        raise RuntimeError(f"checkpoint {directory} has no {META}: it was not completely written")
-    manifest.verify_local(directory, json.loads(Path(directory, META).read_text()))
+    if not verified:
+        why = verify(directory)
+        if why is not None:
+            raise manifest.IncompleteCheckpoint(why)
     _, client_state = engine.load_checkpoint(directory, tag=TAG, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
     if client_state is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -37,9 +38,9 @@ from orchestrator.tracking.mlflow_run import (
 )
 from orchestrator.train.checkpoint import finished_run, resolve_init_from, write_vocab
 from orchestrator.train.deepspeed_config import load_user_json
-from orchestrator.train.failures import fail_fast_callback, find_setup_error
+from orchestrator.train.failures import SetupError, fail_fast_callback, find_not_retryable, plain
 from orchestrator.train.journal import ENV as STEP_JOURNAL
-from orchestrator.train.lease import RunLease
+from orchestrator.train.lease import LeaseLost, RunLease
 from orchestrator.train.loop import redacted_train_loop
 from orchestrator.train.manifest import resolve_export
 from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
@@ -102,12 +103,29 @@ def run_training(cfg: RunSpec, init_from: str | None = None, datasets: dict | No
     anything else happens and held until the run ends; a second start of a running name raises
     :class:`~orchestrator.train.lease.RunNameInUse` before Ray starts."""
     r = _settle(cfg, init_from)
-    with RunLease(r.run_dir):
-        return _run_training(r, datasets, extra_tags, parent_run_id, callbacks, register)
+    with RunLease(r.run_dir, on_lost=_interrupter()) as lease:
+        try:
+            return _run_training(r, lease, datasets, extra_tags, parent_run_id, callbacks, register)
+        except KeyboardInterrupt:  # the heartbeat interrupted the driver: the lease is another run's now
+            if lease.lost.is_set():
+                lease.fence().check()
+            raise
 
 
-def _run_training(r: _Run, datasets: dict | None, extra_tags: dict[str, str] | None, parent_run_id: str | None,
-                  callbacks: list | None, register: str | None) -> TrainOutcome:
+def _interrupter():
+    """What the lease's heartbeat does when the lease was taken over: interrupt the driver's main
+    thread (during ``fit`` Ray Train's SIGINT handler aborts the run), so it stops at once.  A driver
+    outside the main thread (a Tune trial) is stopped by the fences instead: the Train controller at
+    the next report, the workers before the next checkpoint or export."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    import _thread
+
+    return _thread.interrupt_main
+
+
+def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: dict[str, str] | None,
+                  parent_run_id: str | None, callbacks: list | None, register: str | None) -> TrainOutcome:
     done = finished_run(r.run_dir, r.cfg.train.max_steps, r.cfg.to_dict())  # another config: FinishedWithOtherConfig
     if done is not None:
         return _already_finished(r.cfg, r.run_name, r.run_dir, r.export_uri, r.tracking_uri, r.experiment, done,
@@ -125,25 +143,43 @@ def _run_training(r: _Run, datasets: dict | None, extra_tags: dict[str, str] | N
         run=r.cfg, run_name=r.run_name, run_dir=r.run_dir, model_config=r.model_config, export_uri=r.export_uri,
         init_from=r.init_uri, deepspeed_user=r.ds_user, mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri,
         stream_fractions=stream_fractions(r.cfg.data.sources, datasets), validate="val" in datasets,
-        val_tracker=val_tracker(r.run_name))
+        val_tracker=val_tracker(r.run_name), lease_fence=lease.fence())
     console = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info)
     trainer = _trainer(plan, r.experiment, datasets, [*(callbacks or []), console.callback()])
     status, result, started = "FAILED", None, time.time()
     try:
         result = _fit(trainer, console)
+        plan.lease_fence.check()  # a run that lost its lease claims no result (LeaseLost)
         status = "FINISHED"
         log.info(summary(r.run_name, result.metrics or console.last, r.cfg.train.max_steps, time.time() - started,
                          _checkpoint_uri(result.checkpoint), r.export_uri, mlflow_run_id))
     finally:
-        ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
-        export_version = resolve_export(r.export_uri)  # <run>/export/step_N, named by the pointer written last
-        exported = export_version is not None
-        bad_clips = _final_bad_clips(r.run_name)
-        quality.release(r.run_name, val_tracker(r.run_name))  # the run is over: its actors go
-        progress.release(r.run_name)
-        _record_outcome(r, mlflow_run_id, status, ckpt_uri, export_version, register, bad_clips)
+        if lease.lost.is_set() or not plan.lease_fence.holds():
+            # its MLflow run (found by name), its run-state actors (named) and its folder are the new holder's
+            log.error("run %s lost its lease: its MLflow run, actors and checkpoints are left to the run that took "
+                      "the name over", r.run_name)
+            outcome = None
+        else:
+            outcome = _close_run(r, mlflow_run_id, status, result, register)
+    if outcome is None:
+        plan.lease_fence.check()
+        raise LeaseLost(f"run folder {r.run_dir}: the lease was taken over; this run stopped")
+    return outcome
+
+
+def _close_run(r: _Run, mlflow_run_id: str | None, status: str, result, register: str | None) -> TrainOutcome:
+    """The end of a run that still holds its lease: the final bad-clip counts, the run's actors
+    released, the outcome recorded in MLflow (FAILED too)."""
+    ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
+    export_version = resolve_export(r.export_uri)  # <run>/export/step_N, named by the pointer written last
+    exported = export_version is not None
+    bad_clips = _final_bad_clips(r.run_name)
+    quality.release(r.run_name, val_tracker(r.run_name))  # the run is over: its actors go
+    progress.release(r.run_name)
+    _record_outcome(r, mlflow_run_id, status, ckpt_uri, export_version, register, bad_clips)
     return TrainOutcome(run_name=r.run_name, run_dir=r.run_dir, checkpoint_uri=ckpt_uri,
-                        export_uri=r.export_uri if exported else None, metrics=dict(result.metrics or {}),
+                        export_uri=r.export_uri if exported else None,
+                        metrics=dict(result.metrics or {}) if result is not None else {},
                         mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri, bad_clips=bad_clips)
 
 
@@ -209,7 +245,7 @@ def _trainer(plan: WorkerPlan, experiment: str, datasets: dict, callbacks: list)
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             worker_runtime_env={"env_vars": worker_env} if worker_env else None,
-            callbacks=[fail_fast_callback(), *callbacks],
+            callbacks=[fail_fast_callback(plan.lease_fence), *callbacks],
             logging_config=train_logging_config(),
         ),
         datasets=datasets,
@@ -222,9 +258,11 @@ def _fit(trainer, progress):
         with progress:
             return trainer.fit()
     except Exception as e:
-        setup = find_setup_error(e)
-        if setup is not None:  # the same on every restart: say it once, as a configuration error
-            raise ConfigError(str(setup)) from None
+        stop = find_not_retryable(e)
+        if isinstance(stop, SetupError):  # the same on every restart: say it once, as a configuration error
+            raise ConfigError(str(stop)) from None
+        if stop is not None:  # a data-quality stop, a lost lease: raised once, as itself, with its message
+            raise plain(stop) from None
         raise
 
 

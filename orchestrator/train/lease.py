@@ -3,15 +3,24 @@
 Two drivers started with the same name would otherwise interleave their checkpoints (Ray Train
 resumes from whatever the other wrote) and their MLflow metrics (both re-open the same run).  The
 driver takes the lease before Ray starts, renews it while it trains (a heartbeat thread) and
-releases it at the end; a lease whose holder died is taken over once it expires, or at once when
-the holder ran on this host and its process is gone (a killed driver that is resubmitted).
+releases it at the end.
 
 The lease is a sequence of small JSON objects ``<run_dir>/_lease/<generation>.json``; the highest
 generation is the current one.  Taking the lease writes the next generation with an exclusive
 create (S3 conditional put ``If-None-Match: *``, a hard link locally, both atomic), so of two
-drivers racing for a free or expired lease exactly one wins; the other gets :class:`RunNameInUse`.
-Renewing rewrites the holder's own generation; a holder that finds a newer generation has lost the
-lease (it was taken over after it failed to renew in time) and says so.
+drivers racing for a free or abandoned lease exactly one wins; the other gets :class:`RunNameInUse`.
+
+Whether a holder is gone is judged without comparing anyone's wall clock with ours (hosts' clocks
+drift: one running 150 s ahead used to take over live leases): a released lease is free; a holder
+on this host is gone when its process is; a holder elsewhere is gone when its record (renewed, with
+a heartbeat count, every :attr:`RunLease.renew_every_s`) has not changed for its TTL as measured on
+*our* monotonic clock while we watch it, and alive as soon as it changes.
+
+Takeover is fenced by the generation: a holder whose generation is no longer the highest has lost
+the lease.  Its heartbeat notices (:attr:`RunLease.lost`, and the ``on_lost`` callback, with which
+the driver stops the run), and every write of the run checks first (:class:`LeaseFence`: the loop
+before each checkpoint and the export, the Train controller at each report), so a holder that lost
+its lease writes no checkpoint and no export after the loss.
 """
 from __future__ import annotations
 
@@ -40,6 +49,11 @@ class RunNameInUse(ConfigError):
     """Another live run holds the lease on this run name."""
 
 
+class LeaseLost(RuntimeError):
+    """This run's lease was taken over by a newer generation: the run must stop, writing nothing more.
+    Not retried (``failures.NOT_RETRYABLE_ERRORS``): a restart would hold an older generation still."""
+
+
 @dataclass
 class LeaseRecord:
     generation: int
@@ -47,29 +61,23 @@ class LeaseRecord:
     host: str
     pid: int
     pid_started: float
-    expires: float
+    expires: float  # the holder's own clock's view, for people reading the file; never compared elsewhere
     released: bool = False
+    beat: int = 0  # heartbeats so far: a watcher sees the holder alive when this changes
+    ttl_s: float = 0.0  # the holder's TTL: unchanged this long (on the watcher's clock), the holder is gone
 
     @classmethod
     def parse(cls, generation: int, text: str) -> "LeaseRecord":
         d = json.loads(text)
         return cls(generation=generation, owner=str(d["owner"]), host=str(d["host"]), pid=int(d["pid"]),
-                   pid_started=float(d.get("pid_started", 0.0)), expires=float(d["expires"]),
-                   released=bool(d.get("released", False)))
+                   pid_started=float(d.get("pid_started", 0.0)), expires=float(d.get("expires", 0.0)),
+                   released=bool(d.get("released", False)), beat=int(d.get("beat", 0)),
+                   ttl_s=float(d.get("ttl_s", 0.0)))
 
     def to_json(self) -> str:
         return json.dumps({"owner": self.owner, "host": self.host, "pid": self.pid, "pid_started": self.pid_started,
-                           "expires": self.expires, "released": self.released})
-
-    def holder_gone(self, now: float) -> str | None:
-        """Why this lease no longer holds (released, expired, holder process gone), or None if it holds."""
-        if self.released:
-            return "released"
-        if self.expires <= now:
-            return f"expired {now - self.expires:.0f} s ago"
-        if self.host == socket.gethostname() and not _process_alive(self.pid, self.pid_started):
-            return f"its holder (pid {self.pid} on this host) is gone"
-        return None
+                           "expires": self.expires, "released": self.released, "beat": self.beat,
+                           "ttl_s": self.ttl_s})
 
 
 def _process_alive(pid: int, started: float) -> bool:
@@ -87,13 +95,18 @@ def _generation_of(uri: str) -> int | None:
 
 
 class RunLease:
-    """The lease on one run folder; :meth:`acquire`, then :meth:`release` (or use ``with``)."""
+    """The lease on one run folder; :meth:`acquire`, then :meth:`release` (or use ``with``).
+    ``on_lost`` is called once, from the heartbeat thread, when a newer generation took it over."""
 
-    def __init__(self, run_dir: str, ttl_s: float | None = None, renew_every_s: float | None = None):
+    def __init__(self, run_dir: str, ttl_s: float | None = None, renew_every_s: float | None = None,
+                 on_lost=None, poll_s: float | None = None):
         self.run_dir = run_dir
         self.dir = storage.join(run_dir, LEASE_DIR)
         self.ttl_s = TTL_S if ttl_s is None else ttl_s
-        self.renew_every_s = renew_every_s if renew_every_s is not None else self.ttl_s / 3
+        # often enough that a watcher elsewhere sees a heartbeat well within its watch
+        self.renew_every_s = renew_every_s if renew_every_s is not None else min(self.ttl_s / 3, 10.0)
+        self.poll_s = poll_s if poll_s is not None else min(max(self.ttl_s / 30, 0.05), 2.0)
+        self.on_lost = on_lost
         me = psutil.Process()
         self.record: LeaseRecord | None = None
         self._me = dict(owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
@@ -122,30 +135,52 @@ class RunLease:
                                "no run of this name is running") from None
 
     def acquire(self) -> "RunLease":
-        now = time.time()
         top = self.current()
-        if top is not None:
-            gone = top.holder_gone(now)
-            if gone is None:
-                raise self._in_use(top, now)
-            if not top.released:
-                log.warning("run folder %s: taking over the lease of %s (%s)", self.run_dir, top.owner, gone)
-        record = LeaseRecord(generation=(top.generation + 1) if top else 1, expires=now + self.ttl_s, **self._me)
+        if top is not None and not top.released:
+            gone = self._gone(top)  # RunNameInUse while its holder lives
+            log.warning("run folder %s: taking over the lease of %s (%s)", self.run_dir, top.owner, gone)
+        record = LeaseRecord(generation=(top.generation + 1) if top else 1, expires=time.time() + self.ttl_s,
+                             ttl_s=self.ttl_s, **self._me)
         try:
             storage.create_exclusive(self._uri(record.generation), record.to_json().encode())
         except storage.AlreadyExists:
-            raise self._in_use(self.current(), time.time()) from None
+            raise self._in_use(self.current()) from None
         self.record = record
         self._thread = threading.Thread(target=self._heartbeat, name="run-lease", daemon=True)
         self._thread.start()
         return self
 
-    def _in_use(self, top: LeaseRecord | None, now: float) -> RunNameInUse:
-        who = f"{top.owner}, lease valid for {max(top.expires - now, 0):.0f} s more" if top else "another driver"
+    def _gone(self, top: LeaseRecord) -> str:
+        """Why ``top``'s holder is gone, or :class:`RunNameInUse` when it is alive.  This host's holder:
+        its process.  Another host's: its record, watched for its TTL on this host's monotonic clock
+        (no wall clock of either host is compared): a change is a heartbeat."""
+        if top.host == socket.gethostname():
+            if _process_alive(top.pid, top.pid_started):
+                raise self._in_use(top)
+            return f"its holder (pid {top.pid} on this host) is gone"
+        ttl = top.ttl_s or self.ttl_s
+        log.info("run folder %s: the lease is held by %s; watching it for a heartbeat for up to %.0f s",
+                 self.run_dir, top.owner, ttl)
+        deadline = time.monotonic() + ttl
+        while (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(self.poll_s, left))
+            now = self.current()
+            if now is None:
+                return "its record was deleted"
+            if now.generation != top.generation:
+                raise self._in_use(now)  # taken by a third run meanwhile
+            if now.released:
+                return "released"
+            if now.to_json() != top.to_json():
+                raise self._in_use(now)  # a heartbeat: the holder is alive
+        return f"its record did not change for {ttl:.0f} s, measured on this host's clock"
+
+    def _in_use(self, top: LeaseRecord | None) -> RunNameInUse:
+        who = f"{top.owner}, generation {top.generation}" if top else "another driver"
         return RunNameInUse(f"run name in use: {self.run_dir} is being trained by another run ({who}). "
                             "Choose another name (name=...), or wait for that run to end; a run whose driver died "
-                            f"releases the name when its lease expires (at most {self.ttl_s:.0f} s after it stopped "
-                            "renewing it, at once when it ran on this host)")
+                            f"releases the name once its lease has not been renewed for {self.ttl_s:.0f} s "
+                            "(at once when it ran on this host)")
 
     def renew(self) -> bool:
         """Extend the lease; False (and :attr:`lost` set) when a newer generation took it over."""
@@ -153,14 +188,30 @@ class RunLease:
             return False
         top = self.current()
         if top is None or top.generation != self.record.generation or top.owner != self.owner:
-            if not self.lost.is_set():
-                log.error("run folder %s: lost the lease to %s; another run of this name is now writing here",
-                          self.run_dir, top.owner if top else "nobody (deleted)")
-            self.lost.set()
+            self._lose(top)
             return False
+        self.record.beat += 1
         self.record.expires = time.time() + self.ttl_s
         storage.write_text(self._uri(self.record.generation), self.record.to_json())
         return True
+
+    def _lose(self, top: LeaseRecord | None) -> None:
+        if self.lost.is_set():
+            return
+        log.error("run folder %s: lost the lease to %s; this run stops, without further checkpoints or exports",
+                  self.run_dir, top.owner if top else "nobody (deleted)")
+        self.lost.set()
+        if self.on_lost is not None:
+            try:
+                self.on_lost()
+            except Exception as e:  # the run is stopped by the fences anyway
+                log.error("run folder %s: stopping the run after the lost lease failed: %s", self.run_dir, e)
+
+    def fence(self) -> "LeaseFence":
+        """What the run's writers check before each write (picklable: shipped to the workers)."""
+        if self.record is None:
+            raise RuntimeError("no lease held")
+        return LeaseFence(self.run_dir, self.record.generation, self.owner)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.renew_every_s):
@@ -191,3 +242,36 @@ class RunLease:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+@dataclass(frozen=True)
+class LeaseFence:
+    """A run's proof of holding generation :attr:`generation` of its folder's lease; :meth:`check`
+    raises :class:`LeaseLost` once a newer generation exists (or its own record is gone).  One
+    listing (and one read when lost) of ``<run_dir>/_lease/``: cheap enough before every checkpoint
+    and at every report."""
+
+    run_dir: str
+    generation: int
+    owner: str
+
+    def check(self) -> None:
+        lease_dir = storage.join(self.run_dir, LEASE_DIR)
+        gens = sorted(g for g in (_generation_of(u) for u in storage.list_files(lease_dir)) if g is not None)
+        if gens and gens[-1] == self.generation:
+            return
+        who = "nobody (the lease was deleted)"
+        if gens and gens[-1] > self.generation:
+            try:
+                who = LeaseRecord.parse(gens[-1], storage.read_text(storage.join(lease_dir, f"{gens[-1]:08d}.json"))).owner
+            except Exception:  # the name is only for the message
+                who = f"generation {gens[-1]}"
+        raise LeaseLost(f"run folder {self.run_dir}: this run's lease (generation {self.generation}) was taken over "
+                        f"by {who}; it stops here without writing another checkpoint or export")
+
+    def holds(self) -> bool:
+        try:
+            self.check()
+        except LeaseLost:
+            return False
+        return True

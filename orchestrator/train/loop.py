@@ -23,9 +23,9 @@ from orchestrator.data import quality
 from orchestrator.data.mix import STREAM_KEY, StreamMix, epoch_batches
 from orchestrator.data.pipeline import SAMPLE_KEY
 from orchestrator.eval_workers import Validator
-from orchestrator.tracking.mlflow_run import MetricLogger, read_pending, write_pending
+from orchestrator.tracking.mlflow_run import MetricLogger, write_pending
 from orchestrator.tracking.redact import redact_exception
-from orchestrator.train import checkpoint, manifest, momentum_sync
+from orchestrator.train import checkpoint, manifest, momentum_sync, recovery
 from orchestrator.train.deepspeed_config import build_deepspeed_config
 from orchestrator.train.extensions import clear_stale_extension_locks, use_locked_build_tools
 from orchestrator.train.failures import SetupPhase
@@ -217,8 +217,7 @@ def setup_worker(plan: WorkerPlan) -> Worker:
     w = Worker(plan, rank, world, device, workload, task_cfg, engine, scheduler, ema_per_step, constants,
                validator, progress, TrainState(), resumed=False)
     latest = ray.train.get_checkpoint()
-    point = checkpoint.resume_point(latest, plan.run_dir)  # complete ones only
-    _resume(w, point)
+    point = recovery.resume(w, latest)  # the newest complete checkpoint whose download verifies
     w.redo = checkpoint.redo_count(latest, point)  # a fall back behind Ray's latest: new names for redone steps
     w.preemption = PreemptionCheckpointer()
     w.journal = StepJournal(rank)
@@ -267,23 +266,6 @@ def _build_engine(model, plan: WorkerPlan, world: int):
         config=build_deepspeed_config(tcfg, world, plan.deepspeed_user), dist_init_required=False)
     ema_per_step = momentum_sync.attach(engine.module, world)  # EMA once per optimizer step, global queue
     return engine, scheduler, ema_per_step
-
-
-def _resume(w: Worker, ckpt) -> None:
-    """Load the latest reported checkpoint (a restarted worker, a rerun of the same name)."""
-    if ckpt is None:
-        return
-    checkpoint.check_own(ckpt.path, w.plan.run_dir)
-    with ckpt.as_directory() as d:
-        saved = checkpoint.load(w.engine, d)
-        w.progress.load(d)
-        if w.rank == 0:
-            _restore_bad_clip_counts(d, w.plan.run_name)
-            w.carried_metrics = read_pending(d)
-    w.state.restore(saved)
-    w.resumed, w.saved_step = True, w.state.step
-    if w.rank == 0:
-        log.info("resumed from step %d (epoch %d)", w.state.step, w.state.epoch)
 
 
 # ------------------------------------------------------------------------------- the step loop
@@ -401,10 +383,11 @@ def finish(w: Worker) -> None:
     export_uri = w.plan.export_uri
     if not export_uri:
         return
+    recovery.fenced(w)  # no export by a run whose lease was taken over
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "export")
         if checkpoint.export(w.engine, w.plan.run.train.zero_stage, out, w.rank):
-            manifest.publish_export(out, export_uri, w.state.step)
+            manifest.publish_export(out, export_uri, w.state.step, fence=w.plan.lease_fence)
 
 
 def save_and_report(w: Worker) -> None:
@@ -412,6 +395,7 @@ def save_and_report(w: Worker) -> None:
     completion marker listing each file (``checkpoint.commit``, a collective)."""
     import ray.train
 
+    recovery.fenced(w)  # a run whose lease was taken over writes no checkpoint (LeaseLost, not retried)
     reported = {**w.last_metrics, "step": w.state.step}
     consumed = w.progress.gather()  # collective: before any rank saves
     name = manifest.checkpoint_dir_name(w.state.step, w.redo)
@@ -424,7 +408,8 @@ def save_and_report(w: Worker) -> None:
                 write_pending(d, w.metrics_logger.pending())
         files = manifest.describe_files(d)
         ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
-    if w.plan.run_dir:  # the completion marker, last
+    if w.plan.run_dir:  # the completion marker, last (and only while the lease is still this run's)
+        recovery.fenced(w)
         checkpoint.commit(files, storage.join(w.plan.run_dir, name), dataclasses.asdict(w.state), reported,
                           w.plan.run.to_dict(), w.rank, w.world)
     w.saved_step = w.state.step
@@ -475,13 +460,6 @@ def _carry_bad_clip_counts(directory: str, run_name: str | None) -> None:
     except Exception as e:  # a slow tracker never costs the checkpoint; said loudly
         log.error("bad-clip counts not saved with this checkpoint (%s: %s); a resume from it starts them "
                   "from the tracker's own", type(e).__name__, e)
-
-
-def _restore_bad_clip_counts(directory: str, run_name: str | None) -> None:
-    try:
-        quality.restore_counts(directory, run_name)
-    except Exception as e:  # as above
-        log.error("bad-clip counts of the checkpoint not restored (%s: %s)", type(e).__name__, e)
 
 
 def _check_bad_fraction(w: Worker) -> None:

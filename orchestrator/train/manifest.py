@@ -6,8 +6,9 @@ ranks) does rank 0 write the completion marker :data:`META`, listing each file o
 its size and SHA-256, the client state, the metrics and the run's config fingerprint.  Readers
 (resume, "is this run finished") trust a checkpoint only when the marker is there and every file
 it lists is in storage with that size (one listing, no body read); a resume also checks the hashes
-of what it downloaded.  A checkpoint that fails is skipped with a warning and the previous
-complete one is used.
+of what it downloaded.  A checkpoint that fails either (a file missing or of another size, one
+whose bytes differ from its hash, a marker that lists no files) is skipped with a warning and the
+previous complete one is used, in the same attempt (``recovery.resume``).
 
 An export is ``<run_dir>/export/step_<N>/``; the pointer :data:`EXPORT_POINTER`
 (``<run_dir>/export/LATEST.json``, naming that folder and its files' sizes) is written after the
@@ -22,7 +23,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from orchestrator import storage
 from orchestrator.config import ConfigError
@@ -133,8 +134,8 @@ def problem(ckpt_uri: str, marker: dict[str, Any] | None, sizes: dict[str, int])
     if not marker.get("complete"):
         return marker.get("error") or "marker says incomplete"
     files = marker.get("files")
-    if files is None:
-        return None  # written before markers listed files: trusted as before
+    if not isinstance(files, dict) or not files:
+        return "the marker lists no files (nothing to verify it against)"
     base = _norm(ckpt_uri) + "/"
     for rel, desc in files.items():
         have = sizes.get(base + rel)
@@ -146,8 +147,14 @@ def problem(ckpt_uri: str, marker: dict[str, Any] | None, sizes: dict[str, int])
 
 
 def verify_local(directory: str | os.PathLike, marker: dict[str, Any]) -> None:
-    """Every file the marker lists is in ``directory`` with its size and hash (a resume's download)."""
-    for rel, desc in (marker.get("files") or {}).items():
+    """Every file the marker lists is in ``directory`` with its size and hash (a resume's download);
+    a marker that lists no files verifies nothing and is refused."""
+    files = marker.get("files")
+    if not marker.get("complete") or not isinstance(files, dict) or not files:
+        raise IncompleteCheckpoint(f"{directory}: the marker lists no files (nothing to verify it against)")
+    for rel, desc in files.items():
+        if not isinstance(desc, dict):
+            raise IncompleteCheckpoint(f"{directory}: the marker's entry for {rel!r} is not a size and hash")
         f = Path(directory, rel)
         if not f.is_file():
             raise IncompleteCheckpoint(f"{directory}: {rel} is missing")
@@ -172,9 +179,9 @@ def checkpoints(run_dir: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
     return [(step, uri) for step, _, uri in sorted(found, reverse=True)], sizes
 
 
-def latest_complete(run_dir: str, at_most_step: int | None = None) -> tuple[str, dict[str, Any]] | None:
-    """``(uri, marker)`` of the newest complete checkpoint in ``run_dir`` (at or before
-    ``at_most_step``); every newer one that is incomplete is skipped with a warning."""
+def complete_checkpoints(run_dir: str, at_most_step: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(uri, marker)`` of every complete checkpoint in ``run_dir`` (at or before ``at_most_step``),
+    newest first; each incomplete one met on the way is skipped with a warning."""
     found, sizes = checkpoints(run_dir)
     for step, uri in found:
         if at_most_step is not None and step > at_most_step:
@@ -182,9 +189,15 @@ def latest_complete(run_dir: str, at_most_step: int | None = None) -> tuple[str,
         marker = read_marker(uri)
         why = problem(uri, marker, sizes)
         if why is None:
-            return uri, marker
-        log.warning("skipping checkpoint %s: %s; using an earlier complete one", uri, why)
-    return None
+            yield uri, marker
+        else:
+            log.warning("skipping checkpoint %s: %s; using an earlier complete one", uri, why)
+
+
+def latest_complete(run_dir: str, at_most_step: int | None = None) -> tuple[str, dict[str, Any]] | None:
+    """``(uri, marker)`` of the newest complete checkpoint in ``run_dir`` (at or before
+    ``at_most_step``); every newer one that is incomplete is skipped with a warning."""
+    return next(complete_checkpoints(run_dir, at_most_step), None)
 
 
 def check_same_config(marker: dict[str, Any], run: dict[str, Any], run_dir: str) -> None:
@@ -211,11 +224,15 @@ def export_version_uri(export_uri: str, step: int) -> str:
     return storage.join(export_uri, f"step_{step:08d}")
 
 
-def publish_export(local_dir: str | os.PathLike, export_uri: str, step: int) -> str:
-    """Upload an export to its step's folder, then point ``export_uri`` at it; returns the folder."""
+def publish_export(local_dir: str | os.PathLike, export_uri: str, step: int, fence=None) -> str:
+    """Upload an export to its step's folder, then point ``export_uri`` at it; returns the folder.
+    ``fence`` (the run's ``lease.LeaseFence``) is checked again before the pointer is written: a run
+    that lost its lease during the upload never makes its export the one in force."""
     target = export_version_uri(export_uri, step)
     storage.upload_dir(local_dir, target)
     files = {rel: d["size"] for rel, d in describe_files(local_dir).items()}
+    if fence is not None:
+        fence.check()
     storage.write_text(storage.join(export_uri, EXPORT_POINTER),
                        json.dumps({"step": step, "path": target.rstrip("/").rsplit("/", 1)[-1], "files": files}))
     return target

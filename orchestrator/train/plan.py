@@ -11,6 +11,7 @@ from typing import Any
 
 from model import MPlugConfig
 from orchestrator.config import RunSpec
+from orchestrator.train.lease import LeaseFence
 
 PLAN_KEY = "plan"  # its key in Ray Train's train_loop_config
 
@@ -29,6 +30,7 @@ class WorkerPlan:
     stream_fractions: dict[str, float] = field(default_factory=dict)  # mixed-in stream -> share of batches
     validate: bool = False              # a ``val`` dataset is attached: validate during training
     val_tracker: str | None = None      # bad-clip tracker of the validation passes
+    lease_fence: LeaseFence | None = None  # the run folder's lease generation: checked before every write
 
     def to_loop_config(self) -> dict[str, Any]:
         return {PLAN_KEY: self}

@@ -96,7 +96,7 @@ def test_two_concurrent_starts_one_wins_the_other_gets_a_clear_error(run_dir):
 
 def test_a_live_lease_refuses_and_a_released_one_is_free(run_dir):
     a = RunLease(run_dir, ttl_s=60).acquire()
-    with pytest.raises(RunNameInUse, match="lease valid for"):
+    with pytest.raises(RunNameInUse, match="generation 1"):  # no "valid for N s": that compared clocks (issue 31)
         RunLease(run_dir, ttl_s=60).acquire()
     a.release()
     b = RunLease(run_dir, ttl_s=60).acquire()
@@ -105,21 +105,38 @@ def test_a_live_lease_refuses_and_a_released_one_is_free(run_dir):
 
 
 def test_an_expired_lease_of_a_holder_elsewhere_is_taken_over(run_dir, caplog):
+    # expired = not renewed for the TTL while we watch it (issue 31: never judged by the wall clocks)
     dead = {"owner": "otherhost:123:abcd", "host": "otherhost", "pid": 123, "pid_started": 1.0,
             "expires": time.time() - 1, "released": False}
     storage.write_text(storage.join(run_dir, LEASE_DIR, "00000004.json"), json.dumps(dead))
-    lease = RunLease(run_dir, ttl_s=60).acquire()
+    lease = RunLease(run_dir, ttl_s=1.0).acquire()
     assert lease.record.generation == 5
     assert "taking over the lease of otherhost:123:abcd" in caplog.text
     lease.release()
 
 
 def test_an_unexpired_lease_of_a_holder_elsewhere_is_respected(run_dir):
+    # unexpired = renewed while we watch it (issue 31: a heartbeat, not a wall-clock expiry)
     live = {"owner": "otherhost:123:abcd", "host": "otherhost", "pid": 123, "pid_started": 1.0,
             "expires": time.time() + 600, "released": False}
-    storage.write_text(storage.join(run_dir, LEASE_DIR, "00000001.json"), json.dumps(live))
-    with pytest.raises(RunNameInUse, match="otherhost:123:abcd"):
-        RunLease(run_dir, ttl_s=60).acquire()
+    uri = storage.join(run_dir, LEASE_DIR, "00000001.json")
+    storage.write_text(uri, json.dumps(live))
+    stop = threading.Event()
+
+    def heartbeat():
+        beat = 0
+        while not stop.wait(0.2):
+            beat += 1
+            storage.write_text(uri, json.dumps({**live, "beat": beat}))
+
+    t = threading.Thread(target=heartbeat, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(RunNameInUse, match="otherhost:123:abcd"):
+            RunLease(run_dir, ttl_s=60).acquire()
+    finally:
+        stop.set()
+        t.join()
 
 
 def test_a_dead_holder_on_this_host_is_taken_over_at_once(run_dir):
@@ -134,7 +151,7 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(run_dir):
     RunLease(run_dir, ttl_s=60).acquire().release()
 
 
-def test_the_heartbeat_renews_and_a_holder_that_was_taken_over_knows(run_dir):
+def test_the_heartbeat_renews_and_a_holder_that_was_taken_over_knows(run_dir, monkeypatch):
     a = RunLease(run_dir, ttl_s=1.5, renew_every_s=0.3).acquire()
     first = a.record.expires
     time.sleep(1.0)
@@ -142,7 +159,8 @@ def test_the_heartbeat_renews_and_a_holder_that_was_taken_over_knows(run_dir):
     assert a.current().expires == pytest.approx(a.record.expires)
     a._stop.set()  # the holder stalls: it stops renewing
     a._thread.join()
-    time.sleep(1.6)
+    # b runs elsewhere (on this host a's live process would keep the name: issue 31)
+    monkeypatch.setattr("orchestrator.train.lease.socket.gethostname", lambda: "otherhost")
     b = RunLease(run_dir, ttl_s=60).acquire()
     assert not a.renew() and a.lost.is_set()
     a.release()  # does not touch b's generation

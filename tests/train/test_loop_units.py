@@ -50,8 +50,10 @@ def test_finished_run_needs_the_export_and_a_marker_at_max_steps(tmp_path):
     def ckpt(step, marker=True):
         d = run / f"checkpoint_step_{step:08d}"
         (d / "ds").mkdir(parents=True)
-        if marker:
-            (d / META).write_text(json.dumps({"complete": True, "step": step, "metrics": {"loss": 1.5}}))
+        (d / "ds" / "w.pt").write_bytes(b"w")
+        if marker:  # it lists the files it vouches for: a marker without a list is refused (issue 31)
+            (d / META).write_text(json.dumps({"complete": True, "step": step, "metrics": {"loss": 1.5},
+                                              "files": {"ds/w.pt": {"size": 1, "sha256": None}}}))
 
     ckpt(4)
     ckpt(8)
