@@ -2,16 +2,21 @@
 
 Each verb lives in ``orchestrator/commands/<verb>.py`` with ``add_arguments(parser)`` and
 ``run(args) -> int``; modules import their heavy dependencies inside ``run`` so ``--help`` is fast.
+A mistake the user can fix (:class:`~orchestrator.errors.UserError`: a setting, a file, a run name,
+bad data past its limit), raised anywhere, also inside a Ray worker, is printed as its own message,
+``error: ...``, with exit status 2 and no traceback (``--verbose`` prints the traceback too).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 
-from orchestrator.config import ConfigError
+from orchestrator import errors
 from orchestrator.console import configure_logging
-from orchestrator.tracking.redact import redact_exception
+from orchestrator.errors import UserError
+from orchestrator.tracking.redact import redact_exception, redact_text
 
 # verb -> one-line help.  Order is the order users meet them.
 VERBS = {
@@ -71,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"error: {redact_exception(e)}", file=sys.stderr)
+    except BaseException as e:
+        mistake = errors.find(e, (UserError,))  # also inside Ray's wrappers
+        if mistake is None or isinstance(e, KeyboardInterrupt):
+            redact_exception(e)  # in place: the traceback printed on the way out carries no credential either
+            raise
+        if args.verbose:
+            traceback.print_exception(redact_exception(e))
+        print(f"error: {redact_text(errors.message(mistake))}", file=sys.stderr)
         return 2
-    except BaseException as e:  # the traceback printed on the way out carries no credential either
-        redact_exception(e)  # in place
-        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

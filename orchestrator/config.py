@@ -15,7 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from orchestrator import storage
 from orchestrator.data.config import DataConfig
+from orchestrator.errors import UserError
 from orchestrator.mappings import deep_merge, dotted_keys, set_dotted
 from orchestrator.names import check_segment
 from orchestrator.tracking.config import TrackingConfig
@@ -26,7 +28,7 @@ from workloads import get_workload
 WORKLOADS = ("pretrain", "retrieval", "videoqa", "captioning", "classification", "glue")
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, UserError):
     """A configuration problem a user can fix; the message says how."""
 
 
@@ -192,16 +194,48 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         cfg = RunSpec.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, sources)) from None
-    _validate_task_section(cfg)
+    _validate_task_section(cfg, sources)
     return cfg
 
 
-def _validate_task_section(cfg: RunSpec) -> None:
-    """The ``task`` mapping belongs to the workload; its schema validates it when it has one."""
+def check_inputs(cfg: RunSpec) -> None:
+    """What a run reads must exist before anything starts: ``data.root`` (a local folder, or an
+    ``s3://`` prefix holding at least one object).  A ConfigError naming the setting otherwise."""
+    root = cfg.data.root
+    fix = (f"set data.root to the folder or s3:// prefix of your dataset (python -m orchestrator synth --out "
+           f"{root} writes the synthetic one there)")
+    if storage.is_s3(root):
+        try:
+            found = next(iter(storage.list_files(root)), None)
+        except Exception as e:  # NoSuchBucket, AccessDenied ...: said with the setting
+            raise ConfigError(f"data.root = {root!r}: cannot be listed ({type(e).__name__}: {str(e)[:200]}); "
+                              f"{fix}") from None
+        if found is None:
+            raise ConfigError(f"data.root = {root!r}: nothing under this prefix; {fix}")
+        return
+    if not os.path.isdir(storage.local_path(root)):
+        raise ConfigError(f"data.root = {root!r}: no such folder; {fix}")
+
+
+def _validate_task_section(cfg: RunSpec, sources: dict[str, str] | None = None) -> None:
+    """The ``task`` mapping belongs to the workload; its schema validates it when it has one.  A
+    workload module that cannot be imported (a typo in a dotted path, its own missing dependency)
+    is a ConfigError naming ``workload``, not an import traceback."""
     try:
         workload = get_workload(cfg.workload)
     except KeyError:
         return
+    except ImportError as e:
+        where = (sources or {}).get("workload", "the config")
+        missing = getattr(e, "name", None)
+        if missing and (cfg.workload == missing or cfg.workload.startswith(missing + ".")):
+            near = difflib.get_close_matches(cfg.workload, [*WORKLOADS, *(f"workloads.{w}" for w in WORKLOADS)], n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"workload = {cfg.workload!r} (from {where}): no module named {missing!r}{hint}; "
+                              f"accepted: {', '.join(WORKLOADS)}, or the dotted path of an importable module "
+                              "following workloads/base.py") from None
+        raise ConfigError(f"workload = {cfg.workload!r} (from {where}): its module failed to import "
+                          f"({type(e).__name__}: {e}); install what it needs or fix the module") from None
     schema = getattr(workload, "Config", None)
     if schema is None:
         return

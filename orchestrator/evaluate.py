@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ConfigError, RunSpec
+from orchestrator.config import ConfigError, RunSpec, check_inputs
 from orchestrator.console import train_logging_config
 from orchestrator.data import quality
 from orchestrator.eval_workers import (
@@ -51,6 +51,7 @@ def run_evaluation(cfg: RunSpec, checkpoint: str, split: str = "val", track: boo
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    check_inputs(cfg)  # data.root is there: one clear line otherwise, before anything starts
     tracking_uri = mlflow_run.resolve_tracking_uri(cfg.tracking.uri) if (track and cfg.tracking.enabled) else None
     try:
         uri, source_run = resolve_init_from(checkpoint, tracking_uri or mlflow_run.resolve_tracking_uri(cfg.tracking.uri))

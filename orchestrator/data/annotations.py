@@ -132,11 +132,16 @@ def _vocabulary(src: SourceConfig, data_cfg: DataConfig, split: str, summaries: 
     return tuple(vocabulary_from_names(src, {n for s in summaries for n in s["labels"]}))
 
 
+def allowed_media(data_cfg: DataConfig) -> tuple[str, ...]:
+    """``data.allowed_media_prefixes`` resolved against ``data.root``."""
+    return tuple(storage.resolve(data_cfg.root, p) for p in data_cfg.allowed_media_prefixes)
+
+
 def _plan(src: SourceConfig, data_cfg: DataConfig, split: str, files: list[str], **kw) -> FilePlan:
     return FilePlan(fmt=src.format, media=storage.resolve(data_cfg.root, src.media), split=split,
                     ns=source_namespace(src.format, files), annotation_bytes=data_cfg.max_annotation_bytes,
                     max_bad_fraction=data_cfg.max_bad_fraction, block_rows=data_cfg.decode_batch_size,
-                    root=data_cfg.root, allowed=data_cfg.allowed_media(), **kw)
+                    root=data_cfg.root, allowed=allowed_media(data_cfg), **kw)
 
 
 def annotation_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, training: bool, seed: int,

@@ -6,7 +6,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from orchestrator import storage
 from orchestrator.data.formats import FORMATS
 
 
@@ -101,7 +100,3 @@ class DataConfig(BaseModel):
     def caps(self):
         """The size caps the source readers apply."""
         return Caps(annotation_bytes=self.max_annotation_bytes, object_bytes=self.max_object_bytes)
-
-    def allowed_media(self) -> tuple[str, ...]:
-        """``allowed_media_prefixes`` resolved against ``root``."""
-        return tuple(storage.resolve(self.root, p) for p in self.allowed_media_prefixes)

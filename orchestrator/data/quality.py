@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.data.placement import end_state_actor, head_actor_options
+from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class BadClip(Exception):
         self.reason, self.uri, self.detail = reason, uri, detail
 
 
-class TooManyBadClips(RuntimeError):
+class TooManyBadClips(RuntimeError, UserError):
     """The fraction of bad clips passed ``data.max_bad_fraction``; the message names reasons and URIs."""
 
 

@@ -16,12 +16,17 @@ import tempfile
 import numpy as np
 
 from orchestrator import storage
+from orchestrator.errors import UserError
 
 CACHE_DIR = os.environ.get("MPLUG2_CACHE", os.path.join(tempfile.gettempdir(), "mplug2-cache"))
 
 
 def default_tokenizer(root: str) -> str:
     return storage.join(root, "tokenizer")
+
+
+class TokenizerNotFound(FileNotFoundError, UserError):
+    """``data.tokenizer`` (or ``<data.root>/tokenizer``) names no tokenizer."""
 
 
 def _local_copy(uri: str) -> str:
@@ -33,7 +38,7 @@ def _local_copy(uri: str) -> str:
         tmp = tempfile.mkdtemp(dir=os.path.dirname(dst) if os.path.isdir(os.path.dirname(dst)) else None)
         n = storage.download_dir(uri, tmp)
         if n == 0:
-            raise FileNotFoundError(f"tokenizer {uri!r}: no files under that prefix; set data.tokenizer "
+            raise TokenizerNotFound(f"tokenizer {uri!r}: no files under that prefix; set data.tokenizer "
                                     "to a directory written by save_pretrained")
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         open(os.path.join(tmp, ".complete"), "w").close()
@@ -57,8 +62,9 @@ def load_tokenizer(name_or_uri: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"cannot load tokenizer {name_or_uri!r}: {e}. Set data.tokenizer to a directory "
-                                "written by save_pretrained (local or s3://) or a cached hub name") from None
+        raise TokenizerNotFound(f"cannot load tokenizer {name_or_uri!r} (data.tokenizer; unset, it is "
+                                f"<data.root>/tokenizer): {str(e).splitlines()[0][:200]}. Set data.tokenizer to a "
+                                "directory written by save_pretrained (local or s3://) or a cached hub name") from None
 
 
 def encode(tokenizer, texts: list[str], max_len: int, texts_b: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.config import ConfigError, RunSpec
+from orchestrator.config import ConfigError, RunSpec, check_inputs
 from orchestrator.console import Progress, summary, train_logging_config
 from orchestrator.data import progress, quality
 from orchestrator.data.catalog import describe_sources
@@ -130,6 +130,8 @@ def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: d
     if done is not None:
         return _already_finished(r.cfg, r.run_name, r.run_dir, r.export_uri, r.tracking_uri, r.experiment, done,
                                  extra_tags, parent_run_id)
+    if datasets is None:  # the run reads its data: data.root must be there (one clear line, before anything)
+        check_inputs(r.cfg)
     # before Ray starts: a bad model/data combination is a ConfigError, not a worker crash
     if getattr(r.workload, "USES_MODEL_CONFIG", True):
         r.model_config = model_config_for(r.cfg, load_run_tokenizer(r.cfg))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator import errors
 from orchestrator.data.quality import TooManyBadClips
 from orchestrator.train.lease import LeaseLost
 
@@ -56,21 +57,7 @@ class SetupPhase:
 def find_error(error: BaseException | None, kinds: tuple[type, ...]) -> BaseException | None:
     """The first exception of ``kinds`` inside a Ray Train failure (worker failures, controller
     failure, a Ray task error's cause, ``__cause__``/``__context__``), or None."""
-    seen: set[int] = set()
-    stack = [error]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen or not isinstance(e, BaseException):
-            continue
-        seen.add(id(e))
-        if isinstance(e, kinds):
-            return e
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            stack.extend(failures.values())
-        stack.extend([getattr(e, "controller_failure", None), getattr(e, "_base_exc", None),
-                      getattr(e, "cause", None), e.__cause__, e.__context__])
-    return None
+    return errors.find(error, kinds)
 
 
 def find_setup_error(error: BaseException | None) -> SetupError | None:

@@ -38,6 +38,7 @@ import psutil
 
 from orchestrator import storage
 from orchestrator.config import ConfigError
+from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class RunNameInUse(ConfigError):
     """Another live run holds the lease on this run name."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(RuntimeError, UserError):
     """This run's lease was taken over by a newer generation: the run must stop, writing nothing more.
     Not retried (``failures.NOT_RETRYABLE_ERRORS``): a restart would hold an older generation still."""
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from orchestrator import storage
 from orchestrator.data import quality
-from orchestrator.data.annotations import FilePlan, summarize_file
+from orchestrator.data.annotations import FilePlan, allowed_media, summarize_file
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.decode import DecodeSpec
 from orchestrator.data.process import EMPTY_ROW, ProcessParams, process_batch
@@ -76,7 +76,7 @@ def test_allowed_media_prefixes_admit_other_folders(tmp_path):
     rows = _msrvtt(tmp_path, [str(other / "a.mp4"), "/etc/passwd"], allowed=(str(other),))
     assert [r["media_uri"] for r in rows] == [str(other / "a.mp4")]
     cfg = DataConfig(root=str(tmp_path), allowed_media_prefixes=["shared-clips", "s3://b/p"])
-    assert cfg.allowed_media() == (str(other), "s3://b/p")
+    assert allowed_media(cfg) == (str(other), "s3://b/p")
     ctx = Context(media="s3://data/videos", split="train", allowed=("s3://b/p",))
     assert media_uri(ctx, "s3://b/p/x.mp4") == "s3://b/p/x.mp4"
     for name in ("s3://b/p2/x.mp4", "s3://b/x.mp4", "s3://data/videos/../secret.mp4"):

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("workloads: loss and metrics per task, on the model", ("workloads",)),
     ("base: helpers every orchestrator layer may use", (
         "=orchestrator", "orchestrator.mappings", "orchestrator.names", "orchestrator.storage", "orchestrator.console",
-        "orchestrator.ray_env", "orchestrator.tracking.redact")),
+        "orchestrator.ray_env", "orchestrator.tracking.redact", "orchestrator.errors")),
     ("components: the data plane, MLflow tracking, each component's typed config", (
         "orchestrator.data", "orchestrator.tracking", "orchestrator.train.config")),
     ("composer: the run config (RunSpec) made of the components' configs", ("orchestrator.config",)),

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from orchestrator import storage
+from orchestrator.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ ROW_KEYS = ("media_uri", "start", "end", "text", "text_b", "answer", "label", "l
             "modality", "references")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(ValueError, UserError):
     """An annotation file that cannot be used as it is; the message names the file (and line)."""
 
 
