@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.devtools.faults.report import Measured, record
+from orchestrator.devtools.faults.report import Injected, Measured, record
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.reliability.helpers import REPO, checkpoint_steps, last_json
@@ -63,6 +63,7 @@ def test_driver_killed_and_resubmitted_resumes_from_last_complete_checkpoint(tmp
     assert first.poll() is None, "the running job must not be disturbed by the refused start"
     time.sleep(0.5)  # a little past the checkpoint: those steps are lost
     _kill_tree(first)
+    killed_drivers = [first.pid]
     # the latest checkpoint Ray registered (a directory still being persisted is not in the snapshot)
     snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
     # ... whose completion marker was written (rank 0 writes it after every rank's upload, issue 17 item 4)
@@ -85,7 +86,8 @@ def test_driver_killed_and_resubmitted_resumes_from_last_complete_checkpoint(tmp
     measured = Measured.from_journal(lines)
     first_steps = max(ln["step"] for ln in lines if ln["attempt"] == lines[0]["attempt"])  # the killed driver's run
     assert measured.steps_lost == first_steps - last_complete, (measured, first_steps, last_complete)
-    record("driver SIGKILL + resubmit same name (+ a half-written checkpoint)", 1, True, measured,
+    record("driver SIGKILL + resubmit same name (+ a half-written checkpoint)", Injected.of(killed_drivers, "drivers"),
+           second.returncode == 0, measured,
            f"resumed from step {resumed[0]}; partial checkpoint ignored")
 
 
@@ -106,5 +108,6 @@ def test_preemption_signal_takes_a_checkpoint_before_the_node_goes(tmp_path):
     assert "node preemption signalled" in out, out[-3000:]
     off_schedule = sorted({s for s in steps if s % 4})  # checkpoint_every=4: any other step came from preemption
     assert off_schedule, f"no checkpoint outside the schedule: {sorted(set(steps))}"
-    record("spot preemption (node drain, reason PREEMPTION)", 1, True, Measured.from_journal(read_journal(journal)),
+    record("spot preemption (node drain, reason PREEMPTION)", Injected.of([drained] if drained["drained"] else [], "node drains"),
+           job.returncode == 0, Measured.from_journal(read_journal(journal)),
            f"checkpoint taken at step {off_schedule[0]} on the signal (schedule: every 4)")

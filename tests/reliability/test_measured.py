@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.devtools.faults.report import ENV, Measured, markdown, record
+from orchestrator.devtools.faults.report import ENV, Injected, Measured, markdown, record
 from orchestrator.train.journal import StepJournal, read
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,28 +82,59 @@ def test_rows_without_ids_say_so(tmp_path):
 
 def test_record_takes_only_measurements(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)  # these rows are examples, not the table's
+    killed = [101, 102, 103]  # what a test's injector logs as it goes
     with pytest.raises(TypeError, match="Measured"):
-        record("x", 1, True, 0)  # a figure written in
+        record("x", Injected.of(killed, "kills"), True, 0)  # a figure written in
     with pytest.raises(TypeError, match="never from figures written in"):
         Measured(object(), 0, 0, "made up", {})
-    row = record("storage", 3, True, Measured.from_clip_accounting(total=4, kept=3, bad=0))
-    assert row["clips_lost"] == 1 and row["steps_lost"] is None
+    with pytest.raises(TypeError, match="Injected"):
+        record("x", 3, True, Measured.not_a_run("x"))  # faults typed in (issue 31: 8 of 19 rows were)
+    with pytest.raises(TypeError, match="never from a figure written in"):
+        Injected(object(), 3, "made up")
+    with pytest.raises(TypeError, match="outcome"):
+        record("x", Injected.of(killed, "kills"), "yes", Measured.not_a_run("x"))
+    row = record("storage", Injected.of(killed, "kills"), 4 - 1 == 3, Measured.from_clip_accounting(total=4, kept=3, bad=0))
+    assert row["clips_lost"] == 1 and row["steps_lost"] is None and row["injected"] == 3
     assert "| n/a | 1 |" in markdown([row])
-    assert markdown([record("a | b", 1, True, Measured.not_a_run("x"), "max |diff| 0")]).endswith(
-        "| max \\|diff\\| 0 |")
+    two = record("a | b", Injected.counted(len(killed), by="proxy"), [len(killed) == 3, not killed],
+                 Measured.not_a_run("x"), "max |diff| 0")
+    assert (two["survived"], two["runs"]) == (1, 2)
+    assert markdown([two]).endswith("| max \\|diff\\| 0 |") and "| 1/2 |" in markdown([two])
+
+
+def _arg(node: ast.Call, index: int, name: str):
+    return node.args[index] if len(node.args) > index else next((k.value for k in node.keywords if k.arg == name),
+                                                                None)
+
+
+def _constant(node) -> bool:
+    """A literal: a constant, or a list/tuple of them (``[True]``), or ``Injected.counted(3, ...)``."""
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return all(_constant(e) for e in node.elts)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("of", "counted"):
+        return bool(node.args) and _constant(node.args[0])
+    return False
 
 
 def test_no_reliability_row_is_given_a_literal():
-    """Every ``record(...)`` call in the tests passes a measurement expression, never a constant."""
+    """Every ``record(...)`` call in the tests passes expressions computed from the run for every
+    column: the faults injected, the outcome and the measurement, never a constant."""
     calls = 0
     for path in sorted(p for p in (REPO / "tests").rglob("*.py") if p.name != Path(__file__).name):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "record":
-                measured = node.args[3] if len(node.args) > 3 else next(
-                    (k.value for k in node.keywords if k.arg == "measured"), None)
+                measured = _arg(node, 3, "measured")
                 if measured is None:
                     continue
                 calls += 1
-                assert not isinstance(measured, ast.Constant), f"{path}:{node.lineno}: a literal reaches the table"
-    assert calls >= 10
+                for i, name in ((1, "injected"), (2, "survived"), (3, "measured")):
+                    value = _arg(node, i, name)
+                    assert value is not None and not _constant(value), \
+                        f"{path}:{node.lineno}: a literal reaches the table's {name!r} column"
+                injected = _arg(node, 1, "injected")
+                assert isinstance(injected, ast.Call) and getattr(injected.func, "attr", "") in ("of", "counted"), \
+                    f"{path}:{node.lineno}: faults injected must be Injected.of(events) / Injected.counted(count)"
+    assert calls >= 14  # 14 calls give the 19 rows (two tests are parametrized)

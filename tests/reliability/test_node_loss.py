@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.devtools.faults.report import Measured, record
+from orchestrator.devtools.faults.report import Injected, Measured, record
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.cluster.ray_head import LocalRayHead
@@ -128,6 +128,7 @@ def test_node_with_the_workers_lost_run_resumes_on_the_other(tmp_path, notice):
         on_node = _train_worker_pids(head.node_pids(node))
         assert on_node, "no training worker on the second node: the fault would not hit one"
         killed = head.kill_node(node)
+        node_lost = killed  # the node's processes, SIGKILLed together: one node lost
         assert set(on_node) <= set(killed)
         time.sleep(2)  # a report already on its way is registered; nothing can resume before the blocker goes
         latest = max(_registered(run_dir))
@@ -159,7 +160,8 @@ def test_node_with_the_workers_lost_run_resumes_on_the_other(tmp_path, notice):
     problems = [p for uri in registered_checkpoints(run_dir) for p in checkpoint_problems(uri)]
     assert not problems, problems
     record("node with the training workers lost (raylet + processes SIGKILLed)"
-           + (" after a preemption notice" if notice else ", no notice"), 1, True, measured,
+           + (" after a preemption notice" if notice else ", no notice"), Injected.of([node_lost], "nodes killed"),
+           job.returncode == 0, measured,
            f"two-node cluster; resumed on the head from step {resumed_at}"
            + (f" (the notice's checkpoint; schedule: every {EVERY})" if notice else f" (schedule: every {EVERY})")
            + f"; {n_split} clips x {EPOCHS} epochs, 2 workers, shuffle")

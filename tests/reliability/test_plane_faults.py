@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from orchestrator import storage
-from orchestrator.devtools.faults.report import Measured, record
+from orchestrator.devtools.faults.report import Injected, Measured, record
 from orchestrator.devtools.faults.s3_proxy import FaultSpec, S3FaultProxy
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
@@ -73,6 +73,6 @@ def test_training_run_through_s3_faults_loses_nothing(s3_server, s3_bucket, tmp_
     export = resolve_export(storage.join(result["run_dir"], "export"))  # export/step_N, named by its pointer
     assert export is not None and storage.exists(storage.join(export, "model.safetensors")), export
     record("S3 faults on a training run's clip reads + checkpoint uploads (workers through the proxy)",
-           proxy.injected_total(), True, measured,
+           Injected.counted(proxy.injected_total(), by="the S3 proxy"), job.returncode == 0, measured,
            f"{n_split} clips x {EPOCHS} epochs, 2 workers, shuffle: {on_clips} faults on clip reads, {on_ckpt} on "
            f"checkpoint uploads; {len(registered)} registered checkpoints all load; {result['bad']} counted bad")

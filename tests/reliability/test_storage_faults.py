@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 from orchestrator import storage
 from orchestrator.data import quality
 from orchestrator.data.decode import read_media
-from orchestrator.devtools.faults.report import Measured, record
+from orchestrator.devtools.faults.report import Injected, Measured, record
 from orchestrator.devtools.faults.s3_proxy import FaultSpec, request_kind
 
 pytestmark = pytest.mark.slow  # starts the moto server
@@ -49,10 +49,12 @@ def test_reads_and_writes_are_retried(s3_proxy, s3_bucket, fault):
         assert storage.read_bytes(uri) == data              # boto3 GetObject (+ body read)
         assert read_media(uri) == data                      # pyarrow, the data plane's reader
         assert storage.exists(uri)
-    assert sorted(storage.list_files(f"{s3_bucket}/obj")) == sorted(blobs)
+    listed = sorted(storage.list_files(f"{s3_bucket}/obj")) == sorted(blobs)
+    assert listed
     injected = s3_proxy.injected_total()
     assert injected >= 5, s3_proxy.stats()
-    record(f"S3 {fault} (40% of requests)", injected, True,
+    record(f"S3 {fault} (40% of requests)", Injected.counted(injected, by="the S3 proxy's counters"),
+           listed,
            Measured.not_a_run(f"storage calls in the test process; {len(blobs)} objects compared byte for byte"),
            "reads/writes retried, bytes identical")
 
@@ -69,7 +71,8 @@ def test_read_timeout_is_retried(s3_proxy, s3_bucket, monkeypatch):
         assert read_media(uri) == b"v" * 1000
     assert s3_proxy.injected_total("get") >= 1, s3_proxy.stats()
     assert time.time() - t0 < 60
-    record("S3 read timeout (3 s delay, 1 s timeout)", s3_proxy.injected_total("get"), True,
+    record("S3 read timeout (3 s delay, 1 s timeout)", Injected.counted(s3_proxy.injected_total("get"), by="the S3 proxy"),
+           time.time() - t0 < 60,
            Measured.not_a_run("storage reads in the test process, bytes compared"), "retried")
 
 
@@ -99,7 +102,8 @@ def test_checkpoint_upload_completes_under_faults(s3_proxy, s3_bucket, tmp_path)
     s3_proxy.set_faults({})
     assert _digest_tree(f"{s3_bucket}/export") == want
     assert _digest_tree(f"{s3_bucket}/ray_ckpt") == want
-    record("checkpoint upload under S3 faults", s3_proxy.injected_total("put"), True,
+    record("checkpoint upload under S3 faults", Injected.counted(s3_proxy.injected_total("put"), by="the S3 proxy"),
+           _digest_tree(f"{s3_bucket}/export") == want,
            Measured.not_a_run(f"uploads from the test process; {len(want)} files' sha256 compared"),
            "boto3 + pyarrow uploads complete, bytes identical")
 
@@ -115,7 +119,8 @@ def test_checkpoint_upload_fails_loudly_when_s3_stays_down(s3_proxy, s3_bucket, 
     with pytest.raises(OSError, match="SlowDown|503|reduce your request rate"):
         pafs.copy_files(str(tmp_path / "ckpt"), path, destination_filesystem=fs)
     assert not storage.exists(f"{s3_bucket}/export/mplug2_checkpoint.json")
-    record("checkpoint upload, S3 down for good", s3_proxy.injected_total("put"), True,
+    record("checkpoint upload, S3 down for good", Injected.counted(s3_proxy.injected_total("put"), by="the S3 proxy"),
+           not storage.exists(f"{s3_bucket}/export/mplug2_checkpoint.json"),
            Measured.not_a_run("uploads from the test process; the marker's absence checked"),
            "raises ClientError/OSError (no silent partial checkpoint)")
 
@@ -183,5 +188,6 @@ def test_no_clip_silently_dropped(s3_proxy, s3_bucket, monkeypatch, transient):
     else:
         assert kept == 0 and stats["by_reason"] == {"read_error": len(rows)}
     record("S3 faults on clip reads, test process" + ("" if transient else " (storage down)"),
-           s3_proxy.injected_total(), True, Measured.from_clip_accounting(len(rows), kept, stats["bad"]),
+           Injected.counted(s3_proxy.injected_total(), by="the S3 proxy"), kept + stats["bad"] == len(rows),
+           Measured.from_clip_accounting(len(rows), kept, stats["bad"]),
            f"{len(rows)} clips: {kept} decoded, {stats['bad']} counted bad")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.devtools.faults.report import Measured, record
+from orchestrator.devtools.faults.report import Injected, Measured, record
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.conftest import free_port
@@ -92,7 +92,9 @@ def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tm
         assert steps == list(range(1, MAX_STEPS + 1)), f"missing steps: {set(range(1, MAX_STEPS + 1)) - set(steps)}"
         assert run.data.tags["mplug2.checkpoint_uri"].endswith(f"checkpoint_step_{MAX_STEPS:08d}")
         assert sorted(int(m.value) for m in c.get_metric_history(run.info.run_id, "resumed_from_step")) == [20]
-        record("MLflow server down 12 s mid-run; rank 0 killed during it", 2, True,
+        record("MLflow server down 12 s mid-run; rank 0 killed during it",
+               Injected.of([k for k in ("down_at", "killed_at") if k in outage], "server stopped, rank 0 killed"),
+               run.info.status == "FINISHED",
                Measured.from_journal(read_journal(str(tmp_path / "journal"))),
                f"all {MAX_STEPS} steps' metrics delivered after it came back (the dead rank 0's undelivered points "
                "carried by its last checkpoint); run FINISHED")
@@ -101,11 +103,13 @@ def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tm
         text = _all_text_of_run(c, run.info.run_id, tmp_path)
         logs = capfd.readouterr()
         logs_text = logs.out + logs.err + "".join(f.read_text(errors="replace") for f in tmp_path.glob("server.log"))
-        for secret in (SECRET, "testing-secret-never-logged"):
+        planted = (SECRET, "testing-secret-never-logged")
+        for secret in planted:
             assert secret not in text, f"{secret!r} reached MLflow"
             assert secret not in logs_text, f"{secret!r} reached the job logs"
         assert run.data.params["data.root"] == "s3://b/***"
-        record("secrets in env/config searched in MLflow + logs", 2, True,
+        record("secrets in env/config searched in MLflow + logs", Injected.of(planted, "secrets planted"),
+               not any(s in text or s in logs_text for s in planted),
                Measured.not_a_run("a search of the outage run's MLflow records and logs"),
                "params, tags, metric keys, artifacts, driver/worker/server logs: 0 hits")
     finally:
@@ -124,11 +128,13 @@ def test_close_run_waits_for_a_tracker_that_is_down_at_the_end(tmp_path):
         server.stop()
         threading.Timer(5.0, server.start).start()
         t0 = time.time()
+        outages = [t0]  # the server went down before the close
         close_run(server.uri, run_id, tags={"mplug2.export_uri": "x"}, retry_s=120)
         assert time.time() - t0 >= 4
         run = MlflowClient(server.uri).get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.tags["mplug2.export_uri"] == "x"
-        record("MLflow down when the run closes", 1, True, Measured.not_a_run("close_run against a stopped server"),
+        record("MLflow down when the run closes", Injected.of(outages, "server outages"),
+               run.info.status == "FINISHED", Measured.not_a_run("close_run against a stopped server"),
                "close_run retried until it came back")
     finally:
         time.sleep(0.5)

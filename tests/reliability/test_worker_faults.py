@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from orchestrator.devtools.faults.report import Measured, record
+from orchestrator.devtools.faults.report import Injected, Measured, record
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.reliability.helpers import checkpoint_steps, toy_cfg, toy_datasets, train_workers
@@ -100,6 +100,7 @@ def test_worker_killed_twice_resumes_and_matches_fault_free_run(ray_local, tmp_p
     # kill lands between the two for at most one step per kill
     assert steps_lost - len(killed) <= measured.steps_lost <= steps_lost, (measured, steps_lost)
     assert measured.evidence["attempts"] == len(killed) + 1, measured
-    record("training worker SIGKILL (2 per run, random steps)", len(killed), True, measured,
+    record("training worker SIGKILL (2 per run, random steps)", Injected.of(killed, "workers SIGKILLed"),
+           run.info.status == "FINISHED", measured,
            f"resumed from steps {resumed}; final weights vs fault-free run: max |diff| {diff:.1e}, "
            f"relative L2 {rel:.1e} ({'same' if same_order else 'different'} batch order)")

@@ -87,7 +87,7 @@ def test_a_real_mlflow_outage_spanning_the_close(tmp_path, monkeypatch):
     what the server lacks once it is up again."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.devtools.faults.report import Measured, record
+    from orchestrator.devtools.faults.report import Injected, Measured, record
     from tests.conftest import free_port
     from tests.reliability.helpers import MlflowServer
 
@@ -95,6 +95,7 @@ def test_a_real_mlflow_outage_spanning_the_close(tmp_path, monkeypatch):
     server.start()
     try:
         c = MlflowClient(server.uri)
+        outages, delivered_as_reported = [], []
         for name, back_after_s, timeout_s in (("back", 4.0, 300.0), ("gone", None, 4.0)):
             run_id = mlflow_run.open_run(server.uri, "delivery", name, {}, {})
             monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast: the logger's retry is under test
@@ -104,6 +105,7 @@ def test_a_real_mlflow_outage_spanning_the_close(tmp_path, monkeypatch):
                 logger.log({"loss": float(step)}, step)
             time.sleep(1.5)  # delivered by the sender thread
             server.stop()
+            outages.append(name)
             for step in range(11, 31):
                 logger.log({"loss": float(step)}, step)
             restart = threading.Timer(back_after_s, server.start) if back_after_s else None
@@ -122,7 +124,9 @@ def test_a_real_mlflow_outage_spanning_the_close(tmp_path, monkeypatch):
             else:
                 assert stats["undelivered"] == 30 - len(got) and stats["undelivered"] >= 20, (stats, got)
             assert stats["failed_flushes"] >= 1
-        record("MLflow down through the close of the metric logger", 2, True,
+            delivered_as_reported.append(stats["undelivered"] == 30 - len(got))
+        record("MLflow down through the close of the metric logger", Injected.of(outages, "server outages"),
+               all(delivered_as_reported),
                Measured.not_a_run("a metric logger in the test process, points counted on the server"),
                "back in time: 30/30 points delivered; down for good: undelivered = points missing from the server")
     finally:

@@ -1,9 +1,13 @@
 """Rows of the reliability table: each fault test records what it injected and what it cost.
 
-A test calls :func:`record` with a :class:`Measured`: the "steps lost" and "clips lost" of a row
-are only ever computed from what a run recorded (the step journal of
+Every column comes from the run, none is typed in.  A test calls :func:`record` with an
+:class:`Injected` (the faults, counted from the injector's own log: the S3 proxy's counters, the
+list of processes it killed, the outages it made), the run's outcome (``survived``: a bool or one
+per run, computed from what the run returned) and a :class:`Measured`: the "steps lost" and "clips
+lost" of a row are only ever computed from what a run recorded (the step journal of
 :mod:`orchestrator.train.journal`, the decode counts of a clip batch), never passed in as
-numbers; :func:`record` refuses anything else.  The row is appended (JSON Lines) to the file
+numbers; :func:`record` refuses anything else, and ``tests/reliability/test_measured.py`` checks
+that no call passes a literal in any of these places.  The row is appended (JSON Lines) to the file
 named by ``$MPLUG2_RELIABILITY_REPORT`` when it is set (``benchmarks/reliability_report.py`` sets
 it), and is a no-op otherwise.  :func:`markdown` renders the rows as the README table.
 """
@@ -91,13 +95,46 @@ class Measured:
         return cls(_TOKEN, None, None, f"n/a: no training run ({what})", {})
 
 
-def record(fault: str, injected: int, survived: bool, measured: Measured, note: str = "",
-           runs: int = 1) -> dict[str, Any]:
+class Injected:
+    """How many faults a test injected, counted from its own record of injecting them."""
+
+    __slots__ = ("count", "what")
+
+    def __init__(self, token, count: int, what: str):
+        if token is not _TOKEN:
+            raise TypeError("an Injected comes from Injected.of / Injected.counted, never from a figure written in")
+        self.count, self.what = int(count), what
+
+    def __repr__(self) -> str:
+        return f"Injected({self.count}: {self.what})"
+
+    @classmethod
+    def of(cls, events: Iterable[Any], what: str) -> "Injected":
+        """One fault per event the test logged as it injected it (a killed pid, an outage's start ...)."""
+        return cls(_TOKEN, len(list(events)), what)
+
+    @classmethod
+    def counted(cls, count: int, by: str) -> "Injected":
+        """A count kept by the injector itself (the S3 proxy's counters)."""
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"a counted injection is the injector's integer count, got {count!r}")
+        return cls(_TOKEN, count, by)
+
+
+def record(fault: str, injected: Injected, survived: bool | list[bool], measured: Measured,
+           note: str = "") -> dict[str, Any]:
+    """A row; ``survived`` is the run's outcome (one bool per run when the row covers several)."""
     if not isinstance(measured, Measured):
         raise TypeError(f"record() takes a Measured (derived from the run), got {type(measured).__name__}")
-    row = {"fault": fault, "injected": int(injected), "runs": runs, "survived": int(bool(survived)) * runs,
+    if not isinstance(injected, Injected):
+        raise TypeError(f"record() takes an Injected (counted from the injector's log), got {type(injected).__name__}")
+    outcomes = list(survived) if isinstance(survived, (list, tuple)) else [survived]
+    if not outcomes or not all(isinstance(o, bool) for o in outcomes):
+        raise TypeError(f"survived is the run's outcome, a bool per run, got {survived!r}")
+    runs = len(outcomes)
+    row = {"fault": fault, "injected": injected.count, "runs": runs, "survived": sum(outcomes),
            "steps_lost": measured.steps_lost, "clips_lost": measured.clips_lost, "how": measured.how,
-           "evidence": measured.evidence, "note": note}
+           "evidence": {**measured.evidence, "injected": injected.what}, "note": note}
     path = os.environ.get(ENV)
     if path:
         with open(path, "a", encoding="utf-8") as f:
