@@ -257,9 +257,13 @@ class TooLarge(ValueError):
     """An object larger than the cap its reader was given."""
 
 
-def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+def read_bytes(uri: str, max_bytes: int | None = None, timeout_s: float | None = None) -> bytes:
     """The whole object; with ``max_bytes``, one larger than that raises :class:`TooLarge` after
-    reading at most ``max_bytes + 1`` bytes of it (the size is not taken on trust from metadata)."""
+    reading at most ``max_bytes + 1`` bytes of it (the size is not taken on trust from metadata);
+    with ``timeout_s``, a read that takes longer raises :class:`TimeoutError` (a server dripping
+    bytes keeps each request under its own timeout, not the whole read)."""
+    if timeout_s is not None:
+        return _within(timeout_s, uri, read_bytes, uri, max_bytes)
     if is_s3(uri):
         bucket, key = split_s3(uri)
         data = _get_object_body(bucket, key, max_bytes)
@@ -269,6 +273,28 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     if max_bytes is not None and len(data) > max_bytes:
         raise TooLarge(f"{uri} is larger than {max_bytes} bytes")
     return data
+
+
+def _within(timeout_s: float, uri: str, fn, *args):
+    """``fn(*args)`` in a daemon thread, abandoned after ``timeout_s`` (TimeoutError)."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["out"] = fn(*args)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["err"] = e
+
+    t = threading.Thread(target=target, daemon=True, name=f"read:{uri[-40:]}")
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise TimeoutError(f"reading {uri} took longer than {timeout_s:g} s")
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
 
 
 def _get_object_body(bucket: str, key: str, max_bytes: int | None = None) -> bytes:

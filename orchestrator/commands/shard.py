@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     except ValueError as e:
         raise ConfigError(f"shard: {e}") from None
-    caps = Caps(annotation_bytes=args.max_annotation_bytes, object_bytes=args.max_object_bytes)
+    caps = Caps(annotation_bytes=args.max_annotation_bytes, object_bytes=args.max_object_bytes,
+                read_timeout_s=args.read_timeout_s)
     allowed = tuple(storage.resolve(args.root, p) for p in args.allow_media_prefix)
     try:
         rows = read_rows(src, args.root, args.split, args.max_bad_fraction, caps, allowed)

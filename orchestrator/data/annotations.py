@@ -76,6 +76,7 @@ class FilePlan:
     block_rows: int = 8
     root: str = ""  # data.root: seeds use paths relative to it (ids.seed_part)
     allowed: tuple[str, ...] = ()  # data.allowed_media_prefixes, resolved: media rows may name besides `media`
+    read_timeout_s: float | None = None  # data.read_timeout_s: reading the file, whole
 
 
 def source_namespace(fmt: str, files: list[str]) -> str:
@@ -84,7 +85,7 @@ def source_namespace(fmt: str, files: list[str]) -> str:
 
 def _parse(uri: str, plan: FilePlan, report: ParseReport) -> Iterator[dict]:
     ctx = Context(media=plan.media, split=plan.split, allowed=plan.allowed)
-    return SOURCES[plan.fmt].parse(uri, read_text(uri, plan.annotation_bytes), ctx, report)
+    return SOURCES[plan.fmt].parse(uri, read_text(uri, plan.annotation_bytes, plan.read_timeout_s), ctx, report)
 
 
 def summarize_file(uri: str, plan: FilePlan, collect_labels: bool) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def _plan(src: SourceConfig, data_cfg: DataConfig, split: str, files: list[str],
     return FilePlan(fmt=src.format, media=storage.resolve(data_cfg.root, src.media), split=split,
                     ns=source_namespace(src.format, files), annotation_bytes=data_cfg.max_annotation_bytes,
                     max_bad_fraction=data_cfg.max_bad_fraction, block_rows=data_cfg.decode_batch_size,
-                    root=data_cfg.root, allowed=allowed_media(data_cfg), **kw)
+                    root=data_cfg.root, allowed=allowed_media(data_cfg), read_timeout_s=data_cfg.read_timeout_s, **kw)
 
 
 def annotation_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, training: bool, seed: int,

@@ -11,11 +11,12 @@ from orchestrator.data.formats import FORMATS
 
 @dataclass(frozen=True)
 class Caps:
-    """Size caps for untrusted input (``data.max_annotation_bytes`` / ``data.max_object_bytes``);
-    None = unbounded."""
+    """Bounds on reading untrusted input (``data.max_annotation_bytes`` / ``data.max_object_bytes`` /
+    ``data.read_timeout_s``); None = unbounded."""
 
     annotation_bytes: int | None = None
     object_bytes: int | None = None
+    read_timeout_s: float | None = None  # one object's read, whole (data.read_timeout_s)
 
 
 Sampling = Literal["rand", "middle", "uniform", "headtail", "keyframe"]
@@ -99,4 +100,5 @@ class DataConfig(BaseModel):
 
     def caps(self):
         """The size caps the source readers apply."""
-        return Caps(annotation_bytes=self.max_annotation_bytes, object_bytes=self.max_object_bytes)
+        return Caps(annotation_bytes=self.max_annotation_bytes, object_bytes=self.max_object_bytes,
+                    read_timeout_s=self.read_timeout_s)

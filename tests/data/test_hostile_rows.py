@@ -257,3 +257,18 @@ def test_the_shard_verb_applies_the_training_caps(tmp_path, clip_bytes):
     assert index["samples"] == 1 and index["skipped"] == {"too_large": 1, "bad_uri": 1}
     assert b"not yours" not in (out / "shard-000000.tar").read_bytes()
 
+
+
+def test_an_annotation_read_that_stalls_is_an_error_naming_the_file(tmp_path, monkeypatch):
+    from orchestrator.data.sources.base import read_text
+
+    (tmp_path / "a.jsonl").write_text("{}\n")
+    release = threading.Event()
+    real = storage.open_regular
+    monkeypatch.setattr(storage, "open_regular", lambda path: release.wait(30) and real(path))
+    t0 = time.monotonic()
+    with pytest.raises(AnnotationError, match=r"a\.jsonl took longer than 0\.3 s \(data\.read_timeout_s\)"):
+        read_text(str(tmp_path / "a.jsonl"), None, 0.3)
+    release.set()
+    assert time.monotonic() - t0 < 5
+    assert DataConfig(read_timeout_s=7).caps().read_timeout_s == 7

@@ -104,7 +104,7 @@ def _read_split(source: SourceConfig, root: str, split: str, max_bad_fraction: f
                 report.check(max_bad_fraction)
             continue
         report = ParseReport(uri)
-        rows.extend(spec.parse(uri, read_text(uri, caps.annotation_bytes), ctx, report))
+        rows.extend(spec.parse(uri, read_text(uri, caps.annotation_bytes, caps.read_timeout_s), ctx, report))
         report.check(max_bad_fraction)
     return rows
 

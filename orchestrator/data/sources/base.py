@@ -108,16 +108,19 @@ class ParseReport:
                                   f"(limit {max_bad_fraction:.0%}); first ones:\n  {shown}")
 
 
-def read_text(uri: str, max_bytes: int | None = None) -> str:
+def read_text(uri: str, max_bytes: int | None = None, timeout_s: float | None = None) -> str:
     """The whole annotation file as text; larger than ``max_bytes`` (``data.max_annotation_bytes``)
-    is an AnnotationError before it is read."""
+    is an AnnotationError before it is read, and so is a read longer than ``timeout_s``
+    (``data.read_timeout_s``)."""
     try:
-        data = storage.read_bytes(uri, max_bytes=max_bytes)
+        data = storage.read_bytes(uri, max_bytes=max_bytes, timeout_s=timeout_s)
     except storage.TooLarge as e:
         raise AnnotationError(f"{e}; raise data.max_annotation_bytes if this file is meant to be this big, "
                               "or split it") from None
     except FileNotFoundError:
         raise AnnotationError(f"annotation file not found: {uri}") from None
+    except TimeoutError as e:
+        raise AnnotationError(f"{e} (data.read_timeout_s)") from None
     except storage.NotARegularFile:
         raise AnnotationError(f"annotation file {uri} is not a regular file (a FIFO, device or folder)") from None
     except IsADirectoryError:
