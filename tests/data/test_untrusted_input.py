@@ -198,7 +198,7 @@ def test_annotation_file_over_the_cap_is_a_clear_error(tmp_path, s3_bucket):
 
 def test_caps_come_from_the_data_config():
     cfg = DataConfig(max_annotation_bytes=123, max_object_bytes=456)
-    assert cfg.caps() == Caps(annotation_bytes=123, object_bytes=456)
+    assert cfg.caps() == Caps(annotation_bytes=123, object_bytes=456, read_timeout_s=cfg.read_timeout_s)
     from orchestrator.data.pipeline import process_params
 
     assert process_params(cfg, True, ("frames",), 0, None).max_object_bytes == 456
