@@ -257,8 +257,16 @@ class LeaseFence:
     owner: str
 
     def check(self) -> None:
+        """LeaseLost when a newer generation holds the folder (or this one's record is gone).  A
+        listing that fails (storage away beyond its retries) proves nothing: the run goes on, said
+        in a warning; the write that follows meets the same storage."""
         lease_dir = storage.join(self.run_dir, LEASE_DIR)
-        gens = sorted(g for g in (_generation_of(u) for u in storage.list_files(lease_dir)) if g is not None)
+        try:
+            gens = sorted(g for g in (_generation_of(u) for u in storage.list_files(lease_dir)) if g is not None)
+        except Exception as e:
+            log.warning("run folder %s: could not check the lease (%s: %s)", self.run_dir, type(e).__name__,
+                        str(e)[:200])
+            return
         if gens and gens[-1] == self.generation:
             return
         who = "nobody (the lease was deleted)"

@@ -263,3 +263,19 @@ def test_a_stop_raised_in_a_ray_data_task_is_found_in_what_the_consumer_sees(ray
 def test_the_failure_classes_have_one_name_each():
     assert set(failures.NOT_RETRYABLE_ERRORS) == {failures.SetupError, TooManyBadClips, LeaseLost}
     assert dataclasses.is_dataclass(LeaseFence)
+
+
+def test_a_fence_that_cannot_list_its_storage_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    run_dir = str(tmp_path / "run")
+    lease = RunLease(run_dir, ttl_s=60).acquire()
+    fence = lease.fence()
+
+    def down(prefix):
+        raise ConnectionError("storage away")
+
+    monkeypatch.setattr(storage, "list_files", down)
+    with caplog.at_level(logging.WARNING):
+        fence.check()  # a transient outage is not a lost lease
+    assert "could not check the lease" in caplog.text
+    monkeypatch.undo()
+    lease.release()
