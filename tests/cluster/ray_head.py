@@ -54,6 +54,7 @@ class LocalRayHead:
         self.proc: subprocess.Popen | None = None
         self._log = None
         self._nodes: list[subprocess.Popen] = []
+        self._node_cpus: list[int] = []
 
     @staticmethod
     def _environment(extra: dict[str, str]) -> dict[str, str]:
@@ -99,7 +100,7 @@ class LocalRayHead:
         return self
 
     def add_node(self, num_cpus: int, timeout: float = 120.0) -> int:
-        """A second node of this cluster (``ray start --address --block``, its own process group and
+        """Another node of this cluster (``ray start --address --block``, its own process group and
         ports), waited for until the cluster counts its CPUs; returns its index (for :meth:`kill_node`)."""
         cmd = [str(BIN / "ray"), "start", f"--address={self.gcs_address}", "--block", "--disable-usage-stats",
                "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
@@ -112,7 +113,8 @@ class LocalRayHead:
         log = open(self.temp_dir / f"ray-node-{len(self._nodes)}.log", "w")
         self._nodes.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True))
-        want = self.num_cpus + num_cpus
+        self._node_cpus.append(num_cpus)
+        want = self.num_cpus + sum(self._node_cpus)
         deadline = time.time() + timeout
         while True:
             try:
@@ -123,7 +125,7 @@ class LocalRayHead:
             if f"/{float(want)} CPU" in status:
                 return len(self._nodes) - 1
             if time.time() > deadline or self._nodes[-1].poll() is not None:
-                raise RuntimeError(f"the second node did not join with {num_cpus} CPUs:\n{status[-2000:]}\n"
+                raise RuntimeError(f"node {len(self._nodes) - 1} did not join with {num_cpus} CPUs:\n{status[-2000:]}\n"
                                    + (self.temp_dir / f"ray-node-{len(self._nodes) - 1}.log").read_text()[-2000:])
             time.sleep(2)
 

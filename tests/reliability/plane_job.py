@@ -4,8 +4,9 @@
 
 SPEC names the data root (coco_captions images with ids), storage, run name, steps, workers and
 Ray: ``address`` (a running cluster to join, e.g. the two-node one) or none (a local Ray of its
-own, ``num_cpus``).  ``drain_after``: once that checkpoint step exists, every node but the head is
-drained with reason PREEMPTION (the notice a spot reclaim gives) and one JSON line says so.  Everything the job's Ray processes need reaches them through the runtime
+own, ``num_cpus``).  ``drain_after``: once that checkpoint step exists, the node(s) holding the
+run's training workers (never the head) are drained with reason PREEMPTION (the notice a spot
+reclaim gives) and one JSON line says so.  Everything the job's Ray processes need reaches them through the runtime
 env: ``AWS_ENDPOINT_URL`` (the fault proxy, so the Train workers' clip reads and checkpoint
 uploads go through it), the S3 retry settings, ``$MPLUG2_STEP_JOURNAL``.  The job prints one JSON
 line at the end: the result step, the checkpoint and the run's bad-clip counts.
@@ -44,15 +45,23 @@ def config(spec: dict):
     return load_config(None, [f"{k}={v}" for k, v in over.items()])
 
 
-def _drain_others_when(run_dir: str, step: int) -> None:
+def _worker_nodes() -> set[str]:
+    """The nodes the run's live training workers are on."""
+    from ray.util.state import list_actors
+
+    return {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
+
+
+def _drain_workers_nodes_when(run_dir: str, step: int) -> None:
     from ray.core.generated import autoscaler_pb2
 
     while not (checkpoint_steps(run_dir) and max(checkpoint_steps(run_dir)) >= step):
         time.sleep(0.1)
     gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
     reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
+    targets = _worker_nodes()
     for node in ray.nodes():
-        if node["Alive"] and "node:__internal_head__" not in node["Resources"]:
+        if node["Alive"] and node["NodeID"] in targets and "node:__internal_head__" not in node["Resources"]:
             ok, why = gcs.drain_node(node["NodeID"], reason, "reliability test: spot reclaim notice",
                                      int(time.time() * 1000) + 600_000)
             emit({"drained": node["NodeID"], "ok": ok, "why": why, "at_checkpoint": max(checkpoint_steps(run_dir))})
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config(spec)
         if spec.get("drain_after"):
             run_dir = os.path.join(spec["storage"], cfg.experiment_name(), spec["name"])
-            threading.Thread(target=_drain_others_when, args=(run_dir, spec["drain_after"]), daemon=True).start()
+            threading.Thread(target=_drain_workers_nodes_when, args=(run_dir, spec["drain_after"]), daemon=True).start()
         out = run_training(cfg)
         stats = out.bad_clips  # the run's final counts (its tracker is gone once the run is over)
         emit({"result_step": out.metrics.get("step"), "checkpoint": out.checkpoint_uri,

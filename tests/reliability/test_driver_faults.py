@@ -1,5 +1,6 @@
-"""The driver killed and the job resubmitted with the same name (issue 9, item 2), and a simulated
-spot preemption (item 5): both as real processes, each with its own local Ray."""
+"""The driver killed and the job resubmitted with the same name (issue 9, item 2), as real processes
+with their own local Ray.  The spot preemption of item 5 rides on the node-loss run
+(``test_node_loss.py``: a real node drained with reason PREEMPTION, then lost)."""
 from __future__ import annotations
 
 import os
@@ -89,25 +90,3 @@ def test_driver_killed_and_resubmitted_resumes_from_last_complete_checkpoint(tmp
     record("driver SIGKILL + resubmit same name (+ a half-written checkpoint)", Injected.of(killed_drivers, "drivers"),
            second.returncode == 0, measured,
            f"resumed from step {resumed[0]}; partial checkpoint ignored")
-
-
-def test_preemption_signal_takes_a_checkpoint_before_the_node_goes(tmp_path):
-    storage = str(tmp_path / "store")
-    journal = str(tmp_path / "journal")
-    job = _job(storage, "pre", "--drain-after", "4", "--steps", "16", journal=journal)
-    try:
-        out, _ = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:
-            _kill_tree(job)
-    assert job.returncode == 0, out[-4000:]
-    drained = last_json(out, "drained")
-    assert drained["drained"], drained
-    steps = [int(s) for s in re.findall(r"checkpointing now", out) and re.findall(
-        r"checkpoint_step_(\d{8})", out)]
-    assert "node preemption signalled" in out, out[-3000:]
-    off_schedule = sorted({s for s in steps if s % 4})  # checkpoint_every=4: any other step came from preemption
-    assert off_schedule, f"no checkpoint outside the schedule: {sorted(set(steps))}"
-    record("spot preemption (node drain, reason PREEMPTION)", Injected.of([drained] if drained["drained"] else [], "node drains"),
-           job.returncode == 0, Measured.from_journal(read_journal(journal)),
-           f"checkpoint taken at step {off_schedule[0]} on the signal (schedule: every 4)")
