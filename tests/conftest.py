@@ -35,6 +35,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The Ray Train settings the product runs with (every Ray these tests start inherits them, and a
 # TorchTrainer built without ``ensure_ray`` passes them to its controller too).
 os.environ.update(train_env_defaults())
+# Ray Train's preemption watcher is one more actor process per run (benchmarks/run_fixed_cost.py:
+# ~1.3 CPU-s of each run's ~29); only the tests about preemption turn it back on
+# (tests/reliability/test_node_loss.py: a real node drained with reason PREEMPTION).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 RAY_NUM_CPUS = 8  # logical CPUs for the local Ray (the machine has 2 cores)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -177,9 +181,10 @@ def mlflow_uri(tmp_path, mlflow_db_template):
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
+def mlflow_server(tmp_path_factory, mlflow_db_template):
     """A real ``mlflow server`` on loopback with a SQLite backend and a local artifact store."""
     root = tmp_path_factory.mktemp("mlflow_server")
+    shutil.copyfile(mlflow_db_template, root / "mlflow.db")  # migrated once per session
     port = free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(

@@ -39,7 +39,7 @@ def _checkpoint(cfg, out: Path) -> str:
     return str(out)
 
 
-def test_evaluate_job_runs_its_model_on_the_workers_not_the_cpu_less_head(synth_data, tmp_path):
+def test_evaluate_job_runs_its_model_on_the_workers_not_the_cpu_less_head(synth_data, tmp_path, mlflow_db_template):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.config import load_config
@@ -48,6 +48,7 @@ def test_evaluate_job_runs_its_model_on_the_workers_not_the_cpu_less_head(synth_
     shutil.copytree(synth_data, data)
     val = [json.loads(line) for line in (data / "annotations" / "msrvtt_val.jsonl").read_text().splitlines() if line]
     (data / "videos" / val[0]["video"]).write_bytes(b"not a video at all" * 64)     # one bad val clip
+    shutil.copyfile(mlflow_db_template, tmp_path / "mlflow.db")  # migrated once per session
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = [f"data.root={data}", f"storage={tmp_path / 'store'}", f"tracking.uri={tracking}", "name=cpu-less-head",
                  "train.num_workers=2", "train.cpus_per_worker=1", "data.image_size=32", "data.num_frames=2",

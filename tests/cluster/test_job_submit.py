@@ -4,6 +4,7 @@ the runtime environment from ``cluster/runtime_env.yaml``."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -57,9 +58,10 @@ def test_a_failing_job_is_reported_failed_with_its_error(ray_head):
 @pytest.mark.skipif(not (ROOT / "orchestrator" / "commands" / "train.py").exists()
                     or not (ROOT / "workloads" / "configs" / "pretrain_tiny.yaml").exists(),
                     reason="needs `python -m orchestrator train` and workloads/configs/pretrain_tiny.yaml")
-def test_tiny_pretrain_submitted_as_a_job_is_tracked_in_mlflow(ray_head, synth_data, tmp_path):
+def test_tiny_pretrain_submitted_as_a_job_is_tracked_in_mlflow(ray_head, synth_data, tmp_path, mlflow_db_template):
     from mlflow.tracking import MlflowClient
 
+    shutil.copyfile(mlflow_db_template, tmp_path / "mlflow.db")  # migrated once per session
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     name = "cluster-job-pretrain"
     result = ray_head.submit(

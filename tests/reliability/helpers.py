@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,10 +86,13 @@ def checkpoint_steps(run_dir: str) -> list[int]:
 
 
 class MlflowServer:
-    """An ``mlflow server`` on a fixed port and store that can be stopped and started again."""
+    """An ``mlflow server`` on a fixed port and store that can be stopped and started again.
+    ``template``: an already-migrated empty store to start from (a fresh one runs every migration)."""
 
-    def __init__(self, root: Path, port: int):
+    def __init__(self, root: Path, port: int, template: Path | None = None):
         self.root, self.port = Path(root), port
+        if template is not None and not (self.root / "mlflow.db").exists():
+            shutil.copyfile(template, self.root / "mlflow.db")
         self.uri = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
         self._log = open(self.root / "server.log", "a")

@@ -37,14 +37,15 @@ def _all_text_of_run(c, run_id: str, root: Path) -> str:
     return "\n".join(parts)
 
 
-def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tmp_path, monkeypatch, capfd):
+def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tmp_path, monkeypatch, capfd,
+                                                                   mlflow_db_template):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.train.driver import run_training
 
     monkeypatch.setenv("MPLUG2_TEST_API_TOKEN", SECRET)  # a secret-named variable: redacted by value
     monkeypatch.setenv(STEP_JOURNAL, str(tmp_path / "journal"))
-    server = MlflowServer(tmp_path, free_port())
+    server = MlflowServer(tmp_path, free_port(), mlflow_db_template)
     server.start()
     try:
         cfg = toy_cfg(str(tmp_path / "store"), server.uri, "outage", sleep_s=0.15,
@@ -116,12 +117,12 @@ def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tm
         server.stop()
 
 
-def test_close_run_waits_for_a_tracker_that_is_down_at_the_end(tmp_path):
+def test_close_run_waits_for_a_tracker_that_is_down_at_the_end(tmp_path, mlflow_db_template):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.tracking.mlflow_run import close_run, open_run
 
-    server = MlflowServer(tmp_path, free_port())
+    server = MlflowServer(tmp_path, free_port(), mlflow_db_template)
     server.start()
     try:
         run_id = open_run(server.uri, "close-test", "r1", {"a": 1}, {})

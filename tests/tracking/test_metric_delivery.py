@@ -81,7 +81,7 @@ def test_an_outage_through_the_close_is_drained_when_the_server_returns():
 
 
 @pytest.mark.slow
-def test_a_real_mlflow_outage_spanning_the_close(tmp_path, monkeypatch):
+def test_a_real_mlflow_outage_spanning_the_close(tmp_path, monkeypatch, mlflow_db_template):
     """Points logged before and during an outage; the close starts while the server is down. Comes back
     in time: every point is in the server and 0 undelivered. Stays down: 'undelivered' is exactly
     what the server lacks once it is up again."""
@@ -91,7 +91,7 @@ def test_a_real_mlflow_outage_spanning_the_close(tmp_path, monkeypatch):
     from tests.conftest import free_port
     from tests.reliability.helpers import MlflowServer
 
-    server = MlflowServer(tmp_path, free_port())
+    server = MlflowServer(tmp_path, free_port(), mlflow_db_template)
     server.start()
     try:
         c = MlflowClient(server.uri)

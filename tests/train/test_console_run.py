@@ -29,11 +29,14 @@ def _train(cwd: Path, *extra: str, verbose: bool = False) -> subprocess.Complete
 
 
 @pytest.mark.slow
-def test_shipped_tiny_config_runs_from_its_relative_root_with_a_quiet_console(tmp_path):
+def test_shipped_tiny_config_runs_from_its_relative_root_with_a_quiet_console(tmp_path, mlflow_db_template):
+    import shutil
+
     from orchestrator.devtools.synth import ClipSpec, generate
 
     generate(str(tmp_path / "demo_output" / "synth"), n=24, seed=0,
              spec=ClipSpec(width=96, height=64, fps=8, seconds=2.0, gop=8), log=lambda *_: None)
+    shutil.copyfile(mlflow_db_template, tmp_path / "mlflow.db")  # a migrated store: what is tested is the console
     out = _train(tmp_path, "name=quiet")
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
