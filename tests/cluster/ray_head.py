@@ -136,11 +136,16 @@ class LocalRayHead:
         """The node's processes: its ``ray start`` and everything under it (raylet, agents, workers)."""
         import psutil
 
-        try:
-            root = psutil.Process(self._nodes[index].pid)
-            return [root.pid] + [p.pid for p in root.children(recursive=True)]
-        except psutil.Error:
-            return []
+        for _ in range(5):  # a child that exits mid-walk fails the walk: walk again
+            try:
+                root = psutil.Process(self._nodes[index].pid)
+                return [root.pid] + [p.pid for p in root.children(recursive=True)]
+            except psutil.NoSuchProcess as e:
+                if e.pid == self._nodes[index].pid:
+                    return []  # the node itself is gone
+            except psutil.Error:
+                pass
+        return []
 
     def kill_node(self, index: int) -> list[int]:
         """The node lost for real: SIGKILL its raylet and every process of it (its process group and

@@ -4,9 +4,9 @@
 
 SPEC names the data root (coco_captions images with ids), storage, run name, steps, workers and
 Ray: ``address`` (a running cluster to join, e.g. the two-node one) or none (a local Ray of its
-own, ``num_cpus``).  ``drain_after``: once that checkpoint step exists, the node(s) holding the
-run's training workers (never the head) are drained with reason PREEMPTION (the notice a spot
-reclaim gives) and one JSON line says so.  Everything the job's Ray processes need reaches them through the runtime
+own, ``num_cpus``).  ``drain_request``: a file the test writes once it wants a node drained; it
+names the node's temp dir (``ray start --temp-dir``), and the node whose raylet socket lies under
+it is drained with reason PREEMPTION (the notice a spot reclaim gives); one JSON line says so.  Everything the job's Ray processes need reaches them through the runtime
 env: ``AWS_ENDPOINT_URL`` (the fault proxy, so the Train workers' clip reads and checkpoint
 uploads go through it), the S3 retry settings, ``$MPLUG2_STEP_JOURNAL``.  The job prints one JSON
 line at the end: the result step, the checkpoint and the run's bad-clip counts.
@@ -23,7 +23,7 @@ import ray
 
 from orchestrator.config import load_config
 from orchestrator.train.driver import run_training
-from tests.reliability.helpers import REPO, checkpoint_steps, emit
+from tests.reliability.helpers import REPO, emit
 
 PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
             "AWS_EC2_METADATA_DISABLED", "MPLUG2_S3_MAX_ATTEMPTS", "MPLUG2_S3_READ_TIMEOUT_S", "MPLUG2_STEP_JOURNAL",
@@ -45,26 +45,22 @@ def config(spec: dict):
     return load_config(None, [f"{k}={v}" for k, v in over.items()])
 
 
-def _worker_nodes() -> set[str]:
-    """The nodes the run's live training workers are on."""
-    from ray.util.state import list_actors
-
-    return {a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])}
-
-
-def _drain_workers_nodes_when(run_dir: str, step: int) -> None:
+def _drain_when_asked(request: str) -> None:
+    """Wait for the test's request file, then drain the node it names (by its temp dir)."""
     from ray.core.generated import autoscaler_pb2
 
-    while not (checkpoint_steps(run_dir) and max(checkpoint_steps(run_dir)) >= step):
+    while not os.path.exists(request):
         time.sleep(0.1)
+    time.sleep(0.2)  # the writer's single write is complete
+    with open(request, encoding="utf-8") as f:
+        temp_dir = f.read().strip()
     gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
     reason = autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION")
-    targets = _worker_nodes()
     for node in ray.nodes():
-        if node["Alive"] and node["NodeID"] in targets and "node:__internal_head__" not in node["Resources"]:
+        if node["Alive"] and node["RayletSocketName"].startswith(temp_dir.rstrip("/") + "/"):
             ok, why = gcs.drain_node(node["NodeID"], reason, "reliability test: spot reclaim notice",
                                      int(time.time() * 1000) + 600_000)
-            emit({"drained": node["NodeID"], "ok": ok, "why": why, "at_checkpoint": max(checkpoint_steps(run_dir))})
+            emit({"drained": node["NodeID"], "ok": ok, "why": why})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=spec.get("num_cpus", 8), include_dashboard=False, runtime_env={"env_vars": env})
     try:
         cfg = config(spec)
-        if spec.get("drain_after"):
-            run_dir = os.path.join(spec["storage"], cfg.experiment_name(), spec["name"])
-            threading.Thread(target=_drain_workers_nodes_when, args=(run_dir, spec["drain_after"]), daemon=True).start()
+        if spec.get("drain_request"):
+            threading.Thread(target=_drain_when_asked, args=(spec["drain_request"],), daemon=True).start()
         out = run_training(cfg)
         stats = out.bad_clips  # the run's final counts (its tracker is gone once the run is over)
         emit({"result_step": out.metrics.get("step"), "checkpoint": out.checkpoint_uri,

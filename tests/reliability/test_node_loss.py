@@ -89,8 +89,10 @@ def _wait(cond, timeout: float, what: str, job: subprocess.Popen):
 
 
 def _node_with_workers(head: LocalRayHead, nodes: list[int], job: subprocess.Popen) -> int:
-    return _wait(lambda: next((n for n in nodes if _train_worker_pids(head.node_pids(n))), None), 300,
-                 "the training workers on a worker node", job)
+    """The index of the worker node the training workers run on (a list: index 0 is a found node)."""
+    found = _wait(lambda: [n for n in nodes if _train_worker_pids(head.node_pids(n))], 300,
+                  "the training workers on a worker node", job)
+    return found[0]
 
 
 def _attempts(journal: str) -> list[str]:
@@ -112,7 +114,8 @@ def test_nodes_with_the_workers_lost_after_a_notice_and_without_one(tmp_path):
     storage_root = str(tmp_path / "store")
     journal = str(tmp_path / "journal")
     spec = {"name": "nodeloss", "storage": storage_root, "data_root": data, "steps": STEPS, "workers": WORKERS,
-            "batch": BATCH, "checkpoint_every": EVERY, "max_failures": 3, "sleep_s": 1.0, "drain_after": EVERY,
+            "batch": BATCH, "checkpoint_every": EVERY, "max_failures": 3, "sleep_s": 1.0,
+            "drain_request": str(tmp_path / "drain_request"),
             "trace": str(tmp_path / "trace.jsonl"), "over": {"train.cpus_per_worker": CPUS_PER_WORKER}}
     head = LocalRayHead(num_cpus=HEAD_CPUS)
     blocker = job = None
@@ -140,6 +143,7 @@ def test_nodes_with_the_workers_lost_after_a_notice_and_without_one(tmp_path):
         # 1. the notice: the drained node's workers checkpoint off the schedule, then the node goes
         first = _node_with_workers(head, nodes, job)
         _wait(lambda: _registered(run_dir) and max(_registered(run_dir)) >= EVERY, 900, "a registered checkpoint", job)
+        (tmp_path / "drain_request").write_text(str(head.node_temp_dir(first)))  # the notice, to that node only
         preempt = _wait(lambda: [s for s in _registered(run_dir) if s % EVERY and s < STEPS], 300,
                         "the preemption checkpoint", job)[0]
         on_node = _train_worker_pids(head.node_pids(first))
