@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from orchestrator import storage
 from orchestrator.data.config import DataConfig
-from orchestrator.errors import UserError
+from orchestrator.errors import ConfigError
 from orchestrator.mappings import deep_merge, dotted_keys, set_dotted
 from orchestrator.names import check_segment
 from orchestrator.tracking.config import TrackingConfig
@@ -26,10 +26,6 @@ from orchestrator.train.config import TrainConfig
 from workloads import get_workload
 
 WORKLOADS = ("pretrain", "retrieval", "videoqa", "captioning", "classification", "glue")
-
-
-class ConfigError(ValueError, UserError):
-    """A configuration problem a user can fix; the message says how."""
 
 
 class Section(BaseModel):

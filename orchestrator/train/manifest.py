@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from orchestrator import storage
-from orchestrator.config import ConfigError
+from orchestrator.errors import ConfigError
 from orchestrator.mappings import flatten
 from orchestrator.tracking.redact import redact
 
