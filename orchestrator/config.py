@@ -23,7 +23,7 @@ from orchestrator.names import check_segment
 from orchestrator.tracking.config import TrackingConfig
 from orchestrator.tracking.redact import redact
 from orchestrator.train.config import TrainConfig
-from workloads import get_workload
+from workloads.base import WorkloadError, load_workload
 
 WORKLOADS = ("pretrain", "retrieval", "videoqa", "captioning", "classification", "glue")
 
@@ -214,15 +214,18 @@ def check_inputs(cfg: RunSpec) -> None:
 
 
 def _validate_task_section(cfg: RunSpec, sources: dict[str, str] | None = None) -> None:
-    """The ``task`` mapping belongs to the workload; its schema validates it when it has one.  A
-    workload module that cannot be imported (a typo in a dotted path, its own missing dependency)
-    is a ConfigError naming ``workload``, not an import traceback."""
+    """The workload is loaded and checked against its contract (workloads/base.py), and its
+    ``Config`` validates the ``task`` mapping.  A workload module that cannot be imported (a typo in
+    a dotted path, its own missing dependency) or that does not follow the contract is a
+    ConfigError naming ``workload``, not an import traceback."""
+    where = (sources or {}).get("workload", "the config")
     try:
-        workload = get_workload(cfg.workload)
+        workload = load_workload(cfg.workload)
     except KeyError:
         return
+    except WorkloadError as e:
+        raise ConfigError(f"workload = {cfg.workload!r} (from {where}): {e}") from None
     except ImportError as e:
-        where = (sources or {}).get("workload", "the config")
         missing = getattr(e, "name", None)
         if missing and (cfg.workload == missing or cfg.workload.startswith(missing + ".")):
             near = difflib.get_close_matches(cfg.workload, [*WORKLOADS, *(f"workloads.{w}" for w in WORKLOADS)], n=1)
@@ -232,14 +235,10 @@ def _validate_task_section(cfg: RunSpec, sources: dict[str, str] | None = None) 
                               "following workloads/base.py") from None
         raise ConfigError(f"workload = {cfg.workload!r} (from {where}): its module failed to import "
                           f"({type(e).__name__}: {e}); install what it needs or fix the module") from None
-    schema = getattr(workload, "Config", None)
-    if schema is None:
-        return
     try:
-        schema.model_validate(cfg.task)
+        workload.Config.model_validate(cfg.task)
     except ValidationError as e:
         lines = [
             f"  task.{'.'.join(map(str, x['loc']))} = {x.get('input')!r}: {x['msg']}" for x in e.errors()
         ]
         raise ConfigError(f"invalid 'task' section for workload '{cfg.workload}':\n" + "\n".join(lines)) from None
-

@@ -153,9 +153,9 @@ def evaluate_shard(workload, model: torch.nn.Module, batches: Iterable[dict], ta
     model.eval()
     try:
         with torch.no_grad():
-            if getattr(workload, "EVAL_KIND", None) == "retrieval":
+            if workload.evaluation == "retrieval":
                 metrics, rows = _retrieval(workload, model, counted, task_cfg, comm, pair_batch)
-            elif hasattr(workload, "predict") and hasattr(workload, "metrics_from"):
+            elif workload.evaluation == "records":
                 records = workload.predict(model, counted, task_cfg, tokenizer=tokenizer)
                 gathered = comm.all_gather(records)
                 metrics, rows = (workload.metrics_from(_flat(gathered), task_cfg, tokenizer=tokenizer)
@@ -335,7 +335,7 @@ class Validator:
                  tracker_name: str | None = None):
         self.run_cfg, self.workload, self.task_cfg, self.device = run, workload, task_cfg, device
         self.constants = constants or {}
-        self.enabled = enabled and hasattr(workload, "evaluate")  # enabled: the run has a ``val`` dataset
+        self.enabled = enabled and workload.evaluation is not None  # enabled: the run has a ``val`` dataset
         self.tracker_name = tracker_name
         self.every = run.eval.every_steps
         self.max_steps = run.train.max_steps
@@ -347,7 +347,7 @@ class Validator:
             (self.every > 0 and step % self.every == 0) or step >= self.max_steps)
 
     def _tok(self):
-        if self._tokenizer is None and getattr(self.workload, "USES_MODEL_CONFIG", True):
+        if self._tokenizer is None and self.workload.USES_MODEL_CONFIG:
 
             self._tokenizer = load_run_tokenizer(self.run_cfg)
         return self._tokenizer
@@ -384,7 +384,7 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     workload, task_cfg, model = load_model_for_eval(run, config["checkpoint_uri"], tokenizer, device,
                                                     model_config=config.get("model_config"))
     constants = {}
-    if hasattr(workload, "batch_constants"):
+    if workload.batch_constants is not None:
         constants = {k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
     comm = worker_comm()
     metrics, rows = run_on_shard(workload, model, task_cfg, run, shard=ray.train.get_dataset_shard(EVAL_DATASET),

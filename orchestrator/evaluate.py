@@ -32,7 +32,7 @@ from orchestrator.ray_env import ensure_ray
 from orchestrator.tracking import mlflow_run
 from orchestrator.train.checkpoint import resolve_init_from
 from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
-from workloads import get_workload
+from workloads.base import load_workload
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,9 @@ def run_evaluation(cfg: RunSpec, checkpoint: str, split: str = "val", track: boo
         uri, source_run = resolve_init_from(checkpoint, tracking_uri or mlflow_run.resolve_tracking_uri(cfg.tracking.uri))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    workload = get_workload(cfg.workload)
+    workload = load_workload(cfg.workload)
     model_config = None
-    if getattr(workload, "USES_MODEL_CONFIG", True):
+    if workload.USES_MODEL_CONFIG:
         model_config = model_config_for(cfg, load_run_tokenizer(cfg))  # a config, no weights
 
     ensure_ray()

@@ -45,7 +45,7 @@ from orchestrator.train.loop import redacted_train_loop
 from orchestrator.train.manifest import resolve_export
 from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
 from orchestrator.train.plan import WorkerPlan
-from workloads import get_workload
+from workloads.base import load_workload
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: d
     if datasets is None:  # the run reads its data: data.root must be there (one clear line, before anything)
         check_inputs(r.cfg)
     # before Ray starts: a bad model/data combination is a ConfigError, not a worker crash
-    if getattr(r.workload, "USES_MODEL_CONFIG", True):
+    if r.workload.USES_MODEL_CONFIG:
         r.model_config = model_config_for(r.cfg, load_run_tokenizer(r.cfg))
     ensure_ray()
     row_counts: dict[tuple[str, str], int] = {}  # rows parsed per (source, split), for the MLflow dataset inputs
@@ -196,7 +196,7 @@ def _settle(cfg: RunSpec, init_from: str | None) -> _Run:
         ds_user = load_user_json(cfg.train.deepspeed_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return _Run(cfg, get_workload(cfg.workload), run_name, experiment, run_dir, storage.join(run_dir, "export"),
+    return _Run(cfg, load_workload(cfg.workload), run_name, experiment, run_dir, storage.join(run_dir, "export"),
                 tracking_uri, init_uri, init_run, ds_user)
 
 
@@ -401,7 +401,7 @@ def validation_dataset(cfg: RunSpec, workload, run_name: str) -> dict:
     """``{"val": the dev split}`` for validation during training (every ``eval.every_steps`` steps
     and at the end, on the workers), or {} when no source has a val split or the workload has no
     evaluation."""
-    if not hasattr(workload, "evaluate"):
+    if workload.evaluation is None:
         return {}
     ds = build_eval_dataset(cfg, workload.COLUMNS, "val", val_tracker(run_name))
     if ds is None:

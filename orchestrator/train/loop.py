@@ -35,7 +35,7 @@ from orchestrator.train.optim import build_optimizer
 from orchestrator.train.plan import WorkerPlan
 from orchestrator.train.progress import EpochProgress
 from orchestrator.train.schedule import MAIN_STREAM, ResumeSkip, StepActions, StepSchedule
-from workloads import get_workload
+from workloads.base import load_workload
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +203,10 @@ def setup_worker(plan: WorkerPlan) -> Worker:
     torch.manual_seed(run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
     workload, task_cfg, model = build_model(plan)
     # loaded once: the batch constants (instruction prompts) and the init-from vocabulary check use it
-    tokenizer = load_run_tokenizer(run) if (hasattr(workload, "batch_constants") or (
+    tokenizer = load_run_tokenizer(run) if (workload.batch_constants is not None or (
         plan.init_from and plan.model_config is not None)) else None
     constants: dict[str, torch.Tensor] = {}
-    if hasattr(workload, "batch_constants"):
+    if workload.batch_constants is not None:
         constants = {k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
     validator = Validator(run, workload, task_cfg, device, constants, enabled=plan.validate,
                           tracker_name=plan.val_tracker)  # eval.every_steps + at the end
@@ -235,7 +235,7 @@ def setup_worker(plan: WorkerPlan) -> Worker:
 
 def build_model(plan: WorkerPlan):
     run = plan.run
-    workload = get_workload(run.workload)
+    workload = load_workload(run.workload)
     task_cfg = workload.Config.model_validate(run.task)
     model = workload.build_model(plan.model_config, task_cfg, vision_pretrained=run.model.vision_pretrained,
                                  text_pretrained=run.model.text_pretrained)

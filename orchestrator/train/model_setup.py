@@ -8,7 +8,7 @@ from model import MPlugConfig
 from orchestrator.config import ConfigError, RunSpec
 from orchestrator.data.tokenize import default_tokenizer, load_tokenizer
 from orchestrator.train.checkpoint import load_weights
-from workloads import get_workload
+from workloads.base import load_workload
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def tokenizer_overrides(tokenizer) -> dict[str, int]:
 def _uses_frames(cfg: RunSpec) -> bool:
     """Whether the run's workload reads frames (text-only workloads keep the preset's image size)."""
     try:
-        return "frames" in getattr(get_workload(cfg.workload), "COLUMNS", ("frames",))
+        return "frames" in load_workload(cfg.workload).COLUMNS
     except Exception:  # an unknown workload is reported where it is loaded
         return True
 
@@ -55,9 +55,9 @@ def model_config_for(cfg: RunSpec, tokenizer=None):
 def load_model_for_eval(cfg: RunSpec, checkpoint_uri: str, tokenizer, device, model_config=None):
     """Build the workload's model (its Table 2 modules) and load the checkpoint's weights into it."""
 
-    workload = get_workload(cfg.workload)
+    workload = load_workload(cfg.workload)
     task_cfg = workload.Config.model_validate(cfg.task)
-    if model_config is None and getattr(workload, "USES_MODEL_CONFIG", True):
+    if model_config is None and workload.USES_MODEL_CONFIG:
         model_config = model_config_for(cfg, tokenizer)
     model = workload.build_model(model_config, task_cfg)
     report = load_weights(model, checkpoint_uri, cfg.train.init_allow_mismatch, tokenizer, cfg.train.init_allow_new_vocab)

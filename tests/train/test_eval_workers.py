@@ -28,11 +28,11 @@ def _setup(task: str, tok_dir: str):
 
     from model import MPlugConfig
     from orchestrator.train.model_setup import tokenizer_overrides
-    from workloads import get_workload
+    from workloads.base import load_workload
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    wl = get_workload(task)
+    wl = load_workload(task)
     if task == "retrieval":
         cfg = wl.Config(k_test=3)
     elif task == "captioning":
@@ -44,7 +44,7 @@ def _setup(task: str, tok_dir: str):
         over["num_labels"] = 2
     torch.manual_seed(0)
     model = wl.build_model(MPlugConfig.from_preset("tiny", **over), cfg).eval()
-    consts = wl.batch_constants(tok, cfg) if hasattr(wl, "batch_constants") else {}
+    consts = wl.batch_constants(tok, cfg) if wl.batch_constants is not None else {}
     return tok, wl, cfg, model, consts
 
 
@@ -129,7 +129,7 @@ def test_validator_is_due_every_n_steps_and_at_the_end():
     from orchestrator.eval_workers import Validator
 
     run = SimpleNamespace(eval=SimpleNamespace(every_steps=4), train=SimpleNamespace(max_steps=10, zero_stage=0))
-    wl = SimpleNamespace(evaluate=lambda *a, **k: {})
+    wl = SimpleNamespace(evaluate=lambda *a, **k: {}, evaluation="rows")
     v = Validator(run, wl, None, "cpu", enabled=True)
     assert [s for s in range(1, 11) if v.due(s)] == [4, 8, 10]
     assert not Validator(run, wl, None, "cpu", enabled=False).due(4)  # no val dataset: never
