@@ -326,25 +326,15 @@ def full_parameters(module: torch.nn.Module, zero_stage: int):
 
 # --------------------------------------------------------------------------------- in training
 class Validator:
-    """Validation during training, called from the train loop: ``due(step)`` every
-    ``eval.every_steps`` optimizer steps and at ``train.max_steps``; ``run(engine, step)`` evaluates
-    the ``val`` shard on every worker and returns ``{"eval/<metric>": value}`` (identical on every
-    rank), or {} when not due or when the run has no ``val`` dataset."""
+    """Validation during training: ``run(engine)`` evaluates the ``val`` shard on every worker and
+    returns ``{"eval/<metric>": value}`` (identical on every rank).  When it runs is the step
+    schedule's decision (:class:`~orchestrator.train.schedule.StepSchedule`)."""
 
-    def __init__(self, run, workload, task_cfg, device, constants=None, enabled: bool = False,
-                 tracker_name: str | None = None):
+    def __init__(self, run, workload, task_cfg, device, constants=None, tracker_name: str | None = None):
         self.run_cfg, self.workload, self.task_cfg, self.device = run, workload, task_cfg, device
         self.constants = constants or {}
-        self.enabled = enabled and workload.evaluation is not None  # enabled: the run has a ``val`` dataset
         self.tracker_name = tracker_name
-        self.every = run.eval.every_steps
-        self.max_steps = run.train.max_steps
         self._tokenizer = None
-        self._done_step = -1
-
-    def due(self, step: int) -> bool:
-        return self.enabled and step != self._done_step and (
-            (self.every > 0 and step % self.every == 0) or step >= self.max_steps)
 
     def _tok(self):
         if self._tokenizer is None and self.workload.USES_MODEL_CONFIG:
@@ -352,12 +342,9 @@ class Validator:
             self._tokenizer = load_run_tokenizer(self.run_cfg)
         return self._tokenizer
 
-    def run(self, engine, step: int) -> dict[str, float]:
-        if not self.due(step):
-            return {}
+    def run(self, engine) -> dict[str, float]:
         import ray.train
 
-        self._done_step = step
         module = engine.module
         with full_parameters(module, self.run_cfg.train.zero_stage):
             metrics, _ = run_on_shard(self.workload, module, self.task_cfg, self.run_cfg,

@@ -208,8 +208,7 @@ def setup_worker(plan: WorkerPlan) -> Worker:
     constants: dict[str, torch.Tensor] = {}
     if workload.batch_constants is not None:
         constants = {k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
-    validator = Validator(run, workload, task_cfg, device, constants, enabled=plan.validate,
-                          tracker_name=plan.val_tracker)  # eval.every_steps + at the end
+    validator = Validator(run, workload, task_cfg, device, constants, tracker_name=plan.val_tracker)
     if plan.init_from:
         _init_weights(model, plan, tokenizer, rank)
     engine, scheduler, ema_per_step = _build_engine(model.to(device), plan, world)
@@ -272,7 +271,7 @@ def _build_engine(model, plan: WorkerPlan, world: int):
 def run_steps(w: Worker) -> None:
     """Epochs of micro-batches until ``train.max_steps`` optimizer steps."""
     tcfg, state, run = w.plan.run.train, w.state, w.plan.run
-    schedule = StepSchedule.from_config(tcfg, w.validator.due)
+    schedule = StepSchedule.from_config(tcfg, run.eval.every_steps if w.plan.validate else None)
     skip = ResumeSkip(0 if w.progress.has_keys(MAIN_STREAM) else state.epoch_batches)
     timer = StepTimer()
     while state.step < tcfg.max_steps:
@@ -345,7 +344,7 @@ def after_step(w: Worker, actions: StepActions, timer: StepTimer) -> None:
         w.last_metrics = {**w.window.means(w.world), "lr": w.scheduler.get_last_lr()[0], **timer.summary(w.world),
                           "step": step, "epoch": w.state.epoch}
         if actions.validate:  # eval/... on the workers
-            w.last_metrics.update(w.validator.run(w.engine, step))
+            w.last_metrics.update(w.validator.run(w.engine))
         w.log_metrics({k: v for k, v in w.last_metrics.items() if k != "step"}, step)
         timer.reset()
     if actions.checkpoint:

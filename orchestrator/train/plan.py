@@ -28,7 +28,7 @@ class WorkerPlan:
     mlflow_run_id: str | None = None    # rank 0 logs metrics to this run (None: tracking off)
     tracking_uri: str | None = None
     stream_fractions: dict[str, float] = field(default_factory=dict)  # mixed-in stream -> share of batches
-    validate: bool = False              # a ``val`` dataset is attached: validate during training
+    validate: bool = False              # a ``val`` dataset is attached: validate (eval.every_steps, at the end)
     val_tracker: str | None = None      # bad-clip tracker of the validation passes
     lease_fence: LeaseFence | None = None  # the run folder's lease generation: checked before every write
 

@@ -123,15 +123,15 @@ def test_item_keys_are_content_digests():
     assert item_keys({"text_ids": b["text_ids"][1:], "label": b["label"][1:]}).tolist() == k[1:].tolist()
 
 
-def test_validator_is_due_every_n_steps_and_at_the_end():
-    from types import SimpleNamespace
+def test_validation_is_due_every_n_steps_and_at_the_end():
+    """The schedule decides when validation runs (the validator only runs it)."""
+    from orchestrator.train.schedule import StepSchedule
 
-    from orchestrator.eval_workers import Validator
+    def schedule(validate_every):  # eval.every_steps, or None: the run has no val dataset
+        return StepSchedule(max_steps=10, log_every=100, checkpoint_every=100, preemption_check_every=100,
+                            validate_every=validate_every)
 
-    run = SimpleNamespace(eval=SimpleNamespace(every_steps=4), train=SimpleNamespace(max_steps=10, zero_stage=0))
-    wl = SimpleNamespace(evaluate=lambda *a, **k: {}, evaluation="rows")
-    v = Validator(run, wl, None, "cpu", enabled=True)
-    assert [s for s in range(1, 11) if v.due(s)] == [4, 8, 10]
-    assert not Validator(run, wl, None, "cpu", enabled=False).due(4)  # no val dataset: never
-    run.eval.every_steps = 0
-    assert [s for s in range(1, 11) if Validator(run, wl, None, "cpu", enabled=True).due(s)] == [10]
+    v = schedule(4)
+    assert [s for s in range(1, 11) if v.at(s).validate] == [4, 8, 10]
+    assert not schedule(None).at(4).validate  # no val dataset: never
+    assert [s for s in range(1, 11) if schedule(0).at(s).validate] == [10]

@@ -63,7 +63,7 @@ def _worker(monkeypatch, overrides, batches_per_epoch, accum=1, epoch_batches=0,
         def due(self, step):
             return False
 
-        def run(self, engine, step):
+        def run(self, engine):
             return {}
 
     saved, reported = [], []
