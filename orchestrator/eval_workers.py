@@ -42,13 +42,14 @@ from orchestrator.config import RunSpec
 from orchestrator.data import quality
 from orchestrator.data.formats import TEXT_FORMATS
 from orchestrator.data.pipeline import build_dataset, iter_worker_batches
+from orchestrator.data.streams import VAL
 from orchestrator.train.model_setup import load_model_for_eval, load_run_tokenizer
 from workloads import common
 from workloads.metrics.retrieval import assemble_scores, plan_rerank, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
-EVAL_DATASET = "val"  # the Train dataset name of the evaluated split
+EVAL_DATASET = VAL  # the Train dataset name of the evaluated split
 COVERAGE_KEYS = ("items", "bad_items", "item_coverage")
 
 
@@ -270,7 +271,7 @@ def eval_sources(cfg, columns: tuple[str, ...]):
 def build_eval_dataset(cfg, columns: tuple[str, ...], split: str, tracker_name: str):
     """The evaluated split as a Ray dataset (``eval.max_samples`` rows at most), or None when no
     source has it.  Bad clips are counted under ``tracker_name``."""
-    sources = eval_sources(cfg, columns) if split == "val" else list(cfg.data.sources)
+    sources = eval_sources(cfg, columns) if split == VAL else list(cfg.data.sources)
     if not sources:
         return None
     data_cfg = cfg.data.model_copy(update={"sources": sources})

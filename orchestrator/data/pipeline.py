@@ -36,13 +36,15 @@ from orchestrator.data.ids import HASHED, SAMPLE_KEY, stable_id
 from orchestrator.data.process import BatchProcessor, ProcessParams, process_batch, to_dataset_row
 from orchestrator.data.sources import is_sharded, split_files, wds
 from orchestrator.data.sources.base import ParseReport
+from orchestrator.data.streams import TRAIN, plan_streams
 from orchestrator.data.tokenize import default_tokenizer, load_tokenizer
 from orchestrator.data.video import decode_short_side
 from workloads.base import BATCH_KEYS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BATCH_KEYS", "HASHED", "SAMPLE_KEY", "build_dataset", "iter_worker_batches", "process_params", "stable_id"]
+__all__ = ["BATCH_KEYS", "HASHED", "SAMPLE_KEY", "build_dataset", "build_stream_datasets", "iter_worker_batches",
+           "process_params", "stable_id"]
 
 
 def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> list[dict]:
@@ -209,6 +211,33 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
                               **_actor_pool(data_cfg, kwargs))
     return ds.map_batches(process_batch, fn_kwargs={"params": params}, batch_size=data_cfg.decode_batch_size,
                           batch_format="numpy", **kwargs)
+
+
+def build_stream_datasets(data_cfg: DataConfig, seed: int, columns: tuple[str, ...], run_name: str,
+                          row_counts: dict | None = None) -> dict:
+    """One training dataset per stream of the run (:func:`orchestrator.data.streams.plan_streams`:
+    ``train``, and ``train_image`` / ``train_text`` when the sources mix them in).  Every row carries
+    a ``sample_key`` and every stream a progress filter, so a resumed pass leaves out what it already
+    trained on.  ``row_counts`` collects the rows parsed per (source format, split), for lineage."""
+    progress.get_registry(run_name)  # owned by the driver: outlives every worker restart
+    out = {}
+    for stream in plan_streams(list(data_cfg.sources), columns):
+        cfg = data_cfg.model_copy(update={"sources": list(stream.sources)})
+        out[stream.name] = _stream_dataset(cfg, seed, stream.columns + (SAMPLE_KEY,), run_name, stream.name,
+                                           row_counts)
+    return out
+
+
+def _stream_dataset(data_cfg: DataConfig, seed: int, columns: tuple[str, ...], run_name: str, stream: str,
+                    row_counts: dict | None):
+    if not data_cfg.cache:
+        return build_dataset(data_cfg, TRAIN, training=True, columns=columns, seed=seed, run_name=run_name,
+                             progress_stream=stream, row_counts=row_counts)
+    # cached: decoded once here; the progress filter then runs on the decoded rows every pass
+    ds = build_dataset(data_cfg, TRAIN, training=True, columns=columns, seed=seed, run_name=run_name,
+                       row_counts=row_counts, epoch=0)  # crops drawn once, seeded: the same in every run
+    return ds.materialize().map_batches(progress.skip_consumed, batch_size=None, batch_format="numpy", num_cpus=0.1,
+                                        fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": False})
 
 
 def original_errors(ds):

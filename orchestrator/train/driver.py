@@ -20,12 +20,9 @@ from orchestrator.config import ConfigError, RunSpec, check_inputs
 from orchestrator.console import Progress, summary, train_logging_config
 from orchestrator.data import progress, quality
 from orchestrator.data.catalog import describe_sources
-from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
 from orchestrator.data.mix import stream_fractions
-from orchestrator.data.pipeline import (
-    SAMPLE_KEY,
-    build_dataset,
-)
+from orchestrator.data.pipeline import build_stream_datasets
+from orchestrator.data.streams import TRAIN, VAL
 from orchestrator.data.tokenize import default_tokenizer
 from orchestrator.eval_workers import build_eval_dataset, sharded_eval_data_config
 from orchestrator.ray_env import ensure_ray
@@ -138,13 +135,13 @@ def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: d
     ensure_ray()
     row_counts: dict[tuple[str, str], int] = {}  # rows parsed per (source, split), for the MLflow dataset inputs
     if datasets is None:
-        datasets = build_train_datasets(r.cfg, r.workload.COLUMNS, r.run_name, row_counts)
+        datasets = build_stream_datasets(r.cfg.data, r.cfg.seed, r.workload.COLUMNS, r.run_name, row_counts)
         datasets.update(validation_dataset(r.cfg, r.workload, r.run_name))
     mlflow_run_id = _open_mlflow_run(r, extra_tags, parent_run_id, row_counts)
     plan = WorkerPlan(
         run=r.cfg, run_name=r.run_name, run_dir=r.run_dir, model_config=r.model_config, export_uri=r.export_uri,
         init_from=r.init_uri, deepspeed_user=r.ds_user, mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri,
-        stream_fractions=stream_fractions(r.cfg.data.sources, datasets), validate="val" in datasets,
+        stream_fractions=stream_fractions(r.cfg.data.sources, datasets), validate=VAL in datasets,
         val_tracker=val_tracker(r.run_name), lease_fence=lease.fence())
     console = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info)
     trainer = _trainer(plan, r.experiment, datasets, [*(callbacks or []), console.callback()])
@@ -222,7 +219,7 @@ def _open_mlflow_run(r: _Run, extra_tags: dict[str, str] | None, parent_run_id: 
         tags["mplug2.init_from"] = r.init_uri
     mlflow_run_id = open_run(r.tracking_uri, r.experiment, r.run_name, cfg.to_dict(), tags,
                              parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
-    lineage.record_datasets(r.tracking_uri, mlflow_run_id, describe_sources(cfg.data, ("train",), rows=row_counts))
+    lineage.record_datasets(r.tracking_uri, mlflow_run_id, describe_sources(cfg.data, (TRAIN,), rows=row_counts))
     return mlflow_run_id
 
 
@@ -339,59 +336,6 @@ def _already_finished(cfg: RunSpec, run_name: str, run_dir: str, export_uri: str
                         metrics=metrics, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
 
 
-def build_train_datasets(cfg: RunSpec, columns: tuple[str, ...], run_name: str,
-                         row_counts: dict | None = None) -> dict:
-    """One dataset per stream of the run.  ``train`` is the epoch's stream: the video sources (or,
-    in an image-only run, the image sources).  A video run that also lists image sources gets
-    ``train_image`` (images kept as T = 1 frame: no T-fold vision compute, no temporal module, the
-    image instruction) and a video/image workload that lists text-only sources (pre-training's
-    text corpora) gets ``train_text``; the loop mixes those in per step in proportion to their
-    sources' weights (see :func:`orchestrator.data.mix.stream_fractions`).  Every row carries a ``sample_key`` and every
-    stream a progress filter, so a resumed pass leaves out what it already trained on.
-    ``row_counts`` collects the rows parsed per (source format, split), for lineage."""
-    groups = _stream_sources(cfg, columns)
-    out = {}
-    for name, sources in groups.items():
-        cols = tuple(c for c in columns if c in ("text_ids", "text_mask")) if name == "train_text" else columns
-        out[name] = _stream_dataset(cfg, cfg.data.model_copy(update={"sources": sources}), cols + (SAMPLE_KEY,),
-                                    run_name, name, row_counts)
-    return out
-
-
-def _stream_sources(cfg: RunSpec, columns: tuple[str, ...]) -> dict[str, list]:
-    if "frames" not in columns:
-        return {"train": list(cfg.data.sources)}
-    text = [s for s in cfg.data.sources if s.format in TEXT_FORMATS]
-    image = [s for s in cfg.data.sources if s.format in IMAGE_FORMATS]
-    video = [s for s in cfg.data.sources if s.format not in TEXT_FORMATS and s.format not in IMAGE_FORMATS]
-    groups: dict[str, list] = {}
-    if video:
-        groups["train"] = video
-        if image:
-            groups["train_image"] = image
-    elif image:
-        groups["train"] = image
-    else:
-        return {"train": list(cfg.data.sources)}  # only text sources: build_dataset explains the problem
-    if text:
-        groups["train_text"] = text
-    return groups
-
-
-def _stream_dataset(cfg: RunSpec, data_cfg, columns: tuple[str, ...], run_name: str, stream: str,
-                    row_counts: dict | None = None):
-    progress.get_registry(run_name)  # owned by the driver: outlives every worker restart
-
-    if not cfg.data.cache:
-        return build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
-                             progress_stream=stream, row_counts=row_counts)
-    # cached: decoded once here; the progress filter then runs on the decoded rows every pass
-    ds = build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
-                       row_counts=row_counts, epoch=0)  # crops drawn once, seeded: the same in every run
-    return ds.materialize().map_batches(progress.skip_consumed, batch_size=None, batch_format="numpy", num_cpus=0.1,
-                                        fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": False})
-
-
 def val_tracker(run_name: str) -> str:
     """The bad-clip tracker of a run's validation passes (apart from the training clips')."""
     return f"{run_name}-val"
@@ -403,11 +347,11 @@ def validation_dataset(cfg: RunSpec, workload, run_name: str) -> dict:
     evaluation."""
     if workload.evaluation is None:
         return {}
-    ds = build_eval_dataset(cfg, workload.COLUMNS, "val", val_tracker(run_name))
+    ds = build_eval_dataset(cfg, workload.COLUMNS, VAL, val_tracker(run_name))
     if ds is None:
         log.warning("no data source has a val split: no validation during training")
         return {}
-    return {"val": ds}
+    return {VAL: ds}
 
 
 def _final_bad_clips(run_name: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from orchestrator import storage
 from orchestrator.data import quality
 from orchestrator.data.mix import STREAM_KEY, StreamMix, epoch_batches
 from orchestrator.data.pipeline import SAMPLE_KEY
+from orchestrator.data.streams import TRAIN as MAIN_STREAM
 from orchestrator.eval_workers import Validator
 from orchestrator.tracking.mlflow_run import MetricLogger, write_pending
 from orchestrator.tracking.redact import redact_exception
@@ -34,7 +35,7 @@ from orchestrator.train.model_setup import load_run_tokenizer
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.plan import WorkerPlan
 from orchestrator.train.progress import EpochProgress
-from orchestrator.train.schedule import MAIN_STREAM, ResumeSkip, StepActions, StepSchedule
+from orchestrator.train.schedule import ResumeSkip, StepActions, StepSchedule
 from workloads.base import load_workload
 
 log = logging.getLogger(__name__)

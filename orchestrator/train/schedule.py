@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-MAIN_STREAM = "train"  # the epoch's stream; the others are mixed in (orchestrator.data.mix)
+from orchestrator.data.streams import TRAIN
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class ResumeSkip:
         for stream, batch in tagged:
             self.seen += 1
             if self.remaining:
-                if stream == MAIN_STREAM:
+                if stream == TRAIN:
                     self.remaining -= 1
                 continue
             yield stream, batch
