@@ -43,7 +43,7 @@ from orchestrator.data import quality
 from orchestrator.data.formats import TEXT_FORMATS
 from orchestrator.data.pipeline import build_dataset, iter_worker_batches
 from orchestrator.data.streams import VAL
-from orchestrator.train.model_setup import load_model_for_eval, load_run_tokenizer
+from orchestrator.train.model_setup import WorkerModel, load_weights_into, setup_model
 from workloads import common
 from workloads.metrics.retrieval import assemble_scores, plan_rerank, retrieval_metrics
 
@@ -331,27 +331,17 @@ class Validator:
     returns ``{"eval/<metric>": value}`` (identical on every rank).  When it runs is the step
     schedule's decision (:class:`~orchestrator.train.schedule.StepSchedule`)."""
 
-    def __init__(self, run, workload, task_cfg, device, constants=None, tracker_name: str | None = None):
-        self.run_cfg, self.workload, self.task_cfg, self.device = run, workload, task_cfg, device
-        self.constants = constants or {}
-        self.tracker_name = tracker_name
-        self._tokenizer = None
-
-    def _tok(self):
-        if self._tokenizer is None and self.workload.USES_MODEL_CONFIG:
-
-            self._tokenizer = load_run_tokenizer(self.run_cfg)
-        return self._tokenizer
+    def __init__(self, run: RunSpec, model: WorkerModel, device, tracker_name: str | None = None):
+        self.run_cfg, self.model, self.device, self.tracker_name = run, model, device, tracker_name
 
     def run(self, engine) -> dict[str, float]:
         import ray.train
 
-        module = engine.module
+        module, m = engine.module, self.model
         with full_parameters(module, self.run_cfg.train.zero_stage):
-            metrics, _ = run_on_shard(self.workload, module, self.task_cfg, self.run_cfg,
+            metrics, _ = run_on_shard(m.workload, module, m.task_cfg, self.run_cfg,
                                       shard=ray.train.get_dataset_shard(EVAL_DATASET), device=self.device,
-                                      constants=self.constants, tokenizer=self._tok(),
-                                      tracker_name=self.tracker_name)
+                                      constants=m.constants, tokenizer=m.tokenizer, tracker_name=self.tracker_name)
         return {f"eval/{k}": v for k, v in metrics.items()}
 
 
@@ -368,15 +358,12 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
 
     run = RunSpec.model_validate(config["run"])
     device = ray.train.torch.get_device()
-    tokenizer = load_run_tokenizer(run)
-    workload, task_cfg, model = load_model_for_eval(run, config["checkpoint_uri"], tokenizer, device,
-                                                    model_config=config.get("model_config"))
-    constants = {}
-    if workload.batch_constants is not None:
-        constants = {k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
+    model = setup_model(run, config.get("model_config"), device)
+    _load_evaluated_weights(model, config["checkpoint_uri"], run)
     comm = worker_comm()
-    metrics, rows = run_on_shard(workload, model, task_cfg, run, shard=ray.train.get_dataset_shard(EVAL_DATASET),
-                                 device=device, constants=constants, tokenizer=tokenizer,
+    metrics, rows = run_on_shard(model.workload, model.module.to(device).eval(), model.task_cfg, run,
+                                 shard=ray.train.get_dataset_shard(EVAL_DATASET), device=device,
+                                 constants=model.constants, tokenizer=model.tokenizer,
                                  tracker_name=config.get("tracker_name"), comm=comm)
     if comm.rank == 0:
         with tempfile.TemporaryDirectory() as d:
@@ -385,3 +372,14 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics)
+
+
+def _load_evaluated_weights(model: WorkerModel, uri: str, run: RunSpec) -> None:
+    """The evaluated checkpoint's weights into the model: at least one of its weights must be there."""
+    report = load_weights_into(model, uri, run)
+    n_own = len(model.module.state_dict())
+    if len(report["missing"]) >= n_own:
+        raise ValueError(f"{uri}: none of the model's {n_own} weights are in the checkpoint")
+    if report["missing"]:
+        log.warning("%d weights not in the checkpoint (left as initialised): %s", len(report["missing"]),
+                    ", ".join(report["missing"][:10]))

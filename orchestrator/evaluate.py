@@ -30,8 +30,8 @@ from orchestrator.eval_workers import (
 )
 from orchestrator.ray_env import ensure_ray
 from orchestrator.tracking import mlflow_run
-from orchestrator.train.checkpoint import resolve_init_from
-from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
+from orchestrator.train.model_setup import driver_model_config
+from orchestrator.train.weights import resolve_init_from
 from workloads.base import load_workload
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,7 @@ def run_evaluation(cfg: RunSpec, checkpoint: str, split: str = "val", track: boo
     except ValueError as e:
         raise ConfigError(str(e)) from None
     workload = load_workload(cfg.workload)
-    model_config = None
-    if workload.USES_MODEL_CONFIG:
-        model_config = model_config_for(cfg, load_run_tokenizer(cfg))  # a config, no weights
+    model_config = driver_model_config(cfg, workload)  # a config, no weights
 
     ensure_ray()
     run_name = f"eval-{cfg.name or cfg.workload}"

@@ -33,15 +33,16 @@ from orchestrator.tracking.mlflow_run import (
     open_run,
     resolve_tracking_uri,
 )
-from orchestrator.train.checkpoint import finished_run, resolve_init_from, write_vocab
+from orchestrator.train.checkpoint import finished_run
 from orchestrator.train.deepspeed_config import load_user_json
 from orchestrator.train.failures import SetupError, fail_fast_callback, find_not_retryable, plain
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.lease import LeaseLost, RunLease
 from orchestrator.train.loop import redacted_train_loop
 from orchestrator.train.manifest import resolve_export
-from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
+from orchestrator.train.model_setup import driver_model_config, load_run_tokenizer
 from orchestrator.train.plan import WorkerPlan
+from orchestrator.train.weights import resolve_init_from, write_vocab
 from workloads.base import load_workload
 
 log = logging.getLogger(__name__)
@@ -129,9 +130,7 @@ def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: d
                                  extra_tags, parent_run_id)
     if datasets is None:  # the run reads its data: data.root must be there (one clear line, before anything)
         check_inputs(r.cfg)
-    # before Ray starts: a bad model/data combination is a ConfigError, not a worker crash
-    if r.workload.USES_MODEL_CONFIG:
-        r.model_config = model_config_for(r.cfg, load_run_tokenizer(r.cfg))
+    r.model_config = driver_model_config(r.cfg, r.workload)  # before Ray starts: a bad combination is a ConfigError
     ensure_ray()
     row_counts: dict[tuple[str, str], int] = {}  # rows parsed per (source, split), for the MLflow dataset inputs
     if datasets is None:

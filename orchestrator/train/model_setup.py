@@ -1,14 +1,25 @@
-"""What both the driver and the workers derive from a run config: its tokenizer and the model's
-typed config (preset + overrides + the tokenizer's vocabulary and special token ids)."""
+"""The one model-setup path of training and evaluation: from a run config to the workload's model
+on a worker, with its tokenizer and batch constants.
+
+The driver derives the model's typed config (:func:`driver_model_config`: preset + overrides + the
+tokenizer's vocabulary and special ids) before any worker starts; each worker builds the model from
+it (:func:`setup_model`) and loads weights into it (:func:`load_weights_into`: an ``--init-from``
+start, or the checkpoint an evaluation evaluates).
+"""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel
 
 from model import MPlugConfig
 from orchestrator.config import ConfigError, RunSpec
 from orchestrator.data.tokenize import default_tokenizer, load_tokenizer
-from orchestrator.train.checkpoint import load_weights
-from workloads.base import load_workload
+from orchestrator.train.weights import load_weights
+from workloads.base import Workload, load_workload
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +63,50 @@ def model_config_for(cfg: RunSpec, tokenizer=None):
         raise ConfigError(f"model: {e} (the model's image_size is data.image_size={cfg.data.image_size})") from None
 
 
-def load_model_for_eval(cfg: RunSpec, checkpoint_uri: str, tokenizer, device, model_config=None):
-    """Build the workload's model (its Table 2 modules) and load the checkpoint's weights into it."""
+def driver_model_config(cfg: RunSpec, workload: Workload) -> MPlugConfig | None:
+    """What the driver hands its workers to build the model from (a config, no weights), or None for
+    a workload that builds its own model (``USES_MODEL_CONFIG = False``).  A bad model/data
+    combination is a ConfigError here, before Ray starts, not a worker crash."""
+    return model_config_for(cfg, load_run_tokenizer(cfg)) if workload.USES_MODEL_CONFIG else None
 
-    workload = load_workload(cfg.workload)
-    task_cfg = workload.Config.model_validate(cfg.task)
-    if model_config is None and workload.USES_MODEL_CONFIG:
-        model_config = model_config_for(cfg, tokenizer)
-    model = workload.build_model(model_config, task_cfg)
-    report = load_weights(model, checkpoint_uri, cfg.train.init_allow_mismatch, tokenizer, cfg.train.init_allow_new_vocab)
-    n_own = len(model.state_dict())
-    if len(report["missing"]) >= n_own:
-        raise ValueError(f"{checkpoint_uri}: none of the model's {n_own} weights are in the checkpoint")
-    if report["missing"]:
-        log.warning("%d weights not in the checkpoint (left as initialised): %s", len(report["missing"]),
-                    ", ".join(report["missing"][:10]))
-    return workload, task_cfg, model.to(device).eval()
+
+@dataclass(frozen=True)
+class WorkerModel:
+    """The workload's model on a worker, with what its batches need."""
+
+    workload: Workload
+    task_cfg: BaseModel                    # the run config's task: section, validated by the workload
+    module: torch.nn.Module
+    tokenizer: Any | None                  # the run's tokenizer; None for a workload that needs none
+    constants: dict[str, torch.Tensor]     # the workload's batch constants, on the worker's device
+
+    def on_device(self, batch: dict, device, non_blocking: bool = False) -> dict:
+        """``batch`` with its tensors on ``device`` and the batch constants added."""
+        out = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out.update(self.constants)
+        return out
+
+
+def setup_model(run: RunSpec, model_config: MPlugConfig | None, device, pretrained: bool = False) -> WorkerModel:
+    """The workload's model (its paper Table 2 modules) built from ``model_config`` on this worker,
+    the run's tokenizer (when the workload uses the run's model config or has batch constants) and
+    its batch constants on ``device``.  ``pretrained``: start the encoders from ``model.*_pretrained``
+    (a training run; an evaluation loads its checkpoint instead).  The module stays on the CPU."""
+    workload = load_workload(run.workload)
+    task_cfg = workload.Config.model_validate(run.task)
+    start = ({"vision_pretrained": run.model.vision_pretrained, "text_pretrained": run.model.text_pretrained}
+             if pretrained else {})
+    module = workload.build_model(model_config, task_cfg, **start)
+    needs_tokenizer = workload.USES_MODEL_CONFIG or workload.batch_constants is not None
+    tokenizer = load_run_tokenizer(run) if needs_tokenizer else None
+    constants = ({k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
+                 if workload.batch_constants is not None else {})
+    return WorkerModel(workload, task_cfg, module, tokenizer, constants)
+
+
+def load_weights_into(model: WorkerModel, uri: str, run: RunSpec) -> dict[str, list[str]]:
+    """Weights from ``uri`` (an export or a DeepSpeed checkpoint) into the model, as
+    ``train.init_allow_mismatch`` / ``train.init_allow_new_vocab`` allow; the vocabulary recorded
+    beside an export is checked against the run's tokenizer.  Returns the load report."""
+    tokenizer = model.tokenizer if model.workload.USES_MODEL_CONFIG else None
+    return load_weights(model.module, uri, run.train.init_allow_mismatch, tokenizer, run.train.init_allow_new_vocab)

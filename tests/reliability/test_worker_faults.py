@@ -25,7 +25,7 @@ KILL_AFTER = (4, 12)  # kill once after each of these checkpoints, at a random l
 
 
 def _weights(export_uri: str) -> dict[str, torch.Tensor]:
-    from orchestrator.train.checkpoint import state_dict_from
+    from orchestrator.train.weights import state_dict_from
 
     return state_dict_from(export_uri)
 

@@ -82,7 +82,7 @@ def test_log_records_and_logged_exceptions_are_redacted(caplog):
 
 def test_init_from_error_does_not_carry_the_tracking_uri_password(monkeypatch):
     from orchestrator.tracking import mlflow_run
-    from orchestrator.train.checkpoint import resolve_init_from
+    from orchestrator.train.weights import resolve_init_from
 
     def refuse(uri):
         raise ConnectionError(f"cannot reach {uri}")

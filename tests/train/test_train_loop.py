@@ -145,8 +145,8 @@ def test_init_from_zero_checkpoint_export_and_mlflow_lineage(s3_run):
     records it as the parent."""
     import torch
 
-    from orchestrator.train.checkpoint import load_weights, resolve_init_from, state_dict_from
     from orchestrator.train.driver import run_training
+    from orchestrator.train.weights import load_weights, resolve_init_from, state_dict_from
     from tests.train.toy_workload import Config, build_model
 
     cfg, parent, mlflow_uri = s3_run["cfg"], s3_run["out"], s3_run["mlflow_uri"]
