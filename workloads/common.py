@@ -129,7 +129,7 @@ def retrieval_eval(model: MPlug2, batches: Iterable[dict], k_test: int = 128, re
                    max_samples: int | None = None, pair_batch: int = 64) -> dict[str, float]:
     """R@1/5/10, median and mean rank both ways: contrastive top-k, re-scored by the matching head.
 
-    One process; ``orchestrator.eval_workers`` runs the same steps sharded over Train workers."""
+    One process; ``orchestrator.evaluation.shard`` runs the same steps sharded over Train workers."""
     texts, clips = retrieval_embed(model, batches, max_samples)
     texts = sort_records(texts)
     sim, text_to_clip, clip_ids = retrieval_sim(texts, {c: clips[c]["v"] for c in clips})
@@ -147,7 +147,7 @@ def need_tokenizer(tokenizer, task: str):
     """Generative evaluations turn ids back into strings; they cannot run without the tokenizer."""
     if tokenizer is None:
         raise ValueError(f"evaluating {task} needs the run's tokenizer (evaluate(..., tokenizer=...)) to "
-                         "turn generated ids into strings; orchestrator.evaluate passes it")
+                         "turn generated ids into strings; orchestrator.evaluation passes it")
     return tokenizer
 
 
@@ -182,7 +182,7 @@ def expand_prompt(batch: dict, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     (``image_prompt_*``) for an image batch (T = 1) when the constants carry one. KeyError names the fix."""
     if "prompt_ids" not in batch:
         raise KeyError("the batch has no 'prompt_ids': add the workload's batch_constants(tokenizer, task_cfg) "
-                       "to every batch (the train loop and orchestrator.evaluate do)")
+                       "to every batch (the train loop and orchestrator.evaluation do)")
     key = "image_prompt" if "image_prompt_ids" in batch and is_image_batch(batch) else "prompt"
     return batch[f"{key}_ids"].expand(b, -1), batch[f"{key}_mask"].expand(b, -1)
 

@@ -38,7 +38,7 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
     return {"loss": task_cfg.itc_weight * itc.loss + task_cfg.itm_weight * itm, "itc": itc.loss, "itm": itm}
 
 
-# Evaluated as retrieval: orchestrator.eval_workers shards embedding and re-scoring over workers.
+# Evaluated as retrieval: orchestrator.evaluation.shard shards embedding and re-scoring over workers.
 EVAL_KIND = "retrieval"
 
 

@@ -13,8 +13,8 @@ import workloads
 from orchestrator import storage
 from orchestrator.config import load_config
 from orchestrator.devtools.synth import ClipSpec, generate
-from orchestrator.evaluate import run_evaluation
-from orchestrator.train.driver import run_training
+from orchestrator.evaluation.driver import run_evaluation
+from orchestrator.trainer.driver import run_training
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """What the train loop does at each optimizer step, and which batches a resumed epoch leaves out.
 
 Pure Python (no Ray, no torch), so the decisions are unit-tested on their own
-(``tests/train/test_schedule.py``); the loop in :mod:`orchestrator.train.loop` only carries them out.
+(``tests/train/test_schedule.py``); the loop in :mod:`orchestrator.trainer.loop` only carries them out.
 """
 from __future__ import annotations
 

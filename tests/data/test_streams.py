@@ -57,7 +57,7 @@ def test_webdataset_source_trains_pretrain_losses(ray_local, fixture_root, clip_
     """video2dataset shards carry no clip index: every row got -1, so matching_loss raised."""
     from model import MPlug2, MPlugConfig
     from orchestrator.data.tokenize import load_tokenizer
-    from orchestrator.train.model_setup import tokenizer_overrides
+    from orchestrator.runtime.model_setup import tokenizer_overrides
     from workloads import pretrain
 
     src = _webvid_tar(fixture_root, clip_bytes)

@@ -18,16 +18,17 @@ ROOTS = ("model", "workloads", "orchestrator")
 # an entry starting with "=" matches that module only (the orchestrator package's __init__).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model: single-device PyTorch modules", ("model",)),
-    ("workloads: loss and metrics per task, on the model", ("workloads",)),
+    ("workloads: loss and metrics per task, on the model; the checked workload contract", ("workloads",)),
     ("base: helpers every orchestrator layer may use", (
         "=orchestrator", "orchestrator.mappings", "orchestrator.names", "orchestrator.storage", "orchestrator.console",
         "orchestrator.ray_env", "orchestrator.tracking.redact", "orchestrator.errors")),
-    ("components: the data plane, MLflow tracking, each component's typed config", (
-        "orchestrator.data", "orchestrator.tracking", "orchestrator.train.config")),
+    ("components: the data plane, MLflow tracking, the training components; each with its typed config", (
+        "orchestrator.data", "orchestrator.tracking", "orchestrator.train")),
     ("composer: the run config (RunSpec) made of the components' configs", ("orchestrator.config",)),
-    ("engine: the worker side of training and evaluation", ("orchestrator.train", "orchestrator.eval_workers")),
-    ("application: drivers that plan a run and start the workers", (
-        "orchestrator.train.driver", "orchestrator.evaluate", "orchestrator.sweep")),
+    ("runtime: what every Ray Train run shares (model setup, the TorchTrainer builder)", ("orchestrator.runtime",)),
+    ("evaluation: of a checkpoint and of the model in training, on the workers", ("orchestrator.evaluation",)),
+    ("training: the driver, the worker plan and the loop composing the components", ("orchestrator.trainer",)),
+    ("sweeps: Ray Tune over training runs", ("orchestrator.sweep",)),
     ("devtools: synthetic data, tiny HF assets, fault injection (never imported by a run)", (
         "orchestrator.devtools",)),
     ("entry points: the CLI and its verbs", ("orchestrator.commands", "orchestrator.cli", "orchestrator.__main__")),
@@ -169,8 +170,8 @@ def test_the_checker_fails_on_an_upward_import_a_local_import_and_a_cycle():
     pipeline = "orchestrator.data.pipeline"
 
     upward = dict(sources)
-    upward[pipeline] += "\nfrom orchestrator.train.driver import run_training\n"
-    assert any(p.startswith(f"{pipeline}:") and "upward" in p and "orchestrator.train.driver" in p
+    upward[pipeline] += "\nfrom orchestrator.trainer.driver import run_training\n"
+    assert any(p.startswith(f"{pipeline}:") and "upward" in p and "orchestrator.trainer.driver" in p
                for p in check(upward))
 
     relative_up = dict(sources)

@@ -41,7 +41,7 @@ def test_mlflow_outage_mid_run_loses_no_metric_and_no_secret_leaks(ray_local, tm
                                                                    mlflow_db_template):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
 
     monkeypatch.setenv("MPLUG2_TEST_API_TOKEN", SECRET)  # a secret-named variable: redacted by value
     monkeypatch.setenv(STEP_JOURNAL, str(tmp_path / "journal"))

@@ -33,7 +33,7 @@ def _weights(export_uri: str) -> dict[str, torch.Tensor]:
 def test_worker_killed_twice_resumes_and_matches_fault_free_run(ray_local, tmp_path, mlflow_uri, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
 
     ref_trace, trace = str(tmp_path / "ref.jsonl"), str(tmp_path / "faulted.jsonl")
     ref = run_training(toy_cfg(str(tmp_path / "ref"), None, "ref", ref_trace), datasets=toy_datasets())

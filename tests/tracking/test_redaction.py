@@ -101,7 +101,7 @@ def test_a_run_leaks_no_secret_anywhere(ray_local, tmp_path, mlflow_uri, capfd):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.config import load_config
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
     from tests.train.toy_workload import make_rows
 
     note = (f"data mirror postgresql://mlflow:{AWS_SECRET}@db:5432/mlflow, sample "

@@ -1,4 +1,4 @@
-"""Evaluation sharded over workers (orchestrator.eval_workers) gives the metrics of one worker.
+"""Evaluation sharded over workers (orchestrator.evaluation.shard) gives the metrics of one worker.
 
 Two gloo processes (torch.multiprocessing, no Ray) each evaluate an uneven, interleaved shard of
 the same rows in batches of another size and order than the single-process reference; the
@@ -27,7 +27,7 @@ def _setup(task: str, tok_dir: str):
     from transformers import AutoTokenizer
 
     from model import MPlugConfig
-    from orchestrator.train.model_setup import tokenizer_overrides
+    from orchestrator.runtime.model_setup import tokenizer_overrides
     from workloads.base import load_workload
 
     torch.set_num_threads(1)
@@ -74,7 +74,7 @@ def _batches(rows: list[dict], size: int) -> list[dict]:
 def _worker(rank: int, world: int, port: int, task: str, tok_dir: str, out: str) -> None:
     import torch.distributed as dist
 
-    from orchestrator.eval_workers import evaluate_shard, worker_comm
+    from orchestrator.evaluation.shard import evaluate_shard, worker_comm
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -115,7 +115,7 @@ def test_two_workers_give_the_metrics_of_one(task, tiny_hf, tmp_path):
 
 
 def test_item_keys_are_content_digests():
-    from orchestrator.eval_workers import item_keys
+    from orchestrator.evaluation.shard import item_keys
 
     b = {"text_ids": torch.tensor([[1, 2], [3, 4], [1, 2]]), "label": torch.tensor([0, 1, 0]), "note": "x"}
     k = item_keys(b)

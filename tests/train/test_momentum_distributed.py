@@ -56,8 +56,8 @@ def _worker(rank: int, port: int, out: str, precision: str, zero_stage: int) -> 
 
     from orchestrator.train import checkpoint, manifest
     from orchestrator.train.config import TrainConfig
-    from orchestrator.train.loop import micro_step
     from orchestrator.train.momentum_sync import MomentumSync
+    from orchestrator.trainer.loop import micro_step
     from workloads import pretrain
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}")

@@ -17,9 +17,10 @@ import pytest
 from orchestrator import storage
 from orchestrator.config import load_config
 from orchestrator.data.quality import TooManyBadClips
-from orchestrator.train import checkpoint, failures, loop, manifest
+from orchestrator.train import checkpoint, failures, manifest
 from orchestrator.train.lease import LeaseFence, LeaseLost, RunLease
-from orchestrator.train.plan import WorkerPlan
+from orchestrator.trainer import loop
+from orchestrator.trainer.plan import WorkerPlan
 
 
 def _write_checkpoint(tmp_path: Path, run_dir: str, step: int, marker: dict | None = None) -> str:
@@ -237,7 +238,7 @@ def test_not_retryable_errors_end_the_run_at_once_with_their_own_message(error):
 
 
 def test_the_driver_raises_a_stop_once_as_itself(monkeypatch):
-    from orchestrator.train import driver
+    from orchestrator.trainer import driver
 
     class Trainer:
         def fit(self):

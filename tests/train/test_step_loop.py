@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from orchestrator.config import load_config
-from orchestrator.train import loop
-from orchestrator.train.model_setup import WorkerModel
-from orchestrator.train.plan import WorkerPlan
+from orchestrator.runtime.model_setup import WorkerModel
 from orchestrator.train.schedule import StepSchedule
 from orchestrator.train.streams import DataStreams
+from orchestrator.trainer import loop
+from orchestrator.trainer.plan import WorkerPlan
 
 
 class Engine:

@@ -1,27 +1,24 @@
-"""Evaluation on the Ray Train workers: each worker evaluates its shard of the split, the outputs
-are gathered, the metrics are computed once.
+"""One evaluation pass on the Ray Train workers: each worker evaluates its shard of the split,
+the outputs are gathered, the metrics are computed once.
 
-Used by the ``evaluate`` verb (an evaluation-only ``TorchTrainer``), by validation during
-training (every ``eval.every_steps`` optimizer steps and at the end, see :class:`Validator`) and
-so by a sweep trial's dev score.  The driver only plans (the dataset, the scaling config) and
-collects; every model forward runs on a worker, on its GPU when ``train.use_gpu``.
+Sharding: the split is cut into uneven streaming shards that hold every row exactly once
+(:func:`orchestrator.runtime.ray_train.sharded_data_config`).  Which worker gets which row is up
+to Ray Data, so every row carries an ``item_key`` (a digest of its content) and the gathered
+per-item records are sorted by it: the metrics of W workers equal those of one worker on the same
+data and checkpoint.
 
-Sharding: the split is cut by :class:`ShardedEvalDataConfig` into uneven streaming shards that
-hold every row exactly once (Ray Train's own split is equal-sized and drops the remainder).
-Which worker gets which row is up to Ray Data, so every row carries an ``item_key`` (a digest of
-its content) and the gathered per-item records are sorted by it: the metrics of W workers equal
-those of one worker on the same data and checkpoint.
+Per workload (:attr:`workloads.base.Workload.evaluation`; workloads stay free of Ray and
+torch.distributed: they see a model and batches):
 
-Per workload (workloads stay free of Ray and torch.distributed; they see a model and batches):
-
-* retrieval / pre-train (``EVAL_KIND = "retrieval"``): every worker embeds its shard; text and clip
-  embeddings (not the clips' visual tokens) are gathered on every worker; each worker re-scores the
-  ``k_test`` candidate pairs (``plan_rerank``) whose clip it holds; the pair scores are gathered
-  and the score matrices assembled once.
-* captioning / videoqa / classification / GLUE (``predict`` + ``metrics_from``): each worker
-  predicts its shard, the records are gathered on rank 0, the metrics computed there and sent to
-  every rank.
-* any other workload (only ``evaluate``): the rows are gathered on rank 0, which evaluates them.
+* ``"retrieval"`` (retrieval, pre-train: ``EVAL_KIND``): every worker embeds its shard; text and
+  clip embeddings (not the clips' visual tokens) are gathered on every worker; each worker
+  re-scores the ``k_test`` candidate pairs (``plan_rerank``) whose clip it holds; the pair scores
+  are gathered and the score matrices assembled once.
+* ``"records"`` (captioning, videoqa, classification, GLUE: ``predict`` + ``metrics_from``): each
+  worker predicts its shard, the records are gathered on rank 0, the metrics computed there and
+  sent to every rank.
+* ``"rows"`` (any other workload: ``evaluate`` only): the rows are gathered on rank 0, which
+  evaluates them.
 
 Bad clips are counted per evaluation pass (their own bad-clip tracker) and gated by
 ``data.max_bad_fraction`` as in training; the metrics say how many items they cover
@@ -31,7 +28,6 @@ mistaken for one over the whole split.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 from typing import Any, Iterable, Iterator
@@ -40,17 +36,12 @@ import torch
 
 from orchestrator.config import RunSpec
 from orchestrator.data import quality
-from orchestrator.data.formats import TEXT_FORMATS
-from orchestrator.data.pipeline import build_dataset, iter_worker_batches
-from orchestrator.data.streams import VAL
-from orchestrator.train.model_setup import WorkerModel, load_weights_into, setup_model
+from orchestrator.data.pipeline import iter_worker_batches
 from workloads import common
+from workloads.base import Workload
 from workloads.metrics.retrieval import assemble_scores, plan_rerank, retrieval_metrics
 
 log = logging.getLogger(__name__)
-
-EVAL_DATASET = VAL  # the Train dataset name of the evaluated split
-COVERAGE_KEYS = ("items", "bad_items", "item_coverage")
 
 
 # --------------------------------------------------------------------------------- communication
@@ -140,7 +131,7 @@ def _flat(lists: list[list]) -> list:
 
 
 # --------------------------------------------------------------------------------- evaluation
-def evaluate_shard(workload, model: torch.nn.Module, batches: Iterable[dict], task_cfg, tokenizer=None,
+def evaluate_shard(workload: Workload, model: torch.nn.Module, batches: Iterable[dict], task_cfg, tokenizer=None,
                    comm: Comm | None = None, device=None, constants: dict[str, torch.Tensor] | None = None,
                    pair_batch: int = 64) -> tuple[dict[str, float], list[dict]]:
     """This worker's part of one evaluation; every rank of ``comm`` calls it with its shard.
@@ -162,7 +153,8 @@ def evaluate_shard(workload, model: torch.nn.Module, batches: Iterable[dict], ta
                 metrics, rows = (workload.metrics_from(_flat(gathered), task_cfg, tokenizer=tokenizer)
                                  if comm.rank == 0 else (None, []))
             else:
-                metrics, rows = _gather_rows_then_evaluate(workload, model, counted, task_cfg, tokenizer, comm)
+                metrics, rows = _gather_rows_then_evaluate(workload, model, counted, task_cfg, tokenizer, comm,
+                                                           constants or {})
     finally:
         model.train(was_training)
     items = sum(comm.all_gather(counted.rows))
@@ -202,11 +194,12 @@ def _retrieval(workload, model, batches, task_cfg, comm: Comm, pair_batch: int):
     return metrics, []
 
 
-def _gather_rows_then_evaluate(workload, model, batches, task_cfg, tokenizer, comm: Comm):
+def _gather_rows_then_evaluate(workload: Workload, model, batches, task_cfg, tokenizer, comm: Comm,
+                               consts: dict[str, torch.Tensor]):
     """A workload with only ``evaluate``: its rows are gathered on rank 0 (in item order) and
-    evaluated there in batches of the size they came in."""
+    evaluated there in batches of the size they came in (``consts``: the batch constants, added
+    to every batch once, not gathered)."""
     rows, size = [], 1
-    consts = dict(getattr(batches, "constants", None) or {})
     for b in batches:
         n = len(b["item_key"])
         size = max(size, n)
@@ -230,55 +223,6 @@ def _gather_rows_then_evaluate(workload, model, batches, task_cfg, tokenizer, co
     return metrics, preds
 
 
-# --------------------------------------------------------------------------------- data
-def sharded_eval_data_config(deterministic: bool = False):
-    """A ``ray.train.DataConfig`` that splits the ``val`` dataset into uneven shards holding every
-    row exactly once (other datasets as Ray Train splits them: equal shards).
-
-    ``deterministic`` (``data.deterministic``): the other datasets run with Ray Data's
-    ``preserve_order``, which also turns off the splitter's locality hints, so which rows reach
-    which worker, in which order, is a function of the dataset alone (not of task timing)."""
-    import ray.data
-    import ray.train
-
-    options = None
-    if deterministic:  # a copy of the current options (constructing them anew warns of a deprecated field)
-        options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
-        options.preserve_order = True
-
-    class ShardedEvalDataConfig(ray.train.DataConfig):
-        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-            rest = {k: v for k, v in datasets.items() if k != EVAL_DATASET}
-            out = (super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs) if rest
-                   else [{} for _ in range(world_size)])
-            if EVAL_DATASET in datasets:
-                ds = datasets[EVAL_DATASET]
-                if ds.name is None:
-                    ds.set_name(EVAL_DATASET)
-                hints = worker_node_ids if self._enable_shard_locality else None
-                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
-                    out[i][EVAL_DATASET] = split
-            return out
-
-    return ShardedEvalDataConfig(execution_options=options, enable_shard_locality=not deterministic)
-
-
-def eval_sources(cfg, columns: tuple[str, ...]):
-    """The sources with a ``val`` split (media sources only when the workload needs frames)."""
-    return [s for s in cfg.data.sources if s.val and not ("frames" in columns and s.format in TEXT_FORMATS)]
-
-
-def build_eval_dataset(cfg, columns: tuple[str, ...], split: str, tracker_name: str):
-    """The evaluated split as a Ray dataset (``eval.max_samples`` rows at most), or None when no
-    source has it.  Bad clips are counted under ``tracker_name``."""
-    sources = eval_sources(cfg, columns) if split == VAL else list(cfg.data.sources)
-    if not sources:
-        return None
-    data_cfg = cfg.data.model_copy(update={"sources": sources})
-    ds = build_dataset(data_cfg, split, training=False, columns=columns, seed=cfg.seed, run_name=tracker_name)
-    return ds.limit(cfg.eval.max_samples) if cfg.eval.max_samples else ds
-
-
 def coverage(items: float, tracker_name: str | None) -> dict[str, float]:
     """``bad_items`` skipped in this pass (its bad-clip tracker's count since the previous pass)
     and ``item_coverage`` = items / (items + bad_items): 1.0 only when no item was skipped."""
@@ -293,7 +237,7 @@ def coverage(items: float, tracker_name: str | None) -> dict[str, float]:
     return {"bad_items": float(bad), "item_coverage": items / total if total else 0.0}
 
 
-def run_on_shard(workload, model, task_cfg, run, *, shard, device, constants=None, tokenizer=None,
+def run_on_shard(workload: Workload, model, task_cfg, run: RunSpec, *, shard, device, constants=None, tokenizer=None,
                  tracker_name: str | None = None, comm: Comm | None = None):
     """One evaluation pass over this worker's ``shard`` (a Ray ``DataIterator``): batches of
     ``eval.batch_size`` (the last may be short: no row dropped), bad clips gated by
@@ -323,63 +267,3 @@ def full_parameters(module: torch.nn.Module, zero_stage: int):
 
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         yield
-
-
-# --------------------------------------------------------------------------------- in training
-class Validator:
-    """Validation during training: ``run(engine)`` evaluates the ``val`` shard on every worker and
-    returns ``{"eval/<metric>": value}`` (identical on every rank).  When it runs is the step
-    schedule's decision (:class:`~orchestrator.train.schedule.StepSchedule`)."""
-
-    def __init__(self, run: RunSpec, model: WorkerModel, device, tracker_name: str | None = None):
-        self.run_cfg, self.model, self.device, self.tracker_name = run, model, device, tracker_name
-
-    def run(self, engine) -> dict[str, float]:
-        import ray.train
-
-        module, m = engine.module, self.model
-        with full_parameters(module, self.run_cfg.train.zero_stage):
-            metrics, _ = run_on_shard(m.workload, module, m.task_cfg, self.run_cfg,
-                                      shard=ray.train.get_dataset_shard(EVAL_DATASET), device=self.device,
-                                      constants=m.constants, tokenizer=m.tokenizer, tracker_name=self.tracker_name)
-        return {f"eval/{k}": v for k, v in metrics.items()}
-
-
-# --------------------------------------------------------------------------------- the verb
-def eval_loop_per_worker(config: dict[str, Any]) -> None:
-    """The ``evaluate`` verb's Train function: load the checkpoint on this worker's device,
-    evaluate its shard; rank 0 reports the metrics with the predictions as a checkpoint file."""
-    import json
-    import os
-    import tempfile
-
-    import ray.train
-    import ray.train.torch
-
-    run = RunSpec.model_validate(config["run"])
-    device = ray.train.torch.get_device()
-    model = setup_model(run, config.get("model_config"), device)
-    _load_evaluated_weights(model, config["checkpoint_uri"], run)
-    comm = worker_comm()
-    metrics, rows = run_on_shard(model.workload, model.module.to(device).eval(), model.task_cfg, run,
-                                 shard=ray.train.get_dataset_shard(EVAL_DATASET), device=device,
-                                 constants=model.constants, tokenizer=model.tokenizer,
-                                 tracker_name=config.get("tracker_name"), comm=comm)
-    if comm.rank == 0:
-        with tempfile.TemporaryDirectory() as d:
-            with open(os.path.join(d, "predictions.json"), "w", encoding="utf-8") as f:
-                json.dump(rows, f, default=str)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    else:
-        ray.train.report(metrics)
-
-
-def _load_evaluated_weights(model: WorkerModel, uri: str, run: RunSpec) -> None:
-    """The evaluated checkpoint's weights into the model: at least one of its weights must be there."""
-    report = load_weights_into(model, uri, run)
-    n_own = len(model.module.state_dict())
-    if len(report["missing"]) >= n_own:
-        raise ValueError(f"{uri}: none of the model's {n_own} weights are in the checkpoint")
-    if report["missing"]:
-        log.warning("%d weights not in the checkpoint (left as initialised): %s", len(report["missing"]),
-                    ", ".join(report["missing"][:10]))

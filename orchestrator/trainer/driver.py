@@ -17,32 +17,29 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import ConfigError, RunSpec, check_inputs
-from orchestrator.console import Progress, summary, train_logging_config
+from orchestrator.console import Progress, summary
 from orchestrator.data import progress, quality
 from orchestrator.data.catalog import describe_sources
 from orchestrator.data.mix import stream_fractions
 from orchestrator.data.pipeline import build_stream_datasets
 from orchestrator.data.streams import TRAIN, VAL
 from orchestrator.data.tokenize import default_tokenizer
-from orchestrator.eval_workers import build_eval_dataset, sharded_eval_data_config
+from orchestrator.evaluation.data import val_tracker, validation_dataset
 from orchestrator.ray_env import ensure_ray
+from orchestrator.runtime.model_setup import driver_model_config, load_run_tokenizer
+from orchestrator.runtime.ray_train import build_trainer
 from orchestrator.tracking import lineage
-from orchestrator.tracking.mlflow_run import (
-    close_run,
-    git_commit,
-    open_run,
-    resolve_tracking_uri,
-)
+from orchestrator.tracking.mlflow_run import close_run, open_run, resolve_tracking_uri
+from orchestrator.tracking.tags import finished_tags, training_tags
 from orchestrator.train.checkpoint import finished_run
 from orchestrator.train.deepspeed_config import load_user_json
 from orchestrator.train.failures import SetupError, fail_fast_callback, find_not_retryable, plain
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.lease import LeaseLost, RunLease
-from orchestrator.train.loop import redacted_train_loop
 from orchestrator.train.manifest import resolve_export
-from orchestrator.train.model_setup import driver_model_config, load_run_tokenizer
-from orchestrator.train.plan import WorkerPlan
 from orchestrator.train.weights import resolve_init_from, write_vocab
+from orchestrator.trainer.loop import redacted_train_loop
+from orchestrator.trainer.plan import WorkerPlan
 from workloads.base import load_workload
 
 log = logging.getLogger(__name__)
@@ -143,7 +140,10 @@ def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: d
         stream_fractions=stream_fractions(r.cfg.data.sources, datasets), validate=VAL in datasets,
         val_tracker=val_tracker(r.run_name), lease_fence=lease.fence())
     console = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info)
-    trainer = _trainer(plan, r.experiment, datasets, [*(callbacks or []), console.callback()])
+    journal = {STEP_JOURNAL: os.environ[STEP_JOURNAL]} if os.environ.get(STEP_JOURNAL) else {}  # a fault test's
+    trainer = build_trainer(redacted_train_loop, plan, r.cfg, r.run_name, datasets, training=True,
+                            callbacks=[fail_fast_callback(plan.lease_fence), *(callbacks or []), console.callback()],
+                            worker_env=journal, deterministic=r.cfg.data.deterministic)
     status, result, started = "FAILED", None, time.time()
     try:
         result = _fit(trainer, console)
@@ -201,54 +201,12 @@ def _open_mlflow_run(r: _Run, extra_tags: dict[str, str] | None, parent_run_id: 
     if not r.tracking_uri:
         return None
     cfg = r.cfg
-    tags = {
-        "mplug2.workload": cfg.workload,
-        "mplug2.ray_job_id": os.environ.get("RAY_JOB_ID") or _ray_job_id(),
-        "mplug2.git_commit": git_commit(),
-        "mplug2.num_workers": cfg.train.num_workers,
-        "mplug2.use_gpu": cfg.train.use_gpu,
-        "mplug2.cluster_cpus": _cluster_resource("CPU"),
-        "mplug2.cluster_gpus": _cluster_resource("GPU"),
-        "mplug2.run_dir": r.run_dir,
-        **(extra_tags or {}),
-    }
-    if r.init_run:
-        tags["mplug2.init_from_run"] = r.init_run
-    if r.init_uri:
-        tags["mplug2.init_from"] = r.init_uri
+    tags = training_tags(cfg.workload, cfg.train.num_workers, cfg.train.use_gpu, r.run_dir, r.init_uri, r.init_run,
+                         extra_tags)
     mlflow_run_id = open_run(r.tracking_uri, r.experiment, r.run_name, cfg.to_dict(), tags,
                              parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
     lineage.record_datasets(r.tracking_uri, mlflow_run_id, describe_sources(cfg.data, (TRAIN,), rows=row_counts))
     return mlflow_run_id
-
-
-def _trainer(plan: WorkerPlan, experiment: str, datasets: dict, callbacks: list):
-    """The ``TorchTrainer``: one worker per ``train.num_workers``, each running the train loop on ``plan``."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    t = plan.run.train
-    storage_path, storage_fs = storage.for_ray(storage.join(plan.run.storage, experiment))
-    worker_env = {} if t.use_gpu else {"DS_ACCELERATOR": "cpu"}
-    if os.environ.get(STEP_JOURNAL):  # measuring a fault test: the workers record their steps there
-        worker_env[STEP_JOURNAL] = os.environ[STEP_JOURNAL]
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
-    return TorchTrainer(
-        redacted_train_loop,
-        train_loop_config=plan.to_loop_config(),
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=plan.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
-            callbacks=[fail_fast_callback(plan.lease_fence), *callbacks],
-            logging_config=train_logging_config(),
-        ),
-        datasets=datasets,
-        dataset_config=sharded_eval_data_config(plan.run.data.deterministic),  # "val": uneven shards, every row once
-    )
 
 
 def _fit(trainer, progress):
@@ -323,9 +281,8 @@ def _already_finished(cfg: RunSpec, run_name: str, run_dir: str, export_uri: str
              "choose a new name to train more.", run_name, meta.get("step"), ckpt_uri)
     mlflow_run_id = None
     if tracking_uri:
-
-        tags = {"mplug2.workload": cfg.workload, "mplug2.run_dir": run_dir, **(extra_tags or {})}
-        mlflow_run_id = open_run(tracking_uri, experiment, run_name, cfg.to_dict(), tags,
+        mlflow_run_id = open_run(tracking_uri, experiment, run_name, cfg.to_dict(),
+                                 finished_tags(cfg.workload, run_dir, extra_tags),
                                  parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
         close_run(tracking_uri, mlflow_run_id, status="FINISHED",
                   tags={"mplug2.checkpoint_uri": ckpt_uri, "mplug2.export_uri": export_uri})
@@ -335,42 +292,9 @@ def _already_finished(cfg: RunSpec, run_name: str, run_dir: str, export_uri: str
                         metrics=metrics, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
 
 
-def val_tracker(run_name: str) -> str:
-    """The bad-clip tracker of a run's validation passes (apart from the training clips')."""
-    return f"{run_name}-val"
-
-
-def validation_dataset(cfg: RunSpec, workload, run_name: str) -> dict:
-    """``{"val": the dev split}`` for validation during training (every ``eval.every_steps`` steps
-    and at the end, on the workers), or {} when no source has a val split or the workload has no
-    evaluation."""
-    if workload.evaluation is None:
-        return {}
-    ds = build_eval_dataset(cfg, workload.COLUMNS, VAL, val_tracker(run_name))
-    if ds is None:
-        log.warning("no data source has a val split: no validation during training")
-        return {}
-    return {VAL: ds}
-
-
 def _final_bad_clips(run_name: str) -> dict[str, Any]:
     """The run's bad-clip counts as its tracker holds them at the end ({} when there is none)."""
     try:
         return quality.get_bad_clip_stats(run_name) or {}
     except Exception:
         return {}
-
-
-def _ray_job_id() -> str | None:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_job_id()
-    except Exception:
-        return None
-
-
-def _cluster_resource(name: str) -> float:
-    import ray
-
-    return float(ray.cluster_resources().get(name, 0))

@@ -1,7 +1,7 @@
 """The per-worker training function: one DeepSpeed engine running the workload's loss, composed
 with components that own their state.
 
-Everything a worker needs arrives in a :class:`~orchestrator.train.plan.WorkerPlan` (the resolved
+Everything a worker needs arrives in a :class:`~orchestrator.trainer.plan.WorkerPlan` (the resolved
 run config plus the driver's decisions: MLflow run id, export URI, init-from URI, model config,
 stream shares); nothing is captured from the driver's globals.  Read top-down:
 :func:`train_loop_per_worker` -> :func:`setup` (the model, its engine and the components, the
@@ -11,7 +11,7 @@ checkpoint, export).  The components, each with its own state and a short surfac
 - :class:`~orchestrator.train.schedule.StepSchedule`: what each optimizer step does (pure);
 - :class:`~orchestrator.train.streams.DataStreams`: the batches of each pass, what they consumed;
 - :class:`~orchestrator.train.checkpoint.Checkpointer`: save, resume, export (behind the lease fence);
-- :class:`~orchestrator.eval_workers.Validator`: validation on the workers, when the schedule says;
+- :class:`~orchestrator.evaluation.validator.Validator`: validation on the workers, when the schedule says;
 - :class:`~orchestrator.train.metrics.MetricDelivery`: Ray Train reports and rank 0's MLflow points;
 - :class:`~orchestrator.train.momentum_sync.MomentumSync`: the momentum encoders' EMA per optimizer step.
 """
@@ -27,7 +27,9 @@ import torch
 
 from orchestrator.data.mix import StreamMix, epoch_batches
 from orchestrator.data.streams import TRAIN
-from orchestrator.eval_workers import Validator
+from orchestrator.evaluation.validator import Validator
+from orchestrator.runtime.model_setup import WorkerModel, load_weights_into, setup_model
+from orchestrator.runtime.ray_train import plan_from
 from orchestrator.tracking.redact import redact_exception
 from orchestrator.train.checkpoint import Checkpointer, PreemptionCheckpointer
 from orchestrator.train.deepspeed_config import build_deepspeed_config
@@ -35,13 +37,12 @@ from orchestrator.train.extensions import clear_stale_extension_locks, use_locke
 from orchestrator.train.failures import SetupPhase
 from orchestrator.train.journal import StepJournal
 from orchestrator.train.metrics import LossWindow, MetricDelivery, StepTimer
-from orchestrator.train.model_setup import WorkerModel, load_weights_into, setup_model
 from orchestrator.train.momentum_sync import MomentumSync
 from orchestrator.train.optim import build_optimizer
-from orchestrator.train.plan import WorkerPlan
 from orchestrator.train.progress import EpochProgress
 from orchestrator.train.schedule import StepActions, StepSchedule
 from orchestrator.train.streams import BadClipCounts, DataStreams
+from orchestrator.trainer.plan import WorkerPlan
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,12 @@ def redacted_train_loop(config: dict[str, Any]) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train's worker function (``config``: ``WorkerPlan.to_loop_config()``).  A config or
+    """Ray Train's worker function (``config``: ``{"plan": WorkerPlan}``).  A config or
     file error during setup is raised as :class:`~orchestrator.train.failures.SetupError`, which
     ends the run at once (no restarts)."""
     phase = SetupPhase()
     try:
-        _train(WorkerPlan.from_loop_config(config), phase)
+        _train(plan_from(config, WorkerPlan), phase)
     except Exception as e:  # re-raised, classified
         classified = phase.classify(e)
         if classified is e:
