@@ -112,7 +112,7 @@ def setup(plan: WorkerPlan) -> "TrainLoop":
     device = ray.train.torch.get_device()
     torch.manual_seed(run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
     model = setup_model(run, plan.model_config, device, pretrained=True)
-    validator = (Validator(run, model, device, tracker_name=plan.val_tracker) if plan.validate else None)
+    validator = Validator(run, model, device, tracker_name=plan.val_tracker) if plan.validate else None
     if plan.init_from:
         _init_weights(model, plan, rank)
     engine = _build_engine(model.module.to(device), plan, world)
