@@ -64,7 +64,7 @@ def run_evaluation(cfg: RunSpec, checkpoint: str, split: str = VAL, track: bool 
         raise ConfigError(f"no data source has a {split!r} split to evaluate on (data.sources[].{split})")
 
     plan = EvalPlan(run=cfg, checkpoint_uri=uri, model_config=model_config, tracker_name=tracker)
-    trainer = build_trainer(eval_loop_per_worker, plan, cfg, tracker, {VAL: ds})
+    trainer = build_trainer(eval_loop_per_worker, plan, tracker, {VAL: ds})
     try:
         result = trainer.fit()
     finally:

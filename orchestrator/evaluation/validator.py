@@ -13,8 +13,8 @@ class Validator:
     returns ``{"eval/<metric>": value}`` (identical on every rank).  When it runs is the step
     schedule's decision (:class:`~orchestrator.train.schedule.StepSchedule`)."""
 
-    def __init__(self, run: RunSpec, model: WorkerModel, device, tracker_name: str | None = None):
-        self.run_cfg, self.model, self.device, self.tracker_name = run, model, device, tracker_name
+    def __init__(self, run: RunSpec, model: WorkerModel, tracker_name: str | None = None):
+        self.run_cfg, self.model, self.tracker_name = run, model, tracker_name
 
     def run(self, engine) -> dict[str, float]:
         import ray.train
@@ -22,6 +22,6 @@ class Validator:
         module, m = engine.module, self.model
         with full_parameters(module, self.run_cfg.train.zero_stage):
             metrics, _ = run_on_shard(m.workload, module, m.task_cfg, self.run_cfg,
-                                      shard=ray.train.get_dataset_shard(VAL), device=self.device,
+                                      shard=ray.train.get_dataset_shard(VAL), device=m.device,
                                       constants=m.constants, tokenizer=m.tokenizer, tracker_name=self.tracker_name)
         return {f"eval/{k}": v for k, v in metrics.items()}

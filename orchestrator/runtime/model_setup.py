@@ -79,10 +79,11 @@ class WorkerModel:
     module: torch.nn.Module
     tokenizer: Any | None                  # the run's tokenizer; None for a workload that needs none
     constants: dict[str, torch.Tensor]     # the workload's batch constants, on the worker's device
+    device: Any = "cpu"                    # the worker's device (the module is moved there by its user)
 
-    def on_device(self, batch: dict, device, non_blocking: bool = False) -> dict:
-        """``batch`` with its tensors on ``device`` and the batch constants added."""
-        out = {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def on_device(self, batch: dict, non_blocking: bool = False) -> dict:
+        """``batch`` with its tensors on the worker's device and the batch constants added."""
+        out = {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
         out.update(self.constants)
         return out
 
@@ -101,7 +102,7 @@ def setup_model(run: RunSpec, model_config: MPlugConfig | None, device, pretrain
     tokenizer = load_run_tokenizer(run) if needs_tokenizer else None
     constants = ({k: v.to(device) for k, v in workload.batch_constants(tokenizer, task_cfg).items()}
                  if workload.batch_constants is not None else {})
-    return WorkerModel(workload, task_cfg, module, tokenizer, constants)
+    return WorkerModel(workload, task_cfg, module, tokenizer, constants, device)
 
 
 def load_weights_into(model: WorkerModel, uri: str, run: RunSpec) -> dict[str, list[str]]:

@@ -10,7 +10,7 @@ splits them.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 from orchestrator import storage
 from orchestrator.config import RunSpec
@@ -19,6 +19,12 @@ from orchestrator.data.streams import VAL
 
 PLAN_KEY = "plan"  # the plan's key in Ray Train's train_loop_config
 P = TypeVar("P")
+
+
+class RunPlan(Protocol):
+    """A run's frozen plan for its workers (``WorkerPlan``, ``EvalPlan``): the run config and more."""
+
+    run: RunSpec
 
 
 def loop_config(plan: Any) -> dict[str, Any]:
@@ -33,18 +39,19 @@ def plan_from(config: dict[str, Any], kind: type[P]) -> P:
     return plan
 
 
-def build_trainer(worker_fn: Callable[[dict], None], plan: Any, run: RunSpec, name: str, datasets: dict, *,
+def build_trainer(worker_fn: Callable[[dict], None], plan: RunPlan, name: str, datasets: dict, *,
                   training: bool = False, callbacks: list | None = None, worker_env: dict[str, str] | None = None,
                   deterministic: bool = False):
     """The ``TorchTrainer`` running ``worker_fn`` on ``train.num_workers`` workers (``train.use_gpu``,
-    ``train.cpus_per_worker`` / ``gpus_per_worker``), each given ``plan``; Ray Train's run ``name``
-    lives under ``<storage>/<experiment>/``.  ``training``: keep ``train.keep_checkpoints`` and restart
+    ``train.cpus_per_worker`` / ``gpus_per_worker`` of ``plan.run``), each given ``plan``; Ray
+    Train's run ``name`` lives under ``<storage>/<experiment>/``.  ``training``: keep ``train.keep_checkpoints`` and restart
     up to ``train.max_failures`` times (an evaluation keeps nothing and is not restarted).
     ``worker_env``: environment variables for the workers (besides ``DS_ACCELERATOR=cpu`` on CPU
     workers); ``deterministic``: ``data.deterministic`` (see :func:`sharded_data_config`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    run = plan.run
     t = run.train
     storage_path, storage_fs = storage.for_ray(storage.join(run.storage, run.experiment_name()))
     env = {**({} if t.use_gpu else {"DS_ACCELERATOR": "cpu"}), **(worker_env or {})}

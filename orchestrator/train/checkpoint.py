@@ -208,6 +208,7 @@ class Checkpointer:
       :meth:`_publish` (report, marker): an asynchronous upload can run the latter off the step's
       critical path behind the same surface.
     - :meth:`export`: the consolidated model into ``<export_uri>/step_<N>/`` and its pointer.
+    - :meth:`preempted`: whether Ray signalled a node of this run is being preempted (checkpoint now).
 
     Nothing is written once the run's lease was taken over (:meth:`fenced` before each write).
     Its state: :attr:`saved_step` (the step of the last checkpoint: the last step is not saved
@@ -215,8 +216,9 @@ class Checkpointer:
     """
 
     def __init__(self, engine, parts: list[CheckpointPart], *, run_dir: str | None, fence=None, rank: int = 0,
-                 world: int = 1, run_config: dict[str, Any] | None = None, zero_stage: int = 0) -> None:
-        self.engine, self.parts = engine, list(parts)
+                 world: int = 1, run_config: dict[str, Any] | None = None, zero_stage: int = 0,
+                 preemption: "PreemptionCheckpointer | None" = None) -> None:
+        self.engine, self.parts, self.preemption = engine, list(parts), preemption
         self.run_dir, self.fence, self.rank, self.world = run_dir, fence, rank, world
         self.run_config, self.zero_stage = run_config, zero_stage
         self.saved_step = -1
@@ -287,6 +289,10 @@ class Checkpointer:
             out = os.path.join(d, "export")
             if export(self.engine, self.zero_stage, out, self.rank):
                 manifest.publish_export(out, export_uri, step, fence=self.fence)
+
+    def preempted(self) -> bool:
+        """A preemption notice not yet answered (a barrier: every rank asks at the same step)."""
+        return self.preemption is not None and self.preemption.should_checkpoint()
 
     def fenced(self) -> None:
         """Raise :class:`~orchestrator.train.lease.LeaseLost` on every rank when the run's lease is

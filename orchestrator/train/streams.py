@@ -4,7 +4,8 @@ run's bad-clip counts as a worker sees them.
 - :class:`DataStreams`: one pass of the epoch's stream (``train``, this rank's shard) with the
   mixed-in streams interleaved (:class:`~orchestrator.data.mix.StreamMix`); the rows each batch
   carries are recorded in :class:`~orchestrator.train.progress.EpochProgress` (a checkpoint part:
-  a resumed pass leaves them out) and in the step journal; a resumed epoch without recorded rows
+  a resumed pass leaves them out) and in the step journal (each optimizer step's rows); a resumed
+  epoch without recorded rows
   skips the batches it already trained (:class:`~orchestrator.train.schedule.ResumeSkip`).
 - :class:`BadClipCounts`: the run's bad-clip tracker seen from a worker: the counts logged at each
   epoch's end, ``data.max_bad_fraction`` checked at the run's end, and the counts a checkpoint
@@ -118,6 +119,11 @@ class DataStreams:
         if self.skip.seen == seen and not self.progress.has_keys(TRAIN):  # (a resumed pass may have nothing left)
             raise RuntimeError("the training dataset yielded no batch: it is empty or smaller than one batch "
                                f"per worker (batch_size_per_worker={self.batch_size}, workers={self.world})")
+
+    def step_done(self, step: int, epoch: int) -> None:
+        """Optimizer step ``step`` was computed from the batches since the last: the step journal's line."""
+        if self.journal is not None:
+            self.journal.step(step, epoch)
 
     def end_epoch(self) -> dict[str, float]:
         """The pass is over: the next one starts afresh; rank 0's bad-clip counts as metrics."""

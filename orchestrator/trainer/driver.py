@@ -141,7 +141,7 @@ def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: d
         val_tracker=val_tracker(r.run_name), lease_fence=lease.fence())
     console = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info)
     journal = {STEP_JOURNAL: os.environ[STEP_JOURNAL]} if os.environ.get(STEP_JOURNAL) else {}  # a fault test's
-    trainer = build_trainer(redacted_train_loop, plan, r.cfg, r.run_name, datasets, training=True,
+    trainer = build_trainer(redacted_train_loop, plan, r.run_name, datasets, training=True,
                             callbacks=[fail_fast_callback(plan.lease_fence), *(callbacks or []), console.callback()],
                             worker_env=journal, deterministic=r.cfg.data.deterministic)
     status, result, started = "FAILED", None, time.time()

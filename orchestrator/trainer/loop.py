@@ -13,7 +13,8 @@ checkpoint, export).  The components, each with its own state and a short surfac
 - :class:`~orchestrator.train.checkpoint.Checkpointer`: save, resume, export (behind the lease fence);
 - :class:`~orchestrator.evaluation.validator.Validator`: validation on the workers, when the schedule says;
 - :class:`~orchestrator.train.metrics.MetricDelivery`: Ray Train reports and rank 0's MLflow points;
-- :class:`~orchestrator.train.momentum_sync.MomentumSync`: the momentum encoders' EMA per optimizer step.
+- :class:`~orchestrator.train.momentum_sync.MomentumSync`: the momentum encoders' EMA per optimizer
+  step, run by :class:`TrainStep` (the engine on the workload's loss).
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def setup(plan: WorkerPlan) -> "TrainLoop":
     device = ray.train.torch.get_device()
     torch.manual_seed(run.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
     model = setup_model(run, plan.model_config, device, pretrained=True)
-    validator = Validator(run, model, device, tracker_name=plan.val_tracker) if plan.validate else None
+    validator = Validator(run, model, tracker_name=plan.val_tracker) if plan.validate else None
     if plan.init_from:
         _init_weights(model, plan, rank)
     engine = _build_engine(model.module.to(device), plan, world)
@@ -122,7 +123,8 @@ def setup(plan: WorkerPlan) -> "TrainLoop":
     counts = BadClipCounts(plan.run_name, rank, world, run.data.max_bad_fraction)
     metrics = MetricDelivery(rank)
     checkpointer = Checkpointer(engine, [progress, counts, metrics], run_dir=plan.run_dir, fence=plan.lease_fence,
-                                rank=rank, world=world, run_config=run.to_dict(), zero_stage=run.train.zero_stage)
+                                rank=rank, world=world, run_config=run.to_dict(), zero_stage=run.train.zero_stage,
+                                preemption=PreemptionCheckpointer())
     state = TrainState()
     saved = checkpointer.resume(ray.train.get_checkpoint())
     if saved is not None:
@@ -131,13 +133,11 @@ def setup(plan: WorkerPlan) -> "TrainLoop":
     if saved is not None:
         metrics.log({"resumed_from_step": state.step}, state.step)
 
-    journal = StepJournal(rank)
-    streams = DataStreams(_passes(plan, progress, rank), progress, counts, journal, resume_batches=state.epoch_batches,
-                          batch_size=run.train.batch_size_per_worker, world=world)
+    streams = DataStreams(_passes(plan, progress, rank), progress, counts, StepJournal(rank),
+                          resume_batches=state.epoch_batches, batch_size=run.train.batch_size_per_worker, world=world)
     schedule = StepSchedule.from_config(run.train, run.eval.every_steps if plan.validate else None)
-    return TrainLoop(plan, engine, model, schedule, streams, checkpointer, metrics, validator=validator,
-                     momentum=momentum, preemption=PreemptionCheckpointer(), journal=journal, state=state,
-                     device=device, world=world)
+    step = TrainStep(engine, model, momentum, world, run.train.steps_per_epoch)
+    return TrainLoop(plan, step, schedule, streams, checkpointer, metrics, validator=validator, state=state)
 
 
 def _passes(plan: WorkerPlan, progress: EpochProgress, rank: int):
@@ -178,22 +178,44 @@ def _build_engine(module: torch.nn.Module, plan: WorkerPlan, world: int):
 
 
 # ------------------------------------------------------------------------------- the loop
+class TrainStep:
+    """The DeepSpeed engine stepping on the workload's loss, one micro-batch at a time; the same
+    steps on each of ``world`` data-parallel workers.  Its state is the engine's: the weights, the
+    optimizer, the LR schedule, the number of optimizer steps taken."""
+
+    def __init__(self, engine, model: WorkerModel, momentum: MomentumSync | None = None, world: int = 1,
+                 steps_per_epoch: int | None = None) -> None:
+        self.engine, self.model, self.momentum, self.world = engine, model, momentum, world
+        self.steps_per_epoch = steps_per_epoch
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.engine.global_steps
+
+    def lr(self) -> float:
+        return self.engine.lr_scheduler.get_last_lr()[0]
+
+    def __call__(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """Move the batch to the device, add the batch constants, and run one micro-step (``step``:
+        the optimizer steps taken so far)."""
+        batch = self.model.on_device(batch, non_blocking=True)
+        if self.steps_per_epoch:  # e.g. the distillation-weight ramp over the first epoch
+            batch["epoch_progress"] = step / self.steps_per_epoch
+        return micro_step(self.engine, self.model.workload, batch, self.model.task_cfg, self.momentum)
+
+
 class TrainLoop:
-    """One worker's training run: the engine steps on the workload's loss; the components decide
-    (the schedule), feed (the streams), save (the checkpointer), validate, deliver metrics and run
-    the momentum EMA.  Its own state: :class:`TrainState`, and the metrics of the current logging
+    """One worker's training run: the step (:class:`TrainStep`) runs the workload's loss; the
+    components decide (the schedule), feed (the streams), save (the checkpointer), validate and
+    deliver metrics.  Its own state: :class:`TrainState`, and the metrics of the current logging
     window (losses, timer, the last reported metrics)."""
 
-    def __init__(self, plan: WorkerPlan, engine, model: WorkerModel, schedule: StepSchedule, streams: DataStreams,
+    def __init__(self, plan: WorkerPlan, step: TrainStep, schedule: StepSchedule, streams: DataStreams,
                  checkpointer: Checkpointer, metrics: MetricDelivery, *, validator: Validator | None = None,
-                 momentum: MomentumSync | None = None, preemption: PreemptionCheckpointer | None = None,
-                 journal: StepJournal | None = None, state: TrainState | None = None, device: Any = "cpu",
-                 world: int = 1) -> None:
-        self.plan, self.engine, self.model, self.schedule, self.streams = plan, engine, model, schedule, streams
+                 state: TrainState | None = None) -> None:
+        self.plan, self.step, self.schedule, self.streams = plan, step, schedule, streams
         self.checkpointer, self.metrics, self.validator = checkpointer, metrics, validator
-        self.momentum, self.preemption, self.journal = momentum, preemption, journal
         self.state = state or TrainState()
-        self.device, self.world = device, world
         self.batch_size = plan.run.train.batch_size_per_worker
         self.mixed = tuple(plan.stream_fractions)  # the mixed-in streams: their share of batches is logged
         self.window, self.timer = LossWindow(), StepTimer()
@@ -201,20 +223,19 @@ class TrainLoop:
 
     def run(self) -> None:
         """Epochs of micro-batches until ``train.max_steps`` optimizer steps."""
-        state, tcfg = self.state, self.plan.run.train
+        state, tcfg, world = self.state, self.plan.run.train, self.step.world
         while state.step < tcfg.max_steps:
             for stream, batch in self.streams.epoch(state.epoch, state.step, self.timer.timed_batches):
                 if stream == TRAIN:
                     state.epoch_batches += 1  # the epoch's batches only: what a resumed epoch skips
-                losses = self.micro_batch(batch)
+                losses = self.step(batch, state.step)
                 self.timer.samples += self.batch_size
                 self.window.add_losses(losses, self.mixed, stream)
-                if self.engine.global_steps == state.step:
+                if self.step.optimizer_steps == state.step:
                     continue  # gradient accumulation: no optimizer step yet
-                state.step = self.engine.global_steps
-                if self.journal is not None:
-                    self.journal.step(state.step, state.epoch)
-                state.samples += self.batch_size * tcfg.grad_accum_steps * self.world
+                state.step = self.step.optimizer_steps
+                self.streams.step_done(state.step, state.epoch)
+                state.samples += self.batch_size * tcfg.grad_accum_steps * world
                 actions = self.schedule.at(state.step)
                 self.after_step(actions)
                 if actions.last:
@@ -222,22 +243,14 @@ class TrainLoop:
             if state.step < tcfg.max_steps:
                 self.end_epoch()
 
-    def micro_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Move the batch to the device, add the batch constants, and run one micro-step."""
-        batch = self.model.on_device(batch, self.device, non_blocking=True)
-        steps_per_epoch = self.plan.run.train.steps_per_epoch
-        if steps_per_epoch:  # e.g. the distillation-weight ramp over the first epoch
-            batch["epoch_progress"] = self.state.step / steps_per_epoch
-        return micro_step(self.engine, self.model.workload, batch, self.model.task_cfg, self.momentum)
-
     def after_step(self, actions: StepActions) -> None:
         """Carry out what the schedule decided for this optimizer step."""
-        step = actions.step
+        step, world = actions.step, self.step.world
         if actions.report:
-            self.last_metrics = {**self.window.means(self.world), "lr": self.engine.lr_scheduler.get_last_lr()[0],
-                                 **self.timer.summary(self.world), "step": step, "epoch": self.state.epoch}
+            self.last_metrics = {**self.window.means(world), "lr": self.step.lr(), **self.timer.summary(world),
+                                 "step": step, "epoch": self.state.epoch}
             if actions.validate:  # eval/... on the workers
-                self.last_metrics.update(self.validator.run(self.engine))
+                self.last_metrics.update(self.validator.run(self.step.engine))
             self.metrics.log({k: v for k, v in self.last_metrics.items() if k != "step"}, step)
             self.timer.reset()
         if actions.checkpoint:
@@ -247,11 +260,10 @@ class TrainLoop:
             self.timer.reset()  # checkpoint time is not training throughput
         elif actions.log:
             self.metrics.report(self.last_metrics)
-        if actions.check_preemption and self.preemption.should_checkpoint():
+        if actions.check_preemption and self.checkpointer.preempted():
             if self.checkpointer.saved_step != step:  # a step that just saved answers with that checkpoint
                 self.save()
             self.metrics.log({"preemption_checkpoint_step": step}, step)
-
     def end_epoch(self) -> None:
         """Start the next epoch; rank 0 logs the bad-clip counts (the job stops past the threshold)."""
         self.state.epoch += 1

@@ -169,8 +169,7 @@ def test_a_holder_that_lost_its_lease_writes_no_checkpoint_marker_or_export(tmp_
     saver = checkpoint.Checkpointer(None, [], run_dir=run_dir, fence=fence, rank=0, world=1)
     saver.saved_step = 8
     counts = SimpleNamespace(check_run_end=lambda: None)  # the run's bad-clip fraction: fine
-    w = loop.TrainLoop(plan, None, None, None, SimpleNamespace(counts=counts), saver, None,
-                       state=loop.TrainState(step=8))
+    w = loop.TrainLoop(plan, None, None, SimpleNamespace(counts=counts), saver, None, state=loop.TrainState(step=8))
     with pytest.raises(LeaseLost):
         w.save()
     with pytest.raises(LeaseLost):

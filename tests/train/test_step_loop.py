@@ -53,8 +53,11 @@ class Counts:  # the run's bad-clip counts: none
 
 
 class Checkpointer:
-    def __init__(self):
-        self.saved, self.saved_step = [], -1
+    def __init__(self, preemption):
+        self.saved, self.saved_step, self.preemption = [], -1, preemption
+
+    def preempted(self):
+        return self.preemption.should_checkpoint()
 
     def save(self, step, client_state, metrics):
         self.saved.append(step)
@@ -100,9 +103,9 @@ def _worker(overrides, batches_per_epoch, accum=1, epoch_batches=0, preempt_at=N
 
     streams = DataStreams(passes, Progress(), Counts(), resume_batches=epoch_batches,
                           batch_size=run.train.batch_size_per_worker)
-    checkpointer, metrics = Checkpointer(), Metrics()
-    w = loop.TrainLoop(plan, Engine(accum), WorkerModel(Workload, None, None, None, {}), StepSchedule.from_config(run.train),
-                       streams, checkpointer, metrics, preemption=Preemption(preempt_at),
+    checkpointer, metrics = Checkpointer(Preemption(preempt_at)), Metrics()
+    step = loop.TrainStep(Engine(accum), WorkerModel(Workload, None, None, None, {}))
+    w = loop.TrainLoop(plan, step, StepSchedule.from_config(run.train), streams, checkpointer, metrics,
                        state=loop.TrainState(epoch_batches=epoch_batches))
     return w, seen, checkpointer.saved, metrics.reported
 
@@ -139,7 +142,7 @@ def test_a_preemption_signal_takes_one_checkpoint():
     w, _, saved, _ = _worker(["train.max_steps=6", "train.checkpoint_every=100", "train.log_every=100",
                                            "train.preemption_check_every=2"], 10, preempt_at=2)
     w.run()
-    assert w.preemption.asked == [True, True] and saved == [4, 6]   # asked at 2 and 4; signalled at 4; 6 is the last
+    assert w.checkpointer.preemption.asked == [True, True] and saved == [4, 6]   # asked at 2 and 4; signalled at 4; 6 is the last
 
 
 def test_an_empty_dataset_is_an_error():
