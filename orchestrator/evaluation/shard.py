@@ -37,6 +37,7 @@ import torch
 from orchestrator.config import RunSpec
 from orchestrator.data import quality
 from orchestrator.data.pipeline import iter_worker_batches
+from orchestrator.runtime.model_setup import WorkerModel
 from workloads import common
 from workloads.base import Workload
 from workloads.metrics.retrieval import assemble_scores, plan_rerank, retrieval_metrics
@@ -110,20 +111,17 @@ def item_keys(batch: dict) -> torch.Tensor:
 
 
 class _Counted:
-    """Batches with ``item_key`` added, moved to the device, constants added; counts the rows."""
+    """Batches with ``item_key`` added, on the model's device with its batch constants; counts the rows."""
 
-    def __init__(self, batches: Iterable[dict], device, constants: dict[str, torch.Tensor] | None):
-        self.batches, self.device, self.constants = batches, device, constants or {}
+    def __init__(self, batches: Iterable[dict], model: WorkerModel):
+        self.batches, self.model = batches, model
         self.rows = 0
 
     def __iter__(self) -> Iterator[dict]:
         for b in self.batches:
             key = item_keys(b)
             self.rows += len(key)
-            b = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in b.items()}
-            b["item_key"] = key.to(self.device)
-            b.update(self.constants)
-            yield b
+            yield self.model.on_device({**b, "item_key": key})
 
 
 def _flat(lists: list[list]) -> list:
@@ -131,16 +129,16 @@ def _flat(lists: list[list]) -> list:
 
 
 # --------------------------------------------------------------------------------- evaluation
-def evaluate_shard(workload: Workload, model: torch.nn.Module, batches: Iterable[dict], task_cfg, tokenizer=None,
-                   comm: Comm | None = None, device=None, constants: dict[str, torch.Tensor] | None = None,
-                   pair_batch: int = 64) -> tuple[dict[str, float], list[dict]]:
-    """This worker's part of one evaluation; every rank of ``comm`` calls it with its shard.
+def evaluate_shard(wm: WorkerModel, batches: Iterable[dict], comm: Comm | None = None, pair_batch: int = 64
+                   ) -> tuple[dict[str, float], list[dict]]:
+    """This worker's part of one evaluation of ``wm`` (its module as it is: the engine trains the
+    same object); every rank of ``comm`` calls it with its shard.
 
     Returns ``(metrics, predictions)``: the same metrics on every rank (over all ranks' items;
     ``items`` counts them), the predictions table on rank 0 only ([] elsewhere)."""
     comm = comm or Comm()
-    device = device if device is not None else next(model.parameters()).device
-    counted = _Counted(batches, device, constants)
+    workload, model, task_cfg, tokenizer = wm.workload, wm.module, wm.task_cfg, wm.tokenizer
+    counted = _Counted(batches, wm)
     was_training = model.training
     model.eval()
     try:
@@ -154,7 +152,7 @@ def evaluate_shard(workload: Workload, model: torch.nn.Module, batches: Iterable
                                  if comm.rank == 0 else (None, []))
             else:
                 metrics, rows = _gather_rows_then_evaluate(workload, model, counted, task_cfg, tokenizer, comm,
-                                                           constants or {})
+                                                           wm.constants)
     finally:
         model.train(was_training)
     items = sum(comm.all_gather(counted.rows))
@@ -237,8 +235,7 @@ def coverage(items: float, tracker_name: str | None) -> dict[str, float]:
     return {"bad_items": float(bad), "item_coverage": items / total if total else 0.0}
 
 
-def run_on_shard(workload: Workload, model, task_cfg, run: RunSpec, *, shard, device, constants=None, tokenizer=None,
-                 tracker_name: str | None = None, comm: Comm | None = None):
+def run_on_shard(model: WorkerModel, run: RunSpec, shard, tracker_name: str | None = None, comm: Comm | None = None):
     """One evaluation pass over this worker's ``shard`` (a Ray ``DataIterator``): batches of
     ``eval.batch_size`` (the last may be short: no row dropped), bad clips gated by
     ``data.max_bad_fraction``; returns ``(metrics with coverage, predictions on rank 0)``."""
@@ -246,8 +243,7 @@ def run_on_shard(workload: Workload, model, task_cfg, run: RunSpec, *, shard, de
     batches = iter_worker_batches(shard, batch_size=run.eval.batch_size, device="cpu",
                                   prefetch_batches=run.data.prefetch_batches, drop_last=False,
                                   run_name=tracker_name, max_bad_fraction=run.data.max_bad_fraction)
-    metrics, rows = evaluate_shard(workload, model, batches, task_cfg, tokenizer=tokenizer, comm=comm,
-                                   device=device, constants=constants)
+    metrics, rows = evaluate_shard(model, batches, comm)
     extra = comm.broadcast(coverage(metrics["items"], tracker_name) if comm.rank == 0 else None)
     metrics.update(extra)
     if comm.rank == 0 and extra["item_coverage"] < 1.0:

@@ -28,10 +28,9 @@ def eval_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = setup_model(plan.run, plan.model_config, device)
     _load_evaluated_weights(model, plan.checkpoint_uri, plan.run)
+    model.module.to(device).eval()
     comm = worker_comm()
-    metrics, rows = run_on_shard(model.workload, model.module.to(device).eval(), model.task_cfg, plan.run,
-                                 shard=ray.train.get_dataset_shard(VAL), device=device, constants=model.constants,
-                                 tokenizer=model.tokenizer, tracker_name=plan.tracker_name, comm=comm)
+    metrics, rows = run_on_shard(model, plan.run, ray.train.get_dataset_shard(VAL), plan.tracker_name, comm)
     if comm.rank == 0:
         with tempfile.TemporaryDirectory() as d:
             with open(os.path.join(d, "predictions.json"), "w", encoding="utf-8") as f:

@@ -216,11 +216,11 @@ class Checkpointer:
     """
 
     def __init__(self, engine, parts: list[CheckpointPart], *, run_dir: str | None, fence=None, rank: int = 0,
-                 world: int = 1, run_config: dict[str, Any] | None = None, zero_stage: int = 0,
+                 world: int = 1, run_config: dict[str, Any] | None = None,
                  preemption: "PreemptionCheckpointer | None" = None) -> None:
         self.engine, self.parts, self.preemption = engine, list(parts), preemption
         self.run_dir, self.fence, self.rank, self.world = run_dir, fence, rank, world
-        self.run_config, self.zero_stage = run_config, zero_stage
+        self.run_config = run_config  # the run config the completion marker records (its fingerprint)
         self.saved_step = -1
         self.redo = 0
         self.resumed_from = None  # the checkpoint the run resumed from (a ray.train.Checkpoint), if any
@@ -287,7 +287,7 @@ class Checkpointer:
         self.fenced()  # no export by a run whose lease was taken over
         with tempfile.TemporaryDirectory() as d:
             out = os.path.join(d, "export")
-            if export(self.engine, self.zero_stage, out, self.rank):
+            if export(self.engine, self.engine.zero_optimization_stage(), out, self.rank):
                 manifest.publish_export(out, export_uri, step, fence=self.fence)
 
     def preempted(self) -> bool:

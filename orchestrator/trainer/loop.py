@@ -123,8 +123,7 @@ def setup(plan: WorkerPlan) -> "TrainLoop":
     counts = BadClipCounts(plan.run_name, rank, world, run.data.max_bad_fraction)
     metrics = MetricDelivery(rank)
     checkpointer = Checkpointer(engine, [progress, counts, metrics], run_dir=plan.run_dir, fence=plan.lease_fence,
-                                rank=rank, world=world, run_config=run.to_dict(), zero_stage=run.train.zero_stage,
-                                preemption=PreemptionCheckpointer())
+                                rank=rank, world=world, run_config=run.to_dict(), preemption=PreemptionCheckpointer())
     state = TrainState()
     saved = checkpointer.resume(ray.train.get_checkpoint())
     if saved is not None:
@@ -250,7 +249,7 @@ class TrainLoop:
             self.last_metrics = {**self.window.means(world), "lr": self.step.lr(), **self.timer.summary(world),
                                  "step": step, "epoch": self.state.epoch}
             if actions.validate:  # eval/... on the workers
-                self.last_metrics.update(self.validator.run(self.step.engine))
+                self.last_metrics.update(self.validator.run())
             self.metrics.log({k: v for k, v in self.last_metrics.items() if k != "step"}, step)
             self.timer.reset()
         if actions.checkpoint:

@@ -75,6 +75,7 @@ def _worker(rank: int, world: int, port: int, task: str, tok_dir: str, out: str)
     import torch.distributed as dist
 
     from orchestrator.evaluation.shard import evaluate_shard, worker_comm
+    from orchestrator.runtime.model_setup import WorkerModel
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -85,8 +86,7 @@ def _worker(rank: int, world: int, port: int, task: str, tok_dir: str, out: str)
         mine, size = rows[::-1], 3                                  # another order, another batch size
     else:
         mine, size = [r for i, r in enumerate(rows) if (i % 3 == 0) == (rank == 0)], 2   # 4 and 7 rows
-    metrics, preds = evaluate_shard(wl, model, _batches(mine, size), cfg, tokenizer=tok, comm=worker_comm(),
-                                    constants=consts)
+    metrics, preds = evaluate_shard(WorkerModel(wl, cfg, model, tok, consts), _batches(mine, size), comm=worker_comm())
     Path(out, f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "preds": preds}, default=str))
     if world > 1:
         dist.destroy_process_group()
