@@ -32,6 +32,7 @@ from orchestrator.data.annotations import READ_CPUS, annotation_dataset
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.decode import DecodeSpec
 from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
+from orchestrator.data.grouping import GROUP_KEY
 from orchestrator.data.ids import HASHED, SAMPLE_KEY, stable_id
 from orchestrator.data.process import BatchProcessor, ProcessParams, process_batch, to_dataset_row
 from orchestrator.data.sources import is_sharded, split_files, wds
@@ -147,7 +148,8 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
         run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
         bad_check_min_seen=data_cfg.bad_check_min_seen, decode_timeout_s=data_cfg.decode_timeout_s,
         read_timeout_s=data_cfg.read_timeout_s,
-        max_object_bytes=data_cfg.max_object_bytes, root=data_cfg.root)
+        max_object_bytes=data_cfg.max_object_bytes, root=data_cfg.root, eval_transform=data_cfg.eval_transform,
+        group_pattern=data_cfg.group_pattern)
 
 
 def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tuple[str, ...], seed: int = 0,
@@ -165,7 +167,7 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     loop's cached datasets, decoded once); without it and without ``progress_stream`` every pass
     draws fresh randomness.
     """
-    unknown = [c for c in columns if c not in BATCH_KEYS + (SAMPLE_KEY,)]
+    unknown = [c for c in columns if c not in BATCH_KEYS + (SAMPLE_KEY, GROUP_KEY)]
     if unknown:
         raise ValueError(f"unknown batch column(s) {unknown}; the contract (workloads/base.py) has {BATCH_KEYS}")
     if not columns:

@@ -51,6 +51,9 @@ class ClipSpec:
     fps: int = 8
     seconds: float = 4.0
     gop: int = 16  # a keyframe every 2 s at 8 fps
+    # the shape's side, drawn per clip between these fractions of the frame height
+    shape_min: float = 1 / 6
+    shape_max: float = 1 / 4
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 def render_frames(meta: ClipMeta, spec: ClipSpec, rng: random.Random) -> np.ndarray:
     """uint8 [T, H, W, 3] frames of one clip."""
     n = int(round(spec.fps * spec.seconds))
-    size = rng.randint(spec.height // 6, spec.height // 4)
+    size = rng.randint(int(spec.height * spec.shape_min + 1e-9), int(spec.height * spec.shape_max + 1e-9))
     mask = _shape_mask(meta.shape, size)
     horizontal = meta.direction in ("left", "right")
     extent = (spec.width if horizontal else spec.height) - size

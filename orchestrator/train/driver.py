@@ -21,6 +21,7 @@ from orchestrator.console import Progress, summary, train_logging_config
 from orchestrator.data import progress, quality
 from orchestrator.data.catalog import describe_sources
 from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
+from orchestrator.data.grouping import GROUP_KEY
 from orchestrator.data.mix import stream_fractions
 from orchestrator.data.pipeline import (
     SAMPLE_KEY,
@@ -146,7 +147,7 @@ def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: d
         init_from=r.init_uri, deepspeed_user=r.ds_user, mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri,
         stream_fractions=stream_fractions(r.cfg.data.sources, datasets), validate="val" in datasets,
         val_tracker=val_tracker(r.run_name), lease_fence=lease.fence())
-    console = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info)
+    console = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info, warmup_steps=r.cfg.train.warmup_steps)
     trainer = _trainer(plan, r.experiment, datasets, [*(callbacks or []), console.callback()])
     status, result, started = "FAILED", None, time.time()
     try:
@@ -353,6 +354,8 @@ def build_train_datasets(cfg: RunSpec, columns: tuple[str, ...], run_name: str,
     out = {}
     for name, sources in groups.items():
         cols = tuple(c for c in columns if c in ("text_ids", "text_mask")) if name == "train_text" else columns
+        if cfg.data.group_pattern and name == "train":  # the epoch's batches hold whole groups
+            cols += (GROUP_KEY,)
         out[name] = _stream_dataset(cfg, cfg.data.model_copy(update={"sources": sources}), cols + (SAMPLE_KEY,),
                                     run_name, name, row_counts)
     return out
