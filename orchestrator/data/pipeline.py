@@ -209,6 +209,10 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
         return ds.map_batches(BatchProcessor, fn_constructor_kwargs={"params": params},
                               batch_size=data_cfg.decode_batch_size, batch_format="numpy",
                               **_actor_pool(data_cfg, kwargs))
+    if "concurrency" in kwargs:  # at most that many decode tasks at once (Ray 2.51+ spells it compute=)
+        import ray.data
+
+        kwargs["compute"] = ray.data.TaskPoolStrategy(size=kwargs.pop("concurrency"))
     return ds.map_batches(process_batch, fn_kwargs={"params": params}, batch_size=data_cfg.decode_batch_size,
                           batch_format="numpy", **kwargs)
 

@@ -381,6 +381,9 @@ def _stream_sources(cfg: RunSpec, columns: tuple[str, ...]) -> dict[str, list]:
     return groups
 
 
+CACHED_FILTER_ROWS = 512  # rows per progress-filter task over a cached (decoded once) dataset
+
+
 def _stream_dataset(cfg: RunSpec, data_cfg, columns: tuple[str, ...], run_name: str, stream: str,
                     row_counts: dict | None = None):
     progress.get_registry(run_name)  # owned by the driver: outlives every worker restart
@@ -388,10 +391,15 @@ def _stream_dataset(cfg: RunSpec, data_cfg, columns: tuple[str, ...], run_name: 
     if not cfg.data.cache:
         return build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
                              progress_stream=stream, row_counts=row_counts)
-    # cached: decoded once here; the progress filter then runs on the decoded rows every pass
+    # cached: decoded once here; the progress filter then runs on the decoded rows every pass, a few
+    # hundred rows per task and two tasks at a time (one task per decoded block of data.decode_batch_size
+    # rows started dozens of Ray worker processes every pass on a few thousand clips)
     ds = build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
                        row_counts=row_counts, epoch=0)  # crops drawn once, seeded: the same in every run
-    return ds.materialize().map_batches(progress.skip_consumed, batch_size=None, batch_format="numpy", num_cpus=0.1,
+    import ray.data
+
+    return ds.materialize().map_batches(progress.skip_consumed, batch_size=CACHED_FILTER_ROWS, batch_format="numpy",
+                                        num_cpus=0.1, compute=ray.data.TaskPoolStrategy(size=2),
                                         fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": False})
 
 
