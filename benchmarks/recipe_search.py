@@ -25,6 +25,7 @@ mean and spread, and a JSON object with every figure on the last line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,8 +41,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, when run as a script
 
 from model import MPlugConfig
+from orchestrator.config import load_config
 from orchestrator.data import augment
+from orchestrator.data.pipeline import process_params
+from orchestrator.data.process import EMPTY_ROW, process_batch, to_dataset_row
 from orchestrator.data.sampling import sample_indices
+from orchestrator.data.sources import read_rows
 from orchestrator.data.tokenize import encode, load_tokenizer
 from orchestrator.devtools.hf_assets import build_wordpiece_tokenizer
 from orchestrator.devtools.synth import COLORS, DIRECTIONS, SHAPES, ClipMeta, ClipSpec, all_texts, render_frames
@@ -90,6 +95,25 @@ def render_set(args, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     os.makedirs(args.cache, exist_ok=True)
     np.savez(path, frames=frames_a, caps=caps_a)
     return frames_a, caps_a
+
+
+def plane_set(args, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The clips of a synthetic dataset written by ``orchestrator synth`` (``--data-root``) through the
+    data plane's own batch function, as the run config decodes them (``--config``): uint8
+    [n, T, S, S, 3] (training: one draw per clip, as ``data.cache`` keeps it) and caption ids [n]."""
+    cfg = load_config(args.config, [f"data.root={args.data_root}", f"data.image_size={args.image_size}"])
+    training = split == "train"
+    params = dataclasses.replace(process_params(cfg.data, training, ("frames",), cfg.seed, None),
+                                 epoch=0 if training else None)
+    rows = [to_dataset_row(r) for src in cfg.data.sources for r in read_rows(src, cfg.data.root, split, 1.0)]
+    frames, caps = [], []
+    for s in range(0, len(rows), 64):
+        part = rows[s:s + 64]
+        out = process_batch({k: np.array([r[k] for r in part], dtype=object) for k in EMPTY_ROW}, params)
+        frames.append(out["frames"])
+        words = [r["text"].split() for r in part]               # "a <colour> <shape> moves <direction>"
+        caps += [CAPTIONS.index((w[1], w[2], w[4])) for w in words]
+    return np.concatenate(frames), np.asarray(caps)
 
 
 def pick_frames(clips: np.ndarray, rows: np.ndarray, strategy: str, n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -223,6 +247,11 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--fixed-frames", action="store_true", help="one frame draw per clip (data.cache)")
     p.add_argument("--reverse-frames", action="store_true", help="fault: train on time-reversed clips")
+    p.add_argument("--data-root", default=None, help="train on a synthetic dataset's H.264 clips through the data "
+                   "plane (decoded once per clip, as data.cache) instead of rendered frames")
+    p.add_argument("--config", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                    "workloads", "configs", "pretrain_tiny.yaml"),
+                   help="with --data-root: the run config whose data section decodes the clips")
     p.add_argument("--width", type=int, default=160)
     p.add_argument("--height", type=int, default=120)
     p.add_argument("--fps", type=int, default=8)
@@ -251,8 +280,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         tok = load_tokenizer(build_wordpiece_tokenizer(all_texts([]), d))
         t0 = time.time()
-        train = render_set(args, args.clips, 1000)
-        val = render_set(args, args.val_clips, 2000)
+        if args.data_root:
+            train, val = plane_set(args, "train"), plane_set(args, "val")
+        else:
+            train = render_set(args, args.clips, 1000)
+            val = render_set(args, args.val_clips, 2000)
         print(f"clips ready in {time.time() - t0:.0f}s: train {train[0].shape}, val {val[0].shape}", flush=True)
         runs = [run_seed(args, s, train, val, tok) for s in args.seeds]
     keys = [k for k in runs[0]["final"] if isinstance(runs[0]["final"][k], float)]

@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.data.formats import FORMATS
 
@@ -88,6 +88,10 @@ class DataConfig(BaseModel):
     prefetch_batches: int = Field(2, ge=0)
     cache: bool = Field(False, description="decode once and keep the decoded rows in Ray's object store for "
                         "every epoch (small datasets: frame sampling and augmentation are then drawn once per clip)")
+    cache_frames: int | None = Field(None, ge=1, le=512, description="with cache: keep this many frames of each "
+                                     "training clip, evenly spaced (its crop drawn once), and draw num_frames of them "
+                                     "afresh every pass (data.sampling, seeded by seed, pass and row); costs "
+                                     "cache_frames / num_frames times the memory. None: the num_frames drawn once")
     deterministic: bool = Field(False, description="deal the training rows to the workers in a fixed order "
                                 "(Ray Data preserve_order, no locality): two runs with the same seed give each "
                                 "worker the same clips in the same order, with the same frames and crops; costs "
@@ -108,6 +112,15 @@ class DataConfig(BaseModel):
     decode_actors: bool = Field(False, description="decode in an actor pool (decode_concurrency or 1..CPUs "
                                 "actors) instead of a task per batch; the pool starts afresh each epoch, so it only "
                                 "pays on long epochs (benchmarks/data_throughput.py measures both)")
+
+    @model_validator(mode="after")
+    def _cache_frames(self) -> "DataConfig":
+        if self.cache_frames is not None and not self.cache:
+            raise ValueError(f"cache_frames={self.cache_frames} keeps frames of the cached clips: set cache=true too")
+        if self.cache_frames is not None and self.cache_frames < self.num_frames:
+            raise ValueError(f"cache_frames={self.cache_frames} must be at least num_frames={self.num_frames}: each "
+                             "pass draws num_frames of the cached frames")
+        return self
 
     @field_validator("group_pattern")
     @classmethod

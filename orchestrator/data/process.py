@@ -21,6 +21,7 @@ from orchestrator.data.decode import DecodeSpec, decode_media, read_media
 from orchestrator.data.grouping import GROUP_KEY, group_id
 from orchestrator.data.ids import seed_part
 from orchestrator.data.quality import BadClip
+from orchestrator.data.sampling import sample_indices
 from orchestrator.data.tokenize import encode, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,23 @@ def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
     if frames.shape[0] != params.frames_out:  # an image among videos: repeat it
         frames = np.repeat(frames[:1], params.frames_out, axis=0)
     return frames
+
+
+def redraw_frames(batch: dict[str, np.ndarray], num_frames: int, sampling: str, seed: int,
+                  epoch_column: str = "epoch", key_column: str = "sample_key") -> dict[str, np.ndarray]:
+    """Cached rows holding more frames than a clip shows (``data.cache_frames``): draw ``num_frames``
+    of each row's frames with ``sampling`` (in order), seeded by (seed, the row's pass, its key); the
+    pass column is dropped.  Rows with ``num_frames`` frames or fewer (images) are left as they are."""
+    out = {k: v for k, v in batch.items() if k != epoch_column}
+    frames = batch.get("frames")
+    if frames is None or frames.ndim != 5 or frames.shape[1] <= num_frames:
+        return out
+    epochs, keys = batch[epoch_column], batch[key_column]
+    picks = [sample_indices(sampling, 0, frames.shape[1], num_frames,
+                            np.random.default_rng([seed, int(e), int(k) & 0x7FFFFFFFFFFFFFFF]))
+             for e, k in zip(epochs, keys)]
+    out["frames"] = np.stack([f[idx] for f, idx in zip(frames, picks)]) if picks else frames[:, :num_frames]
+    return out
 
 
 def process_batch(batch: dict[str, np.ndarray], params: ProcessParams) -> dict[str, np.ndarray]:

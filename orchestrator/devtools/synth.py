@@ -118,10 +118,12 @@ def encode_h264(frames: np.ndarray, fps: int, gop: int) -> bytes:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        # one encoder thread: with x264's own threads about one clip in fifty came out with other bytes
-        # (and other pixels) from one encoding to the next
+        # deterministic bytes: one encoder and one lookahead thread, no macroblock tree.  With x264's own
+        # threads about one clip in fifty came out with other bytes (and pixels up to 10 levels apart) from
+        # one encoding to the next; single-threaded, the macroblock tree still did so with short GOPs
         stream.codec_context.thread_count = 1
-        stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "crf": "23", "preset": "veryfast"}
+        stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "crf": "23", "preset": "veryfast",
+                          "x264-params": "threads=1:lookahead-threads=1:mbtree=0"}
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 container.mux(packet)

@@ -27,6 +27,7 @@ from orchestrator.data.pipeline import (
     SAMPLE_KEY,
     build_dataset,
 )
+from orchestrator.data.process import redraw_frames
 from orchestrator.data.tokenize import default_tokenizer
 from orchestrator.eval_workers import build_eval_dataset, sharded_eval_data_config
 from orchestrator.ray_env import ensure_ray
@@ -393,14 +394,23 @@ def _stream_dataset(cfg: RunSpec, data_cfg, columns: tuple[str, ...], run_name: 
                              progress_stream=stream, row_counts=row_counts)
     # cached: decoded once here; the progress filter then runs on the decoded rows every pass, a few
     # hundred rows per task and two tasks at a time (one task per decoded block of data.decode_batch_size
-    # rows started dozens of Ray worker processes every pass on a few thousand clips)
-    ds = build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
-                       row_counts=row_counts, epoch=0)  # crops drawn once, seeded: the same in every run
+    # rows started dozens of Ray worker processes every pass on a few thousand clips); with
+    # data.cache_frames the decoded clips keep that many frames and each pass draws its own
     import ray.data
 
-    return ds.materialize().map_batches(progress.skip_consumed, batch_size=CACHED_FILTER_ROWS, batch_format="numpy",
-                                        num_cpus=0.1, compute=ray.data.TaskPoolStrategy(size=2),
-                                        fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": False})
+    redraw = cfg.data.cache_frames is not None and "frames" in columns
+    if redraw:  # every clip's frames evenly spaced, drawn from each pass (progress stamps the pass)
+        data_cfg = data_cfg.model_copy(update={"num_frames": cfg.data.cache_frames, "sampling": "uniform"})
+    ds = build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
+                       row_counts=row_counts, epoch=0)  # crops drawn once, seeded: the same in every run
+    ds = ds.materialize().map_batches(progress.skip_consumed, batch_size=CACHED_FILTER_ROWS, batch_format="numpy",
+                                      num_cpus=0.1, compute=ray.data.TaskPoolStrategy(size=2),
+                                      fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": redraw})
+    if not redraw:
+        return ds
+    return ds.map_batches(redraw_frames, batch_size=CACHED_FILTER_ROWS, batch_format="numpy", num_cpus=0.1,
+                          compute=ray.data.TaskPoolStrategy(size=2),
+                          fn_kwargs={"num_frames": cfg.data.num_frames, "sampling": cfg.data.sampling, "seed": cfg.seed})
 
 
 def val_tracker(run_name: str) -> str:

@@ -5,6 +5,7 @@ import random
 import re
 
 import numpy as np
+import pytest
 import torch
 
 from orchestrator.data.decode import DecodeSpec
@@ -70,3 +71,25 @@ def test_batches_hold_whole_groups_of_different_texts_and_no_row_is_lost():
 def test_a_stream_without_groups_passes_through():
     ins = [{"sample_key": torch.arange(4)}, {"sample_key": torch.arange(4, 8)}]
     assert list(group_batches(iter(ins), 4, 2, 16, seed=0)) == ins
+
+
+def test_cached_clips_draw_their_frames_afresh_each_pass():
+    """data.cache_frames: a cached row keeps every frame; each pass draws num_frames of them in order,
+    seeded by (seed, pass, row), and images (one frame) stay as they are."""
+    from orchestrator.config import RunSpec
+    from orchestrator.data.process import redraw_frames
+    frames = np.arange(4 * 24, dtype=np.uint8).reshape(4, 24, 1, 1, 1).repeat(2, 2).repeat(2, 3).repeat(3, 4)
+    batch = {"frames": frames, "sample_key": np.arange(4) + 10, "epoch": np.zeros(4, np.int64)}
+    first = redraw_frames(batch, 4, "rand", seed=0)
+    assert first["frames"].shape == (4, 4, 2, 2, 3) and "epoch" not in first
+    picked = first["frames"][:, :, 0, 0, 0] % 24
+    assert (np.diff(picked.astype(int), axis=1) > 0).all()             # in order, one per segment
+    assert np.array_equal(redraw_frames(batch, 4, "rand", seed=0)["frames"], first["frames"])
+    later = redraw_frames({**batch, "epoch": np.ones(4, np.int64)}, 4, "rand", seed=0)
+    assert not np.array_equal(later["frames"], first["frames"])          # another pass, other frames
+    image = {"frames": frames[:, :1], "sample_key": batch["sample_key"], "epoch": batch["epoch"]}
+    assert redraw_frames(image, 4, "rand", seed=0)["frames"].shape[1] == 1
+    with pytest.raises(ValueError, match="set cache=true"):
+        RunSpec.model_validate({"data": {"cache_frames": 24}})
+    with pytest.raises(ValueError, match="at least num_frames"):
+        RunSpec.model_validate({"data": {"cache": True, "cache_frames": 2, "num_frames": 4}})
