@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator import storage
 from orchestrator.data.config import DataConfig
@@ -84,6 +84,13 @@ class RunSpec(Section):
             return v
 
         return check_segment(v, "a run name" if info.field_name == "name" else "an experiment name")
+
+    @model_validator(mode="after")
+    def _groups_fill_batches(self) -> "RunSpec":
+        if self.data.group_pattern and self.train.batch_size_per_worker % self.data.group_size:
+            raise ValueError(f"data.group_size={self.data.group_size} must divide train.batch_size_per_worker="
+                             f"{self.train.batch_size_per_worker}: each batch holds whole groups (data.group_pattern)")
+        return self
 
     def experiment_name(self) -> str:
         return self.experiment or f"mplug2-{self.workload}"
@@ -164,7 +171,9 @@ def _format_errors(err: ValidationError, sources: dict[str, str]) -> str:
         src = sources.get(key) or next(
             (s for k, s in sources.items() if key.startswith(k + ".")), sources.get("", "defaults")
         )
-        if e["type"] == "extra_forbidden":
+        if not loc:  # a check across sections (a model validator): its message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             known = _known_keys(RunSpec, loc)
             hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
             accepted = f"; did you mean '{hint[0]}'?" if hint else ""

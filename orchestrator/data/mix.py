@@ -12,6 +12,7 @@ import zlib
 from typing import Any, Iterator
 
 from orchestrator.data.config import DataConfig, SourceConfig
+from orchestrator.data.grouping import group_batches
 from orchestrator.data.pipeline import iter_worker_batches
 from orchestrator.data.streams import MIXED, TRAIN, TRAIN_TEXT
 
@@ -34,11 +35,16 @@ def pass_seed(seed: int, stream: str, epoch: int, rank: int) -> int:
 def iter_train_batches(shard, batch_size: int, data_cfg: DataConfig, run_name: str | None,
                        shuffle_seed: int | None = None):
     """Full batches only: every rank takes the same number of steps (DeepSpeed's collectives).
-    The local shuffle buffer is seeded by ``shuffle_seed`` (one per (seed, stream, epoch, rank))."""
-    return iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=data_cfg.prefetch_batches,
-                               drop_last=True, local_shuffle_buffer_size=data_cfg.shuffle_buffer or None,
-                               run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
-                               local_shuffle_seed=shuffle_seed)
+    The local shuffle buffer is seeded by ``shuffle_seed`` (one per (seed, stream, epoch, rank)); a
+    stream whose rows carry their group (``data.group_pattern``) is re-dealt into batches of whole
+    groups (:func:`orchestrator.data.grouping.group_batches`, as many batches as it gets)."""
+    batches = iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=data_cfg.prefetch_batches,
+                                  drop_last=True, local_shuffle_buffer_size=data_cfg.shuffle_buffer or None,
+                                  run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
+                                  local_shuffle_seed=shuffle_seed)
+    if not data_cfg.group_pattern:
+        return batches
+    return group_batches(batches, batch_size, data_cfg.group_size, data_cfg.group_buffer, shuffle_seed or 0)
 
 
 class StreamMix:

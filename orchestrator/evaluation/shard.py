@@ -178,15 +178,16 @@ def _retrieval(workload, model, batches, task_cfg, comm: Comm, pair_batch: int):
         metrics = retrieval_metrics(sim, sim.T, text_to_clip)
     else:
         plan = plan_rerank(sim, opts["k_test"])
+        score = opts.get("rerank_score", "logit_plus_sim")
         video_owner = torch.tensor([owner[c] for c in clip_ids])
         mine = (video_owner[plan.video_idx] == comm.rank).nonzero().squeeze(1)
         scores = common.retrieval_score_pairs(model, all_texts, {c: d["tokens"] for c, d in clips.items()}, clip_ids,
                                               plan.text_idx[mine], plan.video_idx[mine],
-                                              common.retrieval_text_len(all_texts), pair_batch)
+                                              common.retrieval_text_len(all_texts), pair_batch, score)
         full = torch.full((plan.num_pairs,), float("nan"))
         for idx, sc in comm.all_gather((mine, scores)):
             full[idx] = sc
-        t2v, v2t = assemble_scores(sim, plan, full)
+        t2v, v2t = assemble_scores(sim, plan, full, add_sim=common.rerank_adds_sim(score))
         metrics = retrieval_metrics(t2v, v2t, text_to_clip)
     metrics.update({"num_texts": float(len(all_texts)), "num_clips": float(len(clip_ids))})
     return metrics, []

@@ -139,7 +139,7 @@ def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: d
         init_from=r.init_uri, deepspeed_user=r.ds_user, mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri,
         stream_fractions=stream_fractions(r.cfg.data.sources, datasets), validate=VAL in datasets,
         val_tracker=val_tracker(r.run_name), lease_fence=lease.fence())
-    console = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info)
+    console = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info, warmup_steps=r.cfg.train.warmup_steps)
     journal = {STEP_JOURNAL: os.environ[STEP_JOURNAL]} if os.environ.get(STEP_JOURNAL) else {}  # a fault test's
     trainer = build_trainer(redacted_train_loop, plan, r.run_name, datasets, training=True,
                             callbacks=[fail_fast_callback(plan.lease_fence), *(callbacks or []), console.callback()],
