@@ -17,7 +17,7 @@ MLflow), in a subprocess.  Compared, run by run against the first:
   clones would: the figures and losses are compared, the rows are not.
 
 Prints one line per run, the comparison, and a JSON object with every figure on the last line,
-including the range of each retrieval figure over the runs (what the README quotes).
+including the range of each retrieval figure over the runs (what docs/benchmarks.md quotes).
 Any extra argument is passed to the demo (e.g. ``--pretrain-steps 40`` for a quick check).
 """
 from __future__ import annotations

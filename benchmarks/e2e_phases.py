@@ -32,11 +32,11 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import load_config
-from orchestrator.train.driver import run_training
+from orchestrator.trainer.driver import run_training
 from tests.train.toy_workload import make_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER_IMPORTS = ("torch", "deepspeed", "transformers", "model", "orchestrator.train.loop")
+WORKER_IMPORTS = ("torch", "deepspeed", "transformers", "model", "orchestrator.trainer.loop")
 
 
 def _empty(_config) -> None:

@@ -4,7 +4,7 @@ whether the metrics are identical.
 Builds the synthetic dataset (real H.264 clips) and a tiny model checkpoint per workload (random
 weights, exported in the model's save format), starts a local Ray, then for each workload
 (retrieval: embedding + k_test matching re-scores; captioning: beam search) runs
-``orchestrator.evaluate.run_evaluation`` (the ``evaluate`` verb, an evaluation-only TorchTrainer)
+``orchestrator.evaluation.driver.run_evaluation`` (the ``evaluate`` verb, an evaluation-only TorchTrainer)
 with ``train.num_workers`` = 1 and 2.  ``wall_s`` is the whole verb (Train worker start, model
 load, decode, model compute, gather); items/s = evaluated rows / wall_s.  CPU here; on a machine
 with GPUs pass ``--gpu`` (``train.use_gpu=true``).  The last line is one JSON object.
@@ -32,7 +32,7 @@ def make_checkpoint(cfg, out: str) -> str:
     import torch
 
     from model.io import save_pretrained
-    from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
+    from orchestrator.runtime.model_setup import load_run_tokenizer, model_config_for
     from workloads import get_workload
 
     wl = get_workload(cfg.workload)
@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
 
     from orchestrator.config import load_config
     from orchestrator.devtools.synth import ClipSpec, generate
-    from orchestrator.evaluate import run_evaluation
+    from orchestrator.evaluation.driver import run_evaluation
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="eval_scaling_"))
     data = work / "data"

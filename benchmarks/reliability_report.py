@@ -1,4 +1,4 @@
-"""The README's reliability table: run the fault-injection suite and tabulate what each fault cost.
+"""The reliability table (docs/reliability.md): run the fault-injection suite and tabulate what each fault cost.
 
     .venv/bin/python benchmarks/reliability_report.py [--out reliability.md] [pytest args ...]
 

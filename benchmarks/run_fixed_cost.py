@@ -109,7 +109,7 @@ def one_run(i: int, workers: int, root: str, env: dict[str, str]) -> tuple[float
     import ray
 
     from orchestrator.config import load_config
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
     from tests.train.toy_workload import make_rows
 
     old = {k: os.environ.get(k) for k in env}

@@ -121,7 +121,7 @@ def data_wait_floor(cores: int, train_wall_s: float, train_core_s: float, feed_c
 
 def ray_stack(cfg, datasets, steps: int, log_every: int) -> dict:
     """The real driver: TorchTrainer, one DeepSpeed engine, checkpoints off until the end."""
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = cfg.model_copy(update={"storage": tmp, "name": f"bench-{time.time_ns()}",
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
 
     from orchestrator.config import load_config
     from orchestrator.devtools import synth
-    from orchestrator.train.model_setup import model_config_for
+    from orchestrator.runtime.model_setup import model_config_for
     from workloads import pretrain
 
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,

@@ -59,7 +59,7 @@ class SharedDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         c = cfg.text_width
-        self.embeddings = TextEmbeddings(cfg, type_vocab=False)
+        self.embeddings = TextEmbeddings(cfg)                          # type 0 added to every token, as BERT
         self.layers = nn.ModuleList(bert_layer(cfg, cross=True) for _ in range(cfg.decoder_layers))
         self.head_dense = nn.Linear(c, c)                              # BERT LM-head transform
         self.head_act = ACT[cfg.text_act]

@@ -146,7 +146,7 @@ def load_hf_text(path: str, cfg: MPlugConfig, built: set[str]) -> tuple[dict[str
         if emb is not None:
             if "text" in built:
                 mapping["text.embeddings." + emb] = k
-            if "decoder" in built and not emb.startswith("token_type."):
+            if "decoder" in built:
                 mapping["decoder.embeddings." + emb] = k
             continue
         hit = re.match(r"^encoder\.layer\.(\d+)\.(.*)$", k)

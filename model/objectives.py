@@ -80,8 +80,8 @@ def mlm_loss(model, text_ids: torch.Tensor, text_mask: torch.Tensor, vision_toke
 @dataclass
 class ContrastiveOutput:
     loss: torch.Tensor
-    sim_i2t: torch.Tensor   # [B, B] in-batch vision->text similarity (online features / temp)
-    sim_t2i: torch.Tensor   # [B, B]
+    sim_i2t: torch.Tensor   # [B, B] in-batch vision->text similarity: online video vs momentum text / temp
+    sim_t2i: torch.Tensor   # [B, B] online text vs momentum video / temp
     vision_embed: torch.Tensor
     text_embed: torch.Tensor
 
@@ -131,8 +131,39 @@ def contrastive_loss(model, u: UniversalOutput, frames: torch.Tensor, text_ids: 
     loss_t2i = -(sim_t2i.log_softmax(1) * t_t2i).sum(1).mean()
     if model.training:
         mom.enqueue(vm, tm, idx if idx is not None else torch.full((b,), -100, device=v.device))
-    return ContrastiveOutput(loss=(loss_i2t + loss_t2i) / 2, sim_i2t=(v @ t.T / temp).detach(),
-                             sim_t2i=(t @ v.T / temp).detach(), vision_embed=v, text_embed=t)
+    # the matching loss's hard negatives are drawn from online-vs-momentum similarities, as ALBEF / mPLUG
+    return ContrastiveOutput(loss=(loss_i2t + loss_t2i) / 2, sim_i2t=sim_i2t[:, :b].detach(),
+                             sim_t2i=sim_t2i[:, :b].detach(), vision_embed=v, text_embed=t)
+
+
+def positive_mask(b: int, idx: torch.Tensor | None, device=None) -> torch.Tensor:
+    """[B, B] bool: rows i, j are a positive pair (the diagonal, or the same ``idx``)."""
+    if idx is None:
+        return torch.eye(b, dtype=torch.bool, device=device)
+    return idx.view(-1, 1) == idx.view(1, -1)
+
+
+@torch.no_grad()
+def contrastive_diagnostics(out: ContrastiveOutput, idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Detached scalars that show a collapse while it happens (logged at every log step):
+
+    - ``itc_acc_t2v`` / ``itc_acc_v2t``: the share of the batch whose most similar video (text) in the
+      batch is a positive (chance about 1/B);
+    - ``text_cos`` / ``video_cos``: the mean cosine between the embeddings of two different rows of the
+      batch. Near 1, every text (video) maps to about the same point: the tower has collapsed and
+      nothing can be retrieved (``orchestrator.console.COLLAPSE_COS`` is the console's warning threshold).
+    Empty for a batch of one row."""
+    v, t = out.vision_embed.detach().float(), out.text_embed.detach().float()
+    b = v.shape[0]
+    if b < 2:
+        return {}
+    pos = positive_mask(b, idx, v.device)
+    sim = v @ t.T                                                      # [B videos, B texts]
+    rows = torch.arange(b, device=v.device)
+    off = ~torch.eye(b, dtype=torch.bool, device=v.device)
+    return {"itc_acc_v2t": pos[rows, sim.argmax(1)].float().mean(),
+            "itc_acc_t2v": pos[sim.argmax(0), rows].float().mean(),
+            "text_cos": (t @ t.T)[off].mean(), "video_cos": (v @ v.T)[off].mean()}
 
 
 # ------------------------------------------------------------------------------------- matching
@@ -143,16 +174,28 @@ def _sample_negatives(sim: torch.Tensor, positive: torch.Tensor, generator: torc
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)  # [B]
 
 
+@dataclass
+class MatchingOutput:
+    loss: torch.Tensor
+    accuracy: torch.Tensor  # detached: share of the 3B pairs classified right (always "no match": 2/3)
+
+
 def matching_loss(model, u: UniversalOutput, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
                   idx: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """ITM on (positive, hard-negative text, hard-negative video) triples.
+    """ITM on (positive, hard-negative text, hard-negative video) triples: the loss (see
+    :func:`matching_outputs`)."""
+    return matching_outputs(model, u, sim_i2t, sim_t2i, idx, generator).loss
 
-    Negatives are drawn with probability softmax(similarity) among the non-positives of the batch.
+
+def matching_outputs(model, u: UniversalOutput, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
+                     idx: torch.Tensor | None = None, generator: torch.Generator | None = None) -> MatchingOutput:
+    """ITM on (positive, hard-negative text, hard-negative video) triples, and the head's accuracy.
+
+    Negatives are drawn with probability softmax(similarity) among the non-positives of the batch
+    (``ContrastiveOutput.sim_i2t`` / ``sim_t2i``: online vs momentum features, as ALBEF / mPLUG).
     """
     b = sim_i2t.shape[0]
-    positive = torch.eye(b, dtype=torch.bool, device=sim_i2t.device)
-    if idx is not None:
-        positive = idx.view(-1, 1) == idx.view(1, -1)
+    positive = positive_mask(b, idx, sim_i2t.device)
     if bool(positive.all(1).any()):
         raise ValueError("matching_loss needs at least one negative per row: the batch has a row whose "
                          "every item shares its clip index; use batch size >= 2 with distinct clips")
@@ -165,7 +208,8 @@ def matching_loss(model, u: UniversalOutput, sim_i2t: torch.Tensor, sim_t2i: tor
     vision = torch.cat([vt, vt, vt[neg_vision]], 0)                    # [3B, Nv, Ct]
     logits = model.itm_logits(text, mask, vision)                      # [3B, 2]
     labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
-    return F.cross_entropy(logits.float(), labels)
+    accuracy = (logits.detach().argmax(1) == labels).float().mean()
+    return MatchingOutput(F.cross_entropy(logits.float(), labels), accuracy)
 
 
 # ------------------------------------------------------------------------------------------- LM

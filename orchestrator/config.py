@@ -13,23 +13,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator import storage
 from orchestrator.data.config import DataConfig
-from orchestrator.errors import UserError
+from orchestrator.errors import ConfigError
 from orchestrator.mappings import deep_merge, dotted_keys, set_dotted
 from orchestrator.names import check_segment
 from orchestrator.tracking.config import TrackingConfig
 from orchestrator.tracking.redact import redact
 from orchestrator.train.config import TrainConfig
-from workloads import get_workload
+from workloads.base import WorkloadError, load_workload
 
 WORKLOADS = ("pretrain", "retrieval", "videoqa", "captioning", "classification", "glue")
-
-
-class ConfigError(ValueError, UserError):
-    """A configuration problem a user can fix; the message says how."""
 
 
 class Section(BaseModel):
@@ -88,6 +84,13 @@ class RunSpec(Section):
             return v
 
         return check_segment(v, "a run name" if info.field_name == "name" else "an experiment name")
+
+    @model_validator(mode="after")
+    def _groups_fill_batches(self) -> "RunSpec":
+        if self.data.group_pattern and self.train.batch_size_per_worker % self.data.group_size:
+            raise ValueError(f"data.group_size={self.data.group_size} must divide train.batch_size_per_worker="
+                             f"{self.train.batch_size_per_worker}: each batch holds whole groups (data.group_pattern)")
+        return self
 
     def experiment_name(self) -> str:
         return self.experiment or f"mplug2-{self.workload}"
@@ -168,7 +171,9 @@ def _format_errors(err: ValidationError, sources: dict[str, str]) -> str:
         src = sources.get(key) or next(
             (s for k, s in sources.items() if key.startswith(k + ".")), sources.get("", "defaults")
         )
-        if e["type"] == "extra_forbidden":
+        if not loc:  # a check across sections (a model validator): its message names the keys
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "extra_forbidden":
             known = _known_keys(RunSpec, loc)
             hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
             accepted = f"; did you mean '{hint[0]}'?" if hint else ""
@@ -218,15 +223,18 @@ def check_inputs(cfg: RunSpec) -> None:
 
 
 def _validate_task_section(cfg: RunSpec, sources: dict[str, str] | None = None) -> None:
-    """The ``task`` mapping belongs to the workload; its schema validates it when it has one.  A
-    workload module that cannot be imported (a typo in a dotted path, its own missing dependency)
-    is a ConfigError naming ``workload``, not an import traceback."""
+    """The workload is loaded and checked against its contract (workloads/base.py), and its
+    ``Config`` validates the ``task`` mapping.  A workload module that cannot be imported (a typo in
+    a dotted path, its own missing dependency) or that does not follow the contract is a
+    ConfigError naming ``workload``, not an import traceback."""
+    where = (sources or {}).get("workload", "the config")
     try:
-        workload = get_workload(cfg.workload)
+        workload = load_workload(cfg.workload)
     except KeyError:
         return
+    except WorkloadError as e:
+        raise ConfigError(f"workload = {cfg.workload!r} (from {where}): {e}") from None
     except ImportError as e:
-        where = (sources or {}).get("workload", "the config")
         missing = getattr(e, "name", None)
         if missing and (cfg.workload == missing or cfg.workload.startswith(missing + ".")):
             near = difflib.get_close_matches(cfg.workload, [*WORKLOADS, *(f"workloads.{w}" for w in WORKLOADS)], n=1)
@@ -236,14 +244,10 @@ def _validate_task_section(cfg: RunSpec, sources: dict[str, str] | None = None) 
                               "following workloads/base.py") from None
         raise ConfigError(f"workload = {cfg.workload!r} (from {where}): its module failed to import "
                           f"({type(e).__name__}: {e}); install what it needs or fix the module") from None
-    schema = getattr(workload, "Config", None)
-    if schema is None:
-        return
     try:
-        schema.model_validate(cfg.task)
+        workload.Config.model_validate(cfg.task)
     except ValidationError as e:
         lines = [
             f"  task.{'.'.join(map(str, x['loc']))} = {x.get('input')!r}: {x['msg']}" for x in e.errors()
         ]
         raise ConfigError(f"invalid 'task' section for workload '{cfg.workload}':\n" + "\n".join(lines)) from None
-

@@ -13,6 +13,10 @@ class UserError(Exception):
     """A mistake in the run's settings or inputs; the message names it and how to fix it."""
 
 
+class ConfigError(ValueError, UserError):
+    """A configuration problem a user can fix; the message says how."""
+
+
 def find(error: BaseException | None, kinds: tuple[type, ...]) -> BaseException | None:
     """The first exception of ``kinds`` in ``error``'s chain (Ray's wrappers included), or None."""
     seen: set[int] = set()

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model import objectives
 from workloads import common
-from workloads.metrics.captioning import caption_metrics
+from workloads.metrics.captioning import caption_metrics, exact_match_rate
 
 TASK = "captioning"
 COLUMNS = ("frames", "answer_ids", "answer_mask", "clip_index")
@@ -90,7 +90,8 @@ def predict(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) ->
 
 
 def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
-    """Caption metrics over the clips of ``records`` (all workers' records, in one order);
+    """Caption metrics over the clips of ``records`` (all workers' records, in one order), and
+    ``exact_match``: the % of clips whose caption equals one of their references, as tokenised for scoring;
     predictions: clip_index, prediction, references."""
     predictions: dict[int, str] = {}
     references: dict[int, list[str]] = {}
@@ -106,6 +107,8 @@ def metrics_from(records: list[dict], task_cfg: Config, tokenizer=None):
     metrics = caption_metrics({c: predictions[c] for c in scored}, {c: references[c] for c in scored},
                               chinese=task_cfg.chinese, with_meteor=task_cfg.with_meteor)
     metrics["num_clips"] = float(len(scored))
+    metrics["exact_match"] = exact_match_rate({c: predictions[c] for c in scored}, {c: references[c] for c in scored},
+                                              chinese=task_cfg.chinese)
     rows = [{"clip_index": c, "prediction": predictions[c], "references": references[c]} for c in scored]
     return metrics, rows
 

@@ -30,6 +30,43 @@ def pixels_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return normalize_frames(batch["frames"], dtype=model_dtype(model))
 
 
+POSITIVES = ("clip", "caption")
+_HASH_MOD = 2 ** 31 - 1  # a Mersenne prime: int64 products of ids below it never overflow
+
+
+def caption_ids(text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] token ids -> [B] int64, equal exactly for rows whose (masked) token ids are equal
+    (a polynomial hash mod 2^31 - 1: the same on every rank and in every process)."""
+    h = torch.zeros(text_ids.shape[0], dtype=torch.long, device=text_ids.device)
+    for col in (text_ids * text_mask).long().unbind(1):
+        h = (h * 1_000_003 + col) % _HASH_MOD
+    return h
+
+
+def positive_ids(batch: dict, positives: str) -> torch.Tensor | None:
+    """What makes two rows a positive pair in the contrastive and matching losses: ``clip`` (the
+    reference's: the rows show the same clip, ``clip_index``; only the diagonal without it) or
+    ``caption`` (the rows carry the same caption text, whichever clip they show: a dataset where many
+    clips share one caption, as the synthetic one's 48, would otherwise teach the model to tell
+    clips of one caption apart, against their captions).  Also the ids the queue keeps."""
+    if positives == "caption":
+        return caption_ids(batch["text_ids"], batch["text_mask"])
+    if positives != "clip":
+        raise ValueError(f"positives={positives!r}; accepted: {POSITIVES}")
+    return batch.get("clip_index")
+
+
+def diagnostics(itc: objectives.ContrastiveOutput, itm: objectives.MatchingOutput | None,
+                idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The detached collapse diagnostics a contrastive workload adds to its loss dict (the loop logs
+    every key): in-batch retrieval accuracy both ways, the text and video embeddings' mean pairwise
+    cosine (``objectives.contrastive_diagnostics``) and the matching head's accuracy (``itm_acc``)."""
+    out = objectives.contrastive_diagnostics(itc, idx)
+    if itm is not None:
+        out["itm_acc"] = itm.accuracy
+    return out
+
+
 def item_ids(batch: dict, seen: int, n: int) -> list[int]:
     """Each row's item id: the batch's ``item_key`` (a stable id the orchestrator adds, so outputs
     gathered from several workers sort into one order), else its position in the stream."""
@@ -87,12 +124,25 @@ def retrieval_text_len(texts: list[dict]) -> int:
     return max(int(r["mask"].sum()) for r in texts)
 
 
+RERANK_SCORES = ("logit_plus_sim", "margin")
+
+
+def rerank_adds_sim(rerank_score: str) -> bool:
+    """Whether a re-ranked candidate's score adds the contrastive similarity (``logit_plus_sim``)."""
+    if rerank_score not in RERANK_SCORES:
+        raise ValueError(f"rerank_score={rerank_score!r}; accepted: {RERANK_SCORES}")
+    return rerank_score == "logit_plus_sim"
+
+
 @torch.no_grad()
 def retrieval_score_pairs(model: MPlug2, texts: list[dict], clip_tokens: dict[int, torch.Tensor],
                           clip_ids: list[int], text_idx: torch.Tensor, video_idx: torch.Tensor,
-                          max_len: int, pair_batch: int = 64) -> torch.Tensor:
-    """Matching-head scores (logit of "match" minus "no match") of the (text, clip) pairs: [P] fp32.
+                          max_len: int, pair_batch: int = 64, rerank_score: str = "logit_plus_sim") -> torch.Tensor:
+    """Matching-head scores of the (text, clip) pairs: [P] fp32.  ``rerank_score``:
+    ``logit_plus_sim`` (the reference's: the "match" logit, to which :func:`assemble_scores` adds the
+    contrastive similarity) or ``margin`` (the "match" minus the "no match" logit, alone).
     ``clip_tokens`` must hold the universal visual tokens of every clip the pairs name."""
+    margin = not rerank_adds_sim(rerank_score)
     device = next(model.parameters()).device
     out = []
     for s in range(0, text_idx.numel(), pair_batch):
@@ -101,7 +151,7 @@ def retrieval_score_pairs(model: MPlug2, texts: list[dict], clip_tokens: dict[in
         tm = torch.stack([texts[i]["mask"][:max_len] for i in ti]).to(device)
         vt = torch.stack([clip_tokens[clip_ids[i]] for i in vi]).to(device)
         logits = model.itm_logits(th, tm, vt).float()                # [P, 2]
-        out.append((logits[:, 1] - logits[:, 0]).cpu())
+        out.append((logits[:, 1] - logits[:, 0] if margin else logits[:, 1]).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -126,10 +176,12 @@ def embed_for_retrieval(model: MPlug2, batches: Iterable[dict], max_samples: int
 
 @torch.no_grad()
 def retrieval_eval(model: MPlug2, batches: Iterable[dict], k_test: int = 128, rerank: bool = True,
-                   max_samples: int | None = None, pair_batch: int = 64) -> dict[str, float]:
-    """R@1/5/10, median and mean rank both ways: contrastive top-k, re-scored by the matching head.
+                   max_samples: int | None = None, pair_batch: int = 64,
+                   rerank_score: str = "logit_plus_sim") -> dict[str, float]:
+    """R@1/5/10, median and mean rank both ways: contrastive top-k, re-scored by the matching head
+    (``rerank_score``: see :func:`retrieval_score_pairs`).
 
-    One process; ``orchestrator.eval_workers`` runs the same steps sharded over Train workers."""
+    One process; ``orchestrator.evaluation.shard`` runs the same steps sharded over Train workers."""
     texts, clips = retrieval_embed(model, batches, max_samples)
     texts = sort_records(texts)
     sim, text_to_clip, clip_ids = retrieval_sim(texts, {c: clips[c]["v"] for c in clips})
@@ -137,8 +189,8 @@ def retrieval_eval(model: MPlug2, batches: Iterable[dict], k_test: int = 128, re
         return retrieval_metrics(sim, sim.T, text_to_clip)
     plan = plan_rerank(sim, k_test)
     scores = retrieval_score_pairs(model, texts, {c: clips[c]["tokens"] for c in clips}, clip_ids,
-                                   plan.text_idx, plan.video_idx, retrieval_text_len(texts), pair_batch)
-    t2v, v2t = assemble_scores(sim, plan, scores)
+                                   plan.text_idx, plan.video_idx, retrieval_text_len(texts), pair_batch, rerank_score)
+    t2v, v2t = assemble_scores(sim, plan, scores, add_sim=rerank_adds_sim(rerank_score))
     return retrieval_metrics(t2v, v2t, text_to_clip)
 
 
@@ -147,7 +199,7 @@ def need_tokenizer(tokenizer, task: str):
     """Generative evaluations turn ids back into strings; they cannot run without the tokenizer."""
     if tokenizer is None:
         raise ValueError(f"evaluating {task} needs the run's tokenizer (evaluate(..., tokenizer=...)) to "
-                         "turn generated ids into strings; orchestrator.evaluate passes it")
+                         "turn generated ids into strings; orchestrator.evaluation passes it")
     return tokenizer
 
 
@@ -182,7 +234,7 @@ def expand_prompt(batch: dict, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     (``image_prompt_*``) for an image batch (T = 1) when the constants carry one. KeyError names the fix."""
     if "prompt_ids" not in batch:
         raise KeyError("the batch has no 'prompt_ids': add the workload's batch_constants(tokenizer, task_cfg) "
-                       "to every batch (the train loop and orchestrator.evaluate do)")
+                       "to every batch (the train loop and orchestrator.evaluation do)")
     key = "image_prompt" if "image_prompt_ids" in batch and is_image_batch(batch) else "prompt"
     return batch[f"{key}_ids"].expand(b, -1), batch[f"{key}_mask"].expand(b, -1)
 

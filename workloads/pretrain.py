@@ -27,6 +27,11 @@ class Config(BaseModel):
     modality: Literal["auto", "video", "image"] = Field(
         "auto", description="instruction of the LM loss: auto = from the batch (T = 1: image), or forced")
     k_test: int = Field(16, ge=1, description="evaluation: candidates re-ranked by the matching head")
+    rerank_score: Literal["logit_plus_sim", "margin"] = Field(
+        "logit_plus_sim", description="evaluation: a re-ranked candidate's score, as the retrieval workload's")
+    positives: Literal["clip", "caption"] = Field(
+        "clip", description="contrastive / matching positives: rows of one clip (the reference), or rows whose "
+        "caption text is the same (datasets where many clips share a caption, as the synthetic one)")
 
 
 def build_model(model_cfg, task_cfg: Config, vision_pretrained=None, text_pretrained=None):
@@ -45,11 +50,11 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
         mlm = objectives.mlm_loss(model, ids, mask)
         return {"loss": task_cfg.mlm_weight * mlm, "mlm": mlm}
     pixels = common.pixels_of(model, batch)                           # [B, T, 3, H, W]
-    idx = batch.get("clip_index")
+    idx = common.positive_ids(batch, task_cfg.positives)
     u = model(frames=pixels, text_ids=ids, text_mask=mask)
     alpha = objectives.distill_alpha(model.config.alpha, batch.get("epoch_progress"))  # ramps over epoch 1
     itc = objectives.contrastive_loss(model, u, pixels, ids, mask, idx=idx, alpha=alpha)
-    itm = objectives.matching_loss(model, u, itc.sim_i2t, itc.sim_t2i, idx=idx)
+    itm = objectives.matching_outputs(model, u, itc.sim_i2t, itc.sim_t2i, idx=idx)
     mlm = objectives.mlm_loss(model, ids, mask, vision_tokens=u.vision_tokens)
     b = ids.shape[0]
     if "prompt_ids" in batch:
@@ -57,18 +62,18 @@ def loss(model, batch: dict, task_cfg: Config) -> dict[str, torch.Tensor]:
     else:
         prompt_ids, prompt_mask = ids[:, :1], mask[:, :1]
     lm = objectives.lm_loss(model, u.vision_tokens, None, prompt_ids, prompt_mask, ids, mask)
-    total = (task_cfg.itc_weight * itc.loss + task_cfg.itm_weight * itm + task_cfg.mlm_weight * mlm
+    total = (task_cfg.itc_weight * itc.loss + task_cfg.itm_weight * itm.loss + task_cfg.mlm_weight * mlm
              + task_cfg.lm_weight * lm)
-    return {"loss": total, "itc": itc.loss, "itm": itm, "mlm": mlm, "lm": lm}
+    return {"loss": total, "itc": itc.loss, "itm": itm.loss, "mlm": mlm, "lm": lm, **common.diagnostics(itc, itm, idx)}
 
 
 EVAL_KIND = "retrieval"  # zero-shot retrieval, sharded like the retrieval workload's
 
 
 def retrieval_options(task_cfg: Config) -> dict:
-    return {"k_test": task_cfg.k_test, "rerank": True}
+    return {"k_test": task_cfg.k_test, "rerank": True, "rerank_score": task_cfg.rerank_score}
 
 
 def evaluate(model, batches: Iterable[dict], task_cfg: Config, tokenizer=None) -> dict[str, float]:
     """Zero-shot text-video retrieval on the validation split (paper Appendix A.2)."""
-    return common.retrieval_eval(model, batches, k_test=task_cfg.k_test)
+    return common.retrieval_eval(model, batches, k_test=task_cfg.k_test, rerank_score=task_cfg.rerank_score)

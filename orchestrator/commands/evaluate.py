@@ -8,7 +8,7 @@ import argparse
 import json
 
 from orchestrator.commands import add_config_arguments, resolve_config
-from orchestrator.evaluate import run_evaluation
+from orchestrator.evaluation.driver import run_evaluation
 from orchestrator.tracking.redact import redact
 
 

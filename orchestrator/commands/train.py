@@ -7,7 +7,7 @@ import json
 
 from orchestrator.commands import add_config_arguments, resolve_config
 from orchestrator.tracking.redact import redact
-from orchestrator.train.driver import run_training
+from orchestrator.trainer.driver import run_training
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

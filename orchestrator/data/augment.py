@@ -1,8 +1,11 @@
 """Resize and crop decoded frames to ``size x size``: one crop for every frame of a clip.
 
-- training: random resized crop (area fraction in ``[scale_min, 1]``, aspect ratio in [3/4, 4/3])
-  and a horizontal flip with probability 1/2;
-- evaluation: resize the shorter side to ``size``, then take the centre square.
+- training: random resized crop (area fraction in ``[scale_min, 1]``, aspect ratio in [3/4, 4/3];
+  after 10 tries the whole frame, or its centre at the nearest allowed aspect ratio, as torchvision's
+  ``RandomResizedCrop``) and a horizontal flip with probability 1/2;
+- evaluation (``data.eval_transform``): ``resize``, the whole frame resized to ``size x size`` (the
+  reference's ``video_test_transform`` and the paper), or ``center_crop``, the shorter side resized
+  to ``size`` and the centre square kept (a 16:9 frame loses 44% of its width).
 """
 from __future__ import annotations
 
@@ -34,8 +37,16 @@ def random_resized_crop_box(height: int, width: int, scale_min: float, rng: np.r
         h = int(round(math.sqrt(target / ar)))
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    s = min(height, width)
-    return (height - s) // 2, (width - s) // 2, s, s
+    # torchvision's fallback: the whole frame when its aspect ratio is allowed, else the centre at the
+    # nearest allowed ratio (a centre square would cut a quarter off each side of a 4:3 frame)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def train_transform(frames: np.ndarray, size: int, scale_min: float, hflip: bool,
@@ -48,8 +59,22 @@ def train_transform(frames: np.ndarray, size: int, scale_min: float, hflip: bool
     return out
 
 
-def eval_transform(frames: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> uint8 [T, size, size, 3]: shorter side to ``size``, centre crop."""
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> uint8 [T, size, size, 3]: the whole frame resized (aspect not kept), as the
+    reference's ``video_test_transform`` (``Resize((224, 224))``) does."""
+    return np.ascontiguousarray(_resize(frames, size, size))
+
+
+EVAL_TRANSFORMS = ("resize", "center_crop")
+
+
+def eval_transform(frames: np.ndarray, size: int, mode: str = "center_crop") -> np.ndarray:
+    """uint8 [T, H, W, 3] -> uint8 [T, size, size, 3]: the whole frame resized (``resize``) or the
+    shorter side to ``size`` and the centre square (``center_crop``)."""
+    if mode == "resize":
+        return resize_frames(frames, size)
+    if mode != "center_crop":
+        raise ValueError(f"eval transform {mode!r}; accepted: {EVAL_TRANSFORMS}")
     height, width = frames.shape[1:3]
     scale = size / min(height, width)
     h, w = max(size, round(height * scale)), max(size, round(width * scale))

@@ -1,10 +1,11 @@
 """Typed configuration of the data plane (sources, decoding, tokenization, bad-input policy)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orchestrator.data.formats import FORMATS
 
@@ -58,6 +59,9 @@ class DataConfig(BaseModel):
     eval_sampling: Sampling = "middle"
     image_size: int = Field(224, ge=16, le=1024)
     scale_min: float = Field(0.5, gt=0, le=1, description="random resized crop: smallest area fraction")
+    eval_transform: Literal["resize", "center_crop"] = Field(
+        "resize", description="evaluation frames: the whole frame resized to image_size x image_size (the "
+        "reference and the paper), or the shorter side resized and the centre square kept")
     hflip: bool = Field(True, description="random horizontal flip in training augmentation")
     tokenizer: str | None = Field(None, description="HF tokenizer dir, s3:// dir or hub name; None = <root>/tokenizer")
     max_text_len: int = Field(40, ge=4, le=512)
@@ -84,11 +88,22 @@ class DataConfig(BaseModel):
     prefetch_batches: int = Field(2, ge=0)
     cache: bool = Field(False, description="decode once and keep the decoded rows in Ray's object store for "
                         "every epoch (small datasets: frame sampling and augmentation are then drawn once per clip)")
+    cache_frames: int | None = Field(None, ge=1, le=512, description="with cache: keep this many frames of each "
+                                     "training clip, evenly spaced (its crop drawn once), and draw num_frames of them "
+                                     "afresh every pass (data.sampling, seeded by seed, pass and row); costs "
+                                     "cache_frames / num_frames times the memory. None: the num_frames drawn once")
     deterministic: bool = Field(False, description="deal the training rows to the workers in a fixed order "
                                 "(Ray Data preserve_order, no locality): two runs with the same seed give each "
                                 "worker the same clips in the same order, with the same frames and crops; costs "
                                 "some throughput (a slow decode task holds back the ones after it)")
     shuffle_buffer: int = Field(0, ge=0, description="rows in each worker's local shuffle buffer (0 = off)")
+    group_pattern: str | None = Field(None, description="a regular expression: training rows whose text gives the "
+                                      "same match (its first group if it has one) form a group, and each training "
+                                      "batch holds whole groups of group_size rows with different texts: hard "
+                                      "negatives side by side (orchestrator/data/grouping.py); None = off")
+    group_size: int = Field(4, ge=2, description="rows of one group side by side in a batch (data.group_pattern); "
+                            "must divide train.batch_size_per_worker")
+    group_buffer: int = Field(256, ge=1, description="rows each worker buffers to find whole groups in")
     limit: int | None = Field(None, ge=1, description="use only the first N rows of each split (debugging)")
     decoder: Literal["decord", "pyav"] = Field("decord", description="video decoder (same frames, see data/video.py)")
     decode_short_side: int | None = Field(None, ge=0, description="decode sources whose short side is over 2x "
@@ -97,6 +112,26 @@ class DataConfig(BaseModel):
     decode_actors: bool = Field(False, description="decode in an actor pool (decode_concurrency or 1..CPUs "
                                 "actors) instead of a task per batch; the pool starts afresh each epoch, so it only "
                                 "pays on long epochs (benchmarks/data_throughput.py measures both)")
+
+    @model_validator(mode="after")
+    def _cache_frames(self) -> "DataConfig":
+        if self.cache_frames is not None and not self.cache:
+            raise ValueError(f"cache_frames={self.cache_frames} keeps frames of the cached clips: set cache=true too")
+        if self.cache_frames is not None and self.cache_frames < self.num_frames:
+            raise ValueError(f"cache_frames={self.cache_frames} must be at least num_frames={self.num_frames}: each "
+                             "pass draws num_frames of the cached frames")
+        return self
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a regular expression ({e}); e.g. '^a (\\w+ \\w+) moves' groups the "
+                                 "synthetic captions by colour and shape") from None
+        return v
 
     def caps(self):
         """The size caps the source readers apply."""

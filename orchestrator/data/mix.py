@@ -12,19 +12,19 @@ import zlib
 from typing import Any, Iterator
 
 from orchestrator.data.config import DataConfig, SourceConfig
-from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
+from orchestrator.data.grouping import group_batches
 from orchestrator.data.pipeline import iter_worker_batches
+from orchestrator.data.streams import MIXED, TRAIN, TRAIN_TEXT
 
 STREAM_KEY = "_stream"  # set by StreamMix on the batches it mixes in
-MIXED_STREAMS = {"train_text": TEXT_FORMATS, "train_image": IMAGE_FORMATS}
 
 
 def stream_fractions(sources: list[SourceConfig], streams) -> dict[str, float]:
     """Share of micro-batches drawn from each mixed-in stream among ``streams`` (dataset names):
     its sources' weight over all sources' weight."""
     total = sum(s.weight for s in sources)
-    return {name: sum(s.weight for s in sources if s.format in MIXED_STREAMS[name]) / total
-            for name in streams if name in MIXED_STREAMS and total}
+    return {name: sum(s.weight for s in sources if s.format in MIXED[name]) / total
+            for name in streams if name in MIXED and total}
 
 
 def pass_seed(seed: int, stream: str, epoch: int, rank: int) -> int:
@@ -35,11 +35,16 @@ def pass_seed(seed: int, stream: str, epoch: int, rank: int) -> int:
 def iter_train_batches(shard, batch_size: int, data_cfg: DataConfig, run_name: str | None,
                        shuffle_seed: int | None = None):
     """Full batches only: every rank takes the same number of steps (DeepSpeed's collectives).
-    The local shuffle buffer is seeded by ``shuffle_seed`` (one per (seed, stream, epoch, rank))."""
-    return iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=data_cfg.prefetch_batches,
-                               drop_last=True, local_shuffle_buffer_size=data_cfg.shuffle_buffer or None,
-                               run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
-                               local_shuffle_seed=shuffle_seed)
+    The local shuffle buffer is seeded by ``shuffle_seed`` (one per (seed, stream, epoch, rank)); a
+    stream whose rows carry their group (``data.group_pattern``) is re-dealt into batches of whole
+    groups (:func:`orchestrator.data.grouping.group_batches`, as many batches as it gets)."""
+    batches = iter_worker_batches(shard, batch_size=batch_size, device="cpu", prefetch_batches=data_cfg.prefetch_batches,
+                                  drop_last=True, local_shuffle_buffer_size=data_cfg.shuffle_buffer or None,
+                                  run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
+                                  local_shuffle_seed=shuffle_seed)
+    if not data_cfg.group_pattern:
+        return batches
+    return group_batches(batches, batch_size, data_cfg.group_size, data_cfg.group_buffer, shuffle_seed or 0)
 
 
 class StreamMix:
@@ -100,18 +105,18 @@ class TextMix(StreamMix):
     """:class:`StreamMix` with one mixed-in stream, the text-only ``train_text``."""
 
     def __init__(self, shard, fraction: float, batch_size: int, data_cfg, seed: int):
-        super().__init__({"train_text": shard}, {"train_text": fraction}, batch_size, data_cfg, seed)
+        super().__init__({TRAIN_TEXT: shard}, {TRAIN_TEXT: fraction}, batch_size, data_cfg, seed)
 
     def _next(self, name: str) -> dict:
         return self._next_text()
 
     def _next_text(self) -> dict:
-        return StreamMix._next(self, "train_text")
+        return StreamMix._next(self, TRAIN_TEXT)
 
 
 def epoch_batches(shard, mix: StreamMix | None, batch_size: int, data_cfg: DataConfig, run_name: str | None,
                   seed: int, epoch: int, rank: int, step: int) -> Iterator[dict]:
     """One pass over the epoch's ``train`` shard on this rank, with the mixed-in streams
     interleaved from optimizer step ``step`` on."""
-    batches = iter_train_batches(shard, batch_size, data_cfg, run_name, pass_seed(seed, "train", epoch, rank))
+    batches = iter_train_batches(shard, batch_size, data_cfg, run_name, pass_seed(seed, TRAIN, epoch, rank))
     return mix.interleave(batches, step) if mix is not None else batches

@@ -32,17 +32,20 @@ from orchestrator.data.annotations import READ_CPUS, annotation_dataset
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.decode import DecodeSpec
 from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
+from orchestrator.data.grouping import GROUP_KEY
 from orchestrator.data.ids import HASHED, SAMPLE_KEY, stable_id
-from orchestrator.data.process import BatchProcessor, ProcessParams, process_batch, to_dataset_row
+from orchestrator.data.process import BatchProcessor, ProcessParams, process_batch, redraw_frames, to_dataset_row
 from orchestrator.data.sources import is_sharded, split_files, wds
 from orchestrator.data.sources.base import ParseReport
+from orchestrator.data.streams import TRAIN, plan_streams
 from orchestrator.data.tokenize import default_tokenizer, load_tokenizer
 from orchestrator.data.video import decode_short_side
 from workloads.base import BATCH_KEYS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BATCH_KEYS", "HASHED", "SAMPLE_KEY", "build_dataset", "iter_worker_batches", "process_params", "stable_id"]
+__all__ = ["BATCH_KEYS", "HASHED", "SAMPLE_KEY", "build_dataset", "build_stream_datasets", "iter_worker_batches",
+           "process_params", "stable_id"]
 
 
 def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> list[dict]:
@@ -147,7 +150,8 @@ def process_params(data_cfg: DataConfig, training: bool, columns: tuple[str, ...
         run_name=run_name, max_bad_fraction=data_cfg.max_bad_fraction,
         bad_check_min_seen=data_cfg.bad_check_min_seen, decode_timeout_s=data_cfg.decode_timeout_s,
         read_timeout_s=data_cfg.read_timeout_s,
-        max_object_bytes=data_cfg.max_object_bytes, root=data_cfg.root)
+        max_object_bytes=data_cfg.max_object_bytes, root=data_cfg.root, eval_transform=data_cfg.eval_transform,
+        group_pattern=data_cfg.group_pattern)
 
 
 def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tuple[str, ...], seed: int = 0,
@@ -165,7 +169,7 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     loop's cached datasets, decoded once); without it and without ``progress_stream`` every pass
     draws fresh randomness.
     """
-    unknown = [c for c in columns if c not in BATCH_KEYS + (SAMPLE_KEY,)]
+    unknown = [c for c in columns if c not in BATCH_KEYS + (SAMPLE_KEY, GROUP_KEY)]
     if unknown:
         raise ValueError(f"unknown batch column(s) {unknown}; the contract (workloads/base.py) has {BATCH_KEYS}")
     if not columns:
@@ -207,8 +211,59 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
         return ds.map_batches(BatchProcessor, fn_constructor_kwargs={"params": params},
                               batch_size=data_cfg.decode_batch_size, batch_format="numpy",
                               **_actor_pool(data_cfg, kwargs))
+    if "concurrency" in kwargs:  # at most that many decode tasks at once (Ray 2.51+ spells it compute=)
+        import ray.data
+
+        kwargs["compute"] = ray.data.TaskPoolStrategy(size=kwargs.pop("concurrency"))
     return ds.map_batches(process_batch, fn_kwargs={"params": params}, batch_size=data_cfg.decode_batch_size,
                           batch_format="numpy", **kwargs)
+
+
+def build_stream_datasets(data_cfg: DataConfig, seed: int, columns: tuple[str, ...], run_name: str,
+                          row_counts: dict | None = None) -> dict:
+    """One training dataset per stream of the run (:func:`orchestrator.data.streams.plan_streams`:
+    ``train``, and ``train_image`` / ``train_text`` when the sources mix them in).  Every row carries
+    a ``sample_key`` and every stream a progress filter, so a resumed pass leaves out what it already
+    trained on.  ``row_counts`` collects the rows parsed per (source format, split), for lineage."""
+    progress.get_registry(run_name)  # owned by the driver: outlives every worker restart
+    out = {}
+    for stream in plan_streams(list(data_cfg.sources), columns):
+        cfg = data_cfg.model_copy(update={"sources": list(stream.sources)})
+        cols = stream.columns + (SAMPLE_KEY,)
+        if data_cfg.group_pattern and stream.name == TRAIN:  # the epoch's batches hold whole groups
+            cols += (GROUP_KEY,)
+        out[stream.name] = _stream_dataset(cfg, seed, cols, run_name, stream.name, row_counts)
+    return out
+
+
+CACHED_FILTER_ROWS = 512  # rows per progress-filter task over a cached (decoded once) dataset
+
+
+def _stream_dataset(data_cfg: DataConfig, seed: int, columns: tuple[str, ...], run_name: str, stream: str,
+                    row_counts: dict | None):
+    if not data_cfg.cache:
+        return build_dataset(data_cfg, TRAIN, training=True, columns=columns, seed=seed, run_name=run_name,
+                             progress_stream=stream, row_counts=row_counts)
+    # cached: decoded once here; the progress filter then runs on the decoded rows every pass, a few
+    # hundred rows per task and two tasks at a time (one task per decoded block of data.decode_batch_size
+    # rows started dozens of Ray worker processes every pass on a few thousand clips); with
+    # data.cache_frames the decoded clips keep that many frames and each pass draws its own
+    import ray.data
+
+    redraw = data_cfg.cache_frames is not None and "frames" in columns
+    decode_cfg = data_cfg
+    if redraw:  # every clip's frames evenly spaced, drawn from each pass (progress stamps the pass)
+        decode_cfg = data_cfg.model_copy(update={"num_frames": data_cfg.cache_frames, "sampling": "uniform"})
+    ds = build_dataset(decode_cfg, TRAIN, training=True, columns=columns, seed=seed, run_name=run_name,
+                       row_counts=row_counts, epoch=0)  # crops drawn once, seeded: the same in every run
+    ds = ds.materialize().map_batches(progress.skip_consumed, batch_size=CACHED_FILTER_ROWS, batch_format="numpy",
+                                      num_cpus=0.1, compute=ray.data.TaskPoolStrategy(size=2),
+                                      fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": redraw})
+    if not redraw:
+        return ds
+    return ds.map_batches(redraw_frames, batch_size=CACHED_FILTER_ROWS, batch_format="numpy", num_cpus=0.1,
+                          compute=ray.data.TaskPoolStrategy(size=2),
+                          fn_kwargs={"num_frames": data_cfg.num_frames, "sampling": data_cfg.sampling, "seed": seed})
 
 
 def original_errors(ds):

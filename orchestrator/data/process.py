@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import zlib
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ import numpy as np
 
 from orchestrator.data import augment, quality
 from orchestrator.data.decode import DecodeSpec, decode_media, read_media
+from orchestrator.data.grouping import GROUP_KEY, group_id
 from orchestrator.data.ids import seed_part
 from orchestrator.data.quality import BadClip
+from orchestrator.data.sampling import sample_indices
 from orchestrator.data.tokenize import encode, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ class ProcessParams:
     max_object_bytes: int | None = None  # a larger clip/image is bad (too_large), never read whole
     epoch: int | None = None  # training rows without an epoch column are seeded as this epoch (None: fresh)
     root: str = ""  # data.root: frames and crops are seeded by paths relative to it (ids.seed_part)
+    eval_transform: str = "resize"  # data.eval_transform: augment.EVAL_TRANSFORMS
+    group_pattern: str | None = None  # data.group_pattern: the GROUP_KEY column (grouping.group_id)
 
 
 def to_dataset_row(row: dict) -> dict:
@@ -130,10 +135,27 @@ def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
     if params.training:
         frames = augment.train_transform(dec.frames, params.image_size, params.scale_min, params.hflip, rng)
     else:
-        frames = augment.eval_transform(dec.frames, params.image_size)
+        frames = augment.eval_transform(dec.frames, params.image_size, params.eval_transform)
     if frames.shape[0] != params.frames_out:  # an image among videos: repeat it
         frames = np.repeat(frames[:1], params.frames_out, axis=0)
     return frames
+
+
+def redraw_frames(batch: dict[str, np.ndarray], num_frames: int, sampling: str, seed: int,
+                  epoch_column: str = "epoch", key_column: str = "sample_key") -> dict[str, np.ndarray]:
+    """Cached rows holding more frames than a clip shows (``data.cache_frames``): draw ``num_frames``
+    of each row's frames with ``sampling`` (in order), seeded by (seed, the row's pass, its key); the
+    pass column is dropped.  Rows with ``num_frames`` frames or fewer (images) are left as they are."""
+    out = {k: v for k, v in batch.items() if k != epoch_column}
+    frames = batch.get("frames")
+    if frames is None or frames.ndim != 5 or frames.shape[1] <= num_frames:
+        return out
+    epochs, keys = batch[epoch_column], batch[key_column]
+    picks = [sample_indices(sampling, 0, frames.shape[1], num_frames,
+                            np.random.default_rng([seed, int(e), int(k) & 0x7FFFFFFFFFFFFFFF]))
+             for e, k in zip(epochs, keys)]
+    out["frames"] = np.stack([f[idx] for f, idx in zip(frames, picks)]) if picks else frames[:, :num_frames]
+    return out
 
 
 def process_batch(batch: dict[str, np.ndarray], params: ProcessParams) -> dict[str, np.ndarray]:
@@ -213,4 +235,7 @@ def _assemble(batch: dict, keep: list[int], frames: list[np.ndarray], params: Pr
     for col in ("label", "clip_index", "sample_key"):
         if col in cols:
             out[col] = np.asarray([int(batch[col][i]) for i in keep], np.int64)
+    if GROUP_KEY in cols:
+        pattern = re.compile(params.group_pattern) if params.group_pattern else None
+        out[GROUP_KEY] = np.asarray([group_id(t, pattern) for t in texts], np.int64)
     return out

@@ -20,6 +20,7 @@ Written under ``--out`` (a local folder or ``s3://`` URI)::
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -51,6 +52,9 @@ class ClipSpec:
     fps: int = 8
     seconds: float = 4.0
     gop: int = 16  # a keyframe every 2 s at 8 fps
+    # the shape's side, drawn per clip between these fractions of the frame height
+    shape_min: float = 1 / 6
+    shape_max: float = 1 / 4
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ def _shape_mask(shape: str, size: int) -> np.ndarray:
 def render_frames(meta: ClipMeta, spec: ClipSpec, rng: random.Random) -> np.ndarray:
     """uint8 [T, H, W, 3] frames of one clip."""
     n = int(round(spec.fps * spec.seconds))
-    size = rng.randint(spec.height // 6, spec.height // 4)
+    size = rng.randint(int(spec.height * spec.shape_min + 1e-9), int(spec.height * spec.shape_max + 1e-9))
     mask = _shape_mask(meta.shape, size)
     horizontal = meta.direction in ("left", "right")
     extent = (spec.width if horizontal else spec.height) - size
@@ -114,7 +118,12 @@ def encode_h264(frames: np.ndarray, fps: int, gop: int) -> bytes:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "crf": "23", "preset": "veryfast"}
+        # deterministic bytes: one encoder and one lookahead thread, no macroblock tree.  With x264's own
+        # threads about one clip in fifty came out with other bytes (and pixels up to 10 levels apart) from
+        # one encoding to the next; single-threaded, the macroblock tree still did so with short GOPs
+        stream.codec_context.thread_count = 1
+        stream.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0", "crf": "23", "preset": "veryfast",
+                          "x264-params": "threads=1:lookahead-threads=1:mbtree=0"}
         for f in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
                 container.mux(packet)
@@ -188,21 +197,37 @@ def all_texts(metas: list[ClipMeta]) -> list[str]:
     return texts
 
 
+def _encoded_clip(job: tuple[ClipMeta, ClipSpec, int]) -> tuple[bytes, int]:
+    """(H.264 bytes, frame count) of one clip; its frames are seeded by ``job``'s seed alone."""
+    meta, spec, clip_seed = job
+    frames = render_frames(meta, spec, random.Random(clip_seed))
+    return encode_h264(frames, spec.fps, spec.gop), len(frames)
+
+
 def generate(out: str, n: int = 200, seed: int = 0, spec: ClipSpec = ClipSpec(), val_fraction: float = 0.2,
-             with_tokenizer: bool = True, log=print) -> dict:
-    """Write the dataset under ``out``; returns the manifest."""
+             with_tokenizer: bool = True, log=print, workers: int = 1) -> dict:
+    """Write the dataset under ``out``; returns the manifest.  ``workers`` processes render and encode
+    the clips (the same bytes for any number: each clip is seeded by its index)."""
     if n < 4:
         raise ValueError(f"--n must be at least 4 (one clip per direction), got {n}")
     rng = random.Random(seed)
     n_val = max(len(DIRECTIONS), int(round(n * val_fraction)))
     metas = make_clips(n, seed, n_val)
+    jobs = [(m, spec, seed * 1_000_003 + i) for i, m in enumerate(metas)]
     done = []
-    for i, m in enumerate(metas):
-        frames = render_frames(m, spec, random.Random(seed * 1_000_003 + i))
-        storage.write_bytes(storage.join(out, "videos", m.file), encode_h264(frames, spec.fps, spec.gop))
-        done.append(ClipMeta(m.video_id, m.file, m.color, m.shape, m.direction, len(frames) / spec.fps))
-        if (i + 1) % 100 == 0:
-            log(f"synth: {i + 1}/{n} clips")
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            import multiprocessing
+
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
+            clips = pool.imap(_encoded_clip, jobs, chunksize=16)
+        else:
+            clips = map(_encoded_clip, jobs)
+        for i, (m, (data, frames)) in enumerate(zip(metas, clips)):
+            storage.write_bytes(storage.join(out, "videos", m.file), data)
+            done.append(ClipMeta(m.video_id, m.file, m.color, m.shape, m.direction, frames / spec.fps))
+            if (i + 1) % 500 == 0:
+                log(f"synth: {i + 1}/{n} clips")
     metas = done
     splits = {"train": metas[: n - n_val], "val": metas[n - n_val:]}
     def ann(name):

@@ -16,10 +16,10 @@ import os
 import time
 from typing import Any
 
-from orchestrator.evaluate import run_evaluation
+from orchestrator.evaluation.driver import run_evaluation
 from orchestrator.sweep.spec import load_sweep
 from orchestrator.tracking.mlflow_run import client
-from orchestrator.train.driver import run_training
+from orchestrator.trainer.driver import run_training
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _tune_report_callbacks() -> dict[str, list]:
 
 def dev_metrics(train_metrics: dict[str, Any]) -> dict[str, float]:
     """The validation metrics of the training run's last report (``eval/<name>`` -> ``<name>``):
-    the end-of-training validation on the run's workers (``orchestrator.eval_workers.Validator``)."""
+    the end-of-training validation on the run's workers (``orchestrator.evaluation.validator.Validator``)."""
     return {k.removeprefix("eval/"): float(v) for k, v in train_metrics.items()
             if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool)}
 

@@ -1,11 +1,20 @@
-"""The Ray Train + DeepSpeed loop shared by every workload.
+"""The components of a training worker, each with its typed config or state and a short surface;
+they know no run config (:class:`~orchestrator.config.RunSpec` composes :mod:`.config` with the
+others), and the trainer (:mod:`orchestrator.trainer`) composes them.
 
-- :mod:`.driver`: ``run_training(cfg)`` settles names and URIs, builds datasets, the MLflow run and
-  a ``TorchTrainer``; each worker gets a frozen :class:`.plan.WorkerPlan`.
-- :mod:`.loop`: the per-worker function: setup (one DeepSpeed engine, resume from
-  ``ray.train.get_checkpoint()``), the step loop (the workload's loss dict), finish (export).
+- :mod:`.config`: ``TrainConfig``, the run config's ``train:`` section;
 - :mod:`.schedule`: what each optimizer step does (log, validate, checkpoint, preemption check)
-  and which batches a resumed epoch skips; pure Python.
-- :mod:`.deepspeed_config`, :mod:`.optim`, :mod:`.checkpoint`, :mod:`.progress`,
-  :mod:`.momentum_sync`, :mod:`.failures`, :mod:`.model_setup`: small pieces of the above.
+  and which batches a resumed epoch skips; pure Python;
+- :mod:`.streams`: ``DataStreams`` (a pass's batches and what they consumed, :mod:`.progress`)
+  and ``BadClipCounts``;
+- :mod:`.checkpoint`: ``Checkpointer`` (save, resume from the newest checkpoint that verifies,
+  export, behind the lease fence), with :mod:`.manifest` (completion markers, export pointers);
+- :mod:`.metrics`: ``MetricDelivery`` (Ray Train reports, rank 0's MLflow points), the loss window
+  and the step timer;
+- :mod:`.momentum_sync`: ``MomentumSync``, the momentum encoders' EMA once per optimizer step;
+- :mod:`.weights`: weights from elsewhere (``--init-from``, an evaluated checkpoint), read safely;
+- :mod:`.optim`, :mod:`.deepspeed_config`, :mod:`.extensions`: the optimizer, DeepSpeed's config,
+  its CPU op's build;
+- :mod:`.lease` (one run per name), :mod:`.failures` (what is never retried), :mod:`.journal`
+  (every computed step, for fault tests).
 """

@@ -30,7 +30,12 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.02, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = Field(5000, ge=0)
+    warmup_start_lr: float = Field(0.0, ge=0, description="lr at the first warm-up step (absolute; the reference's "
+                                   "caption and QA fine-tunes: 1e-6), rising linearly to each group's lr")
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    min_lr: float | None = Field(None, ge=0, description="the cosine's floor, absolute and the same for every "
+                                 "parameter group (the reference's caption and QA fine-tunes: 1e-6); "
+                                 "None: min_lr_ratio of each group's lr")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     # DeepSpeed
     zero_stage: Literal[0, 1, 2, 3] = 0

@@ -37,8 +37,7 @@ from typing import Any
 import psutil
 
 from orchestrator import storage
-from orchestrator.config import ConfigError
-from orchestrator.errors import UserError
+from orchestrator.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 

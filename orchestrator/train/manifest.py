@@ -8,7 +8,7 @@ its size and SHA-256, the client state, the metrics and the run's config fingerp
 it lists is in storage with that size (one listing, no body read); a resume also checks the hashes
 of what it downloaded.  A checkpoint that fails either (a file missing or of another size, one
 whose bytes differ from its hash, a marker that lists no files) is skipped with a warning and the
-previous complete one is used, in the same attempt (``recovery.resume``).
+previous complete one is used, in the same attempt (``Checkpointer.resume``).
 
 An export is ``<run_dir>/export/step_<N>/``; the pointer :data:`EXPORT_POINTER`
 (``<run_dir>/export/LATEST.json``, naming that folder and its files' sizes) is written after the
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from orchestrator import storage
-from orchestrator.config import ConfigError
+from orchestrator.errors import ConfigError
 from orchestrator.mappings import flatten
 from orchestrator.tracking.redact import redact
 

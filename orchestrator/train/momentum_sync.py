@@ -1,5 +1,6 @@
 """The loop's side of a model with momentum encoders (``MPlug2.momentum``): the EMA runs once per
-optimizer step, not once per micro-batch, and the contrastive queue is global.
+optimizer step, not once per micro-batch, and the contrastive queue is global
+(:class:`MomentumSync`).
 
 ALBEF / mPLUG all-gather the momentum features and clip ids of every rank before enqueueing, so
 every rank holds the same queue; a per-rank queue would span ``W`` times more steps of a drifting
@@ -31,3 +32,16 @@ def attach(module: torch.nn.Module, world: int) -> bool:
     mom.update_each_forward = False
     mom.gather = all_gather_rows if world > 1 else None
     return True
+
+
+class MomentumSync:
+    """The momentum encoders of ``module`` (if it has any) driven by the loop: :meth:`after_micro_batch`
+    runs the EMA after the optimizer step that closed an accumulation window, before the next forward."""
+
+    def __init__(self, module: torch.nn.Module, world: int) -> None:
+        self.module = module
+        self.active = attach(module, world)  # False: the model has no momentum encoders
+
+    def after_micro_batch(self, optimizer_stepped: bool) -> None:
+        if self.active and optimizer_stepped:
+            self.module.momentum_update()

@@ -1,14 +1,14 @@
 """What the train loop does at each optimizer step, and which batches a resumed epoch leaves out.
 
 Pure Python (no Ray, no torch), so the decisions are unit-tested on their own
-(``tests/train/test_schedule.py``); the loop in :mod:`orchestrator.train.loop` only carries them out.
+(``tests/train/test_schedule.py``); the loop in :mod:`orchestrator.trainer.loop` only carries them out.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
-MAIN_STREAM = "train"  # the epoch's stream; the others are mixed in (orchestrator.data.mix)
+from orchestrator.data.streams import TRAIN
 
 
 @dataclass(frozen=True)
@@ -29,34 +29,38 @@ class StepActions:
 
 
 class StepSchedule:
-    """Decides, per optimizer step, whether to log, validate, checkpoint and check for preemption:
+    """Decides, per optimizer step, whether to log, validate, checkpoint and check for preemption
+    (the only place these are decided; the loop and the validator carry them out):
 
     - log every ``log_every`` steps, at the last step, and whenever validation runs;
-    - validate when ``validate_due(step)`` says so (``eval.every_steps`` and the last step; the
-      rule lives with the validator);
+    - validate every ``validate_every`` steps (``eval.every_steps``; 0: only at the end) and at the
+      last step; never when ``validate_every`` is None (the run has no ``val`` dataset);
     - checkpoint every ``checkpoint_every`` steps and at the last step;
     - check for preemption every ``preemption_check_every`` steps, except when a checkpoint is
       taken anyway.
     """
 
     def __init__(self, max_steps: int, log_every: int, checkpoint_every: int, preemption_check_every: int,
-                 validate_due: Callable[[int], bool] | None = None) -> None:
+                 validate_every: int | None = None) -> None:
         for name, every in (("log_every", log_every), ("checkpoint_every", checkpoint_every),
                             ("preemption_check_every", preemption_check_every)):
             if every < 1:
                 raise ValueError(f"{name} must be at least 1, got {every}")
+        if validate_every is not None and validate_every < 0:
+            raise ValueError(f"validate_every must be 0 (at the end only) or more, got {validate_every}")
         self.max_steps, self.log_every, self.checkpoint_every = max_steps, log_every, checkpoint_every
-        self.preemption_check_every = preemption_check_every
-        self.validate_due = validate_due or (lambda step: False)
+        self.preemption_check_every, self.validate_every = preemption_check_every, validate_every
 
     @classmethod
-    def from_config(cls, train_cfg, validate_due: Callable[[int], bool] | None = None) -> "StepSchedule":
+    def from_config(cls, train_cfg, validate_every: int | None = None) -> "StepSchedule":
+        """From ``train:``; ``validate_every``: ``eval.every_steps`` when the run validates, else None."""
         return cls(train_cfg.max_steps, train_cfg.log_every, train_cfg.checkpoint_every,
-                   train_cfg.preemption_check_every, validate_due)
+                   train_cfg.preemption_check_every, validate_every)
 
     def at(self, step: int) -> StepActions:
         last = step >= self.max_steps
-        validate = bool(self.validate_due(step))
+        validate = self.validate_every is not None and (
+            last or (self.validate_every > 0 and step % self.validate_every == 0))
         checkpoint = step % self.checkpoint_every == 0 or last
         return StepActions(
             step=step,
@@ -83,7 +87,7 @@ class ResumeSkip:
         for stream, batch in tagged:
             self.seen += 1
             if self.remaining:
-                if stream == MAIN_STREAM:
+                if stream == TRAIN:
                     self.remaining -= 1
                 continue
             yield stream, batch

@@ -29,7 +29,7 @@ def _checkpoint(cfg, out: Path) -> str:
     import torch
 
     from model.io import save_pretrained
-    from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
+    from orchestrator.runtime.model_setup import load_run_tokenizer, model_config_for
     from workloads import get_workload
 
     wl = get_workload(cfg.workload)

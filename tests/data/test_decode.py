@@ -140,3 +140,26 @@ def test_undecodable_frames(clip_bytes):
         assert d.frames.shape == (4, 48, 64, 3)
     except BadClip as e:
         assert e.reason in ("undecodable", "truncated")
+
+
+def test_eval_transform_resizes_the_whole_frame_by_default():
+    """The reference (and the paper) resize the whole frame to size x size at evaluation; the centre
+    crop of a 16:9 frame loses 44% of its width, where a shape may be."""
+    from orchestrator.data.config import DataConfig
+    assert DataConfig().eval_transform == "resize"
+    frames = np.zeros((1, 36, 64, 3), np.uint8)
+    frames[:, :, :8] = 250                                             # a bar at the left edge
+    whole = augment.eval_transform(frames, 16, "resize")
+    assert whole.shape == (1, 16, 16, 3) and whole[:, :, 0].min() > 200
+    assert augment.eval_transform(frames, 16, "center_crop")[:, :, 0].max() < 10   # the crop loses it
+    with pytest.raises(ValueError, match="accepted"):
+        augment.eval_transform(frames, 16, "squash")
+
+
+def test_random_resized_crop_falls_back_as_torchvision():
+    """After 10 misses: the whole frame when its aspect ratio is allowed (4:3), else the centre at the
+    nearest allowed ratio (a 16:9 frame keeps its full height), not a centre square."""
+    never = np.random.default_rng(0)
+    assert augment.random_resized_crop_box(120, 160, 1.0, never) == (0, 0, 120, 160)
+    assert augment.random_resized_crop_box(90, 160, 1.0, never) == (0, 20, 90, 120)
+    assert augment.random_resized_crop_box(160, 90, 1.0, never) == (20, 0, 120, 90)

@@ -17,7 +17,7 @@ import pytest
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.pipeline import SAMPLE_KEY, build_dataset, iter_worker_batches, process_params
 from orchestrator.data.process import _rng
-from orchestrator.eval_workers import sharded_eval_data_config
+from orchestrator.runtime.ray_train import sharded_data_config
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def _pass(cfg: DataConfig, cached: bool) -> list[list[tuple[int, str]]]:
     ds = build_dataset(cfg, "train", training=True, columns=("frames", SAMPLE_KEY), seed=7, run_name=run, epoch=3)
     if cached:  # decoded in the driver's Ray Data execution, before any split
         ds = ds.materialize()
-    splits = sharded_eval_data_config(deterministic=True).configure({"train": ds}, WORKERS, None, None)
+    splits = sharded_data_config(deterministic=True).configure({"train": ds}, WORKERS, None, None)
     out: list[list[tuple[int, str]]] = [[] for _ in range(WORKERS)]
 
     def read(rank: int) -> None:

@@ -57,7 +57,7 @@ def test_webdataset_source_trains_pretrain_losses(ray_local, fixture_root, clip_
     """video2dataset shards carry no clip index: every row got -1, so matching_loss raised."""
     from model import MPlug2, MPlugConfig
     from orchestrator.data.tokenize import load_tokenizer
-    from orchestrator.train.model_setup import tokenizer_overrides
+    from orchestrator.runtime.model_setup import tokenizer_overrides
     from workloads import pretrain
 
     src = _webvid_tar(fixture_root, clip_bytes)
@@ -91,7 +91,7 @@ def test_images_in_a_mixed_run_stay_one_frame(ray_local, fixture_root, tiny_hf, 
     from model import MPlug2, MPlugConfig
     from model.preprocess import normalize_frames
     from orchestrator.data.mix import stream_fractions
-    from orchestrator.train.driver import build_train_datasets
+    from orchestrator.data.pipeline import build_stream_datasets
     from workloads import pretrain
 
     coco = _coco(fixture_root, 6)
@@ -104,12 +104,13 @@ def test_images_in_a_mixed_run_stay_one_frame(ray_local, fixture_root, tiny_hf, 
         return cfg.model_copy(update={"data": cfg.data.model_copy(update={"sources": sources})})
 
     mixed_cfg = run_cfg([video, coco])
-    mixed = build_train_datasets(mixed_cfg, pretrain.COLUMNS, "mixed-run")
+    mixed = build_stream_datasets(mixed_cfg.data, mixed_cfg.seed, pretrain.COLUMNS, "mixed-run")
     assert set(mixed) == {"train", "train_image"}
     assert stream_fractions(mixed_cfg.data.sources, mixed) == {"train_image": pytest.approx(1 / 3)}
     video_batch = _rows(mixed["train"])[0]
     assert tuple(video_batch["frames"].shape[1:]) == (4, 32, 32, 3)
-    image_only = build_train_datasets(run_cfg([coco]), pretrain.COLUMNS, "image-run")
+    image_cfg = run_cfg([coco])
+    image_only = build_stream_datasets(image_cfg.data, image_cfg.seed, pretrain.COLUMNS, "image-run")
     by_key = {}
     for name, ds in (("mixed", mixed["train_image"]), ("image", image_only["train"])):
         for b in _rows(ds):

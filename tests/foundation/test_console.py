@@ -85,3 +85,16 @@ def test_ray_train_per_report_lines_are_quiet_unless_verbose(monkeypatch):
         logger.setLevel(before)
         root.setLevel(root_level)
         root.handlers[:] = root_handlers
+
+
+def test_collapse_is_warned_once_per_modality_after_the_warm_up():
+    warned = []
+    watch = console.CollapseWatch(warmup_steps=20, warn=warned.append)
+    assert watch.check({"step": 20, "text_cos": 0.99, "video_cos": 0.99}) == []       # still warming up
+    assert watch.check({"step": 30, "text_cos": 0.5, "video_cos": 0.2, "loss": 3.0}) == []
+    assert len(watch.check({"step": 40, "text_cos": 0.97, "video_cos": 0.3}, "pt")) == 1
+    assert "pt: the text embeddings have collapsed at step 40" in warned[0] and "0.970 > 0.9" in warned[0]
+    assert watch.check({"step": 50, "text_cos": 0.99, "video_cos": 0.95}) == [warned[1]]  # video: once too
+    assert "video embeddings" in warned[1]
+    assert watch.check({"step": 60, "text_cos": 0.99, "video_cos": 0.99}) == [] and len(warned) == 2
+    assert console.CollapseWatch(0).check({"step": 5}) == []           # runs without the diagnostics

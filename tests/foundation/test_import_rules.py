@@ -1,10 +1,15 @@
 """The import rules of model/, workloads/ and orchestrator/: one-way layers, no cycles, and the
-project's own modules imported at the top of each file.
+project's own modules imported at the top of each file; at module scale and at folder scale.
 
 Every ``import`` statement of every module is read with ``ast`` (module level, inside ``if`` /
 ``try`` blocks and inside functions alike) and checked against :data:`LAYERS`: a module may import
-modules of its own layer or of a lower one, never of a higher one.  The last test proves the
-checker fails when an upward import, a function-local project import or a cycle is injected.
+modules of its own layer or of a lower one, never of a higher one.  At folder scale the files and
+folders of each package are its rooms (a package's ``__init__`` is its face, not a room): a module
+may import another room only when every module in that room lies in its own layer or a lower one,
+and the rooms of a package import each other without a circle.  So a folder shows its layers: one
+that held a higher layer's module could not be imported from below.  The last tests prove the
+checker fails when an upward import, a function-local project import, a cycle, an upward arrow
+between folders or a circle of folders is injected.
 """
 from __future__ import annotations
 
@@ -18,16 +23,17 @@ ROOTS = ("model", "workloads", "orchestrator")
 # an entry starting with "=" matches that module only (the orchestrator package's __init__).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model: single-device PyTorch modules", ("model",)),
-    ("workloads: loss and metrics per task, on the model", ("workloads",)),
+    ("workloads: loss and metrics per task, on the model; the checked workload contract", ("workloads",)),
     ("base: helpers every orchestrator layer may use", (
         "=orchestrator", "orchestrator.mappings", "orchestrator.names", "orchestrator.storage", "orchestrator.console",
         "orchestrator.ray_env", "orchestrator.tracking.redact", "orchestrator.errors")),
-    ("components: the data plane, MLflow tracking, each component's typed config", (
-        "orchestrator.data", "orchestrator.tracking", "orchestrator.train.config")),
+    ("components: the data plane, MLflow tracking, the training components; each with its typed config", (
+        "orchestrator.data", "orchestrator.tracking", "orchestrator.train")),
     ("composer: the run config (RunSpec) made of the components' configs", ("orchestrator.config",)),
-    ("engine: the worker side of training and evaluation", ("orchestrator.train", "orchestrator.eval_workers")),
-    ("application: drivers that plan a run and start the workers", (
-        "orchestrator.train.driver", "orchestrator.evaluate", "orchestrator.sweep")),
+    ("runtime: what every Ray Train run shares (model setup, the TorchTrainer builder)", ("orchestrator.runtime",)),
+    ("evaluation: of a checkpoint and of the model in training, on the workers", ("orchestrator.evaluation",)),
+    ("training: the driver, the worker plan and the loop composing the components", ("orchestrator.trainer",)),
+    ("sweeps: Ray Tune over training runs", ("orchestrator.sweep",)),
     ("devtools: synthetic data, tiny HF assets, fault injection (never imported by a run)", (
         "orchestrator.devtools",)),
     ("entry points: the CLI and its verbs", ("orchestrator.commands", "orchestrator.cli", "orchestrator.__main__")),
@@ -50,9 +56,9 @@ def _name(key: str) -> str:
     return key.removesuffix(".__init__")
 
 
-def layer_of(module: str) -> int | None:
+def layer_of(module: str, layers: list | None = None) -> int | None:
     best, best_len = None, -1
-    for i, (_, entries) in enumerate(LAYERS):
+    for i, (_, entries) in enumerate(layers or LAYERS):
         for e in entries:
             exact = e.startswith("=")
             e = e.lstrip("=")
@@ -90,28 +96,71 @@ def imports_of(key: str, source: str, modules: set[str]) -> list[tuple[str, int,
     return found
 
 
-def check(sources: dict[str, str]) -> list[str]:
+def check(sources: dict[str, str], layers: list | None = None) -> list[str]:
     """Every violation of the rules, one line each (empty: the rules hold)."""
+    layers = layers or LAYERS
     modules = {_name(k) for k in sources}
     problems = []
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for key, source in sources.items():
         name = _name(key)
-        mine = layer_of(name)
+        mine = layer_of(name, layers)
         if mine is None:
             problems.append(f"{name}: in no layer (add it to LAYERS)")
             continue
         for target, line, local in imports_of(key, source, modules):
             if local:
                 problems.append(f"{name}:{line}: imports {target} inside a function (import it at the top)")
-            theirs = layer_of(target)
+            theirs = layer_of(target, layers)
             if theirs is not None and theirs > mine:
-                problems.append(f"{name}:{line}: imports {target} upward ({LAYERS[mine][0].split(':')[0]} -> "
-                                f"{LAYERS[theirs][0].split(':')[0]})")
+                problems.append(f"{name}:{line}: imports {target} upward ({layers[mine][0].split(':')[0]} -> "
+                                f"{layers[theirs][0].split(':')[0]})")
             if not local and target in modules and target != name and not name.startswith(target + "."):
                 graph[name].add(target)
     problems.extend(f"import cycle: {' -> '.join(c)}" for c in _cycles(graph))
+    problems.extend(check_folders(sources, layers))
     return problems
+
+
+def _rooms(a: str, b: str) -> tuple[str, str] | None:
+    """The rooms of ``a`` and ``b`` at the scale of the package they share: its children (a file or
+    a folder) that hold them; None when one is the other's package (a package's face is no room)."""
+    pa, pb = a.split("."), b.split(".")
+    n = 0
+    while n < min(len(pa), len(pb)) and pa[n] == pb[n]:
+        n += 1
+    if n == len(pa) or n == len(pb):
+        return None
+    return ".".join(pa[: n + 1]), ".".join(pb[: n + 1])
+
+
+def check_folders(sources: dict[str, str], layers: list | None = None) -> list[str]:
+    """Folder scale: no module imports a room (file or folder) that holds a module of a higher layer
+    than its own, and the rooms of each package import each other without a circle."""
+    layers = layers or LAYERS
+    modules = {_name(k) for k in sources}
+    highest: dict[str, int] = {}  # room -> the highest layer among the modules it holds
+    for m in modules:
+        parts = m.split(".")
+        for n in range(1, len(parts) + 1):
+            room = ".".join(parts[:n])
+            highest[room] = max(highest.get(room, -1), layer_of(m, layers) or 0)
+    problems, graph = [], {}
+    for key, source in sources.items():
+        name = _name(key)
+        for target, line, local in imports_of(key, source, modules):
+            rooms = _rooms(name, target)
+            if rooms is None or local:
+                continue
+            mine, theirs = layer_of(name, layers), highest.get(rooms[1])
+            if mine is not None and theirs is not None and theirs > mine:
+                problems.append(f"{name}:{line}: imports {target} upward at folder scale ({rooms[0]} -> {rooms[1]}, "
+                                f"which holds {layers[theirs][0].split(':')[0]}, above "
+                                f"{layers[mine][0].split(':')[0]})")
+            graph.setdefault(rooms[0], set()).add(rooms[1])
+            graph.setdefault(rooms[1], set())
+    problems.extend(f"folder circle: {' -> '.join(c)}" for c in _cycles(graph))
+    return list(dict.fromkeys(problems))  # ``from a import x, y`` names one arrow
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -169,8 +218,8 @@ def test_the_checker_fails_on_an_upward_import_a_local_import_and_a_cycle():
     pipeline = "orchestrator.data.pipeline"
 
     upward = dict(sources)
-    upward[pipeline] += "\nfrom orchestrator.train.driver import run_training\n"
-    assert any(p.startswith(f"{pipeline}:") and "upward" in p and "orchestrator.train.driver" in p
+    upward[pipeline] += "\nfrom orchestrator.trainer.driver import run_training\n"
+    assert any(p.startswith(f"{pipeline}:") and "upward" in p and "orchestrator.trainer.driver" in p
                for p in check(upward))
 
     relative_up = dict(sources)
@@ -188,3 +237,36 @@ def test_the_checker_fails_on_an_upward_import_a_local_import_and_a_cycle():
     stray = dict(sources)
     stray["orchestrator.newthing"] = "X = 1\n"
     assert "orchestrator.newthing: in no layer (add it to LAYERS)" in check(stray)
+
+
+def test_the_checker_fails_on_an_upward_arrow_and_a_circle_at_folder_scale():
+    sources = module_sources()
+    assert check(sources) == [] and check_folders(sources) == []
+
+    # storage.py (base) importing the redactor (base) passes module scale, but tracking/ also holds
+    # components: the arrow storage.py -> tracking/ points up, and tracking/ -> storage.py closes a circle
+    base_to_folder = dict(sources)
+    base_to_folder["orchestrator.storage"] += "\nfrom orchestrator.tracking.redact import redact\n"
+    assert not [p for p in check(base_to_folder) if "upward (" in p or p.startswith("import cycle")]
+    problems = check_folders(base_to_folder)
+    assert any(p.startswith("orchestrator.storage:") and "upward at folder scale (orchestrator.storage -> "
+               "orchestrator.tracking, which holds components, above base)" in p for p in problems)
+    assert any(p.startswith("folder circle:") and "orchestrator.storage" in p and "orchestrator.tracking" in p
+               for p in problems)
+
+    # the old shape: train/ held the components, the loop and the driver; config.py imported its config
+    three_layers = [(name, entries + (("orchestrator.train.driver",) if name.startswith("training") else ()))
+                    for name, entries in LAYERS]
+    old = dict(sources)
+    old["orchestrator.train.driver"] = "from orchestrator.config import RunSpec\n"
+    assert not [p for p in check(old, three_layers) if "upward (" in p or p.startswith("import cycle")]
+    assert any(p.startswith("orchestrator.config:") and "upward at folder scale (orchestrator.config -> "
+               "orchestrator.train, which holds training, above composer)" in p for p in check(old, three_layers))
+
+    # a circle of sibling folders of one layer, with no module cycle behind it
+    circle = dict(sources)
+    circle["orchestrator.tracking.config"] += "\nfrom orchestrator.data.ids import stable_id\n"
+    circle["orchestrator.data.catalog"] += "\nfrom orchestrator.tracking.config import TrackingConfig\n"
+    assert not [p for p in check(circle) if p.startswith("import cycle")]
+    assert any(p.startswith("folder circle:") and "orchestrator.data" in p and "orchestrator.tracking" in p
+               for p in check(circle))

@@ -103,3 +103,19 @@ def test_bert_mlm_head_is_loaded_when_the_checkpoint_has_it(tiny_hf, tmp_path):
     # a bare BertModel checkpoint (no head): the head stays fresh and is reported missing
     _, bare = MPlug2.from_hf(_cfg(tiny_hf), "pretrain", text_pretrained=tiny_hf.bert)
     assert "mlm.bias" in bare.missing and "mlm.dense.weight" in bare.missing
+
+
+def test_decoder_keeps_berts_token_type_embedding(tiny_hf):
+    """The reference's BERT decoder adds the token-type-0 embedding to every token (before, the shared
+    decoder had none): it is loaded from BERT and changes the decoder's input."""
+    from transformers import BertModel
+    model, report = MPlug2.from_hf(_cfg(tiny_hf), "captioning", text_pretrained=tiny_hf.bert)
+    assert "decoder.embeddings.token_type.weight" in report.loaded
+    hf = BertModel.from_pretrained(tiny_hf.bert)
+    assert torch.equal(model.decoder.embeddings.token_type.weight, hf.embeddings.token_type_embeddings.weight)
+    ids = torch.tensor([[2, 10, 11, 3]])
+    emb = model.decoder.embeddings.eval()
+    with torch.no_grad():
+        with_type = emb(ids)
+        emb.token_type.weight.zero_()
+        assert not torch.allclose(with_type, emb(ids))

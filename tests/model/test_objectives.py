@@ -208,3 +208,54 @@ def test_distillation_alpha_ramps_over_the_first_epoch(monkeypatch):
             with torch.no_grad():
                 wl.loss(m, b, wl.Config())
     assert seen == [0.0, pytest.approx(0.2), 0.4] * 2
+
+
+def test_hard_negatives_come_from_online_vs_momentum_similarities():
+    """ALBEF / mPLUG draw the matching loss's hard negatives from ``sim_i2t[:, :bs]``: the online
+    features against the momentum ones (before, online against online)."""
+    torch.manual_seed(0)
+    m = MPlug2(tiny(), "retrieval").eval()
+    frames, ids, mask = batch(b=3)
+    with torch.no_grad():
+        m.momentum.encoders["contrastive"].text_proj.weight.mul_(-1.0)   # momentum != online
+        m.momentum.encoders["contrastive"].vision_proj.weight.mul_(0.5)
+        u = m(frames=frames, text_ids=ids, text_mask=mask)
+        out = O.contrastive_loss(m, u, frames, ids, mask)
+        vm, tm = m.momentum_embeds(frames, ids, mask)
+    temp = m.temperature().item()
+    assert torch.allclose(out.sim_i2t, out.vision_embed @ tm.T / temp, atol=1e-5)
+    assert torch.allclose(out.sim_t2i, out.text_embed @ vm.T / temp, atol=1e-5)
+    assert not torch.allclose(out.sim_i2t, out.vision_embed @ out.text_embed.T / temp, atol=1e-3)
+
+
+def _itc_out(v, t):
+    v, t = torch.nn.functional.normalize(v, dim=-1), torch.nn.functional.normalize(t, dim=-1)
+    return O.ContrastiveOutput(loss=torch.zeros(()), sim_i2t=v @ t.T, sim_t2i=t @ v.T, vision_embed=v, text_embed=t)
+
+
+def test_contrastive_diagnostics_show_alignment_and_collapse():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(6, 16, generator=g)
+    d = O.contrastive_diagnostics(_itc_out(v, v + 0.01 * torch.randn(6, 16, generator=g)))
+    assert d["itc_acc_t2v"] == d["itc_acc_v2t"] == 1.0                 # aligned: each finds its own
+    assert abs(d["text_cos"].item()) < 0.6 and abs(d["video_cos"].item()) < 0.6
+    collapsed = O.contrastive_diagnostics(_itc_out(v, v[:1].expand(6, -1) + 1e-4 * torch.randn(6, 16, generator=g)))
+    assert collapsed["text_cos"].item() > 0.999 and collapsed["video_cos"].item() < 0.6
+    assert collapsed["itc_acc_v2t"] < 0.5                              # every video picks about the same text
+    # rows sharing an id (e.g. one caption) are positives: picking the other one counts as right
+    same = O.contrastive_diagnostics(_itc_out(v[[0, 0, 1]], v[[0, 0, 1]]), idx=torch.tensor([7, 7, 8]))
+    assert same["itc_acc_t2v"] == same["itc_acc_v2t"] == 1.0
+    assert all(not x.requires_grad for x in d.values())
+    assert O.contrastive_diagnostics(_itc_out(v[:1], v[:1])) == {}
+
+
+def test_matching_outputs_report_the_heads_accuracy():
+    class Stub:  # a head that always says "no match": right on the 2B negatives, wrong on the B positives
+        def itm_logits(self, text, mask, vision):
+            return torch.tensor([[3.0, -3.0]]).expand(text.shape[0], -1).requires_grad_()
+
+    u = O.UniversalOutput(vision_tokens=torch.zeros(4, 5, 8), text_hidden=torch.zeros(4, 3, 8),
+                          text_mask=torch.ones(4, 3, dtype=torch.long))
+    out = O.matching_outputs(Stub(), u, torch.zeros(4, 4), torch.zeros(4, 4))
+    assert out.accuracy.item() == pytest.approx(2 / 3) and not out.accuracy.requires_grad
+    assert out.loss.item() == pytest.approx(O.matching_loss(Stub(), u, torch.zeros(4, 4), torch.zeros(4, 4)).item())

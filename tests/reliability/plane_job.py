@@ -22,7 +22,7 @@ import time
 import ray
 
 from orchestrator.config import load_config
-from orchestrator.train.driver import run_training
+from orchestrator.trainer.driver import run_training
 from tests.reliability.helpers import REPO, emit
 
 PASS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",

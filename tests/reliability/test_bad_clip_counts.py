@@ -58,21 +58,17 @@ def test_the_threshold_is_checked_at_the_end_of_a_run_shorter_than_an_epoch():
 def test_the_loop_checks_the_threshold_when_the_run_ends_mid_epoch():
     """The loop's end-of-run check (before the final checkpoint), for a run that stopped at
     train.max_steps inside its first epoch: the end-of-pass check never ran."""
-    from types import SimpleNamespace
+    from orchestrator.train.streams import BadClipCounts
 
-    from orchestrator.train.loop import _check_bad_fraction
-
-    run = SimpleNamespace(data=SimpleNamespace(max_bad_fraction=0.1))
-
-    def worker(name: str, rank: int):
-        return SimpleNamespace(rank=rank, world=1, plan=SimpleNamespace(run=run, run_name=name))
+    def worker(name: str, rank: int) -> BadClipCounts:  # data.max_bad_fraction = 0.1
+        return BadClipCounts(name, rank, world=1, max_fraction=0.1)
 
     quality.BadClipTracker("mid-epoch").record(12, [("empty", "s3://b/e.mp4"), ("missing", "s3://b/m.mp4")])
     with pytest.raises(quality.TooManyBadClips, match="2 bad of 12"):
-        _check_bad_fraction(worker("mid-epoch", 0))
-    _check_bad_fraction(worker("mid-epoch", 1))  # only rank 0 decides (and tells the others)
+        worker("mid-epoch", 0).check_run_end()
+    worker("mid-epoch", 1).check_run_end()  # only rank 0 decides (and tells the others)
     quality.BadClipTracker("fine").record(40, [("empty", "s3://b/e.mp4")])
-    _check_bad_fraction(worker("fine", 0))
+    worker("fine", 0).check_run_end()
 
 
 @pytest.mark.slow

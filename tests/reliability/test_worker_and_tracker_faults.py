@@ -56,7 +56,7 @@ def _all_text_of_run(c, run_id: str, root: Path) -> str:
 
 
 def _weights(uri: str) -> dict[str, torch.Tensor]:
-    from orchestrator.train.checkpoint import state_dict_from
+    from orchestrator.train.weights import state_dict_from
 
     return state_dict_from(uri)
 
@@ -69,7 +69,7 @@ def _cfg(root: Path, tracking: str | None, name: str, trace: str, sleep_s: float
 def test_workers_killed_and_mlflow_away_mid_run(ray_local, tmp_path, monkeypatch, capfd, mlflow_db_template):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
 
     ref_trace, trace = str(tmp_path / "ref.jsonl"), str(tmp_path / "faulted.jsonl")
     ref = run_training(_cfg(tmp_path, None, "ref", ref_trace), datasets=toy_datasets())

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import ray
 
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
     from tests.reliability.helpers import REPO, emit, toy_cfg, toy_datasets
 
     ray.init(num_cpus=4, include_dashboard=False,

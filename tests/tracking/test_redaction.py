@@ -82,7 +82,7 @@ def test_log_records_and_logged_exceptions_are_redacted(caplog):
 
 def test_init_from_error_does_not_carry_the_tracking_uri_password(monkeypatch):
     from orchestrator.tracking import mlflow_run
-    from orchestrator.train.checkpoint import resolve_init_from
+    from orchestrator.train.weights import resolve_init_from
 
     def refuse(uri):
         raise ConnectionError(f"cannot reach {uri}")
@@ -101,7 +101,7 @@ def test_a_run_leaks_no_secret_anywhere(ray_local, tmp_path, mlflow_uri, capfd):
     from mlflow.tracking import MlflowClient
 
     from orchestrator.config import load_config
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
     from tests.train.toy_workload import make_rows
 
     note = (f"data mirror postgresql://mlflow:{AWS_SECRET}@db:5432/mlflow, sample "

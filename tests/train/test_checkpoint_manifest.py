@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator import storage
-from orchestrator.train import checkpoint, manifest
+from orchestrator.train import checkpoint, manifest, weights
 
 RUN = {"workload": "toy", "name": "r", "seed": 1, "train": {"lr": 0.01, "max_steps": 8, "max_failures": 2},
        "tracking": {"uri": "sqlite:///x.db"}, "data": {"root": "/data"}}
@@ -203,7 +203,7 @@ def test_init_from_a_run_export_follows_the_pointer(tmp_path):
         save_file({"w": torch.full((2,), value)}, str(local / "model.safetensors"))
         (local / "config.json").write_text("{}")
         manifest.publish_export(local, export_uri, step)
-    assert checkpoint.state_dict_from(export_uri)["w"].tolist() == [2.0, 2.0]
+    assert weights.state_dict_from(export_uri)["w"].tolist() == [2.0, 2.0]
 
 
 def test_finished_run_verifies_and_refuses_another_config(tmp_path, run_dir):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from orchestrator import storage
-from orchestrator.train import checkpoint
+from orchestrator.train import checkpoint, weights
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,7 +41,7 @@ def ds_checkpoints(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_real_deepspeed_checkpoints_load_weights_only(ds_checkpoints, stage):
     want = torch.load(ds_checkpoints / "weights.pt", weights_only=True)
-    got = checkpoint.state_dict_from(str(ds_checkpoints / f"z{stage}"))
+    got = weights.state_dict_from(str(ds_checkpoints / f"z{stage}"))
     assert set(got) == set(want)
     if stage == 0:
         for k in want:
@@ -66,8 +66,8 @@ def test_model_states_pickle_is_refused(tmp_path):
     (ckpt / "ds").mkdir(parents=True)
     marker = tmp_path / "ran"
     _payload(ckpt / "ds" / "mp_rank_00_model_states.pt", marker, lambda e: {"module": {"w": torch.ones(1)}, "x": e})
-    with pytest.raises(checkpoint.UnsafeCheckpoint, match="refused to unpickle"):
-        checkpoint.state_dict_from(str(ckpt))
+    with pytest.raises(weights.UnsafeCheckpoint, match="refused to unpickle"):
+        weights.state_dict_from(str(ckpt))
     assert not marker.exists()
 
 
@@ -82,8 +82,8 @@ def test_zero_checkpoint_pickles_are_refused(ds_checkpoints, tmp_path, stage, vi
     marker = tmp_path / "ran"
     real = torch.load(ckpt / "ds" / victim, weights_only=False)
     _payload(ckpt / "ds" / victim, marker, lambda e: {**real, "extra": e})
-    with pytest.raises(checkpoint.UnsafeCheckpoint):
-        checkpoint.state_dict_from(str(ckpt))
+    with pytest.raises(weights.UnsafeCheckpoint):
+        weights.state_dict_from(str(ckpt))
     assert not marker.exists()
 
 
@@ -92,12 +92,12 @@ def test_init_from_s3_refuses_pickles_and_traversal(tmp_path, s3_bucket):
     bad = tmp_path / "bad.pt"
     _payload(bad, marker, lambda e: {"module": e})
     storage.write_bytes(s3_bucket + "/run/export/ds/mp_rank_00_model_states.pt", bad.read_bytes())
-    with pytest.raises(checkpoint.UnsafeCheckpoint):
-        checkpoint.state_dict_from(s3_bucket + "/run/export")
+    with pytest.raises(weights.UnsafeCheckpoint):
+        weights.state_dict_from(s3_bucket + "/run/export")
     assert not marker.exists()
     storage.write_bytes(s3_bucket + "/run2/export/../../../../../../../tmp/x", b"x")
     with pytest.raises(storage.UnsafeKey):
-        checkpoint.state_dict_from(s3_bucket + "/run2/export")
+        weights.state_dict_from(s3_bucket + "/run2/export")
 
 
 def test_resume_reads_only_the_runs_own_folder(tmp_path):

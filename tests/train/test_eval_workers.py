@@ -1,4 +1,4 @@
-"""Evaluation sharded over workers (orchestrator.eval_workers) gives the metrics of one worker.
+"""Evaluation sharded over workers (orchestrator.evaluation.shard) gives the metrics of one worker.
 
 Two gloo processes (torch.multiprocessing, no Ray) each evaluate an uneven, interleaved shard of
 the same rows in batches of another size and order than the single-process reference; the
@@ -27,12 +27,12 @@ def _setup(task: str, tok_dir: str):
     from transformers import AutoTokenizer
 
     from model import MPlugConfig
-    from orchestrator.train.model_setup import tokenizer_overrides
-    from workloads import get_workload
+    from orchestrator.runtime.model_setup import tokenizer_overrides
+    from workloads.base import load_workload
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    wl = get_workload(task)
+    wl = load_workload(task)
     if task == "retrieval":
         cfg = wl.Config(k_test=3)
     elif task == "captioning":
@@ -44,7 +44,7 @@ def _setup(task: str, tok_dir: str):
         over["num_labels"] = 2
     torch.manual_seed(0)
     model = wl.build_model(MPlugConfig.from_preset("tiny", **over), cfg).eval()
-    consts = wl.batch_constants(tok, cfg) if hasattr(wl, "batch_constants") else {}
+    consts = wl.batch_constants(tok, cfg) if wl.batch_constants is not None else {}
     return tok, wl, cfg, model, consts
 
 
@@ -74,7 +74,8 @@ def _batches(rows: list[dict], size: int) -> list[dict]:
 def _worker(rank: int, world: int, port: int, task: str, tok_dir: str, out: str) -> None:
     import torch.distributed as dist
 
-    from orchestrator.eval_workers import evaluate_shard, worker_comm
+    from orchestrator.evaluation.shard import evaluate_shard, worker_comm
+    from orchestrator.runtime.model_setup import WorkerModel
 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -85,8 +86,7 @@ def _worker(rank: int, world: int, port: int, task: str, tok_dir: str, out: str)
         mine, size = rows[::-1], 3                                  # another order, another batch size
     else:
         mine, size = [r for i, r in enumerate(rows) if (i % 3 == 0) == (rank == 0)], 2   # 4 and 7 rows
-    metrics, preds = evaluate_shard(wl, model, _batches(mine, size), cfg, tokenizer=tok, comm=worker_comm(),
-                                    constants=consts)
+    metrics, preds = evaluate_shard(WorkerModel(wl, cfg, model, tok, consts), _batches(mine, size), comm=worker_comm())
     Path(out, f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "preds": preds}, default=str))
     if world > 1:
         dist.destroy_process_group()
@@ -115,7 +115,7 @@ def test_two_workers_give_the_metrics_of_one(task, tiny_hf, tmp_path):
 
 
 def test_item_keys_are_content_digests():
-    from orchestrator.eval_workers import item_keys
+    from orchestrator.evaluation.shard import item_keys
 
     b = {"text_ids": torch.tensor([[1, 2], [3, 4], [1, 2]]), "label": torch.tensor([0, 1, 0]), "note": "x"}
     k = item_keys(b)
@@ -123,15 +123,15 @@ def test_item_keys_are_content_digests():
     assert item_keys({"text_ids": b["text_ids"][1:], "label": b["label"][1:]}).tolist() == k[1:].tolist()
 
 
-def test_validator_is_due_every_n_steps_and_at_the_end():
-    from types import SimpleNamespace
+def test_validation_is_due_every_n_steps_and_at_the_end():
+    """The schedule decides when validation runs (the validator only runs it)."""
+    from orchestrator.train.schedule import StepSchedule
 
-    from orchestrator.eval_workers import Validator
+    def schedule(validate_every):  # eval.every_steps, or None: the run has no val dataset
+        return StepSchedule(max_steps=10, log_every=100, checkpoint_every=100, preemption_check_every=100,
+                            validate_every=validate_every)
 
-    run = SimpleNamespace(eval=SimpleNamespace(every_steps=4), train=SimpleNamespace(max_steps=10, zero_stage=0))
-    wl = SimpleNamespace(evaluate=lambda *a, **k: {})
-    v = Validator(run, wl, None, "cpu", enabled=True)
-    assert [s for s in range(1, 11) if v.due(s)] == [4, 8, 10]
-    assert not Validator(run, wl, None, "cpu", enabled=False).due(4)  # no val dataset: never
-    run.eval.every_steps = 0
-    assert [s for s in range(1, 11) if Validator(run, wl, None, "cpu", enabled=True).due(s)] == [10]
+    v = schedule(4)
+    assert [s for s in range(1, 11) if v.at(s).validate] == [4, 8, 10]
+    assert not schedule(None).at(4).validate  # no val dataset: never
+    assert [s for s in range(1, 11) if schedule(0).at(s).validate] == [10]

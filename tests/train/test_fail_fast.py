@@ -12,7 +12,7 @@ from orchestrator.config import ConfigError, load_config
 def test_worker_setup_error_is_not_retried(ray_local, tmp_path):
     import ray
 
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
     from tests.reliability.trace_clips import read
     from tests.train.toy_workload import make_rows
 
@@ -29,7 +29,7 @@ def test_worker_setup_error_is_not_retried(ray_local, tmp_path):
 
 
 def test_relative_paths_are_made_absolute_in_the_driver(tmp_path, monkeypatch):
-    from orchestrator.train.driver import absolute_paths
+    from orchestrator.trainer.driver import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tok").mkdir()
@@ -44,7 +44,7 @@ def test_relative_paths_are_made_absolute_in_the_driver(tmp_path, monkeypatch):
 
 
 def test_model_image_size_follows_the_data():
-    from orchestrator.train.model_setup import model_config_for
+    from orchestrator.runtime.model_setup import model_config_for
 
     cfg = load_config(None, ["model.preset=tiny", "data.image_size=64"])
     assert model_config_for(cfg).image_size == 64

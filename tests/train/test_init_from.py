@@ -9,7 +9,7 @@ import torch
 
 from model import MPlug2, MPlugConfig
 from orchestrator.config import ConfigError, load_config
-from orchestrator.train import checkpoint
+from orchestrator.train import weights
 
 POS = "vision.position_embedding.weight"
 
@@ -40,7 +40,7 @@ def test_position_embeddings_are_interpolated_for_another_image_size(export):
     dst = _model(seed=2, image_size=48)  # 32 px / 8 = 4x4 patches -> 48 px = 6x6
     old = src.state_dict()[POS]
     assert dst.state_dict()[POS].shape == (1 + 36, old.shape[1])
-    report = checkpoint.load_weights(dst, uri)
+    report = weights.load_weights(dst, uri)
     new = dst.state_dict()[POS]
     assert POS in report["interpolated"] and f"momentum.encoders.{POS}" in report["interpolated"]
     assert report["shape_mismatch"] == [] and POS not in report["missing"]
@@ -62,19 +62,19 @@ def test_interpolation_keeps_a_smooth_field_smooth():
     g, c = 4, 3
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, g), torch.linspace(-1, 1, g), indexing="ij")
     pos = torch.cat([torch.zeros(1, c), torch.stack([xs, ys, xs + ys], -1).reshape(g * g, c)])
-    out = checkpoint.interpolate_pos_embed(pos, 1 + 8 * 8)
+    out = weights.interpolate_pos_embed(pos, 1 + 8 * 8)
     assert out.shape == (65, 3)
     field = out[1:].reshape(8, 8, c)
     assert (field[:, 1:, 0] - field[:, :-1, 0]).min() > 0  # still increasing along x
     assert (field[1:, :, 1] - field[:-1, :, 1]).min() > 0  # and along y
-    assert checkpoint.interpolate_pos_embed(pos, 11) is None  # 10 patches: no square grid
+    assert weights.interpolate_pos_embed(pos, 11) is None  # 10 patches: no square grid
 
 
 def test_shape_mismatch_is_an_error_listing_both_shapes(export):
     _, uri = export
     dst = _model(vocab_size=2100)
-    with pytest.raises(checkpoint.InitMismatch) as e:
-        checkpoint.load_weights(dst, uri)
+    with pytest.raises(weights.InitMismatch) as e:
+        weights.load_weights(dst, uri)
     msg = str(e.value)
     assert "text.embeddings.word.weight" in msg and "(2000, 64)" in msg and "(2100, 64)" in msg
     assert "train.init_allow_mismatch" in msg
@@ -84,7 +84,7 @@ def test_allowed_mismatches_start_fresh_and_are_reported(export):
     src, uri = export
     dst = _model(vocab_size=2100)
     fresh = dst.state_dict()["text.embeddings.word.weight"].clone()
-    report = checkpoint.load_weights(dst, uri, allow_mismatch=["*embeddings.word.*", "mlm.*", "momentum.*word*"])
+    report = weights.load_weights(dst, uri, allow_mismatch=["*embeddings.word.*", "mlm.*", "momentum.*word*"])
     assert "text.embeddings.word.weight" in report["shape_mismatch"]
     assert torch.equal(dst.state_dict()["text.embeddings.word.weight"], fresh)
     assert torch.equal(dst.state_dict()["text.embeddings.position.weight"],
@@ -104,13 +104,13 @@ def test_another_vocabulary_of_the_same_size_is_an_error(export):
     src, uri = export
     english = [f"tok{i}" for i in range(2000)]
     chinese = english[:1000] + [chr(0x4E00 + i) for i in range(1000)]
-    checkpoint.write_vocab(Vocab(english), uri)
+    weights.write_vocab(Vocab(english), uri)
     dst = _model()
-    checkpoint.load_weights(_model(), uri, tokenizer=Vocab(english))  # the same vocabulary: fine
-    with pytest.raises(checkpoint.InitMismatch, match="another vocabulary") as e:
-        checkpoint.load_weights(dst, uri, tokenizer=Vocab(chinese))
+    weights.load_weights(_model(), uri, tokenizer=Vocab(english))  # the same vocabulary: fine
+    with pytest.raises(weights.InitMismatch, match="another vocabulary") as e:
+        weights.load_weights(dst, uri, tokenizer=Vocab(chinese))
     assert "1000 ids differ" in str(e.value) and "tok1000" in str(e.value)
-    checkpoint.load_weights(dst, uri, tokenizer=Vocab(chinese), allow_new_vocab=True)
+    weights.load_weights(dst, uri, tokenizer=Vocab(chinese), allow_new_vocab=True)
 
 
 def test_missing_momentum_copies_take_the_online_weights(tmp_path):
@@ -118,7 +118,7 @@ def test_missing_momentum_copies_take_the_online_weights(tmp_path):
     src = _model(task="classification", seed=3)
     src.save_pretrained(str(tmp_path / "cls"))
     dst = _model(task="retrieval", seed=4)
-    report = checkpoint.load_weights(dst, str(tmp_path / "cls"))
+    report = weights.load_weights(dst, str(tmp_path / "cls"))
     sd = dst.state_dict()
     mom = [k for k in sd if k.startswith("momentum.encoders.")]
     assert mom and set(mom) <= set(report["momentum_copied"])
@@ -136,7 +136,7 @@ def test_momentum_copies_in_the_checkpoint_are_kept(export):
                 v.add_(1.0)
     src.save_pretrained(uri)
     dst = _model(seed=5)
-    report = checkpoint.load_weights(dst, uri)
+    report = weights.load_weights(dst, uri)
     assert report.get("momentum_copied", []) == []
     k = "momentum.encoders.vision.patch_embed.weight"
     assert torch.equal(dst.state_dict()[k], src.state_dict()[k])

@@ -54,9 +54,10 @@ def _worker(rank: int, port: int, out: str, precision: str, zero_stage: int) -> 
     import deepspeed
     import torch.distributed as dist
 
-    from orchestrator.train import checkpoint, manifest, momentum_sync
+    from orchestrator.train import checkpoint, manifest
     from orchestrator.train.config import TrainConfig
-    from orchestrator.train.loop import micro_step
+    from orchestrator.train.momentum_sync import MomentumSync
+    from orchestrator.trainer.loop import micro_step
     from workloads import pretrain
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}")
@@ -66,7 +67,8 @@ def _worker(rank: int, port: int, out: str, precision: str, zero_stage: int) -> 
                        lr=1e-3, max_steps=100)
     engine = _engine(tcfg, precision, seed=0)
     module = engine.module
-    assert momentum_sync.attach(module, WORLD)
+    sync = MomentumSync(module, WORLD)
+    assert sync.active  # momentum_sync.attach: the loop runs the EMA once per optimizer step
     mom = module.momentum
     dtypes = sorted({str(t.dtype) for t in mom.buffers() if t.is_floating_point()})
     online_dtype = str(module.vision.blocks[0].fc1.weight.dtype)
@@ -79,7 +81,7 @@ def _worker(rank: int, port: int, out: str, precision: str, zero_stage: int) -> 
         last = i == micro_batches - 1
         if last:  # the EMA of the last optimizer step, checked against its fp32 amount
             before = {k: t.detach().clone().double() for k, t in mom.encoders.named_buffers()}
-        micro_step(engine, pretrain, _batch(rank, i), task, ema_per_step=True)
+        micro_step(engine, pretrain, _batch(rank, i), task, sync)
         if last:
             online = dict(module.named_parameters())
             for k, t in mom.encoders.named_buffers():
@@ -114,7 +116,7 @@ def test_two_workers_share_one_queue_and_ema_once_per_optimizer_step(tmp_path, p
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    from orchestrator.train.checkpoint import state_dict_from
+    from orchestrator.train.weights import state_dict_from
 
     mp.spawn(_worker, args=(_free_port(), str(tmp_path), precision, zero_stage), nprocs=WORLD, join=True)
     r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(WORLD)]

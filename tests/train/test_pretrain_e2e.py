@@ -22,7 +22,7 @@ def test_pretrain_e2e_survives_worker_kill_and_rerun_is_noop(ray_local, s3_bucke
     from mlflow.tracking import MlflowClient
 
     from orchestrator.devtools.synth import ClipSpec, generate
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
 
     data = f"{s3_bucket}/synth"
     generate(data, n=24, seed=1, spec=ClipSpec(width=96, height=64, fps=8, seconds=2.0, gop=8), log=lambda *_: None)

@@ -15,9 +15,12 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator import storage
+from orchestrator.config import load_config
 from orchestrator.data.quality import TooManyBadClips
-from orchestrator.train import checkpoint, failures, loop, manifest, recovery
+from orchestrator.train import checkpoint, failures, manifest
 from orchestrator.train.lease import LeaseFence, LeaseLost, RunLease
+from orchestrator.trainer import loop
+from orchestrator.trainer.plan import WorkerPlan
 
 
 def _write_checkpoint(tmp_path: Path, run_dir: str, step: int, marker: dict | None = None) -> str:
@@ -44,15 +47,28 @@ class Engine:
         return None, json.loads(Path(directory, manifest.META).read_text())
 
 
-class Progress:
+class Progress:  # a checkpoint part
+    def gather(self):
+        return None
+
+    def save(self, directory, gathered):
+        pass
+
     def load(self, directory):
         pass
 
 
-def _worker(run_dir: str, **plan):
-    return SimpleNamespace(plan=SimpleNamespace(run_dir=run_dir, run_name=None, **plan), rank=1, world=1,
-                           engine=Engine(), progress=Progress(), state=loop.TrainState(), resumed=False,
-                           saved_step=-1, carried_metrics=[])
+def _checkpointer(run_dir: str) -> checkpoint.Checkpointer:
+    return checkpoint.Checkpointer(Engine(), [Progress()], run_dir=run_dir, rank=1, world=1)
+
+
+def _resume(c: checkpoint.Checkpointer, latest) -> SimpleNamespace:
+    """What the loop does with a resume: its state restored from the checkpoint's client state."""
+    saved = c.resume(latest)
+    state = loop.TrainState()
+    if saved is not None:
+        state.restore(saved)
+    return SimpleNamespace(point=c.resumed_from, state=state, resumed=saved is not None, engine=c.engine)
 
 
 def _ray_checkpoint(uri: str):
@@ -68,10 +84,10 @@ def test_a_checkpoint_damaged_at_the_same_size_falls_back_in_the_same_attempt(tm
     shard = Path(newest, "ds", "mp_rank_00_model_states.pt")
     shard.write_bytes(b"\xff" * shard.stat().st_size)  # same size: the listing cannot tell
     assert manifest.latest_complete(run_dir)[0] == newest  # complete by size ...
-    w = _worker(run_dir)
     latest = _ray_checkpoint(newest)
     with caplog.at_level(logging.WARNING):
-        point = recovery.resume(w, latest)  # ... but its bytes fail the hash: skipped, 4 used, no raise
+        w = _resume(_checkpointer(run_dir), latest)  # ... but its bytes fail the hash: skipped, 4 used, no raise
+    point = w.point
     assert point.path.endswith("checkpoint_step_00000004") and w.state.step == 4 and w.resumed
     assert [Path(d).name for d in w.engine.loaded] == ["checkpoint_step_00000004"]
     assert "skipping checkpoint" in caplog.text and "checkpoint_step_00000008" in caplog.text
@@ -84,9 +100,9 @@ def test_when_no_checkpoint_verifies_the_run_starts_over_in_the_same_attempt(tmp
     only = _write_checkpoint(tmp_path, run_dir, 4)
     Path(only, "progress.json").write_text("{}" + " " * 0)  # same bytes: still fine
     Path(only, "ds", "mp_rank_00_model_states.pt").write_bytes(b"\x00" * 256)
-    w = _worker(run_dir)
     with caplog.at_level(logging.ERROR):
-        assert recovery.resume(w, _ray_checkpoint(only)) is None
+        w = _resume(_checkpointer(run_dir), _ray_checkpoint(only))
+        assert w.point is None
     assert w.engine.loaded == [] and not w.resumed and "no checkpoint" in caplog.text
 
 
@@ -148,14 +164,16 @@ def test_a_holder_that_lost_its_lease_writes_no_checkpoint_marker_or_export(tmp_
     monkeypatch.setattr(checkpoint, "save", lambda *a, **k: writes.append("save"))
     monkeypatch.setattr(checkpoint, "export", lambda *a, **k: writes.append("export") or True)
     monkeypatch.setattr(manifest, "publish_export", lambda *a, **k: writes.append("publish"))
-    w = SimpleNamespace(plan=SimpleNamespace(run_dir=run_dir, lease_fence=fence, export_uri=run_dir + "/export",
-                                             run_name="r"),
-                        rank=0, world=1, state=loop.TrainState(step=8), saved_step=8, last_metrics={})
+    plan = WorkerPlan(run=load_config(None, []), run_name="r", run_dir=run_dir, model_config=None,
+                      export_uri=run_dir + "/export", lease_fence=fence)
+    saver = checkpoint.Checkpointer(None, [], run_dir=run_dir, fence=fence, rank=0, world=1)
+    saver.saved_step = 8
+    counts = SimpleNamespace(check_run_end=lambda: None)  # the run's bad-clip fraction: fine
+    w = loop.TrainLoop(plan, None, None, SimpleNamespace(counts=counts), saver, None, state=loop.TrainState(step=8))
     with pytest.raises(LeaseLost):
-        loop.save_and_report(w)
-    monkeypatch.setattr(loop, "_check_bad_fraction", lambda w: None)
+        w.save()
     with pytest.raises(LeaseLost):
-        loop.finish(w)  # the last step was saved: straight to the export, refused
+        w.finish()  # the last step was saved: straight to the export, refused
     assert writes == []
     lease.record = None  # it lost the lease: nothing of it to release
 
@@ -219,7 +237,7 @@ def test_not_retryable_errors_end_the_run_at_once_with_their_own_message(error):
 
 
 def test_the_driver_raises_a_stop_once_as_itself(monkeypatch):
-    from orchestrator.train import driver
+    from orchestrator.trainer import driver
 
     class Trainer:
         def fit(self):

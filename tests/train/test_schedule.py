@@ -20,7 +20,7 @@ def test_log_checkpoint_and_preemption_checks_follow_their_intervals():
 
 def test_validation_forces_a_log_on_its_step():
     s = StepSchedule(max_steps=20, log_every=7, checkpoint_every=100, preemption_check_every=1,
-                     validate_due=lambda step: step % 5 == 0)
+                     validate_every=5)
     assert _steps(s, "validate", 20) == [5, 10, 15, 20]
     assert _steps(s, "log", 20) == [5, 7, 10, 14, 15, 20]
     a = s.at(20)

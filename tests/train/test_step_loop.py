@@ -1,17 +1,22 @@
-"""The worker's step loop (``loop.run_steps`` + ``finish``) on fakes: no Ray cluster, no DeepSpeed.
+"""The worker's step loop (``TrainLoop.run`` + ``finish``) on fakes: no Ray cluster, no DeepSpeed.
 What it checks: optimizer steps under gradient accumulation, when metrics are reported, when
-checkpoints are taken (schedule, preemption, the last step once), epochs, and the resume skip."""
+checkpoints are taken (schedule, preemption, the last step once), epochs, and the resume skip.
+The loop is composed of its components, so the fakes are handed in: nothing is patched."""
 import pytest
 import torch
 
 from orchestrator.config import load_config
-from orchestrator.train import loop
-from orchestrator.train.plan import WorkerPlan
+from orchestrator.runtime.model_setup import WorkerModel
+from orchestrator.train.schedule import StepSchedule
+from orchestrator.train.streams import DataStreams
+from orchestrator.trainer import loop
+from orchestrator.trainer.plan import WorkerPlan
 
 
 class Engine:
     def __init__(self, accum):
         self.global_steps, self.micro, self.accum, self.module = 0, 0, accum, None
+        self.lr_scheduler = type("S", (), {"get_last_lr": lambda self: [0.1]})()
 
     def backward(self, loss):
         pass
@@ -39,6 +44,40 @@ class Progress:
         pass
 
 
+class Counts:  # the run's bad-clip counts: none
+    def epoch_report(self):
+        return {}
+
+    def check_run_end(self):
+        pass
+
+
+class Checkpointer:
+    def __init__(self, preemption):
+        self.saved, self.saved_step, self.preemption = [], -1, preemption
+
+    def preempted(self):
+        return self.preemption.should_checkpoint()
+
+    def save(self, step, client_state, metrics):
+        self.saved.append(step)
+        self.saved_step = step
+
+    def export(self, export_uri, step):
+        pass
+
+
+class Metrics:
+    def __init__(self):
+        self.reported = []
+
+    def log(self, metrics, step):
+        pass
+
+    def report(self, metrics):
+        self.reported.append(metrics["step"])
+
+
 class Preemption:
     def __init__(self, at):
         self.at, self.asked = at, []
@@ -48,7 +87,7 @@ class Preemption:
         return len(self.asked) == self.at
 
 
-def _worker(monkeypatch, overrides, batches_per_epoch, accum=1, epoch_batches=0, preempt_at=None):
+def _worker(overrides, batches_per_epoch, accum=1, epoch_batches=0, preempt_at=None):
     run = load_config(None, ["workload=pretrain", f"train.grad_accum_steps={accum}", *overrides])
     plan = WorkerPlan(run=run, run_name="r", run_dir="/nowhere", model_config=None)
     seen = []
@@ -59,37 +98,23 @@ def _worker(monkeypatch, overrides, batches_per_epoch, accum=1, epoch_batches=0,
             seen.append(batch["i"])
             return {"loss": torch.tensor(float(batch["i"]))}
 
-    class Validator:
-        def due(self, step):
-            return False
+    def passes(epoch, step):
+        return iter([{"i": i} for i in range(batches_per_epoch)])
 
-        def run(self, engine, step):
-            return {}
-
-    saved, reported = [], []
-
-    def save_and_report(w):
-        saved.append(w.state.step)
-        w.saved_step = w.state.step
-
-    monkeypatch.setattr(loop, "save_and_report", save_and_report)
-    monkeypatch.setattr(loop, "epoch_batches", lambda *a, **k: iter([{"i": i} for i in range(batches_per_epoch)]))
-    monkeypatch.setattr(loop.quality, "end_epoch_report", lambda run_name: {})
-    import ray.train
-
-    monkeypatch.setattr(ray.train, "report", lambda metrics, **k: reported.append(metrics["step"]))
-    scheduler = type("S", (), {"get_last_lr": lambda self: [0.1]})()
-    w = loop.Worker(plan, 0, 1, "cpu", Workload, None, Engine(accum), scheduler, False, {}, Validator(),
-                    Progress(), loop.TrainState(epoch_batches=epoch_batches), resumed=epoch_batches > 0)
-    w.preemption = Preemption(preempt_at)
-    return w, seen, saved, reported
+    streams = DataStreams(passes, Progress(), Counts(), resume_batches=epoch_batches,
+                          batch_size=run.train.batch_size_per_worker)
+    checkpointer, metrics = Checkpointer(Preemption(preempt_at)), Metrics()
+    step = loop.TrainStep(Engine(accum), WorkerModel(Workload, None, None, None, {}))
+    w = loop.TrainLoop(plan, step, StepSchedule.from_config(run.train), streams, checkpointer, metrics,
+                       state=loop.TrainState(epoch_batches=epoch_batches))
+    return w, seen, checkpointer.saved, metrics.reported
 
 
-def test_steps_reports_checkpoints_and_epochs(monkeypatch):
-    w, seen, saved, reported = _worker(monkeypatch, ["train.max_steps=10", "train.log_every=3",
+def test_steps_reports_checkpoints_and_epochs():
+    w, seen, saved, reported = _worker(["train.max_steps=10", "train.log_every=3",
                                                      "train.checkpoint_every=4", "train.preemption_check_every=100"], 6)
-    loop.run_steps(w)
-    loop.finish(w)
+    w.run()
+    w.finish()
     assert w.state.step == 10 and w.state.epoch == 1 and w.state.epoch_batches == 4
     assert seen == list(range(6)) + list(range(4))
     assert saved == [4, 8, 10]                      # the last step's checkpoint is not taken twice
@@ -98,29 +123,29 @@ def test_steps_reports_checkpoints_and_epochs(monkeypatch):
     assert w.last_metrics["step"] == 10 and w.last_metrics["loss"] == pytest.approx(3.0)
 
 
-def test_gradient_accumulation_counts_optimizer_steps(monkeypatch):
-    w, seen, saved, _ = _worker(monkeypatch, ["train.max_steps=3", "train.log_every=1", "train.checkpoint_every=2",
+def test_gradient_accumulation_counts_optimizer_steps():
+    w, seen, saved, _ = _worker(["train.max_steps=3", "train.log_every=1", "train.checkpoint_every=2",
                                               "train.preemption_check_every=100"], 10, accum=2)
-    loop.run_steps(w)
+    w.run()
     assert w.state.step == 3 and len(seen) == 6 and saved == [2, 3]
     assert w.state.samples == 3 * 2 * w.batch_size
 
 
-def test_resume_skips_the_epochs_batches_already_trained(monkeypatch):
-    w, seen, _, _ = _worker(monkeypatch, ["train.max_steps=3", "train.checkpoint_every=100",
+def test_resume_skips_the_epochs_batches_already_trained():
+    w, seen, _, _ = _worker(["train.max_steps=3", "train.checkpoint_every=100",
                                           "train.preemption_check_every=100"], 5, epoch_batches=2)
-    loop.run_steps(w)
+    w.run()
     assert seen == [2, 3, 4] and w.state.epoch_batches == 5
 
 
-def test_a_preemption_signal_takes_one_checkpoint(monkeypatch):
-    w, _, saved, _ = _worker(monkeypatch, ["train.max_steps=6", "train.checkpoint_every=100", "train.log_every=100",
+def test_a_preemption_signal_takes_one_checkpoint():
+    w, _, saved, _ = _worker(["train.max_steps=6", "train.checkpoint_every=100", "train.log_every=100",
                                            "train.preemption_check_every=2"], 10, preempt_at=2)
-    loop.run_steps(w)
-    assert w.preemption.asked == [True, True] and saved == [4, 6]   # asked at 2 and 4; signalled at 4; 6 is the last
+    w.run()
+    assert w.checkpointer.preemption.asked == [True, True] and saved == [4, 6]   # asked at 2 and 4; signalled at 4; 6 is the last
 
 
-def test_an_empty_dataset_is_an_error(monkeypatch):
-    w, _, _, _ = _worker(monkeypatch, ["train.max_steps=3"], 0)
+def test_an_empty_dataset_is_an_error():
+    w, _, _, _ = _worker(["train.max_steps=3"], 0)
     with pytest.raises(RuntimeError, match="yielded no batch"):
-        loop.run_steps(w)
+        w.run()

@@ -44,7 +44,7 @@ def s3_run(ray_local, s3_server, mlflow_db_template, tmp_path_factory):
     import shutil
     import uuid
 
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
 
     bucket = f"s3://test-{uuid.uuid4().hex[:12]}"
     storage.s3_client().create_bucket(Bucket=bucket.removeprefix("s3://"))
@@ -106,8 +106,8 @@ def test_resume_continues_step_and_schedule(ray_local, tmp_path, mlflow_uri):
     to step 8 and the LR schedule continues (no second warm-up).  Issue 17, item 4, in the same two
     runs: the realistic partial checkpoint (marker present, a shard truncated) is skipped with a
     warning and the previous complete one used; a finished name rerun with another config says so."""
-    from orchestrator.train.driver import run_training
     from orchestrator.train.manifest import FinishedWithOtherConfig
+    from orchestrator.trainer.driver import run_training
 
     cfg = _cfg(str(tmp_path / "store"), mlflow_uri, "toy-resume",
                **{"train.max_steps": 4, "train.checkpoint_every": 2, "train.num_workers": 1})
@@ -145,8 +145,8 @@ def test_init_from_zero_checkpoint_export_and_mlflow_lineage(s3_run):
     records it as the parent."""
     import torch
 
-    from orchestrator.train.checkpoint import load_weights, resolve_init_from, state_dict_from
-    from orchestrator.train.driver import run_training
+    from orchestrator.train.weights import load_weights, resolve_init_from, state_dict_from
+    from orchestrator.trainer.driver import run_training
     from tests.train.toy_workload import Config, build_model
 
     cfg, parent, mlflow_uri = s3_run["cfg"], s3_run["out"], s3_run["mlflow_uri"]

@@ -15,7 +15,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "workloads" / "configs"
 def test_glue_validates_every_n_steps_on_two_zero2_workers(ray_local, synth_data, mlflow_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.train.driver import run_training
+    from orchestrator.trainer.driver import run_training
 
     cfg = load_config(CONFIGS / "glue_tiny.yaml", [
         f"data.root={synth_data}", f"storage={tmp_path / 'store'}", f"tracking.uri={mlflow_uri}", "name=val-e2e",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model import MPlugConfig
-from orchestrator.train.model_setup import tokenizer_overrides
+from orchestrator.runtime.model_setup import tokenizer_overrides
 from workloads import captioning
 
 CAPTIONS = ["a red circle moves left", "a blue square moves up", "the circle goes left", "a green triangle moves down"]
@@ -78,7 +78,7 @@ def test_loss_falls_then_evaluate_scores_each_clip_once(tok):
     assert losses[-1] < 0.6 * losses[0], losses
 
     metrics, rows = captioning.evaluate(model, [batch], cfg, tokenizer=tok)
-    assert set(metrics) == {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr", "num_clips"}
+    assert set(metrics) == {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr", "num_clips", "exact_match"}
     assert metrics["num_clips"] == 3 and all(0 <= metrics[k] <= 1 for k in ("BLEU_1", "BLEU_4", "ROUGE_L"))
     by_clip = {r["clip_index"]: r for r in rows}
     assert sorted(by_clip) == [3, 5, 7]

@@ -27,8 +27,8 @@ EXPECTED = {
 def test_tiny_finetune_then_evaluate(task, ray_local, synth_data, mlflow_uri, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.evaluate import run_evaluation
-    from orchestrator.train.driver import run_training
+    from orchestrator.evaluation.driver import run_evaluation
+    from orchestrator.trainer.driver import run_training
 
     overrides = [f"data.root={synth_data}", f"storage={tmp_path / 'store'}", f"tracking.uri={mlflow_uri}",
                  f"name=e2e-{task}", "train.num_workers=1", "train.max_steps=3", "train.checkpoint_every=3",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model import MPlugConfig
-from orchestrator.train.model_setup import tokenizer_overrides
+from orchestrator.runtime.model_setup import tokenizer_overrides
 from workloads import glue
 
 

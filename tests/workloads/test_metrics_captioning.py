@@ -108,3 +108,13 @@ def test_meteor_is_the_real_one_and_matches_pycocoevalcaps_wrapper():
     #   Meteor().compute_score(gts, res) -> (0.2682514935516133, [0.41388921016683433, 1.0, 0.0])
     # (per item: the paraphrase match 0.414, identical 1.0, empty 0.0); one JVM start here, not two
     assert m["METEOR"] == pytest.approx(0.2682514935516133, rel=1e-9)
+
+
+def test_exact_match_counts_a_caption_equal_to_any_reference():
+    from workloads.metrics.captioning import exact_match_rate
+    refs = {1: ["a red square moves left", "the square goes left"], 2: ["a blue circle moves up"], 3: ["x"]}
+    preds = {1: "The square goes left.", 2: "a blue circle moves down", 3: "x"}
+    assert exact_match_rate(preds, refs) == pytest.approx(200 / 3)
+    assert exact_match_rate({1: "红色 方块"}, {1: ["红色方块。"]}, chinese=True) == 100.0
+    with pytest.raises(ValueError):
+        exact_match_rate({}, {})

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from model import MPlugConfig, objectives
-from orchestrator.train.model_setup import tokenizer_overrides
+from orchestrator.runtime.model_setup import tokenizer_overrides
 from workloads import common, videoqa
 
 QUESTIONS = ["what color is the circle?", "which way does the red square move?", "what shape moves up?",

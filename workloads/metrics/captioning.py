@@ -159,3 +159,14 @@ def caption_metrics(predictions: Mapping[Hashable, str], references: Mapping[Has
     cider, _ = Cider().compute_score(gts, res)
     out["CIDEr"] = float(cider)
     return out
+
+
+def exact_match_rate(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
+                     chinese: bool = False) -> float:
+    """% of items whose prediction equals one of their references once both are tokenised as the
+    scorers see them (:func:`tokenize_caption`: case and punctuation do not count)."""
+    if not predictions:
+        raise ValueError("exact_match_rate needs at least one prediction")
+    hits = sum(tokenize_caption(p, chinese) in {tokenize_caption(r, chinese) for r in references[k]}
+               for k, p in predictions.items())
+    return 100.0 * hits / len(predictions)

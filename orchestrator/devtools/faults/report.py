@@ -9,7 +9,7 @@ lost" of a row are only ever computed from what a run recorded (the step journal
 numbers; :func:`record` refuses anything else, and ``tests/reliability/test_measured.py`` checks
 that no call passes a literal in any of these places.  The row is appended (JSON Lines) to the file
 named by ``$MPLUG2_RELIABILITY_REPORT`` when it is set (``benchmarks/reliability_report.py`` sets
-it), and is a no-op otherwise.  :func:`markdown` renders the rows as the README table.
+it), and is a no-op otherwise.  :func:`markdown` renders the rows as the table of docs/reliability.md.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The driver's decisions for one training run, handed to every Ray Train worker.
 
 :class:`WorkerPlan` is the only thing a worker receives (``TorchTrainer(train_loop_config=
-{"plan": plan})``); nothing is captured from the driver's globals.  Frozen: a worker reads it,
-never changes it.
+{"plan": plan})``, :mod:`orchestrator.runtime.ray_train`); nothing is captured from the driver's
+globals.  Frozen: a worker reads it, never changes it.
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from typing import Any
 from model import MPlugConfig
 from orchestrator.config import RunSpec
 from orchestrator.train.lease import LeaseFence
-
-PLAN_KEY = "plan"  # its key in Ray Train's train_loop_config
 
 
 @dataclass(frozen=True)
@@ -28,16 +26,6 @@ class WorkerPlan:
     mlflow_run_id: str | None = None    # rank 0 logs metrics to this run (None: tracking off)
     tracking_uri: str | None = None
     stream_fractions: dict[str, float] = field(default_factory=dict)  # mixed-in stream -> share of batches
-    validate: bool = False              # a ``val`` dataset is attached: validate during training
+    validate: bool = False              # a ``val`` dataset is attached: validate (eval.every_steps, at the end)
     val_tracker: str | None = None      # bad-clip tracker of the validation passes
     lease_fence: LeaseFence | None = None  # the run folder's lease generation: checked before every write
-
-    def to_loop_config(self) -> dict[str, Any]:
-        return {PLAN_KEY: self}
-
-    @staticmethod
-    def from_loop_config(config: dict[str, Any]) -> "WorkerPlan":
-        plan = config[PLAN_KEY]
-        if not isinstance(plan, WorkerPlan):
-            raise TypeError(f"train_loop_config[{PLAN_KEY!r}] must be a WorkerPlan, got {type(plan).__name__}")
-        return plan

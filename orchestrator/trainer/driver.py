@@ -17,35 +17,30 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.config import ConfigError, RunSpec, check_inputs
-from orchestrator.console import Progress, summary, train_logging_config
+from orchestrator.console import Progress, summary
 from orchestrator.data import progress, quality
 from orchestrator.data.catalog import describe_sources
-from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
 from orchestrator.data.mix import stream_fractions
-from orchestrator.data.pipeline import (
-    SAMPLE_KEY,
-    build_dataset,
-)
+from orchestrator.data.pipeline import build_stream_datasets
+from orchestrator.data.streams import TRAIN, VAL
 from orchestrator.data.tokenize import default_tokenizer
-from orchestrator.eval_workers import build_eval_dataset, sharded_eval_data_config
+from orchestrator.evaluation.data import val_tracker, validation_dataset
 from orchestrator.ray_env import ensure_ray
+from orchestrator.runtime.model_setup import driver_model_config, load_run_tokenizer
+from orchestrator.runtime.ray_train import build_trainer
 from orchestrator.tracking import lineage
-from orchestrator.tracking.mlflow_run import (
-    close_run,
-    git_commit,
-    open_run,
-    resolve_tracking_uri,
-)
-from orchestrator.train.checkpoint import finished_run, resolve_init_from, write_vocab
+from orchestrator.tracking.mlflow_run import close_run, open_run, resolve_tracking_uri
+from orchestrator.tracking.tags import finished_tags, training_tags
+from orchestrator.train.checkpoint import finished_run
 from orchestrator.train.deepspeed_config import load_user_json
 from orchestrator.train.failures import SetupError, fail_fast_callback, find_not_retryable, plain
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.lease import LeaseLost, RunLease
-from orchestrator.train.loop import redacted_train_loop
 from orchestrator.train.manifest import resolve_export
-from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
-from orchestrator.train.plan import WorkerPlan
-from workloads import get_workload
+from orchestrator.train.weights import resolve_init_from, write_vocab
+from orchestrator.trainer.loop import redacted_train_loop
+from orchestrator.trainer.plan import WorkerPlan
+from workloads.base import load_workload
 
 log = logging.getLogger(__name__)
 
@@ -132,22 +127,23 @@ def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: d
                                  extra_tags, parent_run_id)
     if datasets is None:  # the run reads its data: data.root must be there (one clear line, before anything)
         check_inputs(r.cfg)
-    # before Ray starts: a bad model/data combination is a ConfigError, not a worker crash
-    if getattr(r.workload, "USES_MODEL_CONFIG", True):
-        r.model_config = model_config_for(r.cfg, load_run_tokenizer(r.cfg))
+    r.model_config = driver_model_config(r.cfg, r.workload)  # before Ray starts: a bad combination is a ConfigError
     ensure_ray()
     row_counts: dict[tuple[str, str], int] = {}  # rows parsed per (source, split), for the MLflow dataset inputs
     if datasets is None:
-        datasets = build_train_datasets(r.cfg, r.workload.COLUMNS, r.run_name, row_counts)
+        datasets = build_stream_datasets(r.cfg.data, r.cfg.seed, r.workload.COLUMNS, r.run_name, row_counts)
         datasets.update(validation_dataset(r.cfg, r.workload, r.run_name))
     mlflow_run_id = _open_mlflow_run(r, extra_tags, parent_run_id, row_counts)
     plan = WorkerPlan(
         run=r.cfg, run_name=r.run_name, run_dir=r.run_dir, model_config=r.model_config, export_uri=r.export_uri,
         init_from=r.init_uri, deepspeed_user=r.ds_user, mlflow_run_id=mlflow_run_id, tracking_uri=r.tracking_uri,
-        stream_fractions=stream_fractions(r.cfg.data.sources, datasets), validate="val" in datasets,
+        stream_fractions=stream_fractions(r.cfg.data.sources, datasets), validate=VAL in datasets,
         val_tracker=val_tracker(r.run_name), lease_fence=lease.fence())
-    console = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info)
-    trainer = _trainer(plan, r.experiment, datasets, [*(callbacks or []), console.callback()])
+    console = Progress(r.run_name, r.cfg.train.max_steps, printer=log.info, warmup_steps=r.cfg.train.warmup_steps)
+    journal = {STEP_JOURNAL: os.environ[STEP_JOURNAL]} if os.environ.get(STEP_JOURNAL) else {}  # a fault test's
+    trainer = build_trainer(redacted_train_loop, plan, r.run_name, datasets, training=True,
+                            callbacks=[fail_fast_callback(plan.lease_fence), *(callbacks or []), console.callback()],
+                            worker_env=journal, deterministic=r.cfg.data.deterministic)
     status, result, started = "FAILED", None, time.time()
     try:
         result = _fit(trainer, console)
@@ -196,7 +192,7 @@ def _settle(cfg: RunSpec, init_from: str | None) -> _Run:
         ds_user = load_user_json(cfg.train.deepspeed_config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return _Run(cfg, get_workload(cfg.workload), run_name, experiment, run_dir, storage.join(run_dir, "export"),
+    return _Run(cfg, load_workload(cfg.workload), run_name, experiment, run_dir, storage.join(run_dir, "export"),
                 tracking_uri, init_uri, init_run, ds_user)
 
 
@@ -205,54 +201,12 @@ def _open_mlflow_run(r: _Run, extra_tags: dict[str, str] | None, parent_run_id: 
     if not r.tracking_uri:
         return None
     cfg = r.cfg
-    tags = {
-        "mplug2.workload": cfg.workload,
-        "mplug2.ray_job_id": os.environ.get("RAY_JOB_ID") or _ray_job_id(),
-        "mplug2.git_commit": git_commit(),
-        "mplug2.num_workers": cfg.train.num_workers,
-        "mplug2.use_gpu": cfg.train.use_gpu,
-        "mplug2.cluster_cpus": _cluster_resource("CPU"),
-        "mplug2.cluster_gpus": _cluster_resource("GPU"),
-        "mplug2.run_dir": r.run_dir,
-        **(extra_tags or {}),
-    }
-    if r.init_run:
-        tags["mplug2.init_from_run"] = r.init_run
-    if r.init_uri:
-        tags["mplug2.init_from"] = r.init_uri
+    tags = training_tags(cfg.workload, cfg.train.num_workers, cfg.train.use_gpu, r.run_dir, r.init_uri, r.init_run,
+                         extra_tags)
     mlflow_run_id = open_run(r.tracking_uri, r.experiment, r.run_name, cfg.to_dict(), tags,
                              parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
-    lineage.record_datasets(r.tracking_uri, mlflow_run_id, describe_sources(cfg.data, ("train",), rows=row_counts))
+    lineage.record_datasets(r.tracking_uri, mlflow_run_id, describe_sources(cfg.data, (TRAIN,), rows=row_counts))
     return mlflow_run_id
-
-
-def _trainer(plan: WorkerPlan, experiment: str, datasets: dict, callbacks: list):
-    """The ``TorchTrainer``: one worker per ``train.num_workers``, each running the train loop on ``plan``."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    t = plan.run.train
-    storage_path, storage_fs = storage.for_ray(storage.join(plan.run.storage, experiment))
-    worker_env = {} if t.use_gpu else {"DS_ACCELERATOR": "cpu"}
-    if os.environ.get(STEP_JOURNAL):  # measuring a fault test: the workers record their steps there
-        worker_env[STEP_JOURNAL] = os.environ[STEP_JOURNAL]
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
-    return TorchTrainer(
-        redacted_train_loop,
-        train_loop_config=plan.to_loop_config(),
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=plan.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            worker_runtime_env={"env_vars": worker_env} if worker_env else None,
-            callbacks=[fail_fast_callback(plan.lease_fence), *callbacks],
-            logging_config=train_logging_config(),
-        ),
-        datasets=datasets,
-        dataset_config=sharded_eval_data_config(plan.run.data.deterministic),  # "val": uneven shards, every row once
-    )
 
 
 def _fit(trainer, progress):
@@ -327,9 +281,8 @@ def _already_finished(cfg: RunSpec, run_name: str, run_dir: str, export_uri: str
              "choose a new name to train more.", run_name, meta.get("step"), ckpt_uri)
     mlflow_run_id = None
     if tracking_uri:
-
-        tags = {"mplug2.workload": cfg.workload, "mplug2.run_dir": run_dir, **(extra_tags or {})}
-        mlflow_run_id = open_run(tracking_uri, experiment, run_name, cfg.to_dict(), tags,
+        mlflow_run_id = open_run(tracking_uri, experiment, run_name, cfg.to_dict(),
+                                 finished_tags(cfg.workload, run_dir, extra_tags),
                                  parent_run_id=parent_run_id or cfg.tracking.parent_run_id)
         close_run(tracking_uri, mlflow_run_id, status="FINISHED",
                   tags={"mplug2.checkpoint_uri": ckpt_uri, "mplug2.export_uri": export_uri})
@@ -339,95 +292,9 @@ def _already_finished(cfg: RunSpec, run_name: str, run_dir: str, export_uri: str
                         metrics=metrics, mlflow_run_id=mlflow_run_id, tracking_uri=tracking_uri)
 
 
-def build_train_datasets(cfg: RunSpec, columns: tuple[str, ...], run_name: str,
-                         row_counts: dict | None = None) -> dict:
-    """One dataset per stream of the run.  ``train`` is the epoch's stream: the video sources (or,
-    in an image-only run, the image sources).  A video run that also lists image sources gets
-    ``train_image`` (images kept as T = 1 frame: no T-fold vision compute, no temporal module, the
-    image instruction) and a video/image workload that lists text-only sources (pre-training's
-    text corpora) gets ``train_text``; the loop mixes those in per step in proportion to their
-    sources' weights (see :func:`orchestrator.data.mix.stream_fractions`).  Every row carries a ``sample_key`` and every
-    stream a progress filter, so a resumed pass leaves out what it already trained on.
-    ``row_counts`` collects the rows parsed per (source format, split), for lineage."""
-    groups = _stream_sources(cfg, columns)
-    out = {}
-    for name, sources in groups.items():
-        cols = tuple(c for c in columns if c in ("text_ids", "text_mask")) if name == "train_text" else columns
-        out[name] = _stream_dataset(cfg, cfg.data.model_copy(update={"sources": sources}), cols + (SAMPLE_KEY,),
-                                    run_name, name, row_counts)
-    return out
-
-
-def _stream_sources(cfg: RunSpec, columns: tuple[str, ...]) -> dict[str, list]:
-    if "frames" not in columns:
-        return {"train": list(cfg.data.sources)}
-    text = [s for s in cfg.data.sources if s.format in TEXT_FORMATS]
-    image = [s for s in cfg.data.sources if s.format in IMAGE_FORMATS]
-    video = [s for s in cfg.data.sources if s.format not in TEXT_FORMATS and s.format not in IMAGE_FORMATS]
-    groups: dict[str, list] = {}
-    if video:
-        groups["train"] = video
-        if image:
-            groups["train_image"] = image
-    elif image:
-        groups["train"] = image
-    else:
-        return {"train": list(cfg.data.sources)}  # only text sources: build_dataset explains the problem
-    if text:
-        groups["train_text"] = text
-    return groups
-
-
-def _stream_dataset(cfg: RunSpec, data_cfg, columns: tuple[str, ...], run_name: str, stream: str,
-                    row_counts: dict | None = None):
-    progress.get_registry(run_name)  # owned by the driver: outlives every worker restart
-
-    if not cfg.data.cache:
-        return build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
-                             progress_stream=stream, row_counts=row_counts)
-    # cached: decoded once here; the progress filter then runs on the decoded rows every pass
-    ds = build_dataset(data_cfg, "train", training=True, columns=columns, seed=cfg.seed, run_name=run_name,
-                       row_counts=row_counts, epoch=0)  # crops drawn once, seeded: the same in every run
-    return ds.materialize().map_batches(progress.skip_consumed, batch_size=None, batch_format="numpy", num_cpus=0.1,
-                                        fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": False})
-
-
-def val_tracker(run_name: str) -> str:
-    """The bad-clip tracker of a run's validation passes (apart from the training clips')."""
-    return f"{run_name}-val"
-
-
-def validation_dataset(cfg: RunSpec, workload, run_name: str) -> dict:
-    """``{"val": the dev split}`` for validation during training (every ``eval.every_steps`` steps
-    and at the end, on the workers), or {} when no source has a val split or the workload has no
-    evaluation."""
-    if not hasattr(workload, "evaluate"):
-        return {}
-    ds = build_eval_dataset(cfg, workload.COLUMNS, "val", val_tracker(run_name))
-    if ds is None:
-        log.warning("no data source has a val split: no validation during training")
-        return {}
-    return {"val": ds}
-
-
 def _final_bad_clips(run_name: str) -> dict[str, Any]:
     """The run's bad-clip counts as its tracker holds them at the end ({} when there is none)."""
     try:
         return quality.get_bad_clip_stats(run_name) or {}
     except Exception:
         return {}
-
-
-def _ray_job_id() -> str | None:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_job_id()
-    except Exception:
-        return None
-
-
-def _cluster_resource(name: str) -> float:
-    import ray
-
-    return float(ray.cluster_resources().get(name, 0))

@@ -4,7 +4,7 @@ The checkpoint is an exported model, a DeepSpeed checkpoint URI, or ``mlflow:<ru
 training run.  On a pre-trained checkpoint with no fine-tuning this is the zero-shot evaluation.
 The model runs on the run's Ray Train workers (``train.num_workers`` x ``train.use_gpu``,
 ``train.cpus_per_worker`` / ``gpus_per_worker``), each evaluating a shard of the split
-(:mod:`orchestrator.eval_workers`); this process only builds the dataset plan and collects the
+(:mod:`orchestrator.evaluation.shard`); this process only builds the dataset plan and collects the
 metrics.  The metrics (with ``items``, ``bad_items``, ``item_coverage``: how many items they cover)
 and a table of predictions go to an MLflow run that records the evaluated run as its source
 (lineage tags).
@@ -18,21 +18,19 @@ import os
 import time
 from typing import Any
 
-from orchestrator import storage
 from orchestrator.config import ConfigError, RunSpec, check_inputs
-from orchestrator.console import train_logging_config
 from orchestrator.data import quality
-from orchestrator.eval_workers import (
-    EVAL_DATASET,
-    build_eval_dataset,
-    eval_loop_per_worker,
-    sharded_eval_data_config,
-)
+from orchestrator.data.streams import VAL
+from orchestrator.evaluation.data import build_eval_dataset
+from orchestrator.evaluation.plan import EvalPlan
+from orchestrator.evaluation.worker import eval_loop_per_worker
 from orchestrator.ray_env import ensure_ray
+from orchestrator.runtime.model_setup import driver_model_config
+from orchestrator.runtime.ray_train import build_trainer
 from orchestrator.tracking import mlflow_run
-from orchestrator.train.checkpoint import resolve_init_from
-from orchestrator.train.model_setup import load_run_tokenizer, model_config_for
-from workloads import get_workload
+from orchestrator.tracking.tags import evaluation_tags
+from orchestrator.train.weights import resolve_init_from
+from workloads.base import load_workload
 
 log = logging.getLogger(__name__)
 
@@ -45,22 +43,17 @@ class EvalOutcome:
     checkpoint_uri: str
 
 
-def run_evaluation(cfg: RunSpec, checkpoint: str, split: str = "val", track: bool = True) -> EvalOutcome:
+def run_evaluation(cfg: RunSpec, checkpoint: str, split: str = VAL, track: bool = True) -> EvalOutcome:
     """Evaluate ``checkpoint`` on ``split`` with an evaluation-only ``TorchTrainer`` on the run's
     workers; the metrics equal those of one worker for any ``train.num_workers``."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     check_inputs(cfg)  # data.root is there: one clear line otherwise, before anything starts
     tracking_uri = mlflow_run.resolve_tracking_uri(cfg.tracking.uri) if (track and cfg.tracking.enabled) else None
     try:
         uri, source_run = resolve_init_from(checkpoint, tracking_uri or mlflow_run.resolve_tracking_uri(cfg.tracking.uri))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    workload = get_workload(cfg.workload)
-    model_config = None
-    if getattr(workload, "USES_MODEL_CONFIG", True):
-        model_config = model_config_for(cfg, load_run_tokenizer(cfg))  # a config, no weights
+    workload = load_workload(cfg.workload)
+    model_config = driver_model_config(cfg, workload)  # a config, no weights
 
     ensure_ray()
     run_name = f"eval-{cfg.name or cfg.workload}"
@@ -70,21 +63,8 @@ def run_evaluation(cfg: RunSpec, checkpoint: str, split: str = "val", track: boo
     if ds is None:
         raise ConfigError(f"no data source has a {split!r} split to evaluate on (data.sources[].{split})")
 
-    t = cfg.train
-    resources = {"CPU": t.cpus_per_worker, **({"GPU": t.gpus_per_worker} if t.use_gpu else {})}
-    storage_path, storage_fs = storage.for_ray(storage.join(cfg.storage, cfg.experiment_name()))
-    trainer = TorchTrainer(
-        eval_loop_per_worker,
-        train_loop_config={"run": cfg.to_dict(), "checkpoint_uri": uri, "model_config": model_config,
-                           "tracker_name": tracker},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=tracker, storage_path=storage_path, storage_filesystem=storage_fs,
-                                       worker_runtime_env={} if t.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
-                                       logging_config=train_logging_config()),
-        datasets={EVAL_DATASET: ds},
-        dataset_config=sharded_eval_data_config(),
-    )
+    plan = EvalPlan(run=cfg, checkpoint_uri=uri, model_config=model_config, tracker_name=tracker)
+    trainer = build_trainer(eval_loop_per_worker, plan, tracker, {VAL: ds})
     try:
         result = trainer.fit()
     finally:
@@ -104,13 +84,7 @@ def run_evaluation(cfg: RunSpec, checkpoint: str, split: str = "val", track: boo
 
     run_id = None
     if tracking_uri:
-        tags = {"mplug2.workload": cfg.workload, "mplug2.evaluated_checkpoint": uri, "mplug2.split": split,
-                "mplug2.kind": "evaluation", "mplug2.git_commit": mlflow_run.git_commit(),
-                "mplug2.eval.num_workers": t.num_workers, "mplug2.eval.use_gpu": t.use_gpu}
-        if partial:
-            tags["mplug2.eval.partial"] = partial
-        if source_run:
-            tags["mplug2.source_run"] = source_run
+        tags = evaluation_tags(cfg.workload, uri, split, cfg.train.num_workers, cfg.train.use_gpu, partial, source_run)
         run_id = mlflow_run.open_run(tracking_uri, cfg.experiment_name(), f"{run_name}-{split}", cfg.to_dict(), tags,
                                      parent_run_id=cfg.tracking.parent_run_id)
         if predictions:
