@@ -1,7 +1,10 @@
 """DeepSpeed's JIT-built ops (on CPU: the shared-memory allreduce) in a worker: the build uses the
-locked environment's ninja, and a build lock left by a killed process does not hang the node."""
+locked environment's ninja, one process of a node builds at a time, and a build lock left by a
+killed process does not hang the node."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import logging
 import os
@@ -31,6 +34,43 @@ def use_locked_build_tools() -> str | None:
     return here
 
 
+def extensions_root() -> str:
+    """Where torch keeps JIT-built extensions (each op's build folder and its ``lock`` below it)."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions")
+
+
+@contextlib.contextmanager
+def node_build_lock():
+    """One process of this node at a time, across every process of this project that builds or
+    loads DeepSpeed's ops: an ``flock`` on a file beside torch's extensions, which the kernel
+    releases when its holder dies.  Inside it no live process of this project holds torch's own
+    build lock (a plain file that a killed builder leaves behind), so any such lock found is a dead
+    process's."""
+    root = extensions_root()
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".mplug2-build.flock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def load_cpu_comm_op():
+    """Build or load DeepSpeed's CPU shared-memory allreduce before ``deepspeed.init_distributed``
+    does, under :func:`node_build_lock`, after removing any torch build lock there (a killed
+    builder's: the next worker waited on it forever, which a fixed age could only bound; seen as a
+    9-minute hang of a job started while a killed worker's lock was younger than that age).
+    DeepSpeed keeps the loaded op per process, so its own load later takes no lock.  Returns the
+    op's module, or None where DeepSpeed has no such op for this machine."""
+    from deepspeed.comm.torch import build_shm_op
+
+    with node_build_lock():
+        clear_stale_extension_locks(max_age_s=0.0)
+        return build_shm_op()
+
+
 def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
     """Remove torch JIT-extension build locks left by a killed process.
 
@@ -39,8 +79,7 @@ def clear_stale_extension_locks(max_age_s: float = STALE_LOCK_S) -> list[str]:
     the file behind and every later worker on that node waits for it forever.  A lock older than
     any real build is stale: remove it, and say so.
     """
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch_extensions")
+    root = extensions_root()
     removed = []
     for lock in glob.glob(os.path.join(root, "**", "lock"), recursive=True):
         try:

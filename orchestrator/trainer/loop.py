@@ -34,7 +34,7 @@ from orchestrator.runtime.ray_train import plan_from
 from orchestrator.tracking.redact import redact_exception
 from orchestrator.train.checkpoint import Checkpointer, PreemptionCheckpointer
 from orchestrator.train.deepspeed_config import build_deepspeed_config
-from orchestrator.train.extensions import clear_stale_extension_locks, use_locked_build_tools
+from orchestrator.train.extensions import load_cpu_comm_op, use_locked_build_tools
 from orchestrator.train.failures import SetupPhase
 from orchestrator.train.journal import StepJournal
 from orchestrator.train.metrics import LossWindow, MetricDelivery, StepTimer
@@ -168,7 +168,7 @@ def _build_engine(module: torch.nn.Module, plan: WorkerPlan, world: int):
     optimizer, scheduler = build_optimizer(module, tcfg)
     use_locked_build_tools()
     if not tcfg.use_gpu:
-        clear_stale_extension_locks()
+        load_cpu_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if tcfg.use_gpu else "gloo", dist_init_required=False)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(tcfg, world, plan.deepspeed_user),

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from orchestrator.data.mix import TextMix
-from orchestrator.train.extensions import clear_stale_extension_locks
+from orchestrator.train.extensions import clear_stale_extension_locks, node_build_lock
 
 
 def test_stale_extension_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
@@ -19,6 +19,35 @@ def test_stale_extension_lock_is_removed_fresh_one_kept(tmp_path, monkeypatch):
     os.utime(stale, (old, old))
     assert clear_stale_extension_locks(max_age_s=600) == [str(stale)]
     assert not stale.exists() and fresh.exists()  # a build in progress elsewhere keeps its lock
+
+
+def test_the_node_build_lock_is_released_when_its_holder_dies(tmp_path, monkeypatch):
+    """A killed builder leaves torch's lock file behind but never the node's build lock: the next
+    process gets it at once, and inside it removes the dead builder's torch lock (it waited forever)."""
+    import subprocess
+    import sys
+
+    from orchestrator.train.extensions import load_cpu_comm_op
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom orchestrator.train.extensions import node_build_lock\n"
+         "with node_build_lock():\n    print('held', flush=True)\n    time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)})
+    assert holder.stdout.readline().strip() == "held"
+    dead = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    dead.parent.mkdir(parents=True)
+    dead.write_text("")                                   # the torch lock a killed builder left, just now
+    holder.kill()
+    holder.wait()
+    t0 = time.monotonic()
+    with node_build_lock():
+        assert time.monotonic() - t0 < 5                  # the dead holder's flock went with it
+    import importlib
+
+    ds_comm = importlib.import_module("deepspeed.comm.torch")  # the package's `torch` attribute is torch itself
+    monkeypatch.setattr(ds_comm, "build_shm_op", lambda: "op")  # the build itself is not under test
+    assert load_cpu_comm_op() == "op" and not dead.exists()
 
 
 def test_text_mix_is_the_same_on_every_rank_and_follows_the_weight():

@@ -48,9 +48,10 @@ def _worker(rank: int, port: int, out: str, precision: str, zero_stage: int) -> 
                        "RANK": str(rank), "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(WORLD)})
     torch.set_num_threads(1)
-    from orchestrator.train.extensions import use_locked_build_tools
+    from orchestrator.train.extensions import load_cpu_comm_op, use_locked_build_tools
 
-    use_locked_build_tools()  # DeepSpeed's CPU op built with the ninja the train loop's workers use
+    use_locked_build_tools()  # DeepSpeed's CPU op built with the ninja the train loop's workers use,
+    load_cpu_comm_op()        # under the node's build lock, as they build it
     import deepspeed
     import torch.distributed as dist
 
