@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import workloads
@@ -62,11 +63,13 @@ def _retrieval_metrics(outcome) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     data = os.path.join(out, "synth")
+    t0 = time.time()
     tracking = f"sqlite:///{os.path.join(out, 'mlflow.db')}"
     if storage.exists(os.path.join(data, "manifest.json")):
         print(f"demo: dataset already at {data}")
     else:
         generate(data, n=args.n, seed=0, spec=SPEC, val_fraction=args.val / args.n, workers=2)
+    t_data = time.time()
     # data.deterministic: each worker gets the same clips in the same order every run, so (with the
     # seeded init, crops, shuffle and a tokenizer built from the texts alone) a fresh demo repeats its figures
     common = [f"data.root={data}", f"storage={os.path.join(out, 'store')}", f"tracking.uri={tracking}",
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         pre_over.append(f"train.max_steps={args.pretrain_steps}")
     pre = run_training(load_config(_configs_dir() / "pretrain_tiny.yaml", pre_over))
     zero = _retrieval_metrics(pre)
+    t_pre = time.time()
 
     print("demo: fine-tuning retrieval from the pre-trained model, then its retrieval on the held-out clips ...")
     ret_over = common + [f"name={args.tag}-retrieval"]
@@ -86,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         ret_over.append(f"train.max_steps={args.finetune_steps}")
     ft = run_training(load_config(_configs_dir() / "retrieval_tiny.yaml", ret_over), init_from=f"mlflow:{pre.mlflow_run_id}")
     fine = _retrieval_metrics(ft)
+    t_ft = time.time()
+    minutes = {"data": (t_data - t0) / 60, "pretrain": (t_pre - t_data) / 60, "finetune": (t_ft - t_pre) / 60,
+               "total": (t_ft - t0) / 60}
 
     n_val = json.loads(storage.read_text(os.path.join(data, "manifest.json")))["val"]
     lv = levels(n_val)
@@ -94,10 +101,13 @@ def run(args: argparse.Namespace) -> int:
     for key, c in ROWS:
         print(f"{key:<10}{lv['chance'][c]:>9.1f}{lv['order_blind'][c]:>13.1f}{zero[key]:>11.1f}{fine[key]:>12.1f}")
     print("(order-blind: what a model that sees colour and shape but not the frames' order reaches; ceiling 100)")
-    print(f"\npre-train run:  {pre.mlflow_run_id}  ({pre.run_dir})")
+    print(f"\ndemo: {minutes['total']:.1f} min (clips {minutes['data']:.1f}, pre-train {minutes['pretrain']:.1f}, "
+          f"fine-tune {minutes['finetune']:.1f}; each training run's own validation included)")
+    print(f"pre-train run:  {pre.mlflow_run_id}  ({pre.run_dir})")
     print(f"fine-tune run:  {ft.mlflow_run_id}  ({ft.run_dir})")
     print(f"MLflow UI:      .venv/bin/mlflow ui --backend-store-uri {tracking} --port 5000   # then open http://127.0.0.1:5000")
     summary = {"chance": lv["chance"], "order_blind": lv["order_blind"], "zero_shot": zero, "fine_tuned": fine,
-               "pretrain_run": pre.mlflow_run_id, "finetune_run": ft.mlflow_run_id}
+               "pretrain_run": pre.mlflow_run_id, "finetune_run": ft.mlflow_run_id,
+               "pretrain_steps": pre.metrics.get("step"), "finetune_steps": ft.metrics.get("step"), "minutes": minutes}
     storage.write_text(os.path.join(out, "demo_results.json"), json.dumps(summary, indent=2))
     return 0

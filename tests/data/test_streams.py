@@ -131,7 +131,9 @@ def test_images_in_a_mixed_run_stay_one_frame(ray_local, fixture_root, tiny_hf, 
                         lambda m, c, cm, pid, pm, *a: prompts.append(pid[0].tolist()) or torch.zeros(()))
     monkeypatch.setattr(pretrain.objectives, "contrastive_loss", lambda *a, **k: type(
         "C", (), {"loss": torch.zeros(()), "sim_i2t": None, "sim_t2i": None})())
-    monkeypatch.setattr(pretrain.objectives, "matching_loss", lambda *a, **k: torch.zeros(()))
+    monkeypatch.setattr(pretrain.objectives, "matching_outputs", lambda *a, **k: pretrain.objectives.MatchingOutput(
+        torch.zeros(()), torch.zeros(())))
+    monkeypatch.setattr(pretrain.common, "diagnostics", lambda *a, **k: {})  # the prompts are under test, not these
     monkeypatch.setattr(pretrain.objectives, "mlm_loss", lambda *a, **k: torch.zeros(()))
 
     class Tok:
