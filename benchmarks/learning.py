@@ -30,13 +30,10 @@ import json
 import os
 import statistics
 import sys
-import threading
-import time
-
-import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, when run as a script
 
+from benchmarks.run_fixed_cost import Sampler
 from orchestrator import storage
 from orchestrator.commands.demo import SPEC, _configs_dir
 from orchestrator.config import load_config
@@ -45,34 +42,6 @@ from orchestrator.devtools.synth import COLORS, DIRECTIONS, generate
 from orchestrator.trainer.driver import run_training
 
 STAGES = ("pretrain", "retrieval", "videoqa", "captioning", "classification", "glue")
-
-
-class CpuMeter:
-    """CPU seconds (user + system) of this process and all its descendants, sampled in a thread;
-    a process's time is kept after it ends (its last sample)."""
-
-    def __init__(self, every: float = 0.5) -> None:
-        self.every, self.seen = every, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _sample(self) -> None:
-        me = psutil.Process()
-        for p in [me, *me.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                self.seen[(p.pid, p.create_time())] = t.user + t.system
-            except psutil.Error:
-                continue
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            self._sample()
-
-    def total(self) -> float:
-        self._sample()
-        return sum(self.seen.values())
 
 
 def _val_questions(data: str) -> list[dict]:
@@ -105,7 +74,8 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.demo or args.out)
     data = os.path.join(out, "synth")
     demo = json.loads(storage.read_text(os.path.join(out, "demo_results.json"))) if args.demo else None
-    meter = CpuMeter()
+    meter = Sampler(every=0.5)  # CPU of this process and every process it starts (Ray's included)
+    meter.start()
     if not storage.exists(os.path.join(data, "manifest.json")):
         generate(data, n=3120, seed=0, spec=SPEC, val_fraction=48 / 3120, workers=2)
     n_val = json.loads(storage.read_text(os.path.join(data, "manifest.json")))["val"]
@@ -119,19 +89,20 @@ def main(argv=None) -> int:
 
     def train(stage: str, config: str, name: str, over=(), init_from=None) -> dict:
         cfg = load_config(_configs_dir() / config, common + [f"name={name}", *over, *extra.get(stage, [])])
-        c0, t0 = meter.total(), time.time()
+        stage_meter = Sampler(every=0.5)
+        stage_meter.start()
         outcome = run_training(cfg, init_from=init_from)
+        wall, cpu = stage_meter.stop()
         figures = {k.removeprefix("eval/"): float(v) for k, v in outcome.metrics.items() if k.startswith("eval/")}
-        return {"figures": figures, "steps": cfg.train.max_steps, "cpu_min": (meter.total() - c0) / 60,
-                "wall_min": (time.time() - t0) / 60, "run": outcome.mlflow_run_id}
+        return {"figures": figures, "steps": cfg.train.max_steps, "cpu_min": sum(cpu.values()) / 60,
+                "wall_min": wall / 60, "run": outcome.mlflow_run_id}
 
     runs: dict[str, dict] = {}
     pre_id = None
     if demo:  # the demo's runs: its figures and its wall-clock minutes (its CPU time was not sampled)
-        for stage, key, steps, minutes in (("pretrain", "zero_shot", "pretrain_steps", "pretrain"),
-                                           ("retrieval", "fine_tuned", "finetune_steps", "finetune")):
-            runs[stage] = {"figures": demo[key], "steps": demo[steps], "cpu_min": None,
-                           "wall_min": demo["minutes"][minutes], "run": demo[f"{stage.replace('retrieval', 'finetune')}_run"]}
+        for stage, key, phase in (("pretrain", "zero_shot", "pretrain"), ("retrieval", "fine_tuned", "finetune")):
+            runs[stage] = {"figures": demo[key], "steps": demo[f"{phase}_steps"], "cpu_min": None,
+                           "wall_min": demo["minutes"][phase], "run": demo[f"{phase}_run"]}
         pre_id = f"mlflow:{demo['pretrain_run']}"
     elif "pretrain" in args.only or any(s in args.only for s in ("retrieval", "videoqa", "captioning")):
         runs["pretrain"] = train("pretrain", "pretrain_tiny.yaml", "learn-pretrain")
@@ -191,7 +162,7 @@ def main(argv=None) -> int:
         cpu = "(demo)" if r["cpu_min"] is None else f"{r['cpu_min']:.1f}"
         print(f"| {r['stage']} | {r['metric']} | {r['chance']:.1f} | {blind} | {r['ceiling']:.0f} | {r['result']} | "
               f"{r['steps']} | {cpu} | {r['wall_min']:.1f} |")
-    print(json.dumps({"rows": rows, "runs": runs, "cpu_min_total": meter.total() / 60}))
+    print(json.dumps({"rows": rows, "runs": runs, "cpu_min_total": sum(meter.stop()[1].values()) / 60}))
     return 0
 
 

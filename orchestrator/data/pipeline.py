@@ -256,14 +256,21 @@ def _stream_dataset(data_cfg: DataConfig, seed: int, columns: tuple[str, ...], r
         decode_cfg = data_cfg.model_copy(update={"num_frames": data_cfg.cache_frames, "sampling": "uniform"})
     ds = build_dataset(decode_cfg, TRAIN, training=True, columns=columns, seed=seed, run_name=run_name,
                        row_counts=row_counts, epoch=0)  # crops drawn once, seeded: the same in every run
-    ds = ds.materialize().map_batches(progress.skip_consumed, batch_size=CACHED_FILTER_ROWS, batch_format="numpy",
-                                      num_cpus=0.1, compute=ray.data.TaskPoolStrategy(size=2),
-                                      fn_kwargs={"run_name": run_name, "stream": stream, "stamp_epoch": redraw})
-    if not redraw:
-        return ds
-    return ds.map_batches(redraw_frames, batch_size=CACHED_FILTER_ROWS, batch_format="numpy", num_cpus=0.1,
-                          compute=ray.data.TaskPoolStrategy(size=2),
-                          fn_kwargs={"num_frames": data_cfg.num_frames, "sampling": data_cfg.sampling, "seed": seed})
+    kwargs = {"run_name": run_name, "stream": stream}
+    if redraw:
+        kwargs.update(num_frames=data_cfg.num_frames, sampling=data_cfg.sampling, seed=seed)
+    return ds.materialize().map_batches(_skip_and_redraw if redraw else progress.skip_consumed,
+                                        batch_size=CACHED_FILTER_ROWS, batch_format="numpy", num_cpus=0.1,
+                                        compute=ray.data.TaskPoolStrategy(size=2),
+                                        fn_kwargs=kwargs if redraw else {**kwargs, "stamp_epoch": False})
+
+
+def _skip_and_redraw(batch: dict[str, np.ndarray], run_name: str, stream: str, num_frames: int, sampling: str,
+                     seed: int) -> dict[str, np.ndarray]:
+    """A cached pass with ``data.cache_frames``, in one task per block: the progress filter (which
+    stamps the pass) and then this pass's draw of ``num_frames`` of each clip's kept frames."""
+    return redraw_frames(progress.skip_consumed(batch, run_name, stream, stamp_epoch=True), num_frames, sampling,
+                         seed)
 
 
 def original_errors(ds):

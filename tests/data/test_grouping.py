@@ -93,3 +93,20 @@ def test_cached_clips_draw_their_frames_afresh_each_pass():
         RunSpec.model_validate({"data": {"cache_frames": 24}})
     with pytest.raises(ValueError, match="at least num_frames"):
         RunSpec.model_validate({"data": {"cache": True, "cache_frames": 2, "num_frames": 4}})
+
+
+def test_a_cached_pass_filters_and_draws_in_one_batch_function(monkeypatch):
+    """data.cache_frames: each pass's one task per block leaves out the rows already trained and
+    draws this pass's frames of the rest (the pass the progress registry says)."""
+    from orchestrator.data import pipeline, progress
+
+    frames = np.arange(4 * 24, dtype=np.uint8).reshape(4, 24, 1, 1, 1).repeat(2, 2).repeat(2, 3).repeat(3, 4)
+    batch = {"frames": frames, "sample_key": np.arange(4) + 10}
+    draws = {}
+    for epoch in (0, 1):
+        monkeypatch.setattr(progress, "_current", lambda run, stream, e=epoch: (e, np.array([11])))
+        out = pipeline._skip_and_redraw(dict(batch), "run", "train", num_frames=4, sampling="rand", seed=0)
+        assert out["sample_key"].tolist() == [10, 12, 13] and "epoch" not in out   # 11 was trained this pass
+        assert out["frames"].shape == (3, 4, 2, 2, 3)
+        draws[epoch] = out["frames"]
+    assert not np.array_equal(draws[0], draws[1])                                # each pass draws afresh
