@@ -34,7 +34,7 @@ from orchestrator.data.decode import DecodeSpec
 from orchestrator.data.formats import IMAGE_FORMATS, TEXT_FORMATS
 from orchestrator.data.grouping import GROUP_KEY
 from orchestrator.data.ids import HASHED, SAMPLE_KEY, stable_id
-from orchestrator.data.process import BatchProcessor, ProcessParams, process_batch, redraw_frames, to_dataset_row
+from orchestrator.data.process import ProcessParams, process_batch, redraw_frames, to_dataset_row
 from orchestrator.data.sources import is_sharded, split_files, wds
 from orchestrator.data.sources.base import ParseReport
 from orchestrator.data.streams import TRAIN, plan_streams
@@ -49,13 +49,19 @@ __all__ = ["BATCH_KEYS", "HASHED", "SAMPLE_KEY", "build_dataset", "build_stream_
 
 
 def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> list[dict]:
-    """One shard URI -> its rows with the media bytes inline (one GET per shard).
+    """One shard URI -> its rows with the media bytes inline: :func:`iter_shard` as a list."""
+    return list(iter_shard(item, fmt, max_member_bytes))
+
+
+def iter_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> Iterator[dict]:
+    """One shard URI -> its rows with the media bytes inline, as they are read (one GET per shard).
 
     Clip ids are made unique across the run's sources: a stored ``clip_index`` (shards written by
     ``orchestrator shard``) is hashed with the source it belongs to (``item["ns"]``), so captions of
     one clip still share an id; a sample without one (video2dataset / img2dataset) is its own clip,
     hashed from its media URI and segment.  ``sample_key`` is hashed from the shard and position.
-    Members over ``max_member_bytes`` and samples with unusable JSON become counted bad rows."""
+    Members over ``max_member_bytes`` and samples with unusable JSON become counted bad rows, after
+    the shard's good rows."""
     shard, ns = item["shard"], item.get("ns", "")
     report = ParseReport(shard)
     bad_rows: list[tuple[str, str, str]] = []  # (reason, where, message): one per sample left out
@@ -67,15 +73,15 @@ def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> 
         else:
             bad_rows.append((reason, msg, msg))
 
-    rows = []
-    samples = wds.read_shard_rows(fmt, shard, report, with_bytes=True, max_member_bytes=max_member_bytes, on_bad=on_bad)
+    samples = wds.iter_shard_rows(fmt, shard, report, with_bytes=True, max_member_bytes=max_member_bytes,
+                                  on_bad=on_bad)
     for i, r in enumerate(samples):
         local = r.get("clip_index")
         r["clip_index"] = (stable_id(ns, "clip", local) if local is not None
                            else stable_id(r.get("media_uri") or r.get("id"), r.get("start"), r.get("end")))
         row = to_dataset_row(r)
         row[SAMPLE_KEY] = stable_id(shard, i)
-        rows.append(row)
+        yield row
     if broke:  # the tar itself broke: every sample after the break is lost, each one counted
         lost = shard_remainder(shard, report.rows + len(bad_rows))
         bad_rows += [("truncated", shard if lost == 1 else f"{shard}#remainder-{j}", f"{broke[0]}#{j}")
@@ -83,8 +89,7 @@ def _expand_shard(item: dict, fmt: str, max_member_bytes: int | None = None) -> 
     for bad, where, msg in bad_rows:  # each reaches the bad-clip counts (and the job's bad fraction)
         row = to_dataset_row({"media_uri": where, "bad": bad, "modality": "video", "id": where})
         row[SAMPLE_KEY] = stable_id(shard, "bad", msg)
-        rows.append(row)
-    return rows
+        yield row
 
 
 def shard_remainder(shard: str, read: int) -> int:
@@ -108,8 +113,9 @@ def _shard_counts(folder: str) -> dict[str, int]:
 
 def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, training: bool, rng: random.Random,
                     seed: int):
-    """``(dataset, rows parsed or None)`` of one source: webdataset shards expanded by Ray tasks, or
-    annotation files parsed and streamed by Ray tasks (:mod:`orchestrator.data.annotations`)."""
+    """``(dataset, rows parsed or None, input rows per decode task)`` of one source: its webdataset
+    shard URIs (read by the decode tasks), or annotation files parsed and streamed by Ray tasks
+    (:mod:`orchestrator.data.annotations`)."""
     import ray
 
     if is_sharded(src.format):
@@ -119,10 +125,10 @@ def _source_dataset(src: SourceConfig, data_cfg: DataConfig, split: str, trainin
         if training:
             rng.shuffle(shards)
         ns = f"{src.format}|{'|'.join(sorted(files))}"
+        # the shard URIs only: each decode task reads its shards itself (DecodeStage)
         ds = ray.data.from_items([{"shard": s, "ns": ns} for s in shards], override_num_blocks=max(1, len(shards)))
-        ds = ds.flat_map(_expand_shard, fn_kwargs={"fmt": src.format, "max_member_bytes": data_cfg.max_object_bytes})
-        return (ds.limit(data_cfg.limit) if data_cfg.limit else ds), None
-    return annotation_dataset(src, data_cfg, split, training, seed, rng)
+        return ds, None, shards_per_task(shards, data_cfg.decode_batch_size)
+    return (*annotation_dataset(src, data_cfg, split, training, seed, rng), data_cfg.decode_batch_size)
 
 
 def _short_side(data_cfg: DataConfig, training: bool) -> int:
@@ -185,38 +191,127 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
 
         load_tokenizer(params.tokenizer)
     quality.get_tracker(run_name)  # the named actor exists before any decode task runs
+    if progress_stream is not None:
+        progress.get_registry(run_name)  # the named actor exists (owned by the driver) before any task
     rng = random.Random(seed)
     parts = []
     for src in data_cfg.sources:
-        part, parsed = _source_dataset(src, data_cfg, split, training, rng, seed)
-        parts.append(part)
+        part, parsed, per_task = _source_dataset(src, data_cfg, split, training, rng, seed)
+        parts.append((part, src.format if is_sharded(src.format) else None, per_task))
         if row_counts is not None and parsed is not None:  # rows parsed (before weights); shards: unknown
             row_counts[(src.format, split)] = row_counts.get((src.format, split), 0) + parsed
-    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     # Training order: files and shards in a seeded order, rows shuffled in windows as they are read
     # (annotations.SHUFFLE_WINDOW), then each worker's local shuffle buffer (data.shuffle_buffer).  No
     # randomize_block_order: it is an all-to-all step that holds every block before the first batch.
-    if progress_stream is not None:
+    decoded = []
+    for part, shard_format, per_task in parts:
+        stage = DecodeStage(params, data_cfg.decode_batch_size, shard_format, data_cfg.max_object_bytes,
+                            progress_stream)
+        out = _decode(_settings(part, data_cfg), stage, data_cfg, per_task, len(parts))
+        decoded.append(out.limit(data_cfg.limit) if shard_format and data_cfg.limit else out)
+    return _settings(decoded[0].union(*decoded[1:]) if len(decoded) > 1 else decoded[0], data_cfg)
 
-        progress.get_registry(run_name)  # the named actor exists (owned by the driver) before any task
-        ds = ds.map_batches(progress.skip_consumed, fn_kwargs={"run_name": run_name, "stream": progress_stream},
-                            batch_size=None, batch_format="numpy", num_cpus=0.1)
+
+def _settings(ds, data_cfg: DataConfig):
     if data_cfg.deterministic:  # decoded rows leave in input order, also when cached by materialize()
         ds.context.execution_options.preserve_order = True
-    original_errors(ds)
+    return original_errors(ds)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeStage:
+    """What one decode task does with its input: a source's rows (or its shard URIs, read here)
+    become decoded contract rows in one task, with no task, process hop or object-store copy of the
+    media bytes between reading, the progress filter and decoding (three operators before: an
+    expand task per shard and a filter task per block, each one scheduled by the driver)."""
+    params: ProcessParams
+    rows_per_block: int  # data.decode_batch_size: rows decoded together and yielded as one block
+    shard_format: str | None = None  # the input rows are shard URIs of this format: streamed here
+    max_member_bytes: int | None = None  # data.max_object_bytes: a larger shard member is a bad row
+    progress_stream: str | None = None  # the train loop's stream: rows already trained this pass dropped
+
+
+def decode_stage(batch: dict[str, np.ndarray], stage: DecodeStage) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch function (a generator: one block per ``rows_per_block`` rows, as decoded)."""
+    out = None
+    for rows in _input_chunks(batch, stage):
+        if stage.progress_stream is not None:
+            rows = progress.skip_consumed(rows, stage.params.run_name, stage.progress_stream)
+        out = process_batch(rows, stage.params)
+        if len(next(iter(out.values()))):
+            yield out
+            out = None
+    if out is not None:  # nothing decoded at all: one empty block keeps the schema
+        yield out
+
+
+def _input_chunks(batch: dict[str, np.ndarray], stage: DecodeStage) -> Iterator[dict[str, np.ndarray]]:
+    if stage.shard_format is None:
+        yield batch
+        return
+    rows: list[dict] = []
+    for shard, ns in zip(batch["shard"], batch["ns"]):
+        for row in iter_shard({"shard": str(shard), "ns": str(ns)}, stage.shard_format, stage.max_member_bytes):
+            rows.append(row)
+            if len(rows) == stage.rows_per_block:
+                yield _columns(rows)
+                rows = []
+    if rows:
+        yield _columns(rows)
+
+
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+
+
+class DecodeActor:
+    """:func:`decode_stage` in a decode actor (``data.decode_actors``): the decoder libraries, the
+    tokenizer and the bad-clip tracker handle are loaded once per actor; the work is the same.
+    Ray Data starts the pool for each execution (each epoch), whereas tasks run in Ray's warm
+    worker processes, which keep these imports and caches between batches and epochs: on short
+    epochs the task path is faster (measured in benchmarks/data_throughput.py), so tasks stay the
+    default."""
+
+    def __init__(self, stage: DecodeStage):
+        self.stage = stage
+        if {"text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask"} & set(stage.params.columns):
+            load_tokenizer(stage.params.tokenizer)
+        quality.get_tracker(stage.params.run_name)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        yield from decode_stage(batch, self.stage)
+
+
+def _decode(ds, stage: DecodeStage, data_cfg: DataConfig, batch_size: int, n_parts: int):
+    """One source's decode operator, ``batch_size`` input rows per task (a sharded source's
+    :func:`shards_per_task`, an annotation source's ``data.decode_batch_size``).
+    ``data.decode_concurrency`` (and an actor pool's size) is shared among the run's ``n_parts``
+    sources."""
     kwargs: dict[str, Any] = {"num_cpus": data_cfg.decode_cpus}
     if data_cfg.decode_concurrency:
-        kwargs["concurrency"] = data_cfg.decode_concurrency
+        kwargs["concurrency"] = max(1, data_cfg.decode_concurrency // n_parts)
     if data_cfg.decode_actors:  # long-lived decode actors instead of a task (and a process warm-up) per batch
-        return ds.map_batches(BatchProcessor, fn_constructor_kwargs={"params": params},
-                              batch_size=data_cfg.decode_batch_size, batch_format="numpy",
-                              **_actor_pool(data_cfg, kwargs))
+        return ds.map_batches(DecodeActor, fn_constructor_kwargs={"stage": stage}, batch_size=batch_size,
+                              batch_format="numpy", **_actor_pool(data_cfg, kwargs, n_parts))
     if "concurrency" in kwargs:  # at most that many decode tasks at once (Ray 2.51+ spells it compute=)
         import ray.data
 
         kwargs["compute"] = ray.data.TaskPoolStrategy(size=kwargs.pop("concurrency"))
-    return ds.map_batches(process_batch, fn_kwargs={"params": params}, batch_size=data_cfg.decode_batch_size,
-                          batch_format="numpy", **kwargs)
+    return ds.map_batches(decode_stage, fn_kwargs={"stage": stage}, batch_size=batch_size, batch_format="numpy",
+                          **kwargs)
+
+
+def shards_per_task(shards: list[str], clips_per_task: int) -> int:
+    """Shards one decode task reads: about ``clips_per_task`` clips' worth, by the shard counts in
+    the ``index.json`` of the first shard's folder (``orchestrator shard`` writes one); 1 when no
+    index says (video2dataset / img2dataset shards hold thousands of clips each)."""
+    if not shards:
+        return 1
+    counts = list(_shard_counts(shards[0].rsplit("/", 1)[0]).values())
+    if not counts:
+        return 1
+    typical = sorted(counts)[len(counts) // 2]
+    return max(1, clips_per_task // max(1, int(typical)))
 
 
 def build_stream_datasets(data_cfg: DataConfig, seed: int, columns: tuple[str, ...], run_name: str,
@@ -283,16 +378,16 @@ def original_errors(ds):
     return ds
 
 
-def _actor_pool(data_cfg: DataConfig, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _actor_pool(data_cfg: DataConfig, kwargs: dict[str, Any], n_parts: int = 1) -> dict[str, Any]:
     """``decode_concurrency`` actors, or an autoscaling pool of 1 .. (cluster CPUs left beside the
-    annotation read tasks / decode_cpus).  A pool that would hold every CPU starves the read tasks
+    annotation read tasks / decode_cpus), shared among the run's ``n_parts`` sources.  A pool that would hold every CPU starves the read tasks
     that feed it, and the dataset never yields (seen with 1 CPU): refused instead."""
     import ray
 
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     room = cpus - READ_CPUS  # one annotation read task runs beside the pool
-    most = int(room // data_cfg.decode_cpus) if "concurrency" not in kwargs else kwargs["concurrency"]
-    if most < 1 or most * data_cfg.decode_cpus > room:
+    most = int(room // data_cfg.decode_cpus) // n_parts if "concurrency" not in kwargs else kwargs["concurrency"]
+    if most < 1 or most * n_parts * data_cfg.decode_cpus > room:
         raise ValueError(f"data.decode_actors: {most} actor(s) x data.decode_cpus={data_cfg.decode_cpus} leave no "
                          f"CPU of the cluster's {cpus:g} for the annotation read ({READ_CPUS} CPU), so the pool would "
                          "wait for its input forever; lower data.decode_cpus / data.decode_concurrency, add CPUs, or "

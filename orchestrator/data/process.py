@@ -188,25 +188,6 @@ def process_batch(batch: dict[str, np.ndarray], params: ProcessParams) -> dict[s
     return _assemble(batch, keep, frames, params)
 
 
-class BatchProcessor:
-    """``process_batch`` in a decode actor (``data.decode_actors``): the decoder libraries, the
-    tokenizer and the bad-clip tracker handle are loaded once per actor; the batch function itself
-    (bad clips counted, decode timeout) is the same.  Ray Data starts the pool for each execution
-    (each epoch), whereas tasks run in Ray's warm worker processes, which keep these imports and
-    caches between batches and epochs: on short epochs the task path is faster (measured in
-    benchmarks/data_throughput.py), so tasks stay the default."""
-
-    def __init__(self, params: ProcessParams):
-
-        self.params = params
-        if {"text_ids", "text_mask", "text_type_ids", "answer_ids", "answer_mask"} & set(params.columns):
-            load_tokenizer(params.tokenizer)
-        quality.get_tracker(params.run_name)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return process_batch(batch, self.params)
-
-
 def _assemble(batch: dict, keep: list[int], frames: list[np.ndarray], params: ProcessParams) -> dict[str, np.ndarray]:
     cols = params.columns
     out: dict[str, np.ndarray] = {}

@@ -206,7 +206,7 @@ def test_decode_actors_and_pyav_count_bad_clips_like_the_task_path(ray_local, tm
     name = run_name()
     ds = build_dataset(cfg, "val", False, ("frames", "text_ids"), run_name=name)
     if decode_actors:
-        assert "MapBatches(BatchProcessor)" in str(ds)
+        assert "MapBatches(DecodeActor)" in str(ds)
     batches = collect(ds)
     assert sum(len(b["frames"]) for b in batches) == 6
     for b in batches:  # the good clips (24 numbered frames): uniform 2 frames = the first and the last

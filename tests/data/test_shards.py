@@ -119,3 +119,49 @@ def test_a_truncated_shard_counts_every_sample_it_lost(synth_data, tmp_path):
             tar.addfile(info, io.BytesIO(body))
     rows = _expand_shard({"shard": str(bad_tar)}, "wds")
     assert len(rows) == 20 and [r["bad"] for r in rows].count("malformed") == 1
+
+
+def test_one_decode_task_reads_its_shards_filters_and_decodes_in_blocks(ray_local, synth_data, tmp_path):
+    """A sharded source's decode task (issue 32): its shards are streamed, the rows a resumed pass
+    already trained are dropped before decoding, the rest decoded in blocks of data.decode_batch_size
+    rows, and a truncated shard's lost samples counted, in one task (no expand or filter task)."""
+    import io
+    import tarfile
+    import uuid
+
+    from orchestrator.data import progress, quality
+    from orchestrator.data.pipeline import (DecodeStage, _shard_counts, build_dataset, decode_stage, iter_shard,
+                                            process_params, shards_per_task)
+    from orchestrator.data.sources import wds
+
+    out = tmp_path / "shards"
+    main(["shard", "--source", "msrvtt_qa", "--root", synth_data, "--annotations",
+          "annotations/msrvtt_qa_train.jsonl", "--out", str(out), "--shard-samples", "20"])
+    first = out / "shard-000000.tar"
+    data = first.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:  # cut inside the 8th sample's media: 7 good, 13 lost
+        m = [x for x in tar.getmembers() if x.name.startswith("000000007.")][0]
+    first.write_bytes(data[: m.offset_data + 10])
+    _shard_counts.cache_clear()
+    shards = wds.list_shards(str(out))
+    assert shards_per_task(shards, 40) == 2 and shards_per_task(shards, 8) == 1  # 20 clips per shard (index.json)
+    src = SourceConfig(format="wds", train=[str(out)], val=[str(out)])
+    cfg = DataConfig(root=synth_data, sources=[src], num_frames=2, image_size=16, tokenizer=f"{synth_data}/tokenizer",
+                     decode_batch_size=8, max_bad_fraction=1.0)
+    assert "FlatMap" not in str(build_dataset(cfg, "train", True, ("frames", "text_ids"), run_name="plan"))
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    consumed = [r["sample_key"] for r in iter_shard({"shard": shards[1], "ns": "n"}, "wds")][:5]
+    progress.publish(name, "train", 3, consumed)
+    params = process_params(cfg, True, ("frames", "text_ids", "sample_key"), 0, name)
+    stage = DecodeStage(params, 8, "wds", None, "train")
+    blocks = list(decode_stage({"shard": np.array(shards, dtype=object), "ns": np.array(["n"] * 3, dtype=object)},
+                               stage))
+    sizes = [len(b["frames"]) for b in blocks]
+    assert max(sizes) <= 8 and sum(sizes) == 7 + 15 + 17, sizes
+    keys = np.concatenate([b["sample_key"] for b in blocks])
+    assert not set(keys.tolist()) & set(consumed) and len(set(keys.tolist())) == 39
+    assert all(b["frames"].shape[1:] == (2, 16, 16, 3) for b in blocks)
+    stats = quality.get_bad_clip_stats(name)
+    assert stats["total_seen"] == 57 - 5 and stats["by_reason"] == {"truncated": 13}, stats
+    progress.release(name)

@@ -142,12 +142,18 @@ def sample_to_row(fmt: str, shard: str, key: str, sample: dict[str, bytes]) -> d
 
 def read_shard_rows(fmt: str, shard: str, report: ParseReport, with_bytes: bool = False,
                     max_member_bytes: int | None = None, on_bad=None) -> list[dict]:
-    """Every row of one shard (``media_bytes`` kept when ``with_bytes``); malformed samples are counted.
+    """Every row of one shard: :func:`iter_shard_rows` as a list."""
+    return list(iter_shard_rows(fmt, shard, report, with_bytes, max_member_bytes, on_bad))
+
+
+def iter_shard_rows(fmt: str, shard: str, report: ParseReport, with_bytes: bool = False,
+                    max_member_bytes: int | None = None, on_bad=None) -> Iterator[dict]:
+    """Each row of one shard as it is read (``media_bytes`` kept when ``with_bytes``); malformed
+    samples are counted.  Streamed: a shard of thousands of clips is never held whole.
 
     A sample whose media member is empty is bad (``empty``) here, once: its row would otherwise
     carry no bytes and send the decoder back to the shard.  ``on_bad(line, reason, message)`` hears
     of each sample left out (``line`` 0: the tar broke there, reason ``truncated``)."""
-    rows = []
 
     def bad(line: int, reason: str, why: str) -> None:
         report.bad(line, why)
@@ -167,11 +173,10 @@ def read_shard_rows(fmt: str, shard: str, report: ParseReport, with_bytes: bool 
                 continue
             if with_bytes:
                 row["media_bytes"] = sample[ext] if ext else b""
-            rows.append(row)
             report.rows += 1
+            yield row
     except ShardError as e:
         bad(0, "truncated", str(e))
-    return rows
 
 
 def read_member(uri: str, max_bytes: int | None = None) -> bytes:
