@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import zlib
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.grouping import group_batches
@@ -115,8 +115,15 @@ class TextMix(StreamMix):
 
 
 def epoch_batches(shard, mix: StreamMix | None, batch_size: int, data_cfg: DataConfig, run_name: str | None,
-                  seed: int, epoch: int, rank: int, step: int) -> Iterator[dict]:
+                  seed: int, epoch: int, rank: int, step: int, started: Iterable[dict] | None = None) -> Iterator[dict]:
     """One pass over the epoch's ``train`` shard on this rank, with the mixed-in streams
-    interleaved from optimizer step ``step`` on."""
-    batches = iter_train_batches(shard, batch_size, data_cfg, run_name, pass_seed(seed, TRAIN, epoch, rank))
+    interleaved from optimizer step ``step`` on; ``started``: that pass's train batches when they
+    were started ahead (:func:`train_pass`)."""
+    batches = started if started is not None else train_pass(shard, batch_size, data_cfg, run_name, seed, epoch, rank)
     return mix.interleave(batches, step) if mix is not None else batches
+
+
+def train_pass(shard, batch_size: int, data_cfg: DataConfig, run_name: str | None, seed: int, epoch: int,
+               rank: int) -> Iterator[dict]:
+    """The ``train`` stream's batches of one pass on this rank (without the mixed-in streams)."""
+    return iter_train_batches(shard, batch_size, data_cfg, run_name, pass_seed(seed, TRAIN, epoch, rank))

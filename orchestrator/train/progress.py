@@ -55,6 +55,12 @@ class EpochProgress:
             progress.publish(self.run_name, stream, epoch, self.gathered.get(stream, np.zeros(0, np.int64)))
         self._barrier()
 
+    def announce(self, stream: str, epoch: int) -> None:
+        """Rank 0, ahead of a fresh pass ``epoch`` (nothing to leave out): publish its state, so that
+        its decode tasks may start before :meth:`begin_pass` (which publishes the same again)."""
+        if self.rank == 0:
+            progress.publish(self.run_name, stream, epoch, np.zeros(0, np.int64))
+
     def end_pass(self, stream: str) -> None:
         self.passes[stream] = self.passes.get(stream, 0) + 1
         self.mine.pop(stream, None)

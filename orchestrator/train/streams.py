@@ -11,12 +11,17 @@ run's bad-clip counts as a worker sees them.
   epoch's end, ``data.max_bad_fraction`` checked at the run's end, and the counts a checkpoint
   carries (a checkpoint part) so a new driver's tracker starts from them.
 
-A pass is opened by :meth:`DataStreams.epoch`; a stream that outlives an epoch (kept open across
-passes) would sit behind the same surface.
+A pass is opened by :meth:`DataStreams.epoch`.  :class:`NextPass` starts the ``train`` stream's
+next pass while the current one's last batches train (``data.next_pass_batches``), so an epoch
+does not open with Ray Data's start-up.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
+import time
+from collections import deque
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -100,10 +105,11 @@ class DataStreams:
 
     def __init__(self, passes: Callable[..., Iterable[dict]], progress: EpochProgress, counts: BadClipCounts,
                  journal: StepJournal | None = None, resume_batches: int = 0, batch_size: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, next_pass: "NextPass | None" = None, rank: int = 0) -> None:
         self.passes, self.progress, self.counts, self.journal = passes, progress, counts, journal
-        self.batch_size, self.world = batch_size, world
+        self.batch_size, self.world, self.next_pass, self.rank = batch_size, world, next_pass, rank
         self.skip = ResumeSkip(0 if progress.has_keys(TRAIN) else resume_batches)
+        self.first_batch_s: float | None = None  # the wait for the current pass's first batch
 
     def epoch(self, epoch: int, step: int, timed: Callable[[Iterable[dict]], Iterable[dict]] = iter
               ) -> Iterator[tuple[str, dict]]:
@@ -112,8 +118,14 @@ class DataStreams:
         with nothing recorded to explain it, is an error."""
         self.progress.begin_pass(TRAIN, epoch)
         seen = self.skip.seen
-        batches = self.passes(epoch=epoch, step=step)
+        t0, self.first_batch_s = time.perf_counter(), None
+        if self.next_pass is None:
+            batches = self.passes(epoch=epoch, step=step)
+        else:  # this pass's train batches (started ahead when the last pass was read), holding back its last ones
+            batches = self.passes(epoch=epoch, step=step, started=self.next_pass.hold_back(epoch))
         for stream, batch in self.skip.filter(_tagged(timed(batches))):
+            if self.first_batch_s is None:
+                self.first_batch_s = time.perf_counter() - t0
             self._record(stream, batch)
             yield stream, batch
         if self.skip.seen == seen and not self.progress.has_keys(TRAIN):  # (a resumed pass may have nothing left)
@@ -126,9 +138,13 @@ class DataStreams:
             self.journal.step(step, epoch)
 
     def end_epoch(self) -> dict[str, float]:
-        """The pass is over: the next one starts afresh; rank 0's bad-clip counts as metrics."""
+        """The pass is over: the next one starts afresh; rank 0's bad-clip counts and the wait for
+        the pass's first batch (``data/first_batch_s``) as metrics."""
         self.progress.end_pass(TRAIN)
-        return self.counts.epoch_report()
+        out = self.counts.epoch_report()
+        if self.rank == 0 and self.first_batch_s is not None:
+            out["data/first_batch_s"] = self.first_batch_s
+        return out
 
     def _record(self, stream: str, batch: dict) -> None:
         if SAMPLE_KEY not in batch:
@@ -142,3 +158,60 @@ class DataStreams:
 def _tagged(batches: Iterable[dict]) -> Iterator[tuple[str, dict]]:
     for batch in batches:
         yield batch.pop(STREAM_KEY, TRAIN), batch
+
+
+class NextPass:
+    """The ``train`` stream's next pass, started while the current pass's last batches train.
+
+    :meth:`hold_back` yields a pass's batches ``hold`` behind its source: once the source (this
+    rank's shard of the pass) is read to its end, the next pass is announced (``announce(epoch)``:
+    rank 0 publishes its progress state, which the decode tasks read) and started in a thread
+    (``start(epoch)``, its first batch pulled), while the held-back batches train.  Ray Data starts
+    the next pass's execution once every rank has asked for it, i.e. after every rank read its
+    shard of this pass to the end.  ``wanted(epoch)`` says whether the run will train that pass at
+    all (the last pass of a run starts nothing).  A pass that was not started ahead (the first, a
+    resumed one) starts when it is asked for, as before."""
+
+    def __init__(self, start: Callable[[int], Iterable[dict]], announce: Callable[[int], None],
+                 wanted: Callable[[int], bool], hold: int) -> None:
+        self.start, self.announce, self.wanted, self.hold = start, announce, wanted, hold
+        self._ahead: dict = {}  # the pass started ahead: epoch, thread, its iterator, first batch, error
+
+    def hold_back(self, epoch: int) -> Iterator[dict]:
+        source = self._take(epoch)
+        if source is None:
+            source = iter(self.start(epoch))
+        held: deque = deque()
+        for batch in source:
+            held.append(batch)
+            if len(held) > self.hold:
+                yield held.popleft()
+        self._begin(epoch + 1)
+        while held:
+            yield held.popleft()
+
+    def _begin(self, epoch: int) -> None:
+        if not self.hold or not self.wanted(epoch):
+            return
+        self.announce(epoch)
+        ahead: dict = {"epoch": epoch}
+
+        def run() -> None:
+            try:
+                it = iter(self.start(epoch))
+                ahead["it"], ahead["first"] = it, next(it, None)
+            except BaseException as e:  # raised where the pass is taken
+                ahead["error"] = e
+
+        ahead["thread"] = threading.Thread(target=run, daemon=True, name=f"next-pass-{epoch}")
+        ahead["thread"].start()
+        self._ahead = ahead
+
+    def _take(self, epoch: int) -> Iterator[dict] | None:
+        ahead, self._ahead = self._ahead, {}
+        if ahead.get("epoch") != epoch:
+            return None
+        ahead["thread"].join()
+        if "error" in ahead:
+            raise ahead["error"]
+        return iter(()) if ahead["first"] is None else itertools.chain([ahead["first"]], ahead["it"])

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.data.mix import StreamMix, epoch_batches
+from orchestrator.data.mix import StreamMix, epoch_batches, train_pass
 from orchestrator.data.streams import TRAIN
 from orchestrator.evaluation.validator import Validator
 from orchestrator.runtime.model_setup import WorkerModel, load_weights_into, setup_model
@@ -42,7 +42,7 @@ from orchestrator.train.momentum_sync import MomentumSync
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.progress import EpochProgress
 from orchestrator.train.schedule import StepActions, StepSchedule
-from orchestrator.train.streams import BadClipCounts, DataStreams
+from orchestrator.train.streams import BadClipCounts, DataStreams, NextPass
 from orchestrator.trainer.plan import WorkerPlan
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ def setup(plan: WorkerPlan) -> "TrainLoop":
         metrics.log({"resumed_from_step": state.step}, state.step)
 
     streams = DataStreams(_passes(plan, progress, rank), progress, counts, StepJournal(rank),
-                          resume_batches=state.epoch_batches, batch_size=run.train.batch_size_per_worker, world=world)
+                          resume_batches=state.epoch_batches, batch_size=run.train.batch_size_per_worker, world=world,
+                          next_pass=_next_pass(plan, progress, state, rank), rank=rank)
     schedule = StepSchedule.from_config(run.train, run.eval.every_steps if plan.validate else None)
     step = TrainStep(engine, model, momentum, world, run.train.steps_per_epoch)
     return TrainLoop(plan, step, schedule, streams, checkpointer, metrics, validator=validator, state=state)
@@ -151,6 +152,22 @@ def _passes(plan: WorkerPlan, progress: EpochProgress, rank: int):
                         batch_size, run.data, run.seed, progress=progress, rank=rank, run_name=plan.run_name)
     return functools.partial(epoch_batches, ray.train.get_dataset_shard(TRAIN), mix, batch_size, run.data,
                              plan.run_name, run.seed, rank=rank)
+
+
+def _next_pass(plan: WorkerPlan, progress: EpochProgress, state: "TrainState", rank: int) -> NextPass | None:
+    """The train stream's next pass started while the last batches of a pass train
+    (``data.next_pass_batches``; None when 0)."""
+    import ray.train
+
+    run = plan.run
+    hold = run.data.next_pass_batches
+    if not hold:
+        return None
+    steps_held = -(-hold // run.train.grad_accum_steps)
+    return NextPass(functools.partial(train_pass, ray.train.get_dataset_shard(TRAIN), run.train.batch_size_per_worker,
+                                      run.data, plan.run_name, run.seed, rank=rank),
+                    functools.partial(progress.announce, TRAIN),
+                    lambda epoch: state.step + steps_held < run.train.max_steps, hold)
 
 
 def _init_weights(model: WorkerModel, plan: WorkerPlan, rank: int) -> None:
