@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -114,6 +115,36 @@ def _decode_bytes(data: bytes, num_frames: int, rng: np.random.Generator) -> np.
     vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
     idx = sampling.sample_indices("rand", 0, len(vr), num_frames, rng)
     return augment.train_transform(vr.get_batch(idx).asnumpy(), SIZE, 0.5, True, rng)
+
+
+def bare_cpu_ms_per_clip(datas: list[bytes], num_frames: int, repeats: int, procs: int) -> dict:
+    """The bare loop's CPU per clip with ``procs`` processes decoding side by side (each its share of
+    the clips, one thread each): on ``procs`` busy cores a clip costs what it costs there, which is
+    the like-for-like baseline of a Ray run on that many CPUs.  Also the clips per second."""
+    import multiprocessing as mp
+
+    parts = [datas[i::procs] for i in range(procs)]
+    ctx = mp.get_context("fork")
+    with ctx.Pool(procs) as pool:
+        t0 = time.perf_counter()
+        cpu = sum(pool.starmap(_bare_cpu_part, [(p, num_frames, repeats) for p in parts]))
+        wall = time.perf_counter() - t0
+    n = repeats * len(datas)
+    return {"cpu_ms_per_clip": round(cpu / n * 1e3, 2), "clips_per_s": round(n / wall, 2), "procs": procs}
+
+
+def _bare_cpu_part(datas: list[bytes], num_frames: int, repeats: int) -> float:
+    import torch
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng()
+    for d in datas[:1]:
+        _decode_bytes(d, num_frames, rng)
+    c0 = time.process_time()
+    for _ in range(repeats):
+        for d in datas:
+            _decode_bytes(d, num_frames, rng)
+    return time.process_time() - c0
 
 
 def bench_bare_bytes(datas: list[bytes], num_frames: int, repeats: int) -> float:
@@ -257,7 +288,9 @@ stats = ds.stats()
 keep = [ln.strip() for ln in stats.splitlines() if ln.startswith("Operator") or "Remote wall time" in ln
         or "Remote cpu time" in ln or ln.strip().startswith(("* Total time", "* In ray.wait", "* In batch",
                                                               "* In collate", "* In format", "* In user code"))]
-print("RESULT", json.dumps({{**_pass_figures(passes), "wall_s": wall,
+clips = sum(p[0] for p in passes)
+print("RESULT", json.dumps({{**_pass_figures(passes), "wall_s": wall, "clips": clips,
+                             "per_pass_first_batch_s": [round(p[3], 3) for p in passes],
                              "cpu_core_s": {{k: round(v, 2) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])}},
                              "machine_core_s": {{k: round(v, 2) for k, v in machine.items()}}, "stats": keep}}))
 """
@@ -269,6 +302,7 @@ print("RESULT", json.dumps({{**_pass_figures(passes), "wall_s": wall,
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             r = json.loads(line[7:])
+            r.update(cpu_per_clip(r, cpus))
             RAY_DETAIL[f"{num_frames}/{cpus}/{'actors' if actors else 'tasks'}/{'shards' if shards else 'clips'}"] = {
                 k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
             print("\n  ".join(["Ray Data stats (last pass):"] + r["stats"]), flush=True)
@@ -279,6 +313,28 @@ print("RESULT", json.dumps({{**_pass_figures(passes), "wall_s": wall,
         print(f"  not measured: {(out.stderr + out.stdout).split('ValueError: ')[-1].splitlines()[0][:300]}")
         return None
     raise RuntimeError(f"ray benchmark failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def cpu_per_clip(r: dict, cpus: int) -> dict:
+    """From one Ray run's result: CPU ms per clip (its processes together, and by kind), and how
+    many decode tasks ran at once (their summed wall time over the decode operator's wall time, Ray
+    Data's stats of the last pass)."""
+    n = max(1, r["clips"])
+    by_kind = {k: round(v / n * 1e3, 2) for k, v in r["cpu_core_s"].items()}
+    out = {"cpu_ms_per_clip": round(sum(r["cpu_core_s"].values()) / n * 1e3, 2), "cpu_ms_per_clip_by_process": by_kind,
+           "machine_busy_ms_per_clip": round(r["machine_core_s"]["busy_core_s"] / n * 1e3, 2)}
+    lines, op = r["stats"], None
+    for i, ln in enumerate(lines):
+        if ln.startswith("Operator") and ("decode" in ln.lower() or "process_batch" in ln):
+            op = i
+    if op is not None:
+        m = re.search(r"produced in ([0-9.]+)s", lines[op])
+        total = next((ln for ln in lines[op + 1:op + 3] if "Remote wall time" in ln), "")
+        t = re.search(r"([0-9.]+)(ms|s) total", total)
+        if m and t and float(m.group(1)) > 0:
+            summed = float(t.group(1)) / (1e3 if t.group(2) == "ms" else 1)
+            out["decode_tasks_at_once"] = round(summed / float(m.group(1)), 2)
+    return out
 
 
 def profile_process_batch(workdir: Path, num_frames: int, top: int = 12) -> list[str]:
@@ -370,6 +426,33 @@ print("RESULT", json.dumps({{"peak_rss_mb": round(peak / 1024, 1), "rss_before_d
     return out
 
 
+def transcoded_only(args, workdir: Path, shards: str, datas: list[bytes]) -> int:
+    """The Ray path on transcoded shards against the bare loop, CPU per clip at each CPU count."""
+    res: dict = {"clips": len(datas), "load_avg_start": os.getloadavg()[0], "decode_batch": args.decode_batch,
+                 "decode_cpus": args.decode_cpus, "frames": {}}
+    for t in args.frames:
+        out = res["frames"][str(t)] = {}
+        for c in args.cpus:
+            bare = bare_cpu_ms_per_clip(datas, t, args.repeats, c)
+            clips_s = bench_ray(workdir, t, c, args.repeats, shards=shards, decode_batch=args.decode_batch,
+                                decode_cpus=args.decode_cpus)
+            ray = RAY_DETAIL[f"{t}/{c}/tasks/shards"]
+            out[str(c)] = {"bare": bare, "ray_clips_per_s": clips_s,
+                           "ray": {k: ray.get(k) for k in ("cpu_ms_per_clip", "cpu_ms_per_clip_by_process",
+                                                           "machine_busy_ms_per_clip", "decode_tasks_at_once",
+                                                           "steady_clips_per_s", "per_pass_first_batch_s")},
+                           "ray_cpu_over_bare": round(ray["cpu_ms_per_clip"] / bare["cpu_ms_per_clip"], 3),
+                           "ray_over_bare_clips_per_s": round(clips_s / bare["clips_per_s"], 3)}
+            print(f"T={t} {c} CPU(s): bare loop x{c} {bare['cpu_ms_per_clip']} ms/clip ({bare['clips_per_s']} clips/s); "
+                  f"Ray path {ray['cpu_ms_per_clip']} ms/clip ({out[str(c)]['ray_cpu_over_bare']}x, target <= 1.3x) "
+                  f"{ray['cpu_ms_per_clip_by_process']}, {clips_s} clips/s, decode tasks at once "
+                  f"{ray.get('decode_tasks_at_once')} of {c}, first batch per pass {ray['per_pass_first_batch_s']} s",
+                  flush=True)
+    res["load_avg_end"] = os.getloadavg()[0]
+    print(json.dumps(res))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clips", type=int, default=32)
@@ -382,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-batch", type=int, default=8,
                     help="clips per Ray Data decode task (data.decode_batch_size; default 8, the config's default)")
     ap.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs per Ray Data decode task (data.decode_cpus)")
+    ap.add_argument("--transcoded-only", action="store_true",
+                    help="only the transcoded shards: CPU per clip of the Ray path against the bare loop with as "
+                         "many processes as CPUs, decode tasks at once, each pass's first batch")
     ap.add_argument("--skip-8k", action="store_true", help="skip the 8K peak-memory figure")
     ap.add_argument("--only-8k", action="store_true", help="only the 8K peak-memory figure")
     args = ap.parse_args(argv)
@@ -399,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     tc_per_clip = tc_report["transcode_s"] / max(1, tc_report["transcoded"])
     print(f"transcoded {tc_report['transcoded']} clips into {len(tc_report['shards'])} shards in "
           f"{time.perf_counter() - t1:.1f}s ({tc_per_clip:.2f} s/clip on one core)", flush=True)
+    if args.transcoded_only:
+        return transcoded_only(args, workdir, shards, tc_datas)
     orig_datas = [Path(p).read_bytes() for p in paths]
     res: dict = {"clips": len(paths), "video": f"{WIDTH}x{HEIGHT} {SECONDS:.0f}s {FPS}fps gop {GOP}",
                  "crop": SIZE, "decode_batch": args.decode_batch,
