@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
@@ -119,18 +120,28 @@ def data_wait_floor(cores: int, train_wall_s: float, train_core_s: float, feed_c
     return 1.0 - train_wall_s / step
 
 
-def ray_stack(cfg, datasets, steps: int, log_every: int) -> dict:
-    """The real driver: TorchTrainer, one DeepSpeed engine, checkpoints off until the end."""
+def ray_stack(cfg, datasets, steps: int, log_every: int, history: tuple[str, ...] = ()) -> dict:
+    """The real driver: TorchTrainer, one DeepSpeed engine, checkpoints off until the end.  With
+    ``history``, the run is tracked (a throwaway MLflow store) and those metrics' histories come back
+    under ``history`` (e.g. ``data/first_batch_s``: one point per pass)."""
     from orchestrator.trainer.driver import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
+        tracking = {"enabled": False} if not history else {"enabled": True, "uri": f"sqlite:///{tmp}/mlflow.db"}
         cfg = cfg.model_copy(update={"storage": tmp, "name": f"bench-{time.time_ns()}",
-                                     "tracking": cfg.tracking.model_copy(update={"enabled": False}),
+                                     "tracking": cfg.tracking.model_copy(update=tracking),
                                      "train": cfg.train.model_copy(update={
                                          "max_steps": steps, "log_every": log_every, "checkpoint_every": 10**6,
                                          "num_workers": 1, "warmup_steps": 1})})
         out = run_training(cfg, datasets=datasets)
-    return out.metrics
+        metrics = dict(out.metrics)
+        if history:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=tracking["uri"])
+            metrics["history"] = {k: [(m.step, m.value) for m in client.get_metric_history(out.mlflow_run_id, k)]
+                                  for k in history}
+    return metrics
 
 
 def transcoded_shards(cfg, data: str, size: int) -> str:
@@ -163,6 +174,9 @@ def main(argv=None) -> int:
                         "stays inside one epoch, as it does on a corpus, instead of paying Ray Data's per-pass "
                         "start-up every few steps)")
     p.add_argument("--no-transcoded", action="store_true", help="skip the run fed by transcoded shards")
+    p.add_argument("--tc-epochs", type=int, default=3,
+                   help="passes the run fed by transcoded shards makes over its clips (data.limit), so that the "
+                        "wait for each later pass's first batch is measured (default 3)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run (e.g. data.decode_concurrency=1); repeatable")
     args = p.parse_args(argv)
@@ -170,6 +184,7 @@ def main(argv=None) -> int:
 
     import ray
     import torch
+    from run_fixed_cost import Sampler  # CPU of this process and every process it starts, by kind
 
     from orchestrator.config import load_config
     from orchestrator.devtools import synth
@@ -211,10 +226,18 @@ def main(argv=None) -> int:
                 shards = transcoded_shards(cfg, data, size)
                 tc_cfg = load_config(REPO / "workloads/configs/pretrain_tiny.yaml", over + [
                     f"data.sources=[{{format: wds, train: [{shards}], val: [{shards}]}}]"])
-                fed_tc = ray_stack(tc_cfg, None, steps=args.steps, log_every=warm)
                 feed = pipeline_core_s_per_sample(tc_cfg, args.batch, args.steps * args.batch // 2)
+                per_pass = max(args.batch, args.steps * args.batch // max(1, args.tc_epochs))
+                tc_run_cfg = load_config(REPO / "workloads/configs/pretrain_tiny.yaml", over + [
+                    f"data.sources=[{{format: wds, train: [{shards}], val: [{shards}]}}]", f"data.limit={per_pass}"])
+                meter = Sampler(every=0.5)
+                meter.start()
+                fed_tc = ray_stack(tc_run_cfg, None, steps=args.steps, log_every=warm,
+                                   history=("data/first_batch_s", "samples_per_s", "data_wait_frac"))
+                tc_wall, tc_cpu = meter.stop()
                 cores = os.cpu_count() or 1
                 floor = data_wait_floor(cores, 1 / plain, plain_core_s, feed["core_s_per_sample"])
+                budget = cores / (plain_core_s + feed["core_s_per_sample"])
             results[preset] = {
                 "plain_samples_per_s": plain, "ray_ds_samples_per_s": m["samples_per_s"],
                 "overhead_ratio": plain / m["samples_per_s"], "ray_ds_data_wait_frac_inmemory": m["data_wait_frac"],
@@ -226,7 +249,14 @@ def main(argv=None) -> int:
                                        plain_core_s_per_sample=plain_core_s,
                                        feed_transcoded_core_s_per_sample=feed["core_s_per_sample"],
                                        feed_transcoded_alone_samples_per_s=feed["samples_per_s"],
-                                       cores=cores, data_wait_floor_transcoded=floor)
+                                       cores=cores, data_wait_floor_transcoded=floor,
+                                       cpu_budget_samples_per_s=budget,
+                                       fed_share_of_budget=fed_tc["samples_per_s"] / budget,
+                                       first_batch_s_per_pass=[round(v, 3) for _, v in
+                                                               fed_tc["history"]["data/first_batch_s"]],
+                                       fed_run_wall_s=tc_wall, fed_run_core_s_by_process={
+                                           k: round(v, 1) for k, v in sorted(tc_cpu.items(), key=lambda kv: -kv[1])},
+                                       fed_run_idle_core_s=round(max(0.0, cores * tc_wall - sum(tc_cpu.values())), 1))
             r = results[preset]
             print(f"{preset}: plain {r['plain_samples_per_s']:.2f} samples/s | Ray Train + DeepSpeed {r['ray_ds_samples_per_s']:.2f} "
                   f"(overhead {r['overhead_ratio']:.2f}x, target <= 1.10x) | fed by Ray Data {r['data_plane_samples_per_s']:.2f}, "
@@ -239,6 +269,13 @@ def main(argv=None) -> int:
                       f"{r['feed_transcoded_core_s_per_sample'] * 1e3:.1f} ms (data plane alone: "
                       f"{r['feed_transcoded_alone_samples_per_s']:.1f} samples/s); on {cores} cores, with the trainer at "
                       f"its solo pace, no overlap brings data wait under {100 * r['data_wait_floor_transcoded']:.1f}%",
+                      flush=True)
+                print(f"{preset}: CPU budget on {cores} cores: {r['cpu_budget_samples_per_s']:.1f} samples/s "
+                      f"(cores / (training + feeding) per sample); the fed run reached "
+                      f"{r['data_plane_transcoded_samples_per_s']:.2f} = {100 * r['fed_share_of_budget']:.0f}% of it "
+                      f"(target >= 80%); its {r['fed_run_wall_s']:.0f} s x {cores} cores went to "
+                      f"{r['fed_run_core_s_by_process']} core-s, idle {r['fed_run_idle_core_s']} (start-up included); "
+                      f"first batch of each pass {r['first_batch_s_per_pass']} s (target <= 0.3 s after the first)",
                       flush=True)
     ray.shutdown()
     print(json.dumps({"batch": args.batch, "frames": args.frames, "steps": args.steps, "device": device.type,

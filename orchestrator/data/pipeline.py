@@ -204,17 +204,25 @@ def build_dataset(data_cfg: DataConfig, split: str, training: bool, columns: tup
     # (annotations.SHUFFLE_WINDOW), then each worker's local shuffle buffer (data.shuffle_buffer).  No
     # randomize_block_order: it is an all-to-all step that holds every block before the first batch.
     decoded = []
+    single_operator = all(fmt for _, fmt, _ in parts)
     for part, shard_format, per_task in parts:
         stage = DecodeStage(params, data_cfg.decode_batch_size, shard_format, data_cfg.max_object_bytes,
                             progress_stream)
-        out = _decode(_settings(part, data_cfg), stage, data_cfg, per_task, len(parts))
+        out = _decode(_settings(part, data_cfg, single_operator), stage, data_cfg, per_task, len(parts))
         decoded.append(out.limit(data_cfg.limit) if shard_format and data_cfg.limit else out)
-    return _settings(decoded[0].union(*decoded[1:]) if len(decoded) > 1 else decoded[0], data_cfg)
+    ds = decoded[0].union(*decoded[1:]) if len(decoded) > 1 else decoded[0]
+    return _settings(ds, data_cfg, single_operator)
 
 
-def _settings(ds, data_cfg: DataConfig):
+def _settings(ds, data_cfg: DataConfig, single_operator: bool = False):
+    """The dataset's execution settings.  ``single_operator`` (every source sharded: the decode
+    operators read their inputs themselves, nothing upstream competes for CPUs): Ray Data's per-operator
+    resource reservation is off, which otherwise held the decode operator to one task at a time on 2
+    CPUs (``benchmarks/data_throughput.py --transcoded-only``: decode tasks at once)."""
     if data_cfg.deterministic:  # decoded rows leave in input order, also when cached by materialize()
         ds.context.execution_options.preserve_order = True
+    if single_operator:
+        ds.context.op_resource_reservation_enabled = False
     return original_errors(ds)
 
 
