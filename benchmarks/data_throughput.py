@@ -173,12 +173,34 @@ def transcode_to_shards(workdir: Path, short_side: int, gop: int) -> tuple[str, 
     from orchestrator.data.transcode import TranscodeSpec
 
     out = workdir / f"shards-{short_side}-g{gop}"
-    shutil.rmtree(out, ignore_errors=True)
     rows = read_rows(SourceConfig(format="msrvtt", train=["ann.jsonl"], val=["ann.jsonl"]), str(workdir), "train")
-    report = write_shards(rows, str(out), max_samples=4, transcode=TranscodeSpec(short_side=short_side, gop=gop))
+    index = json.loads((out / "index.json").read_text()) if (out / "index.json").exists() else {}
+    if index.get("samples") == len(rows) and index.get("transcoded") == len(rows):  # made by an earlier run
+        report = index
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        report = write_shards(rows, str(out), max_samples=4,
+                              transcode=TranscodeSpec(short_side=short_side, gop=gop)).to_dict()
     datas = [r["media_bytes"] for s in wds.list_shards(str(out))
              for r in wds.read_shard_rows("wds", s, ParseReport(s), with_bytes=True)]
-    return str(out), datas, report.to_dict()
+    return str(out), datas, report
+
+
+def copy_shards(folder: str, copies: int) -> str:
+    """A folder holding every shard of ``folder`` ``copies`` times (and an index.json that says so)."""
+    import shutil
+
+    out = Path(f"{folder}-x{copies}")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    index = json.loads((Path(folder) / "index.json").read_text())
+    counts = {}
+    for name, n in index["shard_samples"].items():
+        for j in range(copies):
+            shutil.copyfile(Path(folder) / name, out / f"copy{j}-{name}")
+            counts[f"copy{j}-{name}"] = n
+    (out / "index.json").write_text(json.dumps({**index, "shard_samples": counts}))
+    return str(out)
 
 
 class _ClipDataset:
@@ -468,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transcoded-only", action="store_true",
                     help="only the transcoded shards: CPU per clip of the Ray path against the bare loop with as "
                          "many processes as CPUs, decode tasks at once, each pass's first batch")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="--transcoded-only: each transcoded shard this many times (a longer pass, as on a corpus, "
+                         "without transcoding more clips)")
     ap.add_argument("--skip-8k", action="store_true", help="skip the 8K peak-memory figure")
     ap.add_argument("--only-8k", action="store_true", help="only the 8K peak-memory figure")
     args = ap.parse_args(argv)
@@ -486,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"transcoded {tc_report['transcoded']} clips into {len(tc_report['shards'])} shards in "
           f"{time.perf_counter() - t1:.1f}s ({tc_per_clip:.2f} s/clip on one core)", flush=True)
     if args.transcoded_only:
+        if args.copies > 1:
+            shards, tc_datas = copy_shards(shards, args.copies), tc_datas * args.copies
         return transcoded_only(args, workdir, shards, tc_datas)
     orig_datas = [Path(p).read_bytes() for p in paths]
     res: dict = {"clips": len(paths), "video": f"{WIDTH}x{HEIGHT} {SECONDS:.0f}s {FPS}fps gop {GOP}",

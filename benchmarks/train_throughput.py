@@ -206,7 +206,7 @@ def main(argv=None) -> int:
             size = args.image_size or (32 if preset == "tiny" else 224)
             over = [f"model.preset={preset}", f"data.root={data}", f"data.image_size={size}",
                     f"data.num_frames={args.frames}", f"train.batch_size_per_worker={args.batch}",
-                    f"train.use_gpu={str(args.gpu).lower()}", "data.cache=false", *args.set]
+                    f"train.use_gpu={str(args.gpu).lower()}", "data.cache=false", "data.cache_frames=null", *args.set]
             if args.image_size:  # the model's patch grid follows the frames
                 over.append(f"model.overrides={{image_size: {size}}}")
             cfg = load_config(REPO / "workloads/configs/pretrain_tiny.yaml", over)
