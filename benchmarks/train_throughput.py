@@ -31,14 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def make_batches(tokenizer, n_batches: int, batch: int, frames: int, size: int, seed: int = 0):
+def make_batches(tokenizer, n_batches: int, batch: int, frames: int, size: int, seed: int = 0, max_length: int = 16):
+    """Pre-train batches as the data plane yields them: random uint8 frames, captions padded to
+    ``max_length`` tokens."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     texts = [f"a red square moves {d}" for d in ("left", "right", "up", "down")]
     out = []
     for i in range(n_batches):
-        enc = tokenizer([texts[(i + j) % 4] for j in range(batch)], padding="max_length", max_length=16,
+        enc = tokenizer([texts[(i + j) % 4] for j in range(batch)], padding="max_length", max_length=max_length,
                         truncation=True, return_tensors="pt")
         out.append({"frames": torch.randint(0, 255, (batch, frames, size, size, 3), dtype=torch.uint8, generator=g),
                     "text_ids": enc["input_ids"], "text_mask": enc["attention_mask"],

@@ -1,6 +1,7 @@
 """Metric delivery from a training worker.
 
 - :class:`StepTimer` splits a logging window's wall time into waiting for data and computing;
+- :func:`device_memory`: the worker's peak GPU memory, on a worker that uses CUDA;
 - :class:`LossWindow` sums the workload's losses since the last log (on the device, no sync per
   step) and averages them across ranks when a step logs;
 - :class:`MetricDelivery` sends what a step reports: to Ray Train (``ray.train.report``, the
@@ -51,6 +52,14 @@ class StepTimer:
         total = max(self.wait + self.compute, 1e-9)
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return {"samples_per_s": self.samples * world / elapsed, "data_wait_frac": self.wait / total}
+
+
+def device_memory() -> dict[str, float]:
+    """``peak_mem_gib``: the most GPU memory this process's tensors have held since it started
+    (torch's ``max_memory_allocated``, GiB), once it has used CUDA; nothing on a CPU worker."""
+    if not torch.cuda.is_initialized():
+        return {}
+    return {"peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 class LossWindow:

@@ -37,7 +37,7 @@ from orchestrator.train.deepspeed_config import build_deepspeed_config
 from orchestrator.train.extensions import load_cpu_comm_op, use_locked_build_tools
 from orchestrator.train.failures import SetupPhase
 from orchestrator.train.journal import StepJournal
-from orchestrator.train.metrics import LossWindow, MetricDelivery, StepTimer
+from orchestrator.train.metrics import LossWindow, MetricDelivery, StepTimer, device_memory
 from orchestrator.train.momentum_sync import MomentumSync
 from orchestrator.train.optim import build_optimizer
 from orchestrator.train.progress import EpochProgress
@@ -125,12 +125,14 @@ def setup(plan: WorkerPlan) -> "TrainLoop":
     checkpointer = Checkpointer(engine, [progress, counts, metrics], run_dir=plan.run_dir, fence=plan.lease_fence,
                                 rank=rank, world=world, run_config=run.to_dict(), preemption=PreemptionCheckpointer())
     state = TrainState()
+    t0 = time.perf_counter()
     saved = checkpointer.resume(ray.train.get_checkpoint())
+    resume_s = time.perf_counter() - t0  # download, verify and load the checkpoint
     if saved is not None:
         state.restore(saved)
     metrics.connect(plan.tracking_uri, plan.mlflow_run_id, system_metrics=run.tracking.system_metrics)
     if saved is not None:
-        metrics.log({"resumed_from_step": state.step}, state.step)
+        metrics.log({"resumed_from_step": state.step, "resume_s": resume_s}, state.step)
 
     streams = DataStreams(_passes(plan, progress, rank), progress, counts, StepJournal(rank),
                           resume_batches=state.epoch_batches, batch_size=run.train.batch_size_per_worker, world=world,
@@ -264,9 +266,11 @@ class TrainLoop:
         step, world = actions.step, self.step.world
         if actions.report:
             self.last_metrics = {**self.window.means(world), "lr": self.step.lr(), **self.timer.summary(world),
-                                 "step": step, "epoch": self.state.epoch}
+                                 **device_memory(), "step": step, "epoch": self.state.epoch}
             if actions.validate:  # eval/... on the workers
+                t0 = time.perf_counter()
                 self.last_metrics.update(self.validator.run())
+                self.last_metrics["eval_s"] = time.perf_counter() - t0
             self.metrics.log({k: v for k, v in self.last_metrics.items() if k != "step"}, step)
             self.timer.reset()
         if actions.checkpoint:
