@@ -130,8 +130,15 @@ def test_one_decode_task_reads_its_shards_filters_and_decodes_in_blocks(ray_loca
     import uuid
 
     from orchestrator.data import progress, quality
-    from orchestrator.data.pipeline import (DecodeStage, _shard_counts, build_dataset, decode_stage, iter_shard,
-                                            process_params, shards_per_task)
+    from orchestrator.data.pipeline import (
+        DecodeStage,
+        _shard_counts,
+        build_dataset,
+        decode_stage,
+        iter_shard,
+        process_params,
+        shards_per_task,
+    )
     from orchestrator.data.sources import wds
 
     out = tmp_path / "shards"
