@@ -30,8 +30,8 @@ class UploadFailed(RuntimeError):
 
 
 def snapshot(obj: Any, storages: dict | None = None) -> Any:
-    """A copy of ``obj`` whose tensors no later training step changes: each tensor storage cloned
-    once (tensors that shared one, views included, share its copy, so ``torch.save`` writes what it
+    """A copy of ``obj`` in host memory that no later training step changes: each tensor storage
+    copied once (tensors that shared one, views included, share its copy, so ``torch.save`` writes what it
     would have written of the live state); containers rebuilt; other objects deep-copied.
     Unlike ``copy.deepcopy`` it accepts tensors that are not graph leaves (ZeRO's flat groups)."""
     storages = {} if storages is None else storages
@@ -39,10 +39,9 @@ def snapshot(obj: Any, storages: dict | None = None) -> Any:
         t = obj.detach()
         src = t.untyped_storage()
         key = (src.data_ptr(), src.nbytes(), str(t.device))
-        if key not in storages:
-            storages[key] = src.clone()
-        return torch.empty((0,), dtype=t.dtype, device=t.device).set_(storages[key], t.storage_offset(), t.size(),
-                                                                      t.stride())
+        if key not in storages:  # into host memory (DeepSpeed loads checkpoints onto the CPU anyway)
+            storages[key] = src.clone() if src.device.type == "cpu" else src.cpu()
+        return torch.empty((0,), dtype=t.dtype).set_(storages[key], t.storage_offset(), t.size(), t.stride())
     if isinstance(obj, dict):
         out = copy.copy(obj)  # its type (OrderedDict, defaultdict ...), then each value copied
         for k, v in obj.items():
