@@ -302,7 +302,8 @@ class Checkpointer:
             storage.delete_prefix(storage.join(target, META))
         d = tempfile.mkdtemp(prefix="mplug2-ckpt-")
         try:
-            deferred = DeferredWrites.around(self.engine, lambda: save(self.engine, d, client_state, self.rank))
+            deferred = DeferredWrites.around(self.engine, lambda: save(self.engine, d, client_state, self.rank),
+                                             self.uploads.buffers)
             for part, value in zip(self.parts, gathered):
                 part.save(d, value)
         except BaseException:

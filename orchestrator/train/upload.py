@@ -29,30 +29,59 @@ class UploadFailed(RuntimeError):
     """A checkpoint upload that failed in the background (raised on the main thread of every rank)."""
 
 
-def snapshot(obj: Any, storages: dict | None = None) -> Any:
+class HostBuffers:
+    """Host-memory copies of a state's tensor storages, kept from one save to the next: the first
+    save allocates them, the later ones copy into the same buffers in the same order (no page
+    faults on the step path).  Reused only once the upload that read them ended: one upload in
+    flight, and the next save waits for it.  Holds one copy of the checkpointed state."""
+
+    def __init__(self) -> None:
+        self.pool: list[torch.UntypedStorage] = []   # the previous save's, in the order they were taken
+        self.taken: list[torch.UntypedStorage] = []  # this save's
+
+    def start(self) -> None:
+        self.taken = []
+
+    def finish(self) -> None:
+        self.pool = self.taken
+
+    def copy(self, src: torch.UntypedStorage) -> torch.UntypedStorage:
+        i = len(self.taken)
+        if i < len(self.pool) and self.pool[i].nbytes() == src.nbytes():
+            buf = self.pool[i]
+            buf.copy_(src)
+        else:  # into host memory (DeepSpeed loads checkpoints onto the CPU anyway)
+            buf = src.clone() if src.device.type == "cpu" else src.cpu()
+        self.taken.append(buf)
+        return buf
+
+
+def snapshot(obj: Any, buffers: HostBuffers | None = None, storages: dict | None = None) -> Any:
     """A copy of ``obj`` in host memory that no later training step changes: each tensor storage
-    copied once (tensors that shared one, views included, share its copy, so ``torch.save`` writes what it
-    would have written of the live state); containers rebuilt; other objects deep-copied.
-    Unlike ``copy.deepcopy`` it accepts tensors that are not graph leaves (ZeRO's flat groups)."""
+    copied once (tensors that shared one, views included, share its copy, so ``torch.save`` writes
+    what it would have written of the live state), into ``buffers`` when given; containers
+    rebuilt; other objects deep-copied.  Unlike ``copy.deepcopy`` it accepts tensors that are not
+    graph leaves (ZeRO's flat groups)."""
+    buffers = HostBuffers() if buffers is None else buffers
     storages = {} if storages is None else storages
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         src = t.untyped_storage()
         key = (src.data_ptr(), src.nbytes(), str(t.device))
-        if key not in storages:  # into host memory (DeepSpeed loads checkpoints onto the CPU anyway)
-            storages[key] = src.clone() if src.device.type == "cpu" else src.cpu()
+        if key not in storages:
+            storages[key] = buffers.copy(src)
         return torch.empty((0,), dtype=t.dtype).set_(storages[key], t.storage_offset(), t.size(), t.stride())
     if isinstance(obj, dict):
         out = copy.copy(obj)  # its type (OrderedDict, defaultdict ...), then each value copied
         for k, v in obj.items():
-            out[k] = snapshot(v, storages)
+            out[k] = snapshot(v, buffers, storages)
         return out
     if isinstance(obj, list):
-        return [snapshot(v, storages) for v in obj]
+        return [snapshot(v, buffers, storages) for v in obj]
     if type(obj) is tuple:
-        return tuple(snapshot(v, storages) for v in obj)
+        return tuple(snapshot(v, buffers, storages) for v in obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
-        return type(obj)(*(snapshot(v, storages) for v in obj))
+        return type(obj)(*(snapshot(v, buffers, storages) for v in obj))
     return copy.deepcopy(obj)
 
 
@@ -63,8 +92,8 @@ class DeferredWrites:
     settings).  Everything else is the real checkpoint engine's.  A state that cannot be copied is
     written at once (a warning says so): the save is then as slow as a synchronous one, not wrong."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
+    def __init__(self, inner, buffers: HostBuffers | None = None) -> None:
+        self.inner, self.buffers = inner, buffers or HostBuffers()
         self.held: list[tuple[str, Any]] = []
 
     def __getattr__(self, name: str):
@@ -72,7 +101,7 @@ class DeferredWrites:
 
     def save(self, state_dict, path: str) -> None:
         try:
-            held = snapshot(state_dict)
+            held = snapshot(state_dict, self.buffers)
         except Exception as e:  # an object in the state that refuses to be copied
             log.warning("checkpoint file %s written on the step path: its state could not be copied (%s)", path, e)
             self.inner.save(state_dict, path)
@@ -85,19 +114,22 @@ class DeferredWrites:
             self.inner.save(state, path)
 
     @classmethod
-    def around(cls, engine, save: Callable[[], None]) -> "DeferredWrites | None":
-        """Run ``save`` (the engine's ``save_checkpoint``) with the writes deferred; the holder, or
-        None for an engine without a checkpoint engine (``save`` then wrote its files itself)."""
+    def around(cls, engine, save: Callable[[], None], buffers: HostBuffers | None = None) -> "DeferredWrites | None":
+        """Run ``save`` (the engine's ``save_checkpoint``) with the writes deferred (copies into
+        ``buffers``); the holder, or None for an engine without a checkpoint engine (``save`` then
+        wrote its files itself)."""
         inner = getattr(engine, "checkpoint_engine", None)
         if inner is None:
             save()
             return None
-        deferred = cls(inner)
+        deferred = cls(inner, buffers)
+        deferred.buffers.start()
         engine.checkpoint_engine = deferred
         try:
             save()
         finally:
             engine.checkpoint_engine = inner
+            deferred.buffers.finish()
         return deferred
 
 
@@ -142,6 +174,7 @@ class BackgroundUpload:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self.pending: Pending | None = None
+        self.buffers = HostBuffers()  # the state's copy, reused by each save once the last upload ended
 
     def start(self, job: Callable[[], dict], name: str, step: int, client_state: dict[str, Any],
               reported: dict[str, Any]) -> None:

@@ -122,7 +122,14 @@ def test_save_returns_before_the_upload_with_its_steps_state_and_the_marker_come
     assert manifest.problem(uri, marker, manifest.checkpoints(world.run_dir)[1]) is None
     saved = torch.load(Path(storage.local_path(uri), "ds", "model.pt"))
     assert float(saved["w"].sum()) == 0.0 and saved["step"] == 3
-    assert not any(Path(storage.local_path(uri)).glob("*.tmp"))
+    # the next save copies into the same host buffer (allocated once), and keeps its own step's state
+    buffer = world.saver.uploads.buffers.pool[0].data_ptr()
+    world.saver.save(4, {"step": 4}, {})
+    world.saver.engine.w += 1
+    world.saver.drain()
+    assert world.saver.uploads.buffers.pool[0].data_ptr() == buffer
+    saved = torch.load(Path(storage.local_path(world.run_dir), _name(4), "ds", "model.pt"))
+    assert float(saved["w"].sum()) == 1000.0 and saved["step"] == 4
 
 
 def test_the_marker_waits_for_every_ranks_upload(world):
