@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -15,6 +16,7 @@ import torch
 from orchestrator import storage
 from orchestrator.train import manifest
 from orchestrator.train.lease import LeaseLost
+from orchestrator.train.upload import BackgroundUpload, DeferredWrites, Pending, UploadFailed, upload_job
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +28,14 @@ EXPORT_FILES = ("config.json", "model.safetensors")
 def save(engine, directory: str, client_state: dict[str, Any], rank: int,
          metrics: dict[str, float] | None = None) -> None:
     """Every rank saves its DeepSpeed shard into its local ``directory`` (uploaded by Ray Train's
-    ``report``); the completion marker comes later, from :func:`commit`, once every rank's upload is done."""
+    ``report``, or in the background: ``Checkpointer``); the completion marker comes later, from
+    :func:`commit`, once every rank's upload is done."""
     engine.save_checkpoint(directory, tag=TAG, client_state=client_state)
 
 
 def commit(files: dict[str, dict[str, Any]], ckpt_uri: str, client_state: dict[str, Any],
            metrics: dict[str, float] | None, run: dict[str, Any] | None, rank: int, world: int) -> None:
-    """After ``report`` returned on this rank (its files are in storage): gather every rank's file
+    """Once this rank's upload returned (its files are in storage): gather every rank's file
     list (a collective, so rank 0 passes it only once every rank's upload is done) and write the
     marker on rank 0, listing each file with its size and hash."""
     per_rank = [files]
@@ -202,23 +205,34 @@ class Checkpointer:
       latest first; one failing its marker's sizes or hashes is skipped with a warning and the
       previous complete one tried, in this same attempt: a restart could not fix a damaged file);
       the engine and each part are loaded from it.
-    - :meth:`save`: every rank writes its DeepSpeed shard and the parts' files, reports them to Ray
-      Train (which uploads them), then rank 0 writes the completion marker listing every rank's
-      files, once every rank's upload returned.  ``save`` is the local write followed by
-      :meth:`_publish` (report, marker): an asynchronous upload can run the latter off the step's
-      critical path behind the same surface.
+    - :meth:`save`: every rank writes its DeepSpeed shard and the parts' files; then, with
+      ``upload="sync"``, reports them to Ray Train (which uploads them) and rank 0 writes the
+      completion marker listing every rank's files once every rank's upload returned (the step
+      waits for all of it).  With ``upload="async"`` (the default) the step only copies the state
+      in memory and writes the parts' files; a background thread per rank serialises, hashes and
+      uploads them (:mod:`~orchestrator.train.upload`: rank-local, no collective), and the commit
+      (every rank's upload done, agreed by a collective; the marker by rank 0 under the fence;
+      then the report to Ray Train, which registers the uploaded folder) runs on the main thread
+      at the first step boundary after every rank's upload ended (:meth:`poll`), before the next
+      save and at the end of the run (:meth:`drain`).  At most one upload is in flight.  A
+      checkpoint whose upload did not finish on every rank has no marker: resume skips it.
     - :meth:`export`: the consolidated model into ``<export_uri>/step_<N>/`` and its pointer.
     - :meth:`preempted`: whether Ray signalled a node of this run is being preempted (checkpoint now).
 
     Nothing is written once the run's lease was taken over (:meth:`fenced` before each write).
     Its state: :attr:`saved_step` (the step of the last checkpoint: the last step is not saved
-    twice), :attr:`resumed_from` and :attr:`redo` (the redo count of this attempt's checkpoint names).
+    twice), :attr:`resumed_from` and :attr:`redo` (the redo count of this attempt's checkpoint
+    names), :attr:`uploads` (the upload in flight; None for ``upload="sync"``).
     """
 
     def __init__(self, engine, parts: list[CheckpointPart], *, run_dir: str | None, fence=None, rank: int = 0,
                  world: int = 1, run_config: dict[str, Any] | None = None,
-                 preemption: "PreemptionCheckpointer | None" = None) -> None:
+                 preemption: "PreemptionCheckpointer | None" = None, upload: str = "async") -> None:
+        if upload not in ("async", "sync"):
+            raise ValueError(f"upload={upload!r}: 'async' (off the step path) or 'sync'")
         self.engine, self.parts, self.preemption = engine, list(parts), preemption
+        # async needs the run's folder to upload into; without one Ray Train's report uploads (sync)
+        self.uploads = BackgroundUpload() if upload == "async" and run_dir else None
         self.run_dir, self.fence, self.rank, self.world = run_dir, fence, rank, world
         self.run_config = run_config  # the run config the completion marker records (its fingerprint)
         self.saved_step = -1
@@ -252,22 +266,106 @@ class Checkpointer:
                 log.info("resumed from step %d (epoch %d)", self.saved_step, int(state.get("epoch", 0)))
         return state
 
-    def save(self, step: int, client_state: dict[str, Any], metrics: dict[str, Any]) -> None:
-        """Checkpoint optimizer step ``step`` (a collective: every rank calls it at the same step)."""
+    def save(self, step: int, client_state: dict[str, Any], metrics: dict[str, Any], durable: bool = False) -> None:
+        """Checkpoint optimizer step ``step`` (a collective: every rank calls it at the same step).
+        ``durable``: return only once it is complete (a preemption's checkpoint), also when async."""
         import ray.train
 
+        self.drain()  # at most one upload in flight: the previous one is committed first
         self.fenced()  # a run whose lease was taken over writes no checkpoint (LeaseLost, not retried)
         reported = {**metrics, "step": step}
         gathered = [part.gather() for part in self.parts]  # collectives: before any rank saves
         name = manifest.checkpoint_dir_name(step, self.redo)
-        with tempfile.TemporaryDirectory() as d:
-            save(self.engine, d, client_state, self.rank, metrics=reported)
+        if self.uploads is not None:
+            self._start_upload(name, step, client_state, reported, gathered)
+            if durable:
+                self.drain()
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                save(self.engine, d, client_state, self.rank, metrics=reported)
+                for part, value in zip(self.parts, gathered):
+                    part.save(d, value)
+                files = manifest.describe_files(d)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+                self._publish(name, files, checkpoint, client_state, reported)
+        self.saved_step = step
+
+    def _start_upload(self, name: str, step: int, client_state: dict[str, Any], reported: dict[str, Any],
+                      gathered: list[Any]) -> None:
+        """The step-path part of an async save: the state copied in memory, the parts' files
+        written, the upload handed to the background thread."""
+        target = storage.join(self.run_dir, name)
+        if self.rank == 0:
+            # a marker left by an earlier attempt of this name (committed, never registered) goes
+            # before any rank uploads (DeepSpeed's save starts with a barrier): the folder stays
+            # invisible until this save's own marker
+            storage.delete_prefix(storage.join(target, META))
+        d = tempfile.mkdtemp(prefix="mplug2-ckpt-")
+        try:
+            deferred = DeferredWrites.around(self.engine, lambda: save(self.engine, d, client_state, self.rank),
+                                             self.uploads.buffers)
             for part, value in zip(self.parts, gathered):
                 part.save(d, value)
-            files = manifest.describe_files(d)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-            self._publish(name, files, checkpoint, client_state, reported)
-        self.saved_step = step
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        self.uploads.start(upload_job(d, target, deferred, manifest.describe_files, storage.upload_dir),
+                           name, step, client_state, reported)
+
+    def poll(self) -> Pending | None:
+        """At a step boundary (every rank, the same step): commit the checkpoint in flight if every
+        rank's upload is done (one small collective per step while one is in flight); the
+        committed one, or None."""
+        return self._settle(wait=False)
+
+    def drain(self) -> Pending | None:
+        """Wait for the upload in flight and commit it (every rank): before the next save, the
+        export and the end of the run.  The committed one, or None."""
+        return self._settle(wait=True)
+
+    def close(self) -> None:
+        """The worker is ending (also on an error): an upload in flight is left uncommitted."""
+        if self.uploads is not None:
+            self.uploads.close()
+
+    def _settle(self, wait: bool) -> Pending | None:
+        uploads = self.uploads
+        if uploads is None or uploads.pending is None:  # every rank agrees: saves are collective
+            return None
+        if wait:
+            uploads.wait()
+        if not every_rank(uploads.pending.done(), self.world):
+            return None
+        pending = uploads.take()
+        error = pending.future.exception()
+        if not every_rank(error is None, self.world):  # every rank raises, here, on the main thread
+            why = f"this rank's upload failed: {error!r}" if error else "another rank's upload failed"
+            raise UploadFailed(f"checkpoint {pending.name} (step {pending.step}): {why}") from error
+        self._commit_uploaded(pending)
+        return pending
+
+    def _commit_uploaded(self, pending: Pending) -> None:
+        """Every rank's files are in storage: the marker (rank 0, under the fence), then the
+        report that makes Ray Train register the folder (it uploads nothing: ``NO_UPLOAD``)."""
+        import ray.train
+
+        self.fenced()
+        commit(pending.future.result(), storage.join(self.run_dir, pending.name), pending.client_state,
+               pending.reported, self.run_config, self.rank, self.world)
+        ray.train.report(pending.reported, checkpoint=self._uploaded(pending.name), checkpoint_dir_name=pending.name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+                         delete_local_checkpoint_after_upload=False)
+
+    def _uploaded(self, name: str):
+        """The uploaded folder ``name`` as Ray Train's storage names it (its run folder is ours)."""
+        import ray.train
+
+        try:
+            ctx = ray.train.get_context().get_storage()
+        except NotImplementedError:  # Ray Train's local mode: no storage context, nothing registered
+            return ray.train.Checkpoint(path=storage.join(self.run_dir, name))
+        return ray.train.Checkpoint(path=ctx.experiment_fs_path.rstrip("/") + "/" + name,
+                                    filesystem=ctx.storage_filesystem)
 
     def _publish(self, name: str, files: dict[str, dict[str, Any]], checkpoint, client_state: dict[str, Any],
                  reported: dict[str, Any]) -> None:
@@ -283,7 +381,8 @@ class Checkpointer:
 
     def export(self, export_uri: str, step: int) -> None:
         """The consolidated model of step ``step`` into ``<export_uri>/step_<N>/`` and its pointer
-        (every rank calls; rank 0 writes)."""
+        (every rank calls; rank 0 writes), once the checkpoint in flight is complete."""
+        self.drain()
         self.fenced()  # no export by a run whose lease was taken over
         with tempfile.TemporaryDirectory() as d:
             out = os.path.join(d, "export")

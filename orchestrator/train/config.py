@@ -44,6 +44,10 @@ class TrainConfig(BaseModel):
     # Checkpoints and fault tolerance
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async", description="async: a save copies the state in memory and returns; a background thread per "
+        "worker writes and uploads it, and the completion marker follows once every worker's upload is done "
+        "(at most one in flight; the next save waits for it). sync: the step waits for the upload and the marker")
     max_failures: int = Field(3, ge=0)
     log_every: int = Field(10, ge=1)
     # --init-from strictness (a tensor whose shape differs from the model's is an error otherwise)

@@ -97,6 +97,7 @@ def _train(plan: WorkerPlan, phase: SetupPhase) -> None:
         loop.run()
         loop.finish()
     finally:
+        loop.checkpointer.close()  # an upload still in flight (a failed run) is never committed
         loop.metrics.close()
 
 
@@ -123,7 +124,8 @@ def setup(plan: WorkerPlan) -> "TrainLoop":
     counts = BadClipCounts(plan.run_name, rank, world, run.data.max_bad_fraction)
     metrics = MetricDelivery(rank)
     checkpointer = Checkpointer(engine, [progress, counts, metrics], run_dir=plan.run_dir, fence=plan.lease_fence,
-                                rank=rank, world=world, run_config=run.to_dict(), preemption=PreemptionCheckpointer())
+                                rank=rank, world=world, run_config=run.to_dict(), preemption=PreemptionCheckpointer(),
+                                upload=run.train.checkpoint_upload)
     state = TrainState()
     t0 = time.perf_counter()
     saved = checkpointer.resume(ray.train.get_checkpoint())
@@ -264,6 +266,9 @@ class TrainLoop:
     def after_step(self, actions: StepActions) -> None:
         """Carry out what the schedule decided for this optimizer step."""
         step, world = actions.step, self.step.world
+        committed = self.checkpointer.poll()  # an async checkpoint whose upload ended on every rank
+        if committed is not None:
+            self.metrics.log({"checkpoint_upload_s": time.perf_counter() - committed.started}, step)
         if actions.report:
             self.last_metrics = {**self.window.means(world), "lr": self.step.lr(), **self.timer.summary(world),
                                  **device_memory(), "step": step, "epoch": self.state.epoch}
@@ -276,14 +281,17 @@ class TrainLoop:
         if actions.checkpoint:
             t0 = time.perf_counter()
             self.save()
-            self.metrics.log({"checkpoint_s": time.perf_counter() - t0}, step)
+            self.metrics.log({"checkpoint_s": time.perf_counter() - t0}, step)  # the step's stall
             self.timer.reset()  # checkpoint time is not training throughput
         elif actions.log:
             self.metrics.report(self.last_metrics)
         if actions.check_preemption and self.checkpointer.preempted():
             if self.checkpointer.saved_step != step:  # a step that just saved answers with that checkpoint
-                self.save()
+                self.save(durable=True)
+            else:
+                self.checkpointer.drain()  # the node is going: that checkpoint must be complete now
             self.metrics.log({"preemption_checkpoint_step": step}, step)
+
     def end_epoch(self) -> None:
         """Start the next epoch; rank 0 logs the bad-clip counts (the job stops past the threshold)."""
         self.state.epoch += 1
@@ -298,12 +306,14 @@ class TrainLoop:
         self.streams.counts.check_run_end()  # every run, also one shorter than an epoch
         if self.checkpointer.saved_step != self.state.step:
             self.save()
+        self.checkpointer.drain()  # the run ends (and exports) only once its last checkpoint is complete
         if self.plan.export_uri:
             self.checkpointer.export(self.plan.export_uri, self.state.step)
 
-    def save(self) -> None:
-        """A checkpoint of this step (a collective), reported with the last logged metrics."""
-        self.checkpointer.save(self.state.step, dataclasses.asdict(self.state), self.last_metrics)
+    def save(self, durable: bool = False) -> None:
+        """A checkpoint of this step (a collective), reported with the last logged metrics
+        (``durable``: complete when this returns, also with an asynchronous upload)."""
+        self.checkpointer.save(self.state.step, dataclasses.asdict(self.state), self.last_metrics, durable=durable)
 
 
 def micro_step(engine, workload, batch: dict, task_cfg, momentum: MomentumSync | None = None

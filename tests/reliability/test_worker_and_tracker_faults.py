@@ -1,9 +1,10 @@
 """Training workers SIGKILLed mid-run and the MLflow server gone for a while, in one run.
 
-- A worker killed at a random step past a checkpoint (issue 9, item 1): the run resumes from the
-  latest reported checkpoint, and the final model equals the one trained without faults on the
-  same data order: the loop skips the batches of the current epoch it already trained on
-  (``epoch_batches`` in the checkpoint).
+- A worker killed while the asynchronous upload of a checkpoint is in flight (its files in storage,
+  no completion marker yet; issue 32, part 5), after an earlier one (issue 9, item 1): the run
+  resumes from the newest complete checkpoint at the kill, not the one in flight, and the final
+  model equals the one trained without faults on the same data order: the loop skips the batches
+  of the current epoch it already trained on (``epoch_batches`` in the checkpoint).
 - The MLflow server goes away mid-run and comes back (issue 9, item 4), and rank 0 (the only sender
   of metrics) is killed while it is away, holding undelivered points (issue 17, item 6): every
   step's metrics reach MLflow.
@@ -14,7 +15,6 @@ The two kills are the two worker faults of the run; the final weights are compar
 fault-free run of the same config (one block, one worker: the same data order)."""
 from __future__ import annotations
 
-import random
 import threading
 import time
 from pathlib import Path
@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from orchestrator.devtools.faults.report import Injected, Measured, record
+from orchestrator.train.checkpoint import META
 from orchestrator.train.journal import ENV as STEP_JOURNAL
 from orchestrator.train.journal import read as read_journal
 from tests.conftest import free_port
@@ -40,8 +41,8 @@ pytestmark = pytest.mark.slow
 SECRET = "tok-9f8e7d6c5b4a-DO-NOT-LOG"
 MAX_STEPS = 30         # 64 rows / batch 4 = 16 steps per epoch: the run crosses an epoch boundary
 EVERY = 5
-FIRST_KILL_AFTER = 5   # a worker, at a random step past this checkpoint (before the outage)
-OUTAGE_AFTER = 10      # the MLflow server goes away once this checkpoint exists ...
+FIRST_KILL_AFTER = 5   # a worker, past this checkpoint, during the upload of the next one (before the outage)
+OUTAGE_AFTER = 10      # the MLflow server goes away once this checkpoint is complete ...
 SECOND_KILL_AT = 20    # ... and rank 0 is killed once this one is registered, while it is away
 OUTAGE_S = 12
 
@@ -92,24 +93,28 @@ def test_workers_killed_and_mlflow_away_mid_run(ray_local, tmp_path, monkeypatch
             except FileNotFoundError:
                 return False
 
+        def complete(step: int) -> bool:
+            return (Path(run_dir) / f"checkpoint_step_{step:08d}" / META).is_file()
+
         def kill_one(**note) -> None:
             workers = [w for w in train_workers() if w.pid not in {k["pid"] for k in killed}]
             if workers:
                 workers[0].kill()
-                killed.append({"pid": workers[0].pid, "trace_len": len(read_trace(trace)), **note})
+                killed.append({"pid": workers[0].pid, "trace_len": len(read_trace(trace)),
+                               "complete": [s for s in checkpoint_steps(run_dir) if complete(s)], **note})
 
         def faults():
             deadline = time.time() + 300
-            extra = random.Random(9).randint(1, 3)  # steps past the checkpoint: work that will be redone
-            while time.time() < deadline and not (checkpoint_steps(run_dir) and max(checkpoint_steps(run_dir))
-                                                  >= FIRST_KILL_AFTER):
+            while time.time() < deadline and not complete(FIRST_KILL_AFTER):
                 time.sleep(0.05)
-            n0 = len(read_trace(trace))
-            while len(read_trace(trace)) < n0 + extra and time.time() < deadline:
-                time.sleep(0.05)
+            # the next checkpoint's upload in flight: its files in storage, its marker not yet (the
+            # marker follows at the first step boundary after the upload: 0.15 s of sleep or more)
+            while time.time() < deadline and not (OUTAGE_AFTER in checkpoint_steps(run_dir)
+                                                  and any((Path(run_dir) / f"checkpoint_step_{OUTAGE_AFTER:08d}")
+                                                          .rglob("*.pt"))):
+                time.sleep(0.005)
             kill_one(after_ckpt=FIRST_KILL_AFTER)
-            while time.time() < deadline and not (checkpoint_steps(run_dir) and max(checkpoint_steps(run_dir))
-                                                  >= OUTAGE_AFTER):
+            while time.time() < deadline and not complete(OUTAGE_AFTER):
                 time.sleep(0.1)
             times["down_at"] = time.time()
             outages.append(times["down_at"])
@@ -140,14 +145,20 @@ def test_workers_killed_and_mlflow_away_mid_run(ray_local, tmp_path, monkeypatch
         assert steps == list(range(1, MAX_STEPS + 1)), f"missing steps: {set(range(1, MAX_STEPS + 1)) - set(steps)}"
         assert run.data.tags["mplug2.checkpoint_uri"].endswith(f"checkpoint_step_{MAX_STEPS:08d}")
         resumed = sorted(int(m.value) for m in c.get_metric_history(run.info.run_id, "resumed_from_step"))
-        assert len(resumed) == 2 and FIRST_KILL_AFTER <= resumed[0] < OUTAGE_AFTER, resumed
-        assert resumed[1] == SECOND_KILL_AT, resumed
+        # each resume is from the newest checkpoint complete when its worker died: never one whose
+        # upload was in flight (the first kill's: files in storage, no marker)
+        assert resumed == [max(k["complete"]) for k in killed], (resumed, killed)
+        assert OUTAGE_AFTER not in killed[0]["complete"], ("the first kill missed the upload of checkpoint "
+                                                           f"{OUTAGE_AFTER}", killed)
+        assert resumed == [FIRST_KILL_AFTER, SECOND_KILL_AT], resumed
 
         # Steps lost: batches trained on beyond the configured steps (the work after each last checkpoint).
         ref_fps, fps = read_trace(ref_trace), read_trace(trace)
         assert len(ref_fps) == MAX_STEPS
         steps_lost = len(fps) - MAX_STEPS
-        assert 0 < steps_lost <= 2 * EVERY  # each kill loses at most the steps since the last checkpoint
+        # each kill loses at most the steps since the last complete checkpoint, and a checkpoint is
+        # complete one step after it is taken (its marker follows the upload at a step boundary)
+        assert 0 < steps_lost <= 2 * (EVERY + 1), steps_lost
         # The batches that count: before each kill, only those up to the checkpoint it resumed from.
         effective, start = [], 0
         for k, r in zip(killed, resumed):
@@ -169,9 +180,10 @@ def test_workers_killed_and_mlflow_away_mid_run(ray_local, tmp_path, monkeypatch
         assert steps_lost - len(killed) <= measured.steps_lost <= steps_lost, (measured, steps_lost)
         assert measured.evidence["attempts"] == len(killed) + 1, measured
         finished = run.info.status == "FINISHED"
-        record("training worker SIGKILL (2 per run, random steps)", Injected.of(killed, "workers SIGKILLed"),
+        record("training worker SIGKILL (2 per run; one during an async checkpoint upload)", Injected.of(killed, "workers SIGKILLed"),
                finished, measured,
-               f"resumed from steps {resumed}; final weights vs fault-free run: max |diff| {diff:.1e}, "
+               f"resumed from steps {resumed} (the first kill during the async upload of checkpoint "
+               f"{OUTAGE_AFTER}: skipped, no marker); final weights vs fault-free run: max |diff| {diff:.1e}, "
                f"relative L2 {rel:.1e} ({'same' if same_order else 'different'} batch order)")
         record(f"MLflow server down {OUTAGE_S} s mid-run; rank 0 killed during it (the same run)",
                Injected.of(outages + killed[1:], "server outages and rank-0 kills"), finished, measured,

@@ -59,9 +59,15 @@ class Checkpointer:
     def preempted(self):
         return self.preemption.should_checkpoint()
 
-    def save(self, step, client_state, metrics):
+    def save(self, step, client_state, metrics, durable=False):
         self.saved.append(step)
         self.saved_step = step
+
+    def poll(self):
+        return None
+
+    def drain(self):
+        return None
 
     def export(self, export_uri, step):
         pass

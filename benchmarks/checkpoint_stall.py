@@ -1,0 +1,196 @@
+"""The step-time stall of a checkpoint on CPU: synchronous vs asynchronous upload, tiny and base.
+
+One local Ray, one Ray Train worker (``TorchTrainer``, gloo) per preset, a real DeepSpeed engine
+(fp32, ZeRO 0, AdamW: the engine's files carry the weights and both Adam moments) around the
+mPLUG-2 pre-training model of the preset; a step is forward + backward + optimizer step of the
+pre-training objective on two synthetic samples (``benchmarks/model_step.py``'s step), then the
+checkpointer's ``poll`` as the train loop does.  The same worker, with the same engine, measures
+``--rounds`` saves per mode, alternating ``sync`` and ``async`` (``orchestrator.train.checkpoint``:
+the code the loop runs, reporting to Ray Train and writing the completion marker), into a local
+storage folder (``--storage``; Ray Train's run folder).
+
+Per save: the stall, the time of the step that takes the save minus the median of the
+``--plain`` steps before it; for async also the extra time of the steps after it until its commit
+(the background upload shares the CPU with training), the time from the save to its commit, and
+the part of the save spent copying the state into host memory.
+Checkpoints of earlier rounds are deleted between rounds (outside the timed steps).  The last
+line is a JSON object with every figure and, per preset, ``async_over_sync`` (median async stall
+/ median sync stall; the target is 0.10 or less).
+
+    python benchmarks/checkpoint_stall.py [--presets tiny base] [--rounds 3] [--rounds-tiny 6] [--plain 5]
+                                          [--storage DIR] [--frames 1] [--image-size 224]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as a script
+
+MODES = ("sync", "async")
+
+
+def worker(config: dict) -> None:
+    """The Ray Train worker: build the engine, then measure each round's saves."""
+    import deepspeed
+    import torch
+
+    from benchmarks.model_step import make_batch, pretrain_step
+    from model import MPlug2, MPlugConfig
+    from orchestrator.train import upload
+    from orchestrator.train.checkpoint import Checkpointer
+    from orchestrator.train.config import TrainConfig
+    from orchestrator.train.deepspeed_config import build_deepspeed_config
+    from orchestrator.train.extensions import load_cpu_comm_op, use_locked_build_tools
+    from orchestrator.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    cfg = MPlugConfig.from_preset(config["preset"], image_size=config["image_size"])
+    model = MPlug2(cfg, "pretrain").train()
+    tcfg = TrainConfig(num_workers=1, batch_size_per_worker=1, warmup_steps=0, lr=1e-5, max_steps=10 ** 6)
+    optimizer, scheduler = build_optimizer(model, tcfg)
+    use_locked_build_tools()
+    load_cpu_comm_op()
+    deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=build_deepspeed_config(tcfg, 1), dist_init_required=False)
+    frames, ids, mask = make_batch(cfg, 2, config["frames"], length=16)  # 2: matching draws a negative
+    copy_s = [0.0]  # async: the part of the save spent copying the state into host memory
+    hold = upload.DeferredWrites.save
+
+    def timed_hold(self, state_dict, path):
+        t0 = time.perf_counter()
+        try:
+            return hold(self, state_dict, path)
+        finally:
+            copy_s[0] += time.perf_counter() - t0
+
+    upload.DeferredWrites.save = timed_hold
+    run_dir = config["run_dir"]
+    savers = {m: Checkpointer(engine, [], run_dir=run_dir, rank=0, world=1, upload=m) for m in MODES}
+
+    def step(saver) -> float:
+        t0 = time.perf_counter()
+        engine.backward(pretrain_step(engine.module, frames, ids, mask))
+        engine.step()
+        saver.poll()
+        return time.perf_counter() - t0
+
+    def clear_old(keep: str) -> None:
+        for p in Path(run_dir).glob("checkpoint_step_*"):
+            if p.name != keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+    for _ in range(2):  # warm-up: the optimizer's state exists from here on
+        step(savers["sync"])
+    rows = []
+    for r in range(config["rounds"]):
+        for mode in MODES:
+            saver = savers[mode]
+            plain = [step(saver) for _ in range(config["plain"])]
+            t0 = time.perf_counter()
+            engine.backward(pretrain_step(engine.module, frames, ids, mask))
+            engine.step()
+            saver.poll()
+            saved_at, saved, copy_s[0] = time.perf_counter(), engine.global_steps, 0.0
+            saver.save(saved, {"step": saved}, {"loss": 0.0})
+            save_s = time.perf_counter() - saved_at
+            took = time.perf_counter() - t0
+            after, committed = [], None
+            while saver.uploads is not None and saver.uploads.pending is not None:
+                t1 = time.perf_counter()
+                engine.backward(pretrain_step(engine.module, frames, ids, mask))
+                engine.step()
+                committed = saver.poll()
+                after.append(time.perf_counter() - t1)
+            base = statistics.median(plain)
+            row = {"round": r, "mode": mode, "step_s": base, "save_step_s": took, "save_call_s": save_s,
+                   "state_copy_s": copy_s[0],
+                   "stall_s": took - base, "steps_until_commit": len(after),
+                   "overlap_s": sum(a - base for a in after),
+                   "commit_after_s": (time.perf_counter() - committed.started) if committed else 0.0}
+            kept = Path(run_dir) / f"checkpoint_step_{saved:08d}"
+            row["checkpoint_bytes"] = sum(f.stat().st_size for f in kept.rglob("*") if f.is_file())
+            rows.append(row)
+            print(json.dumps({"preset": config["preset"], **row}), flush=True)
+            clear_old(keep=kept.name)
+    size = max(r["checkpoint_bytes"] for r in rows)
+    for saver in savers.values():
+        saver.close()
+    Path(config["out"]).write_text(json.dumps({"rows": rows, "checkpoint_bytes": size,
+                                               "params": sum(p.numel() for p in engine.module.parameters())}))
+
+
+def measure(preset: str, args, storage_root: str) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    name = f"stall-{preset}"
+    config = {"preset": preset, "rounds": args.rounds_tiny if preset == "tiny" else args.rounds, "plain": args.plain, "frames": args.frames,
+              "image_size": args.image_size, "run_dir": os.path.join(storage_root, name),
+              "out": os.path.join(storage_root, f"{name}.json")}
+    trainer = TorchTrainer(worker, train_loop_config=config,
+                           scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                           run_config=ray.train.RunConfig(name=name, storage_path=storage_root,
+                                                          worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}))
+    trainer.fit()
+    out = json.loads(Path(config["out"]).read_text())
+    rows = out["rows"]
+    med = {m: statistics.median(r["stall_s"] for r in rows if r["mode"] == m) for m in MODES}
+    return {"params": out["params"], "checkpoint_bytes": out["checkpoint_bytes"], "rows": rows,
+            "sync_stall_s": med["sync"], "async_stall_s": med["async"],
+            "async_overlap_s": statistics.median(r["overlap_s"] for r in rows if r["mode"] == "async"),
+            "async_commit_after_s": statistics.median(r["commit_after_s"] for r in rows if r["mode"] == "async"),
+            "step_s": statistics.median(r["step_s"] for r in rows),
+            "sync_save_call_s": statistics.median(r["save_call_s"] for r in rows if r["mode"] == "sync"),
+            "async_save_call_s": statistics.median(r["save_call_s"] for r in rows if r["mode"] == "async"),
+            "async_state_copy_s": statistics.median(r["state_copy_s"] for r in rows if r["mode"] == "async"),
+            "async_over_sync": med["async"] / med["sync"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=["tiny", "base"])
+    ap.add_argument("--rounds", type=int, default=3, help="saves per mode (sync and async alternate)")
+    ap.add_argument("--rounds-tiny", type=int, default=6, help="--rounds for tiny (its saves take milliseconds)")
+    ap.add_argument("--plain", type=int, default=5, help="steps without a save before each save (the baseline)")
+    ap.add_argument("--frames", type=int, default=1)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--storage", default=None, help="the storage folder (default: a temporary one, removed after)")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from orchestrator.ray_env import ensure_ray
+
+    root = args.storage or tempfile.mkdtemp(prefix="ckpt-stall-")
+    ensure_ray()
+    result: dict = {"storage": "local folder", "frames": args.frames, "image_size": args.image_size,
+                    "rounds": args.rounds, "rounds_tiny": args.rounds_tiny, "plain_steps": args.plain, "target_async_over_sync": 0.10}
+    try:
+        for preset in args.presets:
+            r = measure(preset, args, root)
+            result[preset] = r
+            print(f"{preset}: {r['params']:,} params, checkpoint {r['checkpoint_bytes'] / 2**20:,.1f} MiB, "
+                  f"step {r['step_s']:.2f} s; stall sync {r['sync_stall_s']:.2f} s, async {r['async_stall_s']:.2f} s "
+                  f"(async/sync {r['async_over_sync']:.3f}); async: commit {r['async_commit_after_s']:.2f} s after "
+                  f"the save, {r['async_overlap_s']:.2f} s added to the steps until then; the save call itself: "
+                  f"sync {r['sync_save_call_s']:.2f} s, async {r['async_save_call_s']:.2f} s (of which the state's "
+                  f"copy {r['async_state_copy_s']:.2f} s)", flush=True)
+    finally:
+        ray.shutdown()
+        if args.storage is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({**result, "async_over_sync": {p: result[p]["async_over_sync"] for p in args.presets}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

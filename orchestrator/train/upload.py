@@ -1,0 +1,197 @@
+"""A checkpoint's upload off the training step's critical path (``train.checkpoint_upload: async``).
+
+On the step path a save only copies the DeepSpeed state in memory (:class:`DeferredWrites`: the
+engine's files are serialised later) and writes the parts' small files; one background thread per
+worker then serialises the state to a local folder, hashes every file and uploads the folder
+(:class:`BackgroundUpload`).  The thread is rank-local: it makes no collective call, so it never
+runs one concurrently with the training step's on the same process group.  The agreement that
+every rank's upload is done, and the completion marker after it, are the caller's, on the main
+thread (``Checkpointer.poll`` at each step boundary, ``Checkpointer.drain`` before the next save
+and at the end of the run).  At most one upload is in flight: the next save waits for it, so the
+memory (one copy of the state) and the local disk (one checkpoint) it holds do not grow.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class UploadFailed(RuntimeError):
+    """A checkpoint upload that failed in the background (raised on the main thread of every rank)."""
+
+
+class HostBuffers:
+    """Host-memory copies of a state's tensor storages, kept from one save to the next: the first
+    save allocates them, the later ones copy into the same buffers in the same order (no page
+    faults on the step path).  Reused only once the upload that read them ended: one upload in
+    flight, and the next save waits for it.  Holds one copy of the checkpointed state."""
+
+    def __init__(self) -> None:
+        self.pool: list[torch.UntypedStorage] = []   # the previous save's, in the order they were taken
+        self.taken: list[torch.UntypedStorage] = []  # this save's
+
+    def start(self) -> None:
+        self.taken = []
+
+    def finish(self) -> None:
+        self.pool = self.taken
+
+    def copy(self, src: torch.UntypedStorage) -> torch.UntypedStorage:
+        i = len(self.taken)
+        if i < len(self.pool) and self.pool[i].nbytes() == src.nbytes():
+            buf = self.pool[i]
+            buf.copy_(src)
+        else:  # into host memory (DeepSpeed loads checkpoints onto the CPU anyway)
+            buf = src.clone() if src.device.type == "cpu" else src.cpu()
+        self.taken.append(buf)
+        return buf
+
+
+def snapshot(obj: Any, buffers: HostBuffers | None = None, storages: dict | None = None) -> Any:
+    """A copy of ``obj`` in host memory that no later training step changes: each tensor storage
+    copied once (tensors that shared one, views included, share its copy, so ``torch.save`` writes
+    what it would have written of the live state), into ``buffers`` when given; containers
+    rebuilt; other objects deep-copied.  Unlike ``copy.deepcopy`` it accepts tensors that are not
+    graph leaves (ZeRO's flat groups)."""
+    buffers = HostBuffers() if buffers is None else buffers
+    storages = {} if storages is None else storages
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        src = t.untyped_storage()
+        key = (src.data_ptr(), src.nbytes(), str(t.device))
+        if key not in storages:
+            storages[key] = buffers.copy(src)
+        return torch.empty((0,), dtype=t.dtype).set_(storages[key], t.storage_offset(), t.size(), t.stride())
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # its type (OrderedDict, defaultdict ...), then each value copied
+        for k, v in obj.items():
+            out[k] = snapshot(v, buffers, storages)
+        return out
+    if isinstance(obj, list):
+        return [snapshot(v, buffers, storages) for v in obj]
+    if type(obj) is tuple:
+        return tuple(snapshot(v, buffers, storages) for v in obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(snapshot(v, buffers, storages) for v in obj))
+    return copy.deepcopy(obj)
+
+
+class DeferredWrites:
+    """Stands in for a DeepSpeed engine's ``checkpoint_engine`` during ``save_checkpoint``: what
+    DeepSpeed asks it to write is copied in memory (:func:`snapshot`) and written by :meth:`write`
+    later, from any thread, through the engine's own checkpoint engine (its serialisation
+    settings).  Everything else is the real checkpoint engine's.  A state that cannot be copied is
+    written at once (a warning says so): the save is then as slow as a synchronous one, not wrong."""
+
+    def __init__(self, inner, buffers: HostBuffers | None = None) -> None:
+        self.inner, self.buffers = inner, buffers or HostBuffers()
+        self.held: list[tuple[str, Any]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def save(self, state_dict, path: str) -> None:
+        try:
+            held = snapshot(state_dict, self.buffers)
+        except Exception as e:  # an object in the state that refuses to be copied
+            log.warning("checkpoint file %s written on the step path: its state could not be copied (%s)", path, e)
+            self.inner.save(state_dict, path)
+            return
+        self.held.append((path, held))
+
+    def write(self) -> None:
+        while self.held:
+            path, state = self.held.pop(0)
+            self.inner.save(state, path)
+
+    @classmethod
+    def around(cls, engine, save: Callable[[], None], buffers: HostBuffers | None = None) -> "DeferredWrites | None":
+        """Run ``save`` (the engine's ``save_checkpoint``) with the writes deferred (copies into
+        ``buffers``); the holder, or None for an engine without a checkpoint engine (``save`` then
+        wrote its files itself)."""
+        inner = getattr(engine, "checkpoint_engine", None)
+        if inner is None:
+            save()
+            return None
+        deferred = cls(inner, buffers)
+        deferred.buffers.start()
+        engine.checkpoint_engine = deferred
+        try:
+            save()
+        finally:
+            engine.checkpoint_engine = inner
+            deferred.buffers.finish()
+        return deferred
+
+
+@dataclass
+class Pending:
+    """One checkpoint whose upload was started: what its marker and its report will carry."""
+
+    name: str
+    step: int
+    client_state: dict[str, Any]
+    reported: dict[str, Any]
+    future: Future
+    started: float = field(default_factory=time.perf_counter)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+
+def upload_job(local_dir: str, target: str, deferred: DeferredWrites | None,
+               describe: Callable[[str], dict], upload: Callable[[str, str], Any]) -> Callable[[], dict]:
+    """The background work of one rank's checkpoint: write the deferred state into ``local_dir``,
+    describe its files (sizes, hashes), upload the folder to ``target``, remove ``local_dir``;
+    returns the description (what the marker lists for this rank)."""
+
+    def run() -> dict:
+        try:
+            if deferred is not None:
+                deferred.write()
+            files = describe(local_dir)
+            upload(local_dir, target)
+            return files
+        finally:
+            shutil.rmtree(local_dir, ignore_errors=True)
+
+    return run
+
+
+class BackgroundUpload:
+    """One rank's checkpoint uploads, one at a time, in one background thread.  It never commits
+    anything: :attr:`pending` is handed back to the caller (:meth:`take`) once done."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self.pending: Pending | None = None
+        self.buffers = HostBuffers()  # the state's copy, reused by each save once the last upload ended
+
+    def start(self, job: Callable[[], dict], name: str, step: int, client_state: dict[str, Any],
+              reported: dict[str, Any]) -> None:
+        if self.pending is not None:
+            raise RuntimeError(f"checkpoint {self.pending.name} is still pending: take it before starting {name}")
+        self.pending = Pending(name, step, client_state, reported, self._pool.submit(job))
+
+    def wait(self) -> None:
+        """Block until the pending upload ended (well or not); no-op without one."""
+        if self.pending is not None:
+            self.pending.future.exception()
+
+    def take(self) -> Pending:
+        pending, self.pending = self.pending, None
+        return pending
+
+    def close(self) -> None:
+        """Stop taking work (an upload in flight finishes on its own and removes its folder; nothing
+        commits it, so it stays invisible)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,244 @@
+"""Asynchronous checkpoint uploads (``train.checkpoint_upload: async``) on fakes: no Ray cluster, no
+DeepSpeed.  The engine writes through a checkpoint engine as DeepSpeed's does; the upload is the
+real one (a local run folder) behind a gate the test opens; other ranks are simulated at the
+collective that agrees on their uploads.  What must hold: the save returns before the upload, with
+the state of its step; the marker comes last, only once every rank's upload is done, then Ray
+Train's report; at most one upload in flight; a failed upload raises on the main thread of every
+rank; the end of the run waits for it; an upload cut short stays invisible to resume."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from orchestrator import storage
+from orchestrator.config import load_config
+from orchestrator.train import checkpoint, manifest
+from orchestrator.train.upload import UploadFailed
+from orchestrator.trainer import loop
+from orchestrator.trainer.plan import WorkerPlan
+
+
+class Writer:  # DeepSpeed's checkpoint engine: torch.save
+    def save(self, state, path):
+        torch.save(state, path)
+
+    def makedirs(self, path, exist_ok=False):
+        os.makedirs(path, exist_ok=exist_ok)
+
+
+class Engine:
+    """Saves as DeepSpeed does: every tensor file through ``checkpoint_engine.save``."""
+
+    def __init__(self):
+        self.w = torch.zeros(1000)
+        self.checkpoint_engine = Writer()
+
+    def save_checkpoint(self, directory, tag, client_state):
+        self.checkpoint_engine.makedirs(os.path.join(directory, tag), exist_ok=True)
+        self.checkpoint_engine.save({"w": self.w, **client_state}, os.path.join(directory, tag, "model.pt"))
+
+
+class Part:
+    def gather(self):
+        return None
+
+    def save(self, directory, gathered):
+        Path(directory, "part.json").write_text("{}")
+
+    def load(self, directory):
+        pass
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """A run folder, the events in order (uploads, markers, reports), a gate on the uploads, and the
+    other rank's upload status as the collective would report it."""
+    import ray.train
+
+    run_dir = str(tmp_path / "run")
+    w = SimpleNamespace(run_dir=run_dir, events=[], gate=threading.Event(), other_done=True, fail=None)
+    w.gate.set()
+    upload = storage.upload_dir
+
+    def gated_upload(local, uri):
+        w.events.append(("upload-start", uri.rsplit("/", 1)[-1]))
+        assert w.gate.wait(10)
+        if w.fail:
+            raise w.fail
+        upload(local, uri)
+        w.events.append(("uploaded", uri.rsplit("/", 1)[-1]))
+
+    write_marker = manifest.write_marker
+
+    def marker(uri, files, *a):
+        w.events.append(("marker", uri.rsplit("/", 1)[-1]))
+        write_marker(uri, files, *a)
+
+    monkeypatch.setattr(storage, "upload_dir", gated_upload)
+    monkeypatch.setattr(manifest, "write_marker", marker)
+    monkeypatch.setattr(checkpoint, "every_rank", lambda ok, world: ok and w.other_done)
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, **kw: w.events.append(
+        ("report", checkpoint.path.rsplit("/", 1)[-1], kw["checkpoint_upload_mode"].name)))
+    ctx = SimpleNamespace(experiment_fs_path=storage.local_path(run_dir), storage_filesystem=None)
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_storage=lambda: ctx))
+    # world=1: the marker is written here; the other rank is the every_rank stand-in above
+    w.saver = checkpoint.Checkpointer(Engine(), [Part()], run_dir=run_dir, rank=0, world=1)
+    yield w
+    w.gate.set()
+    w.saver.close()
+
+
+def _until(cond, timeout=10.0):
+    end = time.time() + timeout
+    while not cond() and time.time() < end:
+        time.sleep(0.01)
+    assert cond()
+
+
+def _name(step):
+    return manifest.checkpoint_dir_name(step)
+
+
+def test_save_returns_before_the_upload_with_its_steps_state_and_the_marker_comes_last(world):
+    world.gate.clear()
+    world.saver.save(3, {"step": 3}, {"loss": 1.0})
+    world.saver.engine.w += 1  # training goes on while the upload waits: the checkpoint keeps step 3's state
+    assert world.saver.saved_step == 3 and world.saver.poll() is None  # not uploaded: nothing committed
+    assert manifest.latest_complete(world.run_dir) is None
+    world.gate.set()
+    _until(lambda: world.saver.uploads.pending.done())
+    committed = world.saver.poll()
+    assert committed.step == 3
+    n = _name(3)
+    assert world.events == [("upload-start", n), ("uploaded", n), ("marker", n), ("report", n, "NO_UPLOAD")]
+    uri, marker = manifest.latest_complete(world.run_dir)
+    assert uri.endswith(n) and set(marker["files"]) == {"ds/model.pt", "part.json"}
+    assert manifest.problem(uri, marker, manifest.checkpoints(world.run_dir)[1]) is None
+    saved = torch.load(Path(storage.local_path(uri), "ds", "model.pt"))
+    assert float(saved["w"].sum()) == 0.0 and saved["step"] == 3
+    # the next save copies into the same host buffer (allocated once), and keeps its own step's state
+    buffer = world.saver.uploads.buffers.pool[0].data_ptr()
+    world.saver.save(4, {"step": 4}, {})
+    world.saver.engine.w += 1
+    world.saver.drain()
+    assert world.saver.uploads.buffers.pool[0].data_ptr() == buffer
+    saved = torch.load(Path(storage.local_path(world.run_dir), _name(4), "ds", "model.pt"))
+    assert float(saved["w"].sum()) == 1000.0 and saved["step"] == 4
+
+
+def test_the_marker_waits_for_every_ranks_upload(world):
+    world.other_done = False  # this rank's upload ends; the other rank's does not yet
+    world.saver.save(2, {"step": 2}, {})
+    _until(lambda: world.saver.uploads.pending.done())
+    assert world.saver.poll() is None and world.saver.poll() is None
+    assert not any(e[0] == "marker" for e in world.events)
+    assert manifest.latest_complete(world.run_dir) is None  # invisible to resume
+    world.other_done = True
+    assert world.saver.poll().step == 2
+    assert [e[0] for e in world.events][-2:] == ["marker", "report"]
+
+
+def test_at_most_one_upload_in_flight_the_next_save_commits_the_previous_first(world):
+    world.gate.clear()
+    world.saver.save(2, {"step": 2}, {})
+    second = threading.Thread(target=world.saver.save, args=(4, {"step": 4}, {}))
+    second.start()
+    time.sleep(0.3)
+    assert second.is_alive()  # blocked on the previous upload
+    assert world.events == [("upload-start", _name(2))]
+    world.gate.set()
+    second.join(10)
+    assert not second.is_alive()
+    assert world.events[:4] == [("upload-start", _name(2)), ("uploaded", _name(2)), ("marker", _name(2)),
+                                ("report", _name(2), "NO_UPLOAD")]
+    world.saver.drain()
+    assert world.events[4] == ("upload-start", _name(4))
+    assert manifest.latest_complete(world.run_dir)[0].endswith(_name(4))
+
+
+@pytest.mark.parametrize("where", ["this rank", "another rank"])
+def test_a_failed_upload_raises_on_the_main_thread_and_writes_no_marker(world, monkeypatch, where):
+    if where == "this rank":
+        world.fail = OSError("storage down")
+    else:  # the other rank's upload failed: the second agreement (no error anywhere) fails
+        answers = iter([True, False])
+        monkeypatch.setattr(checkpoint, "every_rank", lambda ok, w: ok and next(answers))
+    world.saver.save(2, {"step": 2}, {})
+    with pytest.raises(UploadFailed, match=f"{_name(2)}.*{where}'s upload failed") as e:
+        world.saver.drain()
+    if where == "this rank":
+        assert isinstance(e.value.__cause__, OSError)
+    assert not any(ev[0] in ("marker", "report") for ev in world.events)
+    assert manifest.latest_complete(world.run_dir) is None
+
+
+def test_the_end_of_the_run_waits_for_the_upload_before_the_export(world, monkeypatch):
+    exported = []
+    monkeypatch.setattr(checkpoint, "export", lambda engine, stage, out, rank: exported.append(
+        manifest.latest_complete(world.run_dir)) or False)
+    world.saver.engine.zero_optimization_stage = lambda: 0
+    plan = WorkerPlan(run=load_config(None, []), run_name="r", run_dir=world.run_dir, model_config=None,
+                      export_uri=world.run_dir + "/export")
+    counts = SimpleNamespace(check_run_end=lambda: None)
+    w = loop.TrainLoop(plan, None, None, SimpleNamespace(counts=counts), world.saver, None,
+                       state=loop.TrainState(step=8))
+    world.gate.clear()
+    threading.Timer(0.3, world.gate.set).start()
+    w.finish()  # the last step's save, its upload (held 0.3 s), its marker, then the export
+    assert exported and exported[0][0].endswith(_name(8))
+    assert world.saver.uploads.pending is None
+
+
+def test_an_upload_cut_short_stays_invisible_and_a_stale_marker_goes_before_a_redo(world):
+    world.saver.save(2, {"step": 2}, {})
+    world.saver.drain()
+    # the worker ends while step 4 uploads: its files land, nothing commits them; resume takes step 2
+    world.gate.clear()
+    world.saver.save(4, {"step": 4}, {})
+    _until(lambda: ("upload-start", _name(4)) in world.events)
+    world.saver.close()
+    world.gate.set()
+    _until(lambda: Path(storage.local_path(world.run_dir), _name(4), "part.json").exists())
+    assert manifest.latest_complete(world.run_dir)[0].endswith(_name(2))
+    # an earlier attempt committed step 2 again but was never registered: its marker must not
+    # outlive the start of the redo's upload
+    redo = checkpoint.Checkpointer(Engine(), [Part()], run_dir=world.run_dir, rank=0, world=1)
+    world.gate.clear()
+    redo.save(2, {"step": 2}, {})
+    assert manifest.read_marker(storage.join(world.run_dir, _name(2))) is None
+    world.gate.set()
+    redo.drain()
+    assert manifest.latest_complete(world.run_dir)[0].endswith(_name(2))
+    redo.close()
+
+
+def test_sync_mode_keeps_the_step_waiting_for_the_upload(tmp_path, monkeypatch):
+    import ray.train
+
+    events = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None, **kw: events.append(
+        ("report", kw.get("checkpoint_upload_mode"))))
+    monkeypatch.setattr(checkpoint, "commit", lambda *a, **k: events.append(("marker",)))
+    saver = checkpoint.Checkpointer(Engine(), [Part()], run_dir=str(tmp_path / "run"), upload="sync")
+    saver.save(1, {"step": 1}, {})
+    assert events == [("report", None), ("marker",)] and saver.uploads is None and saver.poll() is None
+
+
+def test_the_snapshot_keeps_storage_sharing_and_takes_tensors_that_are_not_graph_leaves(tmp_path):
+    from orchestrator.train.upload import snapshot
+
+    flat = torch.arange(6.0, requires_grad=True) * 1.0  # not a leaf: deepcopy refuses it
+    state = {"flat": flat, "views": [flat[:3], flat[3:]], "n": 3, "shape": torch.Size([6])}
+    copied = snapshot(state)
+    flat.data += 10  # the live state moves on
+    assert copied["flat"].tolist() == list(range(6)) and not copied["flat"].requires_grad
+    assert copied["views"][1].untyped_storage().data_ptr() == copied["flat"].untyped_storage().data_ptr()
+    torch.save(copied, tmp_path / "a.pt")
+    loaded = torch.load(tmp_path / "a.pt")
+    assert loaded["views"][1].tolist() == [3.0, 4.0, 5.0] and loaded["shape"] == torch.Size([6])
