@@ -86,7 +86,7 @@ class DataConfig(BaseModel):
     decode_concurrency: int | None = Field(None, ge=1, description="decode tasks at once (None = Ray decides)")
     decode_batch_size: int = Field(8, ge=1)
     prefetch_batches: int = Field(2, ge=0)
-    next_pass_batches: int = Field(16, ge=0, description="training batches each worker holds back at a pass's end: "
+    next_epoch_batches: int = Field(16, ge=0, description="training batches each worker holds back at a pass's end: "
                                    "once its shard of the pass is read, the next pass starts decoding while these "
                                    "train, so an epoch does not open with Ray Data's start-up (about 1 s on 2 cores: "
                                    "benchmarks/train_throughput.py prints each pass's first-batch wait); they are "

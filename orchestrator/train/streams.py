@@ -12,7 +12,7 @@ run's bad-clip counts as a worker sees them.
   carries (a checkpoint part) so a new driver's tracker starts from them.
 
 A pass is opened by :meth:`DataStreams.epoch`.  :class:`NextPass` starts the ``train`` stream's
-next pass while the current one's last batches train (``data.next_pass_batches``), so an epoch
+next pass while the current one's last batches train (``data.next_epoch_batches``), so an epoch
 does not open with Ray Data's start-up.
 """
 from __future__ import annotations

@@ -160,11 +160,11 @@ def _passes(plan: WorkerPlan, progress: EpochProgress, rank: int):
 
 def _next_pass(plan: WorkerPlan, progress: EpochProgress, state: "TrainState", rank: int) -> NextPass | None:
     """The train stream's next pass started while the last batches of a pass train
-    (``data.next_pass_batches``; None when 0)."""
+    (``data.next_epoch_batches``; None when 0)."""
     import ray.train
 
     run = plan.run
-    hold = run.data.next_pass_batches
+    hold = run.data.next_epoch_batches
     if not hold:
         return None
     steps_held = -(-hold // run.train.grad_accum_steps)
