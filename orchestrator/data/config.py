@@ -88,9 +88,9 @@ class DataConfig(BaseModel):
     prefetch_batches: int = Field(2, ge=0)
     next_epoch_batches: int = Field(16, ge=0, description="training batches each worker holds back at a pass's end: "
                                    "once its shard of the pass is read, the next pass starts decoding while these "
-                                   "train, so an epoch does not open with Ray Data's start-up (about 1 s on 2 cores: "
-                                   "benchmarks/train_throughput.py prints each pass's first-batch wait); they are "
-                                   "held in memory (0 = each pass starts when the last ends)")
+                                   "train, so an epoch does not open with Ray Data's start-up (benchmarks/train_throughput.py "
+                                   "prints each pass's first-batch wait); they are held in memory (0 = each pass "
+                                   "starts when the last ends)")
     cache: bool = Field(False, description="decode once and keep the decoded rows in Ray's object store for "
                         "every epoch (small datasets: frame sampling and augmentation are then drawn once per clip)")
     cache_frames: int | None = Field(None, ge=1, le=512, description="with cache: keep this many frames of each "

@@ -130,7 +130,10 @@ def test_a_run_leaks_no_secret_anywhere(ray_local, tmp_path, mlflow_uri, capfd):
     assert logs
     saw_worker_line = False
     for f in logs:
-        text = f.read_text(errors="replace")
+        try:
+            text = f.read_text(errors="replace")
+        except FileNotFoundError:  # an idle worker's log that Ray removed since the listing: nothing in it to leak
+            continue
         found[str(f)] = text
         saw_worker_line |= "worker: building the model" in text
     assert saw_worker_line, "the workers' log lines reach Ray's session logs (else this test proves nothing)"
