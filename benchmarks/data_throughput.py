@@ -127,39 +127,30 @@ def bare_cpu_ms_per_clip(datas: list[bytes], num_frames: int, repeats: int, proc
     ctx = mp.get_context("fork")
     with ctx.Pool(procs) as pool:
         t0 = time.perf_counter()
-        cpu = sum(pool.starmap(_bare_cpu_part, [(p, num_frames, repeats) for p in parts]))
+        cpu = sum(c for _, c in pool.starmap(_bare_bytes_loop, [(p, num_frames, repeats, 1) for p in parts]))
         wall = time.perf_counter() - t0
     n = repeats * len(datas)
     return {"cpu_ms_per_clip": round(cpu / n * 1e3, 2), "clips_per_s": round(n / wall, 2), "procs": procs}
 
 
-def _bare_cpu_part(datas: list[bytes], num_frames: int, repeats: int) -> float:
+def _bare_bytes_loop(datas: list[bytes], num_frames: int, repeats: int, warm: int) -> tuple[float, float]:
+    """(wall s, CPU s) of the bare loop over in-memory clips, one thread, after ``warm`` untimed clips."""
     import torch
 
     torch.set_num_threads(1)
     rng = np.random.default_rng()
-    for d in datas[:1]:
+    for d in datas[:warm]:
         _decode_bytes(d, num_frames, rng)
-    c0 = time.process_time()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         for d in datas:
             _decode_bytes(d, num_frames, rng)
-    return time.process_time() - c0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench_bare_bytes(datas: list[bytes], num_frames: int, repeats: int) -> float:
-    """The bare loop over in-memory clips (the transcoded ones, as read from their shards)."""
-    import torch
-
-    torch.set_num_threads(1)
-    rng = np.random.default_rng()
-    for d in datas[:2]:
-        _decode_bytes(d, num_frames, rng)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        for d in datas:
-            _decode_bytes(d, num_frames, rng)
-    return repeats * len(datas) / (time.perf_counter() - t0)
+    """The bare loop over in-memory clips (the transcoded ones, as read from their shards): clips/s."""
+    return repeats * len(datas) / _bare_bytes_loop(datas, num_frames, repeats, 2)[0]
 
 
 def transcode_to_shards(workdir: Path, short_side: int, gop: int) -> tuple[str, list[bytes], dict]:
