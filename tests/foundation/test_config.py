@@ -53,6 +53,16 @@ def test_bad_value_from_cli_names_override():
     assert "train.zero_stage" in msg and "7" in msg and "command line" in msg and "0, 1, 2 or 3" in msg
 
 
+@pytest.mark.parametrize("override,accepted", [("train.checkpoint_upload=later", "'async' or 'sync'"),
+                                               ("data.next_epoch_batches=-1", "greater than or equal to 0")])
+def test_issue_32_settings_refuse_bad_values_before_anything_starts(override, accepted):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert override.split("=")[0] in msg and "command line" in msg and accepted in msg, msg
+    assert "***" not in msg  # a setting, not a secret: its value is shown
+
+
 def test_bf16_on_cpu_is_rejected_with_fix():
     with pytest.raises(ConfigError, match="use_gpu=true"):
         load_config(None, ["train.precision=bf16"])
