@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import queue
 import re
 import threading
 import zlib
@@ -98,23 +100,49 @@ def _fetch(uri: str, inline: bytes, max_bytes: int | None = None) -> bytes:
     return read_media(uri, max_bytes)
 
 
+class _Runner:
+    """One long-lived daemon thread that runs calls handed to it, one at a time: a clip's decode
+    runs here instead of in a thread started and joined per call.  A call that overruns its
+    deadline leaves its runner behind (:func:`with_timeout` starts a fresh one); the runner ends
+    once that call returns."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()  # a forked child inherits this object but not its thread
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="decode-runner")
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:  # abandoned after a timeout: end once the stuck call returned
+                return
+            fn, args, box, done = job
+            try:
+                box["out"] = fn(*args)
+            except BaseException as e:  # re-raised in the caller's thread
+                box["err"] = e
+            done.set()
+            del job, fn, args, box, done  # nothing of a finished call is kept alive while idle
+
+
+_runners = threading.local()  # each calling thread its own runner (concurrent decode actors' calls)
+
+
 def with_timeout(seconds: float, uri: str, fn, *args, reason: str = "undecodable", what: str = "decoding",
                  setting: str = "data.decode_timeout_s"):
-    """Run ``fn(*args)`` in a daemon thread; past ``seconds`` the clip is bad (``reason``) and the
-    thread is abandoned (decord and storage reads release the GIL, so one pathological file or a
-    stalled read cannot stall the batch)."""
+    """Run ``fn(*args)`` on this thread's runner thread; past ``seconds`` the clip is bad (``reason``)
+    and the runner is abandoned, still busy, for a fresh one (decord and storage reads release the
+    GIL, so one pathological file or a stalled read cannot stall the batch)."""
+    runner = getattr(_runners, "runner", None)
+    if runner is None or runner.pid != os.getpid():
+        runner = _runners.runner = _Runner()
     box: dict = {}
-
-    def target():
-        try:
-            box["out"] = fn(*args)
-        except BaseException as e:  # re-raised in the caller's thread
-            box["err"] = e
-
-    t = threading.Thread(target=target, daemon=True, name=f"decode:{uri[-40:]}")
-    t.start()
-    t.join(seconds)
-    if t.is_alive():
+    done = threading.Event()
+    runner.jobs.put((fn, args, box, done))
+    if not done.wait(seconds):
+        _runners.runner = None  # stuck in this call: the next one gets a fresh thread
+        runner.jobs.put(None)
         raise BadClip(reason, uri, f"{what} took longer than {seconds}s ({setting})")
     if "err" in box:
         raise box["err"]
@@ -126,8 +154,12 @@ def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
     uri = str(batch["media_uri"][i])
     if batch["bad"][i]:
         raise BadClip(str(batch["bad"][i]), uri)
-    data = with_timeout(params.read_timeout_s, uri, _fetch, uri, bytes(batch["media_bytes"][i]),
-                        params.max_object_bytes, reason="read_error", what="reading", setting="data.read_timeout_s")
+    inline = bytes(batch["media_bytes"][i])
+    if inline:  # a shard member's bytes came with its shard: nothing to read, nothing to wait for
+        data = _fetch(uri, inline, params.max_object_bytes)
+    else:
+        data = with_timeout(params.read_timeout_s, uri, _fetch, uri, inline, params.max_object_bytes,
+                            reason="read_error", what="reading", setting="data.read_timeout_s")
     start, end = float(batch["start"][i]), float(batch["end"][i])
     rng = _rng(params, f"{seed_part(uri, params.root)}|{batch['id'][i]}", int(batch["epoch"][i]) if "epoch" in batch else None)
     dec = with_timeout(params.decode_timeout_s, uri, decode_media, data, uri, params.decode, rng,

@@ -81,6 +81,28 @@ def test_a_hanging_decode_is_a_bad_clip_not_a_hang():
         with_timeout(1.0, "u", lambda: (_ for _ in ()).throw(quality.BadClip("empty", "u")))
 
 
+def test_calls_share_one_runner_thread_until_one_overruns():
+    """Clip after clip runs on one long-lived thread (no thread per call); the thread stuck in an
+    overrun call is left behind, ends once that call returns, and the next call gets a fresh one."""
+    import threading
+
+    from orchestrator.data.process import with_timeout
+
+    def me():
+        return threading.current_thread()
+
+    first = with_timeout(1.0, "u", me)
+    assert first is not threading.current_thread() and with_timeout(1.0, "u", me) is first
+    release = threading.Event()
+    with pytest.raises(quality.BadClip):
+        with_timeout(0.1, "u", release.wait, 10)
+    fresh = with_timeout(1.0, "u", me)
+    assert fresh is not first and with_timeout(1.0, "u", me) is fresh
+    release.set()
+    first.join(5)
+    assert not first.is_alive()
+
+
 def test_tokenizer_build_is_a_function_of_the_texts(tmp_path):
     """Two builds from the same texts give the same vocabulary, ids and files (the demo repeats its
     figures only if its synthetic dataset's tokenizer does); every character of the texts is known."""
