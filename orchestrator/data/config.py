@@ -110,7 +110,10 @@ class DataConfig(BaseModel):
                             "must divide train.batch_size_per_worker")
     group_buffer: int = Field(256, ge=1, description="rows each worker buffers to find whole groups in")
     limit: int | None = Field(None, ge=1, description="use only the first N rows of each split (debugging)")
-    decoder: Literal["decord", "pyav"] = Field("decord", description="video decoder (same frames, see data/video.py)")
+    decoder: Literal["decord", "pyav"] = Field(
+        "decord", description="video decoder: the same frames either way (data/video.py); pyav reads the header "
+                              "as it opens (no separate probe) and converts only the wanted frames, so it costs less "
+                              "CPU per clip (docs/benchmarks.md, feeding the trainer at the cores' limit)")
     decode_short_side: int | None = Field(None, ge=0, description="decode sources whose short side is over 2x "
                                           "this straight to it (None = from image_size and scale_min; 0 = never)")
     keyframe_jitter: int = Field(2, ge=0, le=64, description="sampling 'keyframe': frames past the keyframe, at most")

@@ -5,7 +5,8 @@ the caller skips and counts it.  Videos go through :mod:`orchestrator.data.video
 default, or PyAV: both seek to the keyframe before each wanted frame, so a sparse sample of a long
 clip never decodes the whole clip); images through Pillow, as one frame.
 
-The container header is probed first (no frame decoded): a resolution outside the limits is
+The container header is read first (no frame decoded: :func:`~orchestrator.data.video.probe`, or
+the PyAV reader's own opening): a resolution outside the limits is
 refused there, and a source whose short side is more than twice ``DecodeSpec.short_side`` is
 decoded straight to that size by the decoder's scaler, so an 8K clip never materialises
 full-size RGB frames.
@@ -95,18 +96,27 @@ def decode_video(data: bytes, uri: str, spec: DecodeSpec, rng: np.random.Generat
     if not data:
         raise BadClip("empty", uri)
     try:
-        head = video.probe(data)  # the header only: nothing decoded yet
-        if head.width <= 0 or head.height <= 0:
+        if spec.decoder == "pyav":  # its reader reads the header on opening, before any frame: no probe
+            vr = video.PyAVReader(data)
+            width, height = vr.width, vr.height
+        else:
+            head = video.probe(data)  # the header only: nothing decoded yet
+            width, height = head.width, head.height
+        if width <= 0 or height <= 0:
             raise video.DecodeError("no frame size in the header")
     except video.DecodeError as e:
         reason = "truncated" if _has_video_signature(data) else "not_video"
         raise BadClip(reason, uri, str(e)) from None
-    _check_resolution(uri, head.height, head.width, spec)
-    try:
-        vr = video.open_reader(spec.decoder, data, decode_size(head.width, head.height, spec))
-    except video.DecodeError as e:
-        reason = "truncated" if _has_video_signature(data) else "not_video"
-        raise BadClip(reason, uri, str(e)) from None
+    _check_resolution(uri, height, width, spec)
+    size = decode_size(width, height, spec)
+    if spec.decoder == "pyav":
+        vr.size = size
+    else:
+        try:
+            vr = video.open_reader(spec.decoder, data, size)
+        except video.DecodeError as e:
+            reason = "truncated" if _has_video_signature(data) else "not_video"
+            raise BadClip(reason, uri, str(e)) from None
     n = len(vr)
     if n < spec.min_frames:
         raise BadClip("too_few_frames", uri, f"{n} frame(s), need {spec.min_frames}")

@@ -122,6 +122,10 @@ class DecordReader(Reader):
 
 
 class PyAVReader(Reader):
+    """Opening it reads the container header (:attr:`width`, :attr:`height`: what :func:`probe`
+    reads) and the packet index, and decodes no frame: a caller can check the resolution and set
+    :attr:`size` before the first :meth:`get`, with no separate probe."""
+
     name = "pyav"
 
     def __init__(self, data: bytes, size: tuple[int, int] | None = None):
@@ -147,6 +151,8 @@ class PyAVReader(Reader):
             raise
         except Exception as e:
             raise DecodeError(str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
+        cc = self.s.codec_context
+        self.width, self.height = int(cc.width or 0), int(cc.height or 0)  # the header's, as probe() reads
         self.pts = sorted(pts)
         self.index = {p: i for i, p in enumerate(self.pts)}
         self.keys = sorted(self.index[k] for k in keys)

@@ -141,6 +141,25 @@ def test_oversized_clip_refused_from_the_header(clip_bytes, monkeypatch):
     assert e.value.reason == "bad_resolution"
 
 
+def test_pyav_reads_the_header_once_and_refuses_before_decoding(clip_bytes, monkeypatch):
+    """With PyAV the reader's own opening is the probe: no second open of the container, and an
+    oversized clip is refused before any frame is decoded."""
+    def never(*a, **k):
+        raise AssertionError("called")
+
+    monkeypatch.setattr(decode_mod.video, "probe", never)
+    monkeypatch.setattr(decode_mod.video.PyAVReader, "get", never)
+    with pytest.raises(BadClip) as e:
+        decode_video(clip_bytes, "big.mp4", spec(max_resolution=32, decoder="pyav"), RNG)
+    assert e.value.reason == "bad_resolution" and "64x48" in str(e.value)
+    monkeypatch.undo()
+    monkeypatch.setattr(decode_mod.video, "probe", never)
+    assert decode_video(clip_bytes, "c", spec(short_side=20, decoder="pyav"), RNG).frames.shape[1:3] == (20, 26)
+    with pytest.raises(BadClip) as e:
+        decode_video(clip_bytes[: len(clip_bytes) // 3], "cut.mp4", spec(decoder="pyav"), RNG)
+    assert e.value.reason in ("truncated", "undecodable")
+
+
 def test_small_sources_are_decoded_at_their_size(clip_bytes):
     # 48x64 with short_side 20: 48 <= 2 * 20 is not "much larger", so the source size is kept
     assert decode_video(clip_bytes, "c", spec(short_side=24), RNG).frames.shape[1:3] == (48, 64)
