@@ -105,19 +105,26 @@ def bench_bare(paths: list[str], num_frames: int, repeats: int) -> float:
     return repeats * len(paths) / (time.perf_counter() - t0)
 
 
-def _decode_bytes(data: bytes, num_frames: int, rng: np.random.Generator) -> np.ndarray:
+def _decode_bytes(data: bytes, num_frames: int, rng: np.random.Generator, decoder: str = "decord") -> np.ndarray:
+    """The bare loop's work on one clip: open, sample, decode, crop.  ``decord``: ``get_batch``, as
+    the original loaders do; ``pyav``: the pipeline's PyAV reader (seek to the keyframe, decode
+    forward, convert only the wanted frames)."""
     import io
 
     import decord
 
-    from orchestrator.data import augment, sampling
+    from orchestrator.data import augment, sampling, video
 
+    if decoder == "pyav":
+        vr = video.open_reader("pyav", data)
+        idx = sampling.sample_indices("rand", 0, len(vr), num_frames, rng)
+        return augment.train_transform(vr.get(idx), SIZE, 0.5, True, rng)
     vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
     idx = sampling.sample_indices("rand", 0, len(vr), num_frames, rng)
     return augment.train_transform(vr.get_batch(idx).asnumpy(), SIZE, 0.5, True, rng)
 
 
-def bare_cpu_ms_per_clip(datas: list[bytes], num_frames: int, repeats: int, procs: int) -> dict:
+def bare_cpu_ms_per_clip(datas: list[bytes], num_frames: int, repeats: int, procs: int, decoder: str = "decord") -> dict:
     """The bare loop's CPU per clip with ``procs`` processes decoding side by side (each its share of
     the clips, one thread each): on ``procs`` busy cores a clip costs what it costs there, which is
     the like-for-like baseline of a Ray run on that many CPUs.  Also the clips per second."""
@@ -127,24 +134,26 @@ def bare_cpu_ms_per_clip(datas: list[bytes], num_frames: int, repeats: int, proc
     ctx = mp.get_context("fork")
     with ctx.Pool(procs) as pool:
         t0 = time.perf_counter()
-        cpu = sum(c for _, c in pool.starmap(_bare_bytes_loop, [(p, num_frames, repeats, 1) for p in parts]))
+        cpu = sum(c for _, c in pool.starmap(_bare_bytes_loop, [(p, num_frames, repeats, 1, decoder) for p in parts]))
         wall = time.perf_counter() - t0
     n = repeats * len(datas)
-    return {"cpu_ms_per_clip": round(cpu / n * 1e3, 2), "clips_per_s": round(n / wall, 2), "procs": procs}
+    return {"cpu_ms_per_clip": round(cpu / n * 1e3, 2), "clips_per_s": round(n / wall, 2), "procs": procs,
+            "decoder": decoder}
 
 
-def _bare_bytes_loop(datas: list[bytes], num_frames: int, repeats: int, warm: int) -> tuple[float, float]:
+def _bare_bytes_loop(datas: list[bytes], num_frames: int, repeats: int, warm: int,
+                     decoder: str = "decord") -> tuple[float, float]:
     """(wall s, CPU s) of the bare loop over in-memory clips, one thread, after ``warm`` untimed clips."""
     import torch
 
     torch.set_num_threads(1)
     rng = np.random.default_rng()
     for d in datas[:warm]:
-        _decode_bytes(d, num_frames, rng)
+        _decode_bytes(d, num_frames, rng, decoder)
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         for d in datas:
-            _decode_bytes(d, num_frames, rng)
+            _decode_bytes(d, num_frames, rng, decoder)
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -247,7 +256,8 @@ DL_DETAIL: dict = {}  # per DataLoader run: first batch and steady state
 
 
 def bench_ray(workdir: Path, num_frames: int, cpus: int, repeats: int, actors: bool = False,
-              shards: str | None = None, decode_batch: int = 8, decode_cpus: float = 1.0) -> float | None:
+              shards: str | None = None, decode_batch: int = 8, decode_cpus: float = 1.0, decoder: str = "decord",
+              batch: int = 4) -> float | None:
     """One Ray per measurement (a fresh process), so the CPU limit is exactly ``cpus``."""
     src = (f"SourceConfig(format='wds', train=[{shards!r}], val=[{shards!r}])" if shards
            else "SourceConfig(format='msrvtt', train=['ann.jsonl'], val=['ann.jsonl'])")
@@ -265,6 +275,7 @@ from orchestrator.data.pipeline import build_dataset, iter_worker_batches
 src = {src}
 cfg = DataConfig(root={str(workdir)!r}, sources=[src], num_frames={num_frames}, image_size={SIZE},
                  decode_cpus={decode_cpus}, decode_batch_size={decode_batch}, max_bad_fraction=0.0, decode_actors={actors},
+                 decoder={decoder!r},
                  tokenizer={str(workdir / "tokenizer")!r})
 ds = build_dataset(cfg, "train", True, ("frames", "text_ids"), run_name="bench")
 import psutil
@@ -286,7 +297,7 @@ def group(pid, name):
         return "Ray worker processes (read, decode tasks)"
     return name if name in ("raylet", "gcs_server") else "other Ray daemons"
 def one_pass():
-    return _timed_pass(iter_worker_batches(ds, 4, "cpu", 2))
+    return _timed_pass(iter_worker_batches(ds, {batch}, "cpu", 2))
 one_pass()
 before, machine0 = snapshot(), psutil.cpu_times()
 t0 = time.perf_counter(); passes = [one_pass() for _ in range({repeats})]; wall = time.perf_counter() - t0
@@ -316,7 +327,8 @@ print("RESULT", json.dumps({{**_pass_figures(passes), "wall_s": wall, "clips": c
         if line.startswith("RESULT "):
             r = json.loads(line[7:])
             r.update(cpu_per_clip(r, cpus))
-            RAY_DETAIL[f"{num_frames}/{cpus}/{'actors' if actors else 'tasks'}/{'shards' if shards else 'clips'}"] = {
+            RAY_DETAIL[f"{num_frames}/{cpus}/{'actors' if actors else 'tasks'}/{'shards' if shards else 'clips'}"
+                       f"{'' if decoder == 'decord' else '/' + decoder}"] = {
                 k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
             print("\n  ".join(["Ray Data stats (last pass):"] + r["stats"]), flush=True)
             print(f"  CPU seconds over the timed passes ({r['wall_s']:.1f} s wall x {cpus} CPUs), by process: "
@@ -440,27 +452,35 @@ print("RESULT", json.dumps({{"peak_rss_mb": round(peak / 1024, 1), "rss_before_d
 
 
 def transcoded_only(args, workdir: Path, shards: str, datas: list[bytes]) -> int:
-    """The Ray path on transcoded shards against the bare loop, CPU per clip at each CPU count."""
+    """The Ray path on transcoded shards against the bare loop, CPU per clip at each CPU count, for
+    each decoder (``--decoders``): against the bare decord loop (what the original loaders do, the
+    baseline) and against the bare loop of the same decoder (the Ray path's own overhead)."""
     res: dict = {"clips": len(datas), "load_avg_start": os.getloadavg()[0], "decode_batch": args.decode_batch,
-                 "decode_cpus": args.decode_cpus, "frames": {}}
+                 "decode_cpus": args.decode_cpus, "batch": args.batch, "frames": {}}
     for t in args.frames:
         out = res["frames"][str(t)] = {}
         for c in args.cpus:
-            bare = bare_cpu_ms_per_clip(datas, t, args.repeats, c)
-            clips_s = bench_ray(workdir, t, c, args.repeats, shards=shards, decode_batch=args.decode_batch,
-                                decode_cpus=args.decode_cpus)
-            ray = RAY_DETAIL[f"{t}/{c}/tasks/shards"]
-            out[str(c)] = {"bare": bare, "ray_clips_per_s": clips_s,
-                           "ray": {k: ray.get(k) for k in ("cpu_ms_per_clip", "cpu_ms_per_clip_by_process",
-                                                           "machine_busy_ms_per_clip", "decode_tasks_at_once",
-                                                           "steady_clips_per_s", "per_pass_first_batch_s")},
-                           "ray_cpu_over_bare": round(ray["cpu_ms_per_clip"] / bare["cpu_ms_per_clip"], 3),
-                           "ray_over_bare_clips_per_s": round(clips_s / bare["clips_per_s"], 3)}
-            print(f"T={t} {c} CPU(s): bare loop x{c} {bare['cpu_ms_per_clip']} ms/clip ({bare['clips_per_s']} clips/s); "
-                  f"Ray path {ray['cpu_ms_per_clip']} ms/clip ({out[str(c)]['ray_cpu_over_bare']}x, target <= 1.3x) "
-                  f"{ray['cpu_ms_per_clip_by_process']}, {clips_s} clips/s, decode tasks at once "
-                  f"{ray.get('decode_tasks_at_once')} of {c}, first batch per pass {ray['per_pass_first_batch_s']} s",
-                  flush=True)
+            bares = {d: bare_cpu_ms_per_clip(datas, t, args.repeats, c, d) for d in dict.fromkeys(["decord", *args.decoders])}
+            for dec in args.decoders:
+                clips_s = bench_ray(workdir, t, c, args.repeats, shards=shards, decode_batch=args.decode_batch,
+                                    decode_cpus=args.decode_cpus, decoder=dec, batch=args.batch)
+                ray = RAY_DETAIL[f"{t}/{c}/tasks/shards{'' if dec == 'decord' else '/' + dec}"]
+                base, same = bares["decord"], bares[dec]
+                row = out.setdefault(str(c), {})[dec] = {
+                    "bare_decord": base, "bare_same_decoder": same, "ray_clips_per_s": clips_s,
+                    "ray": {k: ray.get(k) for k in ("cpu_ms_per_clip", "cpu_ms_per_clip_by_process",
+                                                    "machine_busy_ms_per_clip", "decode_tasks_at_once",
+                                                    "steady_clips_per_s", "per_pass_first_batch_s")},
+                    "ray_cpu_over_bare": round(ray["cpu_ms_per_clip"] / base["cpu_ms_per_clip"], 3),
+                    "ray_cpu_over_bare_same_decoder": round(ray["cpu_ms_per_clip"] / same["cpu_ms_per_clip"], 3),
+                    "ray_over_bare_clips_per_s": round(clips_s / base["clips_per_s"], 3)}
+                print(f"T={t} {c} CPU(s), data.decoder={dec}: bare decord loop x{c} {base['cpu_ms_per_clip']} ms/clip "
+                      f"({base['clips_per_s']} clips/s), bare {dec} loop {same['cpu_ms_per_clip']} ms/clip; Ray path "
+                      f"{ray['cpu_ms_per_clip']} ms/clip ({row['ray_cpu_over_bare']}x the bare decord loop, target "
+                      f"<= 1.3x; {row['ray_cpu_over_bare_same_decoder']}x the bare {dec} loop) "
+                      f"{ray['cpu_ms_per_clip_by_process']}, {clips_s} clips/s, decode tasks at once "
+                      f"{ray.get('decode_tasks_at_once')} of {c}, first batch per pass {ray['per_pass_first_batch_s']} s",
+                      flush=True)
     res["load_avg_end"] = os.getloadavg()[0]
     print(json.dumps(res))
     return 0
@@ -481,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transcoded-only", action="store_true",
                     help="only the transcoded shards: CPU per clip of the Ray path against the bare loop with as "
                          "many processes as CPUs, decode tasks at once, each pass's first batch")
+    ap.add_argument("--decoders", nargs="+", default=["decord", "pyav"], choices=["decord", "pyav"],
+                    help="--transcoded-only: the Ray path with each data.decoder (default: both)")
+    ap.add_argument("--batch", type=int, default=8,
+                    help="--transcoded-only: the iterator's batch size (default 8, the smallest "
+                         "train.batch_size_per_worker of the configs)")
     ap.add_argument("--copies", type=int, default=1,
                     help="--transcoded-only: each transcoded shard this many times (a longer pass, as on a corpus, "
                          "without transcoding more clips)")
