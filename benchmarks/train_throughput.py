@@ -3,7 +3,10 @@ one worker, on the same pre-train batches; then the same stack fed by the Ray Da
 data-wait fraction: once reading the clips as generated, once reading shards written by
 ``shard --transcode`` (short side just above the crop, a keyframe every 4 frames, no B-frames).  Prints the overhead ratio (target <= 1.10x) and data-wait (target <= 5%).
 
-For the transcoded run it also measures what one sample costs in CPU: training it (the plain loop's
+The run fed by transcoded shards trains with the config's ``train.num_workers`` (``--fed-workers``;
+tiny: 2 gloo workers of one thread each, which is how training on CPUs uses the cores the decoders
+leave: one single-threaded trainer cannot, and a second torch thread costs more CPU per sample than
+it saves here).  For that run it also measures what one sample costs in CPU: training it (the plain loop's
 CPU seconds) and feeding it (the machine's busy CPU seconds while the data plane alone iterates the
 same dataset: decode tasks, Ray's processes and the iterator), and from those the least data wait
 any overlap could reach on this machine's cores with the trainer at its solo pace
@@ -122,7 +125,7 @@ def data_wait_floor(cores: int, train_wall_s: float, train_core_s: float, feed_c
     return 1.0 - train_wall_s / step
 
 
-def ray_stack(cfg, datasets, steps: int, log_every: int, history: tuple[str, ...] = ()) -> dict:
+def ray_stack(cfg, datasets, steps: int, log_every: int, history: tuple[str, ...] = (), workers: int = 1) -> dict:
     """The real driver: TorchTrainer, one DeepSpeed engine, checkpoints off until the end.  With
     ``history``, the run is tracked (a throwaway MLflow store) and those metrics' histories come back
     under ``history`` (e.g. ``data/first_batch_s``: one point per pass)."""
@@ -134,7 +137,7 @@ def ray_stack(cfg, datasets, steps: int, log_every: int, history: tuple[str, ...
                                      "tracking": cfg.tracking.model_copy(update=tracking),
                                      "train": cfg.train.model_copy(update={
                                          "max_steps": steps, "log_every": log_every, "checkpoint_every": 10**6,
-                                         "num_workers": 1, "warmup_steps": 1})})
+                                         "num_workers": workers, "warmup_steps": 1})})
         out = run_training(cfg, datasets=datasets)
         metrics = dict(out.metrics)
         if history:
@@ -179,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--tc-epochs", type=int, default=3,
                    help="passes the run fed by transcoded shards makes over its clips (data.limit), so that the "
                         "wait for each later pass's first batch is measured (default 3)")
+    p.add_argument("--fed-workers", type=int, default=None,
+                   help="Ray Train workers of the run fed by transcoded shards (default: the config's train.num_workers)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every run (e.g. data.decode_concurrency=1); repeatable")
     args = p.parse_args(argv)
@@ -234,8 +239,10 @@ def main(argv=None) -> int:
                     f"data.sources=[{{format: wds, train: [{shards}], val: [{shards}]}}]", f"data.limit={per_pass}"])
                 meter = Sampler(every=0.5)
                 meter.start()
+                fed_workers = args.fed_workers or cfg.train.num_workers
                 fed_tc = ray_stack(tc_run_cfg, None, steps=args.steps, log_every=warm,
-                                   history=("data/first_batch_s", "samples_per_s", "data_wait_frac"))
+                                   history=("data/first_batch_s", "samples_per_s", "data_wait_frac"),
+                                   workers=fed_workers)
                 tc_wall, tc_cpu = meter.stop()
                 cores = os.cpu_count() or 1
                 floor = data_wait_floor(cores, 1 / plain, plain_core_s, feed["core_s_per_sample"])
@@ -246,7 +253,7 @@ def main(argv=None) -> int:
                 "data_plane_samples_per_s": fed["samples_per_s"], "data_plane_wait_frac": fed["data_wait_frac"],
             }
             if fed_tc is not None:
-                results[preset].update(data_plane_transcoded_samples_per_s=fed_tc["samples_per_s"],
+                results[preset].update(data_plane_transcoded_samples_per_s=fed_tc["samples_per_s"], fed_workers=fed_workers,
                                        data_plane_transcoded_wait_frac=fed_tc["data_wait_frac"],
                                        plain_core_s_per_sample=plain_core_s,
                                        feed_transcoded_core_s_per_sample=feed["core_s_per_sample"],
@@ -264,7 +271,8 @@ def main(argv=None) -> int:
                   f"(overhead {r['overhead_ratio']:.2f}x, target <= 1.10x) | fed by Ray Data {r['data_plane_samples_per_s']:.2f}, "
                   f"data wait {100 * r['data_plane_wait_frac']:.1f}% (target <= 5%)", flush=True)
             if fed_tc is not None:
-                print(f"{preset}: fed by transcoded shards {r['data_plane_transcoded_samples_per_s']:.2f} samples/s, "
+                print(f"{preset}: fed by transcoded shards ({r['fed_workers']} worker(s)) "
+                      f"{r['data_plane_transcoded_samples_per_s']:.2f} samples/s, "
                       f"data wait {100 * r['data_plane_transcoded_wait_frac']:.1f}% (target <= 5%)", flush=True)
                 print(f"{preset}: CPU per sample: training {r['plain_core_s_per_sample'] * 1e3:.1f} ms "
                       f"({1e3 / r['plain_samples_per_s']:.1f} ms wall), feeding it from transcoded shards "
