@@ -13,12 +13,15 @@ Per save: the stall, the time of the step that takes the save minus the median o
 ``--plain`` steps before it; for async also the extra time of the steps after it until its commit
 (the background upload shares the CPU with training), the time from the save to its commit, and
 the part of the save spent copying the state into host memory.
-Checkpoints of earlier rounds are deleted between rounds (outside the timed steps).  The last
+Before the rounds the async checkpointer is prepared as the train loop prepares it at its first
+step (``Checkpointer.prepare``: its host buffers allocated in the upload thread; printed: the part
+on the step path and when the buffers were ready); ``--no-prepare`` leaves the allocation to the
+first async save.  Checkpoints of earlier rounds are deleted between rounds (outside the timed steps).  The last
 line is a JSON object with every figure and, per preset, ``async_over_sync`` (median async stall
 / median sync stall; the target is 0.10 or less).
 
     python benchmarks/checkpoint_stall.py [--presets tiny base] [--rounds 3] [--rounds-tiny 6] [--plain 5]
-                                          [--storage DIR] [--frames 1] [--image-size 224]
+                                          [--storage DIR] [--frames 1] [--image-size 224] [--no-prepare]
 """
 from __future__ import annotations
 
@@ -90,6 +93,14 @@ def worker(config: dict) -> None:
 
     for _ in range(2):  # warm-up: the optimizer's state exists from here on
         step(savers["sync"])
+    # what the train loop does at its first step: the async saves' host buffers, allocated ahead in
+    # the upload thread (--no-prepare: the first async save allocates them on the step path)
+    t0 = time.perf_counter()
+    prepare_s = savers["async"].prepare() if config["prepare"] else 0.0
+    ready = savers["async"].uploads.buffers.ready
+    if ready is not None:
+        ready.result()
+    buffers_s = time.perf_counter() - t0
     rows = []
     for r in range(config["rounds"]):
         for mode in MODES:
@@ -124,7 +135,8 @@ def worker(config: dict) -> None:
     size = max(r["checkpoint_bytes"] for r in rows)
     for saver in savers.values():
         saver.close()
-    Path(config["out"]).write_text(json.dumps({"rows": rows, "checkpoint_bytes": size,
+    Path(config["out"]).write_text(json.dumps({"rows": rows, "checkpoint_bytes": size, "prepare_s": prepare_s,
+                                               "buffers_ready_s": buffers_s,
                                                "params": sum(p.numel() for p in engine.module.parameters())}))
 
 
@@ -133,7 +145,7 @@ def measure(preset: str, args, storage_root: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     name = f"stall-{preset}"
-    config = {"preset": preset, "rounds": args.rounds_tiny if preset == "tiny" else args.rounds, "plain": args.plain, "frames": args.frames,
+    config = {"preset": preset, "prepare": not args.no_prepare, "rounds": args.rounds_tiny if preset == "tiny" else args.rounds, "plain": args.plain, "frames": args.frames,
               "image_size": args.image_size, "run_dir": os.path.join(storage_root, name),
               "out": os.path.join(storage_root, f"{name}.json")}
     trainer = TorchTrainer(worker, train_loop_config=config,
@@ -145,6 +157,7 @@ def measure(preset: str, args, storage_root: str) -> dict:
     rows = out["rows"]
     med = {m: statistics.median(r["stall_s"] for r in rows if r["mode"] == m) for m in MODES}
     return {"params": out["params"], "checkpoint_bytes": out["checkpoint_bytes"], "rows": rows,
+            "prepare_s": out["prepare_s"], "buffers_ready_s": out["buffers_ready_s"],
             "sync_stall_s": med["sync"], "async_stall_s": med["async"],
             "async_overlap_s": statistics.median(r["overlap_s"] for r in rows if r["mode"] == "async"),
             "async_commit_after_s": statistics.median(r["commit_after_s"] for r in rows if r["mode"] == "async"),
@@ -163,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plain", type=int, default=5, help="steps without a save before each save (the baseline)")
     ap.add_argument("--frames", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--no-prepare", action="store_true",
+                    help="no Checkpointer.prepare at the start: the first async save allocates its host buffers")
     ap.add_argument("--storage", default=None, help="the storage folder (default: a temporary one, removed after)")
     args = ap.parse_args(argv)
 
@@ -183,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(async/sync {r['async_over_sync']:.3f}); async: commit {r['async_commit_after_s']:.2f} s after "
                   f"the save, {r['async_overlap_s']:.2f} s added to the steps until then; the save call itself: "
                   f"sync {r['sync_save_call_s']:.2f} s, async {r['async_save_call_s']:.2f} s (of which the state's "
-                  f"copy {r['async_state_copy_s']:.2f} s)", flush=True)
+                  f"copy {r['async_state_copy_s']:.2f} s); prepare at the first step: {r['prepare_s']:.3f} s on the "
+                  f"step, buffers ready {r['buffers_ready_s']:.2f} s after it", flush=True)
     finally:
         ray.shutdown()
         if args.storage is None:

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -16,7 +17,7 @@ import torch
 from orchestrator import storage
 from orchestrator.train import manifest
 from orchestrator.train.lease import LeaseLost
-from orchestrator.train.upload import BackgroundUpload, DeferredWrites, Pending, UploadFailed, upload_job
+from orchestrator.train.upload import BackgroundUpload, DeferredWrites, Pending, Sizer, UploadFailed, upload_job
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +312,22 @@ class Checkpointer:
             raise
         self.uploads.start(upload_job(d, target, deferred, manifest.describe_files, storage.upload_dir),
                            name, step, client_state, reported)
+
+    def prepare(self) -> float:
+        """Async only, once, at the run's first optimizer step (every rank: DeepSpeed's save is a
+        collective; the optimizer's state exists by then): learn the sizes of the storages a save
+        copies, with a dry save that copies and writes nothing, and allocate host buffers for them
+        in the upload thread while training goes on.  The first checkpoint then copies into memory
+        that exists instead of allocating the whole state on the step path.  Returns the seconds it
+        took on the step path."""
+        if self.uploads is None or self.uploads.buffers.pool or self.uploads.buffers.ready is not None:
+            return 0.0
+        t0 = time.perf_counter()
+        sizer = Sizer()
+        with tempfile.TemporaryDirectory() as d:
+            DeferredWrites.around(self.engine, lambda: save(self.engine, d, {}, self.rank), sizer)
+        self.uploads.buffers.reserve(sizer.sizes, self.uploads.run)
+        return time.perf_counter() - t0
 
     def poll(self) -> Pending | None:
         """At a step boundary (every rank, the same step): commit the checkpoint in flight if every

@@ -33,13 +33,25 @@ class HostBuffers:
     """Host-memory copies of a state's tensor storages, kept from one save to the next: the first
     save allocates them, the later ones copy into the same buffers in the same order (no page
     faults on the step path).  Reused only once the upload that read them ended: one upload in
-    flight, and the next save waits for it.  Holds one copy of the checkpointed state."""
+    flight, and the next save waits for it.  Holds one copy of the checkpointed state.
+
+    :meth:`reserve` allocates them ahead, off the step path (``Checkpointer.prepare``): the first
+    save then copies into buffers whose pages exist (on a GPU worker: pinned memory), instead of
+    allocating the whole state's size while every worker waits."""
 
     def __init__(self) -> None:
         self.pool: list[torch.UntypedStorage] = []   # the previous save's, in the order they were taken
         self.taken: list[torch.UntypedStorage] = []  # this save's
+        self.ready: Future | None = None  # buffers being allocated ahead (reserve)
 
     def start(self) -> None:
+        if self.ready is not None:  # the buffers allocated ahead: wait for them, once
+            ready, self.ready = self.ready, None
+            if ready.exception() is None:
+                self.pool = ready.result()
+            else:
+                log.warning("checkpoint host buffers could not be allocated ahead (%s): this save allocates them",
+                            ready.exception())
         self.taken = []
 
     def finish(self) -> None:
@@ -55,33 +67,77 @@ class HostBuffers:
         self.taken.append(buf)
         return buf
 
+    def reserve(self, sizes: list[tuple[int, str]], run: Callable[[Callable[[], Any]], Future]) -> None:
+        """Allocate buffers of ``sizes`` ((bytes, source device type), in the order a save takes
+        them) in the background (``run`` submits a function to the upload thread) and touch every
+        page; the next :meth:`start` waits for them."""
+        self.ready = run(lambda: [allocate(n, device) for n, device in sizes])
+
+
+def allocate(nbytes: int, device: str) -> torch.UntypedStorage:
+    """``nbytes`` of host memory with every page touched (pinned when its source is a CUDA device)."""
+    pin = device == "cuda" and torch.cuda.is_available()
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    buf.zero_()
+    return buf.untyped_storage()
+
+
+class Sizer:
+    """Stands in for :class:`HostBuffers` in a dry :func:`snapshot`: it records each storage's size
+    and device in the order a save takes them, and copies nothing (the snapshot's tensors are then
+    views of the live state, never written)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[tuple[int, str]] = []
+
+    def start(self) -> None:
+        self.sizes = []
+
+    def finish(self) -> None:
+        pass
+
+    def copy(self, src: torch.UntypedStorage) -> torch.UntypedStorage:
+        self.sizes.append((src.nbytes(), src.device.type))
+        return src
+
+
+_IMMUTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
 
 def snapshot(obj: Any, buffers: HostBuffers | None = None, storages: dict | None = None) -> Any:
     """A copy of ``obj`` in host memory that no later training step changes: each tensor storage
     copied once (tensors that shared one, views included, share its copy, so ``torch.save`` writes
     what it would have written of the live state), into ``buffers`` when given; containers
-    rebuilt; other objects deep-copied.  Unlike ``copy.deepcopy`` it accepts tensors that are not
-    graph leaves (ZeRO's flat groups)."""
+    rebuilt; immutable values kept; other objects deep-copied.  Unlike ``copy.deepcopy`` it accepts
+    tensors that are not graph leaves (ZeRO's flat groups).  It runs on the step path once per
+    tensor of the state (thousands), so each visit is kept to a few calls."""
     buffers = HostBuffers() if buffers is None else buffers
     storages = {} if storages is None else storages
+    return _snapshot(obj, buffers, storages)
+
+
+def _snapshot(obj: Any, buffers: HostBuffers, storages: dict) -> Any:
+    kind = type(obj)
+    if kind in _IMMUTABLE:
+        return obj
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        src = t.untyped_storage()
-        key = (src.data_ptr(), src.nbytes(), str(t.device))
-        if key not in storages:
-            storages[key] = buffers.copy(src)
-        return torch.empty((0,), dtype=t.dtype).set_(storages[key], t.storage_offset(), t.size(), t.stride())
+        src = obj.untyped_storage()
+        key = (src.data_ptr(), src.nbytes(), obj.device)
+        held = storages.get(key)
+        if held is None:
+            held = storages[key] = buffers.copy(src)
+        return torch.empty((0,), dtype=obj.dtype).set_(held, obj.storage_offset(), obj.size(), obj.stride())
     if isinstance(obj, dict):
         out = copy.copy(obj)  # its type (OrderedDict, defaultdict ...), then each value copied
         for k, v in obj.items():
-            out[k] = snapshot(v, buffers, storages)
+            out[k] = _snapshot(v, buffers, storages)
         return out
     if isinstance(obj, list):
-        return [snapshot(v, buffers, storages) for v in obj]
-    if type(obj) is tuple:
-        return tuple(snapshot(v, buffers, storages) for v in obj)
+        return [_snapshot(v, buffers, storages) for v in obj]
+    if kind is tuple:
+        return tuple(_snapshot(v, buffers, storages) for v in obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
-        return type(obj)(*(snapshot(v, buffers, storages) for v in obj))
+        return kind(*(_snapshot(v, buffers, storages) for v in obj))
     return copy.deepcopy(obj)
 
 
@@ -181,6 +237,10 @@ class BackgroundUpload:
         if self.pending is not None:
             raise RuntimeError(f"checkpoint {self.pending.name} is still pending: take it before starting {name}")
         self.pending = Pending(name, step, client_state, reported, self._pool.submit(job))
+
+    def run(self, fn: Callable[[], Any]) -> Future:
+        """``fn`` on the upload thread (after any upload in flight): background work that is not an upload."""
+        return self._pool.submit(fn)
 
     def wait(self) -> None:
         """Block until the pending upload ended (well or not); no-op without one."""

@@ -240,6 +240,7 @@ class TrainLoop:
         self.mixed = tuple(plan.stream_fractions)  # the mixed-in streams: their share of batches is logged
         self.window, self.timer = LossWindow(), StepTimer()
         self.last_metrics: dict[str, float] = {}  # the last logged step's: reported with each checkpoint
+        self.prepared = False  # the checkpointer's host buffers (async uploads) asked for at the first step
 
     def run(self) -> None:
         """Epochs of micro-batches until ``train.max_steps`` optimizer steps."""
@@ -266,6 +267,11 @@ class TrainLoop:
     def after_step(self, actions: StepActions) -> None:
         """Carry out what the schedule decided for this optimizer step."""
         step, world = actions.step, self.step.world
+        if not self.prepared:  # the optimizer's state exists now: the first checkpoint's buffers, ahead
+            self.prepared = True
+            took = self.checkpointer.prepare()
+            if took:
+                self.metrics.log({"checkpoint_prepare_s": took}, step)
         committed = self.checkpointer.poll()  # an async checkpoint whose upload ended on every rank
         if committed is not None:
             self.metrics.log({"checkpoint_upload_s": time.perf_counter() - committed.started}, step)

@@ -132,6 +132,37 @@ def test_save_returns_before_the_upload_with_its_steps_state_and_the_marker_come
     assert float(saved["w"].sum()) == 1000.0 and saved["step"] == 4
 
 
+def test_prepare_allocates_the_first_saves_buffers_ahead_and_writes_nothing(world, caplog):
+    """The loop's first step: a dry save sizes the state (no file, no upload, no marker), the
+    buffers are allocated in the upload thread, and the first checkpoint copies into them with its
+    own step's state.  Asked again, it does nothing; a failed allocation costs only the head start."""
+    saver = world.saver
+    assert saver.prepare() > 0 and saver.prepare() == 0.0  # once
+    reserved = saver.uploads.buffers.ready.result()
+    assert [b.nbytes() for b in reserved] == [1000 * 4]  # the engine's one tensor (w), every page touched
+    assert world.events == [] and not os.path.exists(storage.local_path(world.run_dir))
+    saver.engine.w += 2
+    saver.save(5, {"step": 5}, {})
+    saver.engine.w += 1
+    saver.drain()
+    assert saver.uploads.buffers.pool[0].data_ptr() == reserved[0].data_ptr()  # no allocation on the step
+    saved = torch.load(Path(storage.local_path(world.run_dir), _name(5), "ds", "model.pt"))
+    assert float(saved["w"].sum()) == 2000.0 and saved["step"] == 5
+
+    other = checkpoint.Checkpointer(Engine(), [], run_dir=world.run_dir + "-b", rank=0, world=1)
+    try:
+        other.uploads.buffers.reserve([(16, "cpu")], lambda fn: other.uploads.run(lambda: 1 / 0))
+        with caplog.at_level("WARNING"):
+            other.save(1, {"step": 1}, {})
+            other.drain()
+        assert "could not be allocated ahead" in caplog.text
+        assert float(torch.load(Path(storage.local_path(world.run_dir + "-b"), _name(1), "ds", "model.pt"))["w"].sum()) == 0
+    finally:
+        other.close()
+    sync = checkpoint.Checkpointer(Engine(), [], run_dir=world.run_dir + "-c", rank=0, world=1, upload="sync")
+    assert sync.prepare() == 0.0  # sync saves hold no host copy
+
+
 def test_the_marker_waits_for_every_ranks_upload(world):
     world.other_done = False  # this rank's upload ends; the other rank's does not yet
     world.saver.save(2, {"step": 2}, {})
