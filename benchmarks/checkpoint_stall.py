@@ -133,11 +133,74 @@ def worker(config: dict) -> None:
             print(json.dumps({"preset": config["preset"], **row}), flush=True)
             clear_old(keep=kept.name)
     size = max(r["checkpoint_bytes"] for r in rows)
+    breakdown = save_breakdown(engine) if size < 2**30 else None  # a second copy of the state: small only
     for saver in savers.values():
         saver.close()
     Path(config["out"]).write_text(json.dumps({"rows": rows, "checkpoint_bytes": size, "prepare_s": prepare_s,
-                                               "buffers_ready_s": buffers_s,
+                                               "buffers_ready_s": buffers_s, "breakdown": breakdown,
                                                "params": sum(p.numel() for p in engine.module.parameters())}))
+
+
+def save_breakdown(engine, repeats: int = 5) -> dict:
+    """Where an async save call's time goes, on the live engine: DeepSpeed's own save path (with a
+    checkpoint engine that keeps what it is asked to write and writes nothing), the tensors of that
+    state (count, bytes), one ``copy_`` of each into buffers that exist, and the snapshot the save
+    takes (``upload.snapshot`` into reused host buffers).  Medians of ``repeats``.  It holds a second
+    copy of the state: small presets only."""
+    import torch
+
+    from orchestrator.train.checkpoint import save
+    from orchestrator.train.upload import HostBuffers, snapshot
+
+    class Capture:
+        def __init__(self, inner):
+            self.inner, self.states = inner, []
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def save(self, state_dict, path):
+            self.states.append(state_dict)
+
+    inner, cap, took = engine.checkpoint_engine, Capture(engine.checkpoint_engine), []
+    engine.checkpoint_engine = cap
+    try:
+        for _ in range(repeats):
+            cap.states = []
+            with tempfile.TemporaryDirectory() as d:
+                t0 = time.perf_counter()
+                save(engine, d, {}, 0)
+                took.append(time.perf_counter() - t0)
+    finally:
+        engine.checkpoint_engine = inner
+    tensors: list = []
+
+    def leaves(obj):
+        if isinstance(obj, torch.Tensor):
+            tensors.append(obj)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                leaves(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                leaves(v)
+
+    leaves(cap.states)
+    dst = [t.detach().clone() for t in tensors]
+    copies, snaps, buffers = [], [], HostBuffers()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for a, b in zip(dst, tensors):
+            a.copy_(b)
+        copies.append(time.perf_counter() - t0)
+        buffers.start()
+        t0 = time.perf_counter()
+        snapshot(cap.states, buffers)
+        snaps.append(time.perf_counter() - t0)
+        buffers.finish()
+    return {"deepspeed_save_path_s": statistics.median(took), "tensors": len(tensors),
+            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors),
+            "copy_each_tensor_s": statistics.median(copies), "snapshot_s": statistics.median(snaps[1:])}
 
 
 def measure(preset: str, args, storage_root: str) -> dict:
@@ -157,7 +220,7 @@ def measure(preset: str, args, storage_root: str) -> dict:
     rows = out["rows"]
     med = {m: statistics.median(r["stall_s"] for r in rows if r["mode"] == m) for m in MODES}
     return {"params": out["params"], "checkpoint_bytes": out["checkpoint_bytes"], "rows": rows,
-            "prepare_s": out["prepare_s"], "buffers_ready_s": out["buffers_ready_s"],
+            "prepare_s": out["prepare_s"], "buffers_ready_s": out["buffers_ready_s"], "breakdown": out["breakdown"],
             "sync_stall_s": med["sync"], "async_stall_s": med["async"],
             "async_overlap_s": statistics.median(r["overlap_s"] for r in rows if r["mode"] == "async"),
             "async_commit_after_s": statistics.median(r["commit_after_s"] for r in rows if r["mode"] == "async"),
@@ -200,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"sync {r['sync_save_call_s']:.2f} s, async {r['async_save_call_s']:.2f} s (of which the state's "
                   f"copy {r['async_state_copy_s']:.2f} s); prepare at the first step: {r['prepare_s']:.3f} s on the "
                   f"step, buffers ready {r['buffers_ready_s']:.2f} s after it", flush=True)
+            if r["breakdown"]:
+                b = r["breakdown"]
+                print(f"{preset}: the async save call's parts: DeepSpeed's save path {b['deepspeed_save_path_s'] * 1e3:.1f} ms, "
+                      f"the snapshot of its {b['tensors']:,} tensors ({b['tensor_bytes'] / 2**20:.1f} MiB) "
+                      f"{b['snapshot_s'] * 1e3:.1f} ms, of which a copy_ of each tensor alone "
+                      f"{b['copy_each_tensor_s'] * 1e3:.1f} ms", flush=True)
     finally:
         ray.shutdown()
         if args.storage is None:
