@@ -1,7 +1,7 @@
 """The step-time stall of a checkpoint on CPU: synchronous vs asynchronous upload, tiny and base.
 
 One local Ray, one Ray Train worker (``TorchTrainer``, gloo) per preset, a real DeepSpeed engine
-(fp32, ZeRO 0, AdamW: the engine's files carry the weights and both Adam moments) around the
+(fp32, ZeRO 0 or ``--zero-stage``, AdamW: the engine's files carry the weights and both Adam moments) around the
 mPLUG-2 pre-training model of the preset; a step is forward + backward + optimizer step of the
 pre-training objective on two synthetic samples (``benchmarks/model_step.py``'s step), then the
 checkpointer's ``poll`` as the train loop does.  The same worker, with the same engine, measures
@@ -21,7 +21,7 @@ line is a JSON object with every figure and, per preset, ``async_over_sync`` (me
 / median sync stall; the target is 0.10 or less).
 
     python benchmarks/checkpoint_stall.py [--presets tiny base] [--rounds 3] [--rounds-tiny 6] [--plain 5]
-                                          [--storage DIR] [--frames 1] [--image-size 224] [--no-prepare]
+                                          [--storage DIR] [--frames 1] [--image-size 224] [--no-prepare] [--zero-stage 0]
 """
 from __future__ import annotations
 
@@ -57,7 +57,8 @@ def worker(config: dict) -> None:
     torch.manual_seed(0)
     cfg = MPlugConfig.from_preset(config["preset"], image_size=config["image_size"])
     model = MPlug2(cfg, "pretrain").train()
-    tcfg = TrainConfig(num_workers=1, batch_size_per_worker=1, warmup_steps=0, lr=1e-5, max_steps=10 ** 6)
+    tcfg = TrainConfig(num_workers=1, batch_size_per_worker=1, warmup_steps=0, lr=1e-5, max_steps=10 ** 6,
+                       zero_stage=config["zero_stage"])
     optimizer, scheduler = build_optimizer(model, tcfg)
     use_locked_build_tools()
     load_cpu_comm_op()
@@ -208,7 +209,7 @@ def measure(preset: str, args, storage_root: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     name = f"stall-{preset}"
-    config = {"preset": preset, "prepare": not args.no_prepare, "rounds": args.rounds_tiny if preset == "tiny" else args.rounds, "plain": args.plain, "frames": args.frames,
+    config = {"preset": preset, "prepare": not args.no_prepare, "zero_stage": args.zero_stage, "rounds": args.rounds_tiny if preset == "tiny" else args.rounds, "plain": args.plain, "frames": args.frames,
               "image_size": args.image_size, "run_dir": os.path.join(storage_root, name),
               "out": os.path.join(storage_root, f"{name}.json")}
     trainer = TorchTrainer(worker, train_loop_config=config,
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plain", type=int, default=5, help="steps without a save before each save (the baseline)")
     ap.add_argument("--frames", type=int, default=1)
     ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--zero-stage", type=int, choices=(0, 1, 2), default=0,
+                    help="DeepSpeed's ZeRO stage of the engine (default 0; pretrain_base.yaml trains with 1)")
     ap.add_argument("--no-prepare", action="store_true",
                     help="no Checkpointer.prepare at the start: the first async save allocates its host buffers")
     ap.add_argument("--storage", default=None, help="the storage folder (default: a temporary one, removed after)")
@@ -251,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.storage or tempfile.mkdtemp(prefix="ckpt-stall-")
     ensure_ray()
     result: dict = {"storage": "local folder", "frames": args.frames, "image_size": args.image_size,
+                    "zero_stage": args.zero_stage,
                     "rounds": args.rounds, "rounds_tiny": args.rounds_tiny, "plain_steps": args.plain, "target_async_over_sync": 0.10}
     try:
         for preset in args.presets:
