@@ -72,6 +72,11 @@ def _has_video_signature(data: bytes) -> bool:
             or head[:3] == b"FLV")
 
 
+def _unopenable(data: bytes, uri: str, e: Exception) -> BadClip:
+    """A container that could not be opened: 'truncated' when its bytes start like a video, else 'not_video'."""
+    return BadClip("truncated" if _has_video_signature(data) else "not_video", uri, str(e))
+
+
 def _check_resolution(uri: str, h: int, w: int, spec: DecodeSpec) -> None:
     if min(h, w) < spec.min_resolution or max(h, w) > spec.max_resolution:
         raise BadClip("bad_resolution", uri, f"{w}x{h} outside [{spec.min_resolution}, {spec.max_resolution}]")
@@ -105,8 +110,7 @@ def decode_video(data: bytes, uri: str, spec: DecodeSpec, rng: np.random.Generat
         if width <= 0 or height <= 0:
             raise video.DecodeError("no frame size in the header")
     except video.DecodeError as e:
-        reason = "truncated" if _has_video_signature(data) else "not_video"
-        raise BadClip(reason, uri, str(e)) from None
+        raise _unopenable(data, uri, e) from None
     _check_resolution(uri, height, width, spec)
     size = decode_size(width, height, spec)
     if spec.decoder == "pyav":
@@ -115,8 +119,7 @@ def decode_video(data: bytes, uri: str, spec: DecodeSpec, rng: np.random.Generat
         try:
             vr = video.open_reader(spec.decoder, data, size)
         except video.DecodeError as e:
-            reason = "truncated" if _has_video_signature(data) else "not_video"
-            raise BadClip(reason, uri, str(e)) from None
+            raise _unopenable(data, uri, e) from None
     n = len(vr)
     if n < spec.min_frames:
         raise BadClip("too_few_frames", uri, f"{n} frame(s), need {spec.min_frames}")

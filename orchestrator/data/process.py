@@ -154,12 +154,10 @@ def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
     uri = str(batch["media_uri"][i])
     if batch["bad"][i]:
         raise BadClip(str(batch["bad"][i]), uri)
-    inline = bytes(batch["media_bytes"][i])
-    if inline:  # a shard member's bytes came with its shard: nothing to read, nothing to wait for
-        data = _fetch(uri, inline, params.max_object_bytes)
-    else:
-        data = with_timeout(params.read_timeout_s, uri, _fetch, uri, inline, params.max_object_bytes,
-                            reason="read_error", what="reading", setting="data.read_timeout_s")
+    # a shard member's bytes came with its shard: nothing to read, nothing to wait for
+    data = bytes(batch["media_bytes"][i]) or with_timeout(
+        params.read_timeout_s, uri, _fetch, uri, b"", params.max_object_bytes, reason="read_error", what="reading",
+        setting="data.read_timeout_s")
     start, end = float(batch["start"][i]), float(batch["end"][i])
     rng = _rng(params, f"{seed_part(uri, params.root)}|{batch['id'][i]}", int(batch["epoch"][i]) if "epoch" in batch else None)
     dec = with_timeout(params.decode_timeout_s, uri, decode_media, data, uri, params.decode, rng,

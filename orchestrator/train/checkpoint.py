@@ -326,7 +326,7 @@ class Checkpointer:
         sizer = Sizer()
         with tempfile.TemporaryDirectory() as d:
             DeferredWrites.around(self.engine, lambda: save(self.engine, d, {}, self.rank), sizer)
-        self.uploads.buffers.reserve(sizer.sizes, self.uploads.run)
+        self.uploads.reserve(sizer.sizes)
         return time.perf_counter() - t0
 
     def poll(self) -> Pending | None:

@@ -35,14 +35,15 @@ class HostBuffers:
     faults on the step path).  Reused only once the upload that read them ended: one upload in
     flight, and the next save waits for it.  Holds one copy of the checkpointed state.
 
-    :meth:`reserve` allocates them ahead, off the step path (``Checkpointer.prepare``): the first
-    save then copies into buffers whose pages exist (on a GPU worker: pinned memory), instead of
-    allocating the whole state's size while every worker waits."""
+    :attr:`ready` holds them while they are allocated ahead, off the step path
+    (:meth:`BackgroundUpload.reserve`, from ``Checkpointer.prepare``): the first save then copies
+    into buffers whose pages exist (on a GPU worker: pinned memory), instead of allocating the
+    whole state's size while every worker waits."""
 
     def __init__(self) -> None:
         self.pool: list[torch.UntypedStorage] = []   # the previous save's, in the order they were taken
         self.taken: list[torch.UntypedStorage] = []  # this save's
-        self.ready: Future | None = None  # buffers being allocated ahead (reserve)
+        self.ready: Future | None = None  # buffers being allocated ahead (BackgroundUpload.reserve)
 
     def start(self) -> None:
         if self.ready is not None:  # the buffers allocated ahead: wait for them, once
@@ -66,12 +67,6 @@ class HostBuffers:
             buf = src.clone() if src.device.type == "cpu" else src.cpu()
         self.taken.append(buf)
         return buf
-
-    def reserve(self, sizes: list[tuple[int, str]], run: Callable[[Callable[[], Any]], Future]) -> None:
-        """Allocate buffers of ``sizes`` ((bytes, source device type), in the order a save takes
-        them) in the background (``run`` submits a function to the upload thread) and touch every
-        page; the next :meth:`start` waits for them."""
-        self.ready = run(lambda: [allocate(n, device) for n, device in sizes])
 
 
 def allocate(nbytes: int, device: str) -> torch.UntypedStorage:
@@ -238,9 +233,10 @@ class BackgroundUpload:
             raise RuntimeError(f"checkpoint {self.pending.name} is still pending: take it before starting {name}")
         self.pending = Pending(name, step, client_state, reported, self._pool.submit(job))
 
-    def run(self, fn: Callable[[], Any]) -> Future:
-        """``fn`` on the upload thread (after any upload in flight): background work that is not an upload."""
-        return self._pool.submit(fn)
+    def reserve(self, sizes: list[tuple[int, str]]) -> None:
+        """Allocate :attr:`buffers` of ``sizes`` ((bytes, source device type), in the order a save
+        takes them) on the upload thread, every page touched; the next save waits for them."""
+        self.buffers.ready = self._pool.submit(lambda: [allocate(n, device) for n, device in sizes])
 
     def wait(self) -> None:
         """Block until the pending upload ended (well or not); no-op without one."""

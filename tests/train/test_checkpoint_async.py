@@ -18,7 +18,7 @@ import torch
 
 from orchestrator import storage
 from orchestrator.config import load_config
-from orchestrator.train import checkpoint, manifest
+from orchestrator.train import checkpoint, manifest, upload
 from orchestrator.train.upload import UploadFailed
 from orchestrator.trainer import loop
 from orchestrator.trainer.plan import WorkerPlan
@@ -132,7 +132,7 @@ def test_save_returns_before_the_upload_with_its_steps_state_and_the_marker_come
     assert float(saved["w"].sum()) == 1000.0 and saved["step"] == 4
 
 
-def test_prepare_allocates_the_first_saves_buffers_ahead_and_writes_nothing(world, caplog):
+def test_prepare_allocates_the_first_saves_buffers_ahead_and_writes_nothing(world, caplog, monkeypatch):
     """The loop's first step: a dry save sizes the state (no file, no upload, no marker), the
     buffers are allocated in the upload thread, and the first checkpoint copies into them with its
     own step's state.  Asked again, it does nothing; a failed allocation costs only the head start."""
@@ -151,7 +151,8 @@ def test_prepare_allocates_the_first_saves_buffers_ahead_and_writes_nothing(worl
 
     other = checkpoint.Checkpointer(Engine(), [], run_dir=world.run_dir + "-b", rank=0, world=1)
     try:
-        other.uploads.buffers.reserve([(16, "cpu")], lambda fn: other.uploads.run(lambda: 1 / 0))
+        monkeypatch.setattr(upload, "allocate", lambda nbytes, device: 1 / 0)
+        other.prepare()
         with caplog.at_level("WARNING"):
             other.save(1, {"step": 1}, {})
             other.drain()

@@ -55,6 +55,7 @@ class Counts:  # the run's bad-clip counts: none
 class Checkpointer:
     def __init__(self, preemption):
         self.saved, self.saved_step, self.preemption = [], -1, preemption
+        self.prepared = []  # saves taken before each prepare()
 
     def preempted(self):
         return self.preemption.should_checkpoint()
@@ -64,7 +65,7 @@ class Checkpointer:
         self.saved_step = step
 
     def prepare(self):
-        self.prepared_at = len(self.saved)  # saves taken before it
+        self.prepared.append(len(self.saved))
         return 0.0
 
     def poll(self):
@@ -128,6 +129,7 @@ def test_steps_reports_checkpoints_and_epochs():
     assert w.state.step == 10 and w.state.epoch == 1 and w.state.epoch_batches == 4
     assert seen == list(range(6)) + list(range(4))
     assert saved == [4, 8, 10]                      # the last step's checkpoint is not taken twice
+    assert w.checkpointer.prepared == [0]           # once, at the first step, before any save
     assert reported == [3, 6, 9]                    # log-only steps report without a checkpoint
     # the window since the last report (step 9): the one batch of step 10, i = 3
     assert w.last_metrics["step"] == 10 and w.last_metrics["loss"] == pytest.approx(3.0)
