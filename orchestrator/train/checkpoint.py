@@ -209,8 +209,9 @@ class Checkpointer:
     - :meth:`save`: every rank writes its DeepSpeed shard and the parts' files; then, with
       ``upload="sync"``, reports them to Ray Train (which uploads them) and rank 0 writes the
       completion marker listing every rank's files once every rank's upload returned (the step
-      waits for all of it).  With ``upload="async"`` (the default) the step only copies the state
-      in memory and writes the parts' files; a background thread per rank serialises, hashes and
+      waits for all of it).  With ``upload="async"`` (the default) the step only takes the state
+      and writes the parts' files; a background thread per rank copies the state into host memory
+      (the optimizer's next update waits until it has: :attr:`copy_wait_s`), serialises, hashes and
       uploads them (:mod:`~orchestrator.train.upload`: rank-local, no collective), and the commit
       (every rank's upload done, agreed by a collective; the marker by rank 0 under the fence;
       then the report to Ray Train, which registers the uploaded folder) runs on the main thread
@@ -228,7 +229,8 @@ class Checkpointer:
 
     def __init__(self, engine, parts: list[CheckpointPart], *, run_dir: str | None, fence=None, rank: int = 0,
                  world: int = 1, run_config: dict[str, Any] | None = None,
-                 preemption: "PreemptionCheckpointer | None" = None, upload: str = "async") -> None:
+                 preemption: "PreemptionCheckpointer | None" = None, upload: str = "async",
+                 defer_copies: bool = True) -> None:
         if upload not in ("async", "sync"):
             raise ValueError(f"upload={upload!r}: 'async' (off the step path) or 'sync'")
         self.engine, self.parts, self.preemption = engine, list(parts), preemption
@@ -239,6 +241,10 @@ class Checkpointer:
         self.saved_step = -1
         self.redo = 0
         self.resumed_from = None  # the checkpoint the run resumed from (a ray.train.Checkpoint), if any
+        self.copy_wait_s = 0.0  # how long optimizer steps waited for a save's deferred host copies (async)
+        self.defer_copies = defer_copies  # async: the host copies in the upload thread (False: on the step)
+        self._copying: DeferredWrites | None = None  # the save whose copies the next update waits for
+        self._hook = None  # that wait, on the engine's optimizer (registered at the first deferred save)
 
     def resume(self, latest) -> dict[str, Any] | None:
         """Load the newest checkpoint that verifies (``latest``: ``ray.train.get_checkpoint()``) and
@@ -302,9 +308,11 @@ class Checkpointer:
             # invisible until this save's own marker
             storage.delete_prefix(storage.join(target, META))
         d = tempfile.mkdtemp(prefix="mplug2-ckpt-")
+        optimizer = self._held_optimizer()
+        eager = frozenset(b.untyped_storage().data_ptr() for b in self.engine.module.buffers()) if optimizer else frozenset()
         try:
             deferred = DeferredWrites.around(self.engine, lambda: save(self.engine, d, client_state, self.rank),
-                                             self.uploads.buffers)
+                                             self.uploads.buffers, defer=optimizer is not None, eager=eager)
             for part, value in zip(self.parts, gathered):
                 part.save(d, value)
         except BaseException:
@@ -312,6 +320,39 @@ class Checkpointer:
             raise
         self.uploads.start(upload_job(d, target, deferred, manifest.describe_files, storage.upload_dir),
                            name, step, client_state, reported)
+        if deferred is not None and not deferred.copied.is_set():
+            self._hold_update(optimizer, deferred)
+
+    def _held_optimizer(self):
+        """The torch optimizer whose next step waits for a save's deferred host copies, or None
+        (the save copies at once): the innermost ``optimizer`` of the engine's (DeepSpeed's ZeRO
+        and mixed-precision wrappers step it before they change any state they save; nothing else
+        does in a step but the forward, whose module buffers are copied at once).  None under ZeRO-3,
+        whose forward gathers and releases the parameters' data."""
+        stage = getattr(self.engine, "zero_optimization_stage", None)
+        if not self.defer_copies or stage is not None and stage() >= 3 or getattr(self.engine, "module", None) is None:
+            return None
+        opt = getattr(self.engine, "optimizer", None)
+        for _ in range(4):
+            if isinstance(opt, torch.optim.Optimizer):
+                return opt
+            opt = getattr(opt, "optimizer", None)
+        return None
+
+    def _hold_update(self, optimizer, deferred: DeferredWrites) -> None:
+        """The optimizer's next step waits until ``deferred``'s copies are made (one hook per
+        checkpointer, left in place; it waits only while a save's copies are outstanding)."""
+        self._copying = deferred
+        if self._hook is None:
+            def wait(*_):
+                held = self._copying
+                if held is not None:
+                    t0 = time.perf_counter()
+                    held.copied.wait()
+                    self.copy_wait_s += time.perf_counter() - t0
+                    self._copying = None
+
+            self._hook = optimizer.register_step_pre_hook(wait)
 
     def prepare(self) -> float:
         """Async only, once, at the run's first optimizer step (every rank: DeepSpeed's save is a
@@ -344,6 +385,11 @@ class Checkpointer:
         """The worker is ending (also on an error): an upload in flight is left uncommitted."""
         if self.uploads is not None:
             self.uploads.close()
+        if self._copying is not None:  # a copy the closed upload thread may never make: nothing waits for it
+            self._copying.copied.set()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def _settle(self, wait: bool) -> Pending | None:
         uploads = self.uploads

@@ -1,9 +1,11 @@
 """A checkpoint's upload off the training step's critical path (``train.checkpoint_upload: async``).
 
-On the step path a save only copies the DeepSpeed state in memory (:class:`DeferredWrites`: the
-engine's files are serialised later) and writes the parts' small files; one background thread per
-worker then serialises the state to a local folder, hashes every file and uploads the folder
-(:class:`BackgroundUpload`).  The thread is rank-local: it makes no collective call, so it never
+On the step path a save only takes the DeepSpeed state (:class:`DeferredWrites`: the engine's
+files are serialised later; :func:`snapshot`: the state's tensors pointed at host buffers) and
+writes the parts' small files; one background thread per worker then copies the state into those
+buffers (before the optimizer's next update, which waits for it: ``Checkpointer``; the module's
+buffers, which a forward may change, are copied on the step path), serialises it to a local
+folder, hashes every file and uploads the folder (:class:`BackgroundUpload`).  The thread is rank-local: it makes no collective call, so it never
 runs one concurrently with the training step's on the same process group.  The agreement that
 every rank's upload is done, and the completion marker after it, are the caller's, on the main
 thread (``Checkpointer.poll`` at each step boundary, ``Checkpointer.drain`` before the next save
@@ -13,8 +15,10 @@ memory (one copy of the state) and the local disk (one checkpoint) it holds do n
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import shutil
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,14 +42,26 @@ class HostBuffers:
     :attr:`ready` holds them while they are allocated ahead, off the step path
     (:meth:`BackgroundUpload.reserve`, from ``Checkpointer.prepare``): the first save then copies
     into buffers whose pages exist (on a GPU worker: pinned memory), instead of allocating the
-    whole state's size while every worker waits."""
+    whole state's size while every worker waits.
+
+    A save started with ``defer=True`` copies nothing of a host (CPU) storage into a buffer it
+    already has: it records the copy (:meth:`finish` hands them back) for the upload thread to
+    make while the next step's forward and backward run; the caller holds the optimizer's next
+    update until they are made (``Checkpointer``).  Storages in ``eager`` (the module's buffers,
+    which a forward may change: queues, running statistics) are copied at once.  The snapshot's
+    tensors over the buffers are kept from one save to the next (each save keeps those it used): a
+    save of the same state builds none."""
 
     def __init__(self) -> None:
         self.pool: list[torch.UntypedStorage] = []   # the previous save's, in the order they were taken
         self.taken: list[torch.UntypedStorage] = []  # this save's
         self.ready: Future | None = None  # buffers being allocated ahead (BackgroundUpload.reserve)
+        self.defer, self.eager = False, frozenset()
+        self.pending: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []  # (buffer, source) to copy
+        self._views: dict = {}  # (buffer data_ptr, offset, size, stride, dtype) -> the snapshot's tensor
+        self._views_before: dict = {}
 
-    def start(self) -> None:
+    def start(self, defer: bool = False, eager: frozenset = frozenset()) -> None:
         if self.ready is not None:  # the buffers allocated ahead: wait for them, once
             ready, self.ready = self.ready, None
             if ready.exception() is None:
@@ -53,20 +69,48 @@ class HostBuffers:
             else:
                 log.warning("checkpoint host buffers could not be allocated ahead (%s): this save allocates them",
                             ready.exception())
-        self.taken = []
+        self.taken, self.pending, self.defer, self.eager = [], [], defer, eager
+        self._views_before, self._views = self._views, {}
 
-    def finish(self) -> None:
+    def finish(self) -> list[tuple[torch.UntypedStorage, torch.UntypedStorage]]:
+        """End this save's snapshot: its buffers are the next save's; returns the copies it deferred."""
         self.pool = self.taken
+        self._views_before = {}  # the views this save did not use are let go
+        pending, self.pending = self.pending, []
+        return pending
 
-    def copy(self, src: torch.UntypedStorage) -> torch.UntypedStorage:
+    def copy(self, src: torch.UntypedStorage, on_cpu: bool = True) -> torch.UntypedStorage:
+        """The host buffer that holds (or, deferred, will hold) a copy of ``src`` for this save."""
         i = len(self.taken)
         if i < len(self.pool) and self.pool[i].nbytes() == src.nbytes():
             buf = self.pool[i]
-            buf.copy_(src)
+            if self.defer and on_cpu and src.data_ptr() not in self.eager:
+                self.pending.append((buf, src))
+            else:
+                buf.copy_(src)
         else:  # into host memory (DeepSpeed loads checkpoints onto the CPU anyway)
-            buf = src.clone() if src.device.type == "cpu" else src.cpu()
+            buf = src.clone() if on_cpu else src.cpu()
         self.taken.append(buf)
         return buf
+
+    def view(self, held: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
+        """A tensor over ``held`` shaped as ``like`` is over its own storage (the same one as the
+        previous save's when it had it: the view keeps ``held`` alive, so its address is its own)."""
+        key = (held.data_ptr(), like.storage_offset(), like.size(), like.stride(), like.dtype)
+        out = self._views_before.get(key)
+        if out is None:
+            out = self._views.get(key)
+            if out is None:
+                out = torch.empty((0,), dtype=like.dtype).set_(held, like.storage_offset(), like.size(), like.stride())
+        self._views[key] = out
+        return out
+
+
+def copy_all(pending: list[tuple[torch.UntypedStorage, torch.UntypedStorage]]) -> None:
+    """Make the copies a deferred snapshot recorded (buffer <- source; each releases the GIL while
+    it copies)."""
+    for dst, src in pending:
+        dst.copy_(src)
 
 
 def allocate(nbytes: int, device: str) -> torch.UntypedStorage:
@@ -85,15 +129,19 @@ class Sizer:
     def __init__(self) -> None:
         self.sizes: list[tuple[int, str]] = []
 
-    def start(self) -> None:
+    def start(self, defer: bool = False, eager: frozenset = frozenset()) -> None:
         self.sizes = []
 
-    def finish(self) -> None:
-        pass
+    def finish(self) -> list:
+        return []
 
-    def copy(self, src: torch.UntypedStorage) -> torch.UntypedStorage:
+    def copy(self, src: torch.UntypedStorage, on_cpu: bool = True) -> torch.UntypedStorage:
         self.sizes.append((src.nbytes(), src.device.type))
         return src
+
+    def view(self, held: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty((0,), dtype=like.dtype, device=held.device).set_(held, like.storage_offset(), like.size(),
+                                                                             like.stride())
 
 
 _IMMUTABLE = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
@@ -117,11 +165,11 @@ def _snapshot(obj: Any, buffers: HostBuffers, storages: dict) -> Any:
         return obj
     if isinstance(obj, torch.Tensor):
         src = obj.untyped_storage()
-        key = (src.data_ptr(), src.nbytes(), obj.device)
+        key = (src.data_ptr(), src.nbytes(), src.device)
         held = storages.get(key)
         if held is None:
-            held = storages[key] = buffers.copy(src)
-        return torch.empty((0,), dtype=obj.dtype).set_(held, obj.storage_offset(), obj.size(), obj.stride())
+            held = storages[key] = buffers.copy(src, obj.is_cpu)
+        return buffers.view(held, obj)
     if isinstance(obj, dict):
         out = copy.copy(obj)  # its type (OrderedDict, defaultdict ...), then each value copied
         for k, v in obj.items():
@@ -141,11 +189,16 @@ class DeferredWrites:
     DeepSpeed asks it to write is copied in memory (:func:`snapshot`) and written by :meth:`write`
     later, from any thread, through the engine's own checkpoint engine (its serialisation
     settings).  Everything else is the real checkpoint engine's.  A state that cannot be copied is
-    written at once (a warning says so): the save is then as slow as a synchronous one, not wrong."""
+    written at once (a warning says so): the save is then as slow as a synchronous one, not wrong.
+
+    With ``defer`` (:meth:`around`) the host copies of the state are made by :meth:`copy`, first
+    thing in the upload thread; :attr:`copied` is set once they are (or failed)."""
 
     def __init__(self, inner, buffers: HostBuffers | None = None) -> None:
         self.inner, self.buffers = inner, buffers or HostBuffers()
         self.held: list[tuple[str, Any]] = []
+        self.pending: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []  # the copies still to make
+        self.copied = threading.Event()
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -155,32 +208,53 @@ class DeferredWrites:
             held = snapshot(state_dict, self.buffers)
         except Exception as e:  # an object in the state that refuses to be copied
             log.warning("checkpoint file %s written on the step path: its state could not be copied (%s)", path, e)
+            copy_all(self.buffers.pending)  # what was recorded before it: the file below reads the live state
+            self.buffers.pending.clear()
             self.inner.save(state_dict, path)
             return
         self.held.append((path, held))
 
+    def copy(self) -> None:
+        """The copies the snapshot deferred (none when it copied at once)."""
+        try:
+            pending, self.pending = self.pending, []
+            if pending:
+                copy_all(pending)
+        finally:
+            self.copied.set()
+
     def write(self) -> None:
+        self.copy()
         while self.held:
             path, state = self.held.pop(0)
             self.inner.save(state, path)
 
     @classmethod
-    def around(cls, engine, save: Callable[[], None], buffers: HostBuffers | None = None) -> "DeferredWrites | None":
+    def around(cls, engine, save: Callable[[], None], buffers: HostBuffers | None = None, defer: bool = False,
+               eager: frozenset = frozenset()) -> "DeferredWrites | None":
         """Run ``save`` (the engine's ``save_checkpoint``) with the writes deferred (copies into
         ``buffers``); the holder, or None for an engine without a checkpoint engine (``save`` then
-        wrote its files itself)."""
+        wrote its files itself).  ``defer``: the host copies too are left to :meth:`copy` (except
+        those of the storages in ``eager``), and the caller holds the next change of the state
+        until :attr:`copied`; else they are made before this returns."""
         inner = getattr(engine, "checkpoint_engine", None)
         if inner is None:
             save()
             return None
         deferred = cls(inner, buffers)
-        deferred.buffers.start()
+        deferred.buffers.start(defer, eager)
         engine.checkpoint_engine = deferred
+        collecting = gc.isenabled()
+        gc.disable()  # the snapshot makes thousands of small objects: no collection pass in the middle of it
         try:
             save()
         finally:
+            if collecting:
+                gc.enable()
             engine.checkpoint_engine = inner
-            deferred.buffers.finish()
+            deferred.pending = deferred.buffers.finish()
+        if not deferred.pending:  # not deferred, or nothing was (a first save's buffers are new copies)
+            deferred.copy()
         return deferred
 
 

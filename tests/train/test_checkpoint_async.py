@@ -164,6 +164,94 @@ def test_prepare_allocates_the_first_saves_buffers_ahead_and_writes_nothing(worl
     assert sync.prepare() == 0.0  # sync saves hold no host copy
 
 
+class Trained(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1000))
+        self.register_buffer("queue", torch.zeros(10))  # changed by the forward, as a contrastive queue is
+
+
+class OptimizedEngine(Engine):
+    """A module and a torch optimizer, as DeepSpeed's engine has (its ZeRO and mixed-precision
+    wrappers hold the torch optimizer as ``optimizer``): its saves defer their host copies."""
+
+    def __init__(self):
+        self.module = Trained()
+        self.optimizer = SimpleNamespace(optimizer=torch.optim.SGD(self.module.parameters(), lr=1.0))
+        self.checkpoint_engine = Writer()
+
+    def save_checkpoint(self, directory, tag, client_state):
+        self.checkpoint_engine.makedirs(os.path.join(directory, tag), exist_ok=True)
+        self.checkpoint_engine.save({"module": self.module.state_dict(), "optimizer": self.optimizer.optimizer.state_dict(),
+                                     **client_state}, os.path.join(directory, tag, "model.pt"))
+
+
+def test_the_next_update_waits_for_the_saves_host_copies_made_in_the_upload_thread(world, monkeypatch):
+    """With the host buffers there, a save records its copies and the upload thread makes them while
+    the next step's forward and backward run: the module's buffers (a forward changes them) are
+    copied at once, and the optimizer's next step waits until the rest is copied.  Without that
+    wait the checkpoint would hold the next step's weights; without the eager copy, the queue the
+    forward changed."""
+    held, made = threading.Event(), []
+    copy_all = upload.copy_all
+
+    def gated(pending):  # the upload thread's copies wait for the test
+        assert held.wait(10)
+        made.append(len(pending))
+        copy_all(pending)
+
+    monkeypatch.setattr(upload, "copy_all", gated)
+    run_dir = world.run_dir + "-d"
+    saver = checkpoint.Checkpointer(OptimizedEngine(), [], run_dir=run_dir, rank=0, world=1)
+    module, opt = saver.engine.module, saver.engine.optimizer.optimizer
+    try:
+        saver.prepare()
+        saver.uploads.buffers.ready.result()
+        saver.save(1, {"step": 1}, {})
+        assert not saver._copying.copied.is_set() and made == []  # nothing copied on the step path but the queue
+        module.queue += 1  # the next forward
+        module.w.grad = torch.ones(1000)  # ... and backward
+        stepping = threading.Thread(target=opt.step)
+        stepping.start()
+        stepping.join(0.3)
+        assert stepping.is_alive() and float(module.w.detach().sum()) == 0.0  # the update waits for the copies
+        held.set()
+        stepping.join(10)
+        assert float(module.w.detach().sum()) == -1000.0 and made == [1] and saver.copy_wait_s > 0.2
+        saver.drain()
+        saved = torch.load(Path(storage.local_path(run_dir), _name(1), "ds", "model.pt"))
+        assert float(saved["module"]["w"].sum()) == 0.0 and float(saved["module"]["queue"].sum()) == 0.0
+        opt.step()  # no save outstanding: no wait
+        assert float(module.w.detach().sum()) == -2000.0
+    finally:
+        held.set()
+        saver.close()
+    assert not opt._optimizer_step_pre_hooks  # close takes its hook off the optimizer
+
+
+def test_a_real_deepspeed_engines_deferred_copies_keep_the_saved_steps_state(tmp_path):
+    """Real DeepSpeed engines (ZeRO 0, 1 in bf16, 2 and 3; one process, gloo on CPU): saved at step 2,
+    trained at once on step 3 while the upload thread's copies come half a second late.  The
+    checkpoint holds step 2's weights, optimizer tensors and forward-changed buffer; the update
+    waited for the copies.  ZeRO-3 copies at once (``tests/train/ds_deferred_save.py``)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(20000 + (os.getpid() + 7) % 20000)}
+    proc = subprocess.run([sys.executable, str(Path(__file__).parent / "ds_deferred_save.py"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r["stage"]: r for r in map(json.loads, (ln for ln in proc.stdout.splitlines() if ln.startswith("{")))}
+    assert sorted(runs) == [0, 1, 2, 3]
+    for stage, r in runs.items():
+        assert r["moved_after"] and r["optimizer_tensors"] > 0 and r["optimizer_is_step_2"], r
+        if stage < 3:
+            assert r["deferred"] and r["module_is_step_2"] and r["copy_wait_s"] > 0.3, r
+        else:
+            assert not r["deferred"] and r["copy_wait_s"] == 0.0, r
+
+
 def test_the_marker_waits_for_every_ranks_upload(world):
     world.other_done = False  # this rank's upload ends; the other rank's does not yet
     world.saver.save(2, {"step": 2}, {})
