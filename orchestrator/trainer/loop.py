@@ -241,6 +241,7 @@ class TrainLoop:
         self.window, self.timer = LossWindow(), StepTimer()
         self.last_metrics: dict[str, float] = {}  # the last logged step's: reported with each checkpoint
         self.prepared = False  # the checkpointer's host buffers (async uploads) asked for at the first step
+        self.copy_waited = 0.0  # the checkpointer's copy_wait_s at the last commit
 
     def run(self) -> None:
         """Epochs of micro-batches until ``train.max_steps`` optimizer steps."""
@@ -274,7 +275,9 @@ class TrainLoop:
                 self.metrics.log({"checkpoint_prepare_s": took}, step)
         committed = self.checkpointer.poll()  # an async checkpoint whose upload ended on every rank
         if committed is not None:
-            self.metrics.log({"checkpoint_upload_s": time.perf_counter() - committed.started}, step)
+            waited, self.copy_waited = self.checkpointer.copy_wait_s - self.copy_waited, self.checkpointer.copy_wait_s
+            self.metrics.log({"checkpoint_upload_s": time.perf_counter() - committed.started,
+                              "checkpoint_copy_wait_s": waited}, step)
         if actions.report:
             self.last_metrics = {**self.window.means(world), "lr": self.step.lr(), **self.timer.summary(world),
                                  **device_memory(), "step": step, "epoch": self.state.epoch}

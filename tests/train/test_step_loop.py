@@ -2,6 +2,8 @@
 What it checks: optimizer steps under gradient accumulation, when metrics are reported, when
 checkpoints are taken (schedule, preemption, the last step once), epochs, and the resume skip.
 The loop is composed of its components, so the fakes are handed in: nothing is patched."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -56,6 +58,7 @@ class Checkpointer:
     def __init__(self, preemption):
         self.saved, self.saved_step, self.preemption = [], -1, preemption
         self.prepared = []  # saves taken before each prepare()
+        self.copy_wait_s = 0.0  # as the real one: the optimizer's waits for deferred host copies, in total
 
     def preempted(self):
         return self.preemption.should_checkpoint()
@@ -63,12 +66,16 @@ class Checkpointer:
     def save(self, step, client_state, metrics, durable=False):
         self.saved.append(step)
         self.saved_step = step
+        self.copy_wait_s += 0.25  # the next update waits a quarter second for this save's copies
 
     def prepare(self):
         self.prepared.append(len(self.saved))
         return 0.0
 
-    def poll(self):
+    def poll(self):  # each save is committed at the step boundary after it
+        if len(self.saved) > getattr(self, "committed", 0):
+            self.committed = len(self.saved)
+            return SimpleNamespace(started=0.0)
         return None
 
     def drain(self):
@@ -80,10 +87,10 @@ class Checkpointer:
 
 class Metrics:
     def __init__(self):
-        self.reported = []
+        self.reported, self.logged = [], []
 
     def log(self, metrics, step):
-        pass
+        self.logged.append((step, metrics))
 
     def report(self, metrics):
         self.reported.append(metrics["step"])
@@ -130,6 +137,8 @@ def test_steps_reports_checkpoints_and_epochs():
     assert seen == list(range(6)) + list(range(4))
     assert saved == [4, 8, 10]                      # the last step's checkpoint is not taken twice
     assert w.checkpointer.prepared == [0]           # once, at the first step, before any save
+    waits = [(step, m["checkpoint_copy_wait_s"]) for step, m in w.metrics.logged if "checkpoint_copy_wait_s" in m]
+    assert waits == [(5, 0.25), (9, 0.25)]          # each commit logs its own save's wait, not the total
     assert reported == [3, 6, 9]                    # log-only steps report without a checkpoint
     # the window since the last report (step 9): the one batch of step 10, i = 3
     assert w.last_metrics["step"] == 10 and w.last_metrics["loss"] == pytest.approx(3.0)
