@@ -5,23 +5,28 @@ One local Ray, one Ray Train worker (``TorchTrainer``, gloo) per preset, a real 
 mPLUG-2 pre-training model of the preset; a step is forward + backward + optimizer step of the
 pre-training objective on two synthetic samples (``benchmarks/model_step.py``'s step), then the
 checkpointer's ``poll`` as the train loop does.  The same worker, with the same engine, measures
-``--rounds`` saves per mode, alternating ``sync`` and ``async`` (``orchestrator.train.checkpoint``:
-the code the loop runs, reporting to Ray Train and writing the completion marker), into a local
-storage folder (``--storage``; Ray Train's run folder).
+``--rounds`` saves per mode, alternating ``sync``, ``async`` and ``async_on_step`` (async with its
+host copies made on the step, as before they were deferred; its own checkpointer and host buffers)
+(``orchestrator.train.checkpoint``: the code the loop runs, reporting to Ray Train and writing the
+completion marker), into a local storage folder (``--storage``; Ray Train's run folder).
 
 Per save: the stall, the time of the step that takes the save minus the median of the
-``--plain`` steps before it; for async also the extra time of the steps after it until its commit
-(the background upload shares the CPU with training), the time from the save to its commit, and
-the part of the save spent copying the state into host memory.
+``--plain`` steps before it, plus, for async, the time the next optimizer update waited for the
+state's host copy (``copy_wait_s``: the upload thread makes it while the next forward and backward
+run); for async also the rest of the extra time of the steps after it until its commit (the
+background upload shares the CPU with training), the time from the save to its commit, and the part
+of the save call spent taking the state (``state_copy_s``: the snapshot on the step path).
 Before the rounds the async checkpointer is prepared as the train loop prepares it at its first
 step (``Checkpointer.prepare``: its host buffers allocated in the upload thread; printed: the part
 on the step path and when the buffers were ready); ``--no-prepare`` leaves the allocation to the
 first async save.  Checkpoints of earlier rounds are deleted between rounds (outside the timed steps).  The last
 line is a JSON object with every figure and, per preset, ``async_over_sync`` (median async stall
-/ median sync stall; the target is 0.10 or less).
+/ median sync stall; the target is 0.10 or less) and ``async_on_step_over_sync``; per async mode,
+``steps_cost_s``: the stall plus what the upload added to the steps until the commit.
 
     python benchmarks/checkpoint_stall.py [--presets tiny base] [--rounds 3] [--rounds-tiny 6] [--plain 5]
                                           [--storage DIR] [--frames 1] [--image-size 224] [--no-prepare] [--zero-stage 0]
+                                          [--modes sync async async_on_step]
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as a script
 
-MODES = ("sync", "async")
+MODES = ("sync", "async", "async_on_step")  # async_on_step: its host copies on the step (not deferred)
 
 
 def worker(config: dict) -> None:
@@ -78,7 +83,9 @@ def worker(config: dict) -> None:
 
     upload.DeferredWrites.save = timed_hold
     run_dir = config["run_dir"]
-    savers = {m: Checkpointer(engine, [], run_dir=run_dir, rank=0, world=1, upload=m) for m in MODES}
+    modes = config["modes"]
+    savers = {m: Checkpointer(engine, [], run_dir=run_dir, rank=0, world=1, upload=m.split("_")[0],
+                              defer_copies=m == "async") for m in modes}
 
     def step(saver) -> float:
         t0 = time.perf_counter()
@@ -101,17 +108,20 @@ def worker(config: dict) -> None:
     ready = savers["async"].uploads.buffers.ready
     if ready is not None:
         ready.result()
+    if config["prepare"] and "async_on_step" in savers:  # its own buffers (each checkpointer holds a copy), not timed
+        savers["async_on_step"].prepare()
+        savers["async_on_step"].uploads.buffers.ready.result()
     buffers_s = time.perf_counter() - t0
     rows = []
     for r in range(config["rounds"]):
-        for mode in MODES:
+        for mode in modes:
             saver = savers[mode]
             plain = [step(saver) for _ in range(config["plain"])]
             t0 = time.perf_counter()
             engine.backward(pretrain_step(engine.module, frames, ids, mask))
             engine.step()
             saver.poll()
-            saved_at, saved, copy_s[0] = time.perf_counter(), engine.global_steps, 0.0
+            saved_at, saved, copy_s[0], waited = time.perf_counter(), engine.global_steps, 0.0, saver.copy_wait_s
             saver.save(saved, {"step": saved}, {"loss": 0.0})
             save_s = time.perf_counter() - saved_at
             took = time.perf_counter() - t0
@@ -123,10 +133,11 @@ def worker(config: dict) -> None:
                 committed = saver.poll()
                 after.append(time.perf_counter() - t1)
             base = statistics.median(plain)
+            copy_wait = saver.copy_wait_s - waited  # the next update's wait for the deferred host copies
             row = {"round": r, "mode": mode, "step_s": base, "save_step_s": took, "save_call_s": save_s,
-                   "state_copy_s": copy_s[0],
-                   "stall_s": took - base, "steps_until_commit": len(after),
-                   "overlap_s": sum(a - base for a in after),
+                   "state_copy_s": copy_s[0], "copy_wait_s": copy_wait,
+                   "stall_s": took - base + copy_wait, "steps_until_commit": len(after),
+                   "overlap_s": sum(a - base for a in after) - copy_wait,
                    "commit_after_s": (time.perf_counter() - committed.started) if committed else 0.0}
             kept = Path(run_dir) / f"checkpoint_step_{saved:08d}"
             row["checkpoint_bytes"] = sum(f.stat().st_size for f in kept.rglob("*") if f.is_file())
@@ -145,13 +156,14 @@ def worker(config: dict) -> None:
 def save_breakdown(engine, repeats: int = 5) -> dict:
     """Where an async save call's time goes, on the live engine: DeepSpeed's own save path (with a
     checkpoint engine that keeps what it is asked to write and writes nothing), the tensors of that
-    state (count, bytes), one ``copy_`` of each into buffers that exist, and the snapshot the save
-    takes (``upload.snapshot`` into reused host buffers).  Medians of ``repeats``.  It holds a second
+    state (count, bytes), one ``copy_`` of each into buffers that exist, the snapshot into reused host
+    buffers (``upload.snapshot``) with its copies made at once, and the one an async save takes, its
+    copies deferred (the step path's part; then the upload thread's copies).  Medians of ``repeats``.  It holds a second
     copy of the state: small presets only."""
     import torch
 
     from orchestrator.train.checkpoint import save
-    from orchestrator.train.upload import HostBuffers, snapshot
+    from orchestrator.train.upload import HostBuffers, copy_all, snapshot
 
     class Capture:
         def __init__(self, inner):
@@ -188,20 +200,26 @@ def save_breakdown(engine, repeats: int = 5) -> dict:
 
     leaves(cap.states)
     dst = [t.detach().clone() for t in tensors]
-    copies, snaps, buffers = [], [], HostBuffers()
+    copies, snaps, walks, deferred, buffers = [], [], [], [], HostBuffers()
     for _ in range(repeats):
         t0 = time.perf_counter()
         for a, b in zip(dst, tensors):
             a.copy_(b)
         copies.append(time.perf_counter() - t0)
-        buffers.start()
-        t0 = time.perf_counter()
-        snapshot(cap.states, buffers)
-        snaps.append(time.perf_counter() - t0)
-        buffers.finish()
+        for defer, into in ((False, snaps), (True, walks)):
+            buffers.start(defer)
+            t0 = time.perf_counter()
+            snapshot(cap.states, buffers)
+            into.append(time.perf_counter() - t0)
+            pending = buffers.finish()
+            t0 = time.perf_counter()
+            copy_all(pending)
+            if defer:
+                deferred.append(time.perf_counter() - t0)
     return {"deepspeed_save_path_s": statistics.median(took), "tensors": len(tensors),
             "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors),
-            "copy_each_tensor_s": statistics.median(copies), "snapshot_s": statistics.median(snaps[1:])}
+            "copy_each_tensor_s": statistics.median(copies), "snapshot_s": statistics.median(snaps[1:]),
+            "snapshot_deferred_s": statistics.median(walks[1:]), "deferred_copies_s": statistics.median(deferred[1:])}
 
 
 def measure(preset: str, args, storage_root: str) -> dict:
@@ -209,7 +227,8 @@ def measure(preset: str, args, storage_root: str) -> dict:
     from ray.train.torch import TorchTrainer
 
     name = f"stall-{preset}"
-    config = {"preset": preset, "prepare": not args.no_prepare, "zero_stage": args.zero_stage, "rounds": args.rounds_tiny if preset == "tiny" else args.rounds, "plain": args.plain, "frames": args.frames,
+    config = {"preset": preset, "prepare": not args.no_prepare, "modes": ["sync", "async", *(
+                  m for m in args.modes if m not in ("sync", "async"))], "zero_stage": args.zero_stage, "rounds": args.rounds_tiny if preset == "tiny" else args.rounds, "plain": args.plain, "frames": args.frames,
               "image_size": args.image_size, "run_dir": os.path.join(storage_root, name),
               "out": os.path.join(storage_root, f"{name}.json")}
     trainer = TorchTrainer(worker, train_loop_config=config,
@@ -219,23 +238,28 @@ def measure(preset: str, args, storage_root: str) -> dict:
     trainer.fit()
     out = json.loads(Path(config["out"]).read_text())
     rows = out["rows"]
-    med = {m: statistics.median(r["stall_s"] for r in rows if r["mode"] == m) for m in MODES}
-    return {"params": out["params"], "checkpoint_bytes": out["checkpoint_bytes"], "rows": rows,
-            "prepare_s": out["prepare_s"], "buffers_ready_s": out["buffers_ready_s"], "breakdown": out["breakdown"],
-            "sync_stall_s": med["sync"], "async_stall_s": med["async"],
-            "async_overlap_s": statistics.median(r["overlap_s"] for r in rows if r["mode"] == "async"),
-            "async_commit_after_s": statistics.median(r["commit_after_s"] for r in rows if r["mode"] == "async"),
-            "step_s": statistics.median(r["step_s"] for r in rows),
-            "sync_save_call_s": statistics.median(r["save_call_s"] for r in rows if r["mode"] == "sync"),
-            "async_save_call_s": statistics.median(r["save_call_s"] for r in rows if r["mode"] == "async"),
-            "async_state_copy_s": statistics.median(r["state_copy_s"] for r in rows if r["mode"] == "async"),
-            "async_over_sync": med["async"] / med["sync"]}
+    def med(key: str, mode: str) -> float:
+        return statistics.median(r[key] for r in rows if r["mode"] == mode)
+
+    out_rows = {"params": out["params"], "checkpoint_bytes": out["checkpoint_bytes"], "rows": rows,
+                "prepare_s": out["prepare_s"], "buffers_ready_s": out["buffers_ready_s"], "breakdown": out["breakdown"],
+                "step_s": statistics.median(r["step_s"] for r in rows)}
+    for m in config["modes"]:
+        out_rows.update({f"{m}_stall_s": med("stall_s", m), f"{m}_save_call_s": med("save_call_s", m)})
+        if m != "sync":
+            out_rows.update({f"{m}_{k}": med(k, m) for k in ("overlap_s", "commit_after_s", "state_copy_s", "copy_wait_s")})
+            # what the checkpoint costs the steps in all: the stall and what the upload added until the commit
+            out_rows[f"{m}_steps_cost_s"] = statistics.median(r["stall_s"] + r["overlap_s"] for r in rows if r["mode"] == m)
+    out_rows["async_over_sync"] = out_rows["async_stall_s"] / out_rows["sync_stall_s"]
+    if "async_on_step" in config["modes"]:
+        out_rows["async_on_step_over_sync"] = out_rows["async_on_step_stall_s"] / out_rows["sync_stall_s"]
+    return out_rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", nargs="+", default=["tiny", "base"])
-    ap.add_argument("--rounds", type=int, default=3, help="saves per mode (sync and async alternate)")
+    ap.add_argument("--rounds", type=int, default=3, help="saves per mode (sync, async and async_on_step alternate)")
     ap.add_argument("--rounds-tiny", type=int, default=6, help="--rounds for tiny (its saves take milliseconds)")
     ap.add_argument("--plain", type=int, default=5, help="steps without a save before each save (the baseline)")
     ap.add_argument("--frames", type=int, default=1)
@@ -244,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="DeepSpeed's ZeRO stage of the engine (default 0; pretrain_base.yaml trains with 1)")
     ap.add_argument("--no-prepare", action="store_true",
                     help="no Checkpointer.prepare at the start: the first async save allocates its host buffers")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                    help="the modes to alternate (sync and async always; async_on_step by default: a second host copy)")
     ap.add_argument("--storage", default=None, help="the storage folder (default: a temporary one, removed after)")
     args = ap.parse_args(argv)
 
@@ -264,20 +290,28 @@ def main(argv: list[str] | None = None) -> int:
                   f"step {r['step_s']:.2f} s; stall sync {r['sync_stall_s']:.2f} s, async {r['async_stall_s']:.2f} s "
                   f"(async/sync {r['async_over_sync']:.3f}); async: commit {r['async_commit_after_s']:.2f} s after "
                   f"the save, {r['async_overlap_s']:.2f} s added to the steps until then; the save call itself: "
-                  f"sync {r['sync_save_call_s']:.2f} s, async {r['async_save_call_s']:.2f} s (of which the state's "
-                  f"copy {r['async_state_copy_s']:.2f} s); prepare at the first step: {r['prepare_s']:.3f} s on the "
+                  f"sync {r['sync_save_call_s']:.3f} s, async {r['async_save_call_s']:.3f} s (of which taking the state "
+                  f"{r['async_state_copy_s']:.3f} s; the next update waited {r['async_copy_wait_s']:.3f} s for its copy); prepare at the first step: {r['prepare_s']:.3f} s on the "
                   f"step, buffers ready {r['buffers_ready_s']:.2f} s after it", flush=True)
+            if "async_on_step_over_sync" in r:
+                print(f"{preset}: async with its host copies on the step instead: stall {r['async_on_step_stall_s']:.3f} s "
+                      f"(over sync {r['async_on_step_over_sync']:.3f}), {r['async_on_step_overlap_s']:.2f} s added to the "
+                      f"steps until its commit; what a checkpoint costs the steps in all (stall + added), deferred / on "
+                      f"the step: {r['async_steps_cost_s']:.3f} / {r['async_on_step_steps_cost_s']:.3f} s", flush=True)
             if r["breakdown"]:
                 b = r["breakdown"]
                 print(f"{preset}: the async save call's parts: DeepSpeed's save path {b['deepspeed_save_path_s'] * 1e3:.1f} ms, "
                       f"the snapshot of its {b['tensors']:,} tensors ({b['tensor_bytes'] / 2**20:.1f} MiB) "
-                      f"{b['snapshot_s'] * 1e3:.1f} ms, of which a copy_ of each tensor alone "
-                      f"{b['copy_each_tensor_s'] * 1e3:.1f} ms", flush=True)
+                      f"{b['snapshot_s'] * 1e3:.1f} ms with its copies (a copy_ of each tensor alone "
+                      f"{b['copy_each_tensor_s'] * 1e3:.1f} ms); deferred, as the save takes it: "
+                      f"{b['snapshot_deferred_s'] * 1e3:.1f} ms on the step path, then "
+                      f"{b['deferred_copies_s'] * 1e3:.1f} ms of copies in the upload thread", flush=True)
     finally:
         ray.shutdown()
         if args.storage is None:
             shutil.rmtree(root, ignore_errors=True)
-    print(json.dumps({**result, "async_over_sync": {p: result[p]["async_over_sync"] for p in args.presets}}))
+    print(json.dumps({**result, "async_over_sync": {p: result[p]["async_over_sync"] for p in args.presets},
+                      "async_on_step_over_sync": {p: result[p].get("async_on_step_over_sync") for p in args.presets}}))
     return 0
 
 
