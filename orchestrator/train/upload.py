@@ -5,8 +5,9 @@ files are serialised later; :func:`snapshot`: the state's tensors pointed at hos
 writes the parts' small files; one background thread per worker then copies the state into those
 buffers (before the optimizer's next update, which waits for it: ``Checkpointer``; the module's
 buffers, which a forward may change, are copied on the step path), serialises it to a local
-folder, hashes every file and uploads the folder (:class:`BackgroundUpload`).  The thread is rank-local: it makes no collective call, so it never
-runs one concurrently with the training step's on the same process group.  The agreement that
+folder, hashes every file and uploads the folder (:class:`BackgroundUpload`).  The thread is
+rank-local: it makes no collective call, so it never runs one concurrently with the training
+step's on the same process group.  The agreement that
 every rank's upload is done, and the completion marker after it, are the caller's, on the main
 thread (``Checkpointer.poll`` at each step boundary, ``Checkpointer.drain`` before the next save
 and at the end of the run).  At most one upload is in flight: the next save waits for it, so the
@@ -128,6 +129,7 @@ class Sizer:
 
     def __init__(self) -> None:
         self.sizes: list[tuple[int, str]] = []
+        self.pending: list = []  # it never defers a copy
 
     def start(self, defer: bool = False, eager: frozenset = frozenset()) -> None:
         self.sizes = []

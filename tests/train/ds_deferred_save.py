@@ -4,9 +4,9 @@ thread's copies are held back half a second; the checkpoint must hold step 2's w
 state and forward-changed buffer.  ZeRO-3 saves copy at once (its forward gathers and releases the
 parameters' data).
 
-Usage: python ds_deferred_save.py OUT_DIR  ->  one line per (ZeRO stage, precision): JSON results."""
+Run by ``make_ds_checkpoints.py`` (one DeepSpeed start for both): ``main(OUT_DIR, RESULTS)`` writes
+one JSON line per (ZeRO stage, precision) into RESULTS."""
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -16,8 +16,6 @@ import deepspeed
 import ray.train
 import torch
 
-os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-os.environ.setdefault("MASTER_PORT", "29641")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from orchestrator.train import checkpoint, upload  # noqa: E402
@@ -85,7 +83,7 @@ def run(out: Path, stage: int, bf16: bool) -> dict:
             "copy_wait_s": saver.copy_wait_s}
 
 
-def main(out: str) -> None:
+def main(out: str, results: str) -> None:
     ctx = SimpleNamespace(experiment_fs_path=out, storage_filesystem=None)
     ray.train.get_context = lambda: SimpleNamespace(get_storage=lambda: ctx)
     ray.train.report = lambda *a, **k: None  # the commit's report: no Ray Train here
@@ -97,9 +95,9 @@ def main(out: str) -> None:
 
     upload.copy_all = held
     deepspeed.init_distributed(dist_backend="gloo")
-    for stage, bf16 in ((0, False), (1, True), (2, False), (3, False)):
-        print(json.dumps(run(Path(out), stage, bf16)), flush=True)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
+    try:
+        with open(results, "w") as f:
+            for stage, bf16 in ((0, False), (1, True), (2, False), (3, False)):
+                f.write(json.dumps(run(Path(out), stage, bf16)) + "\n")
+    finally:
+        upload.copy_all = copy_all

@@ -1,7 +1,10 @@
-"""Write real DeepSpeed checkpoints (ZeRO 0, 2 and 3) of a small module, one process, gloo on CPU.
+"""Write real DeepSpeed checkpoints (ZeRO 0, 2 and 3) of a small module, one process, gloo on CPU;
+then, in the same process (one DeepSpeed start for both), the async checkpointer's deferred host
+copies on real engines (``ds_deferred_save.py``).
 
-Usage: python make_ds_checkpoints.py OUT_DIR  ->  OUT_DIR/z0, z2, z3 (each with a 'ds/' tag) and
-OUT_DIR/weights.pt (the module's final state dict, saved with weights only, for comparison)."""
+Usage: python make_ds_checkpoints.py OUT_DIR  ->  OUT_DIR/z0, z2, z3 (each with a 'ds/' tag),
+OUT_DIR/weights.pt (the module's final state dict, saved with weights only, for comparison) and
+OUT_DIR/deferred.jsonl (one line per engine of ``ds_deferred_save.main``)."""
 import os
 import sys
 
@@ -31,3 +34,7 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import ds_deferred_save
+
+    ds_deferred_save.main(os.path.join(sys.argv[1], "deferred"), os.path.join(sys.argv[1], "deferred.jsonl"))

@@ -3,10 +3,7 @@ evaluation read safetensors, or DeepSpeed files through the weights-only unpickl
 that would run code is refused before it runs. Resuming reads only the run's own folder."""
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +11,6 @@ import torch
 
 from orchestrator import storage
 from orchestrator.train import checkpoint, weights
-
-HERE = Path(__file__).resolve().parent
 
 
 class RunsCode:
@@ -26,16 +21,6 @@ class RunsCode:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.marker),))
-
-
-@pytest.fixture(scope="module")
-def ds_checkpoints(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ds")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(20000 + os.getpid() % 20000)}
-    proc = subprocess.run([sys.executable, str(HERE / "make_ds_checkpoints.py"), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
