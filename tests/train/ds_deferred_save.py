@@ -4,10 +4,9 @@ thread's copies are held back half a second; the checkpoint must hold step 2's w
 state and forward-changed buffer.  ZeRO-3 saves copy at once (its forward gathers and releases the
 parameters' data).
 
-Run by ``make_ds_checkpoints.py`` (one DeepSpeed start for both): ``main(OUT_DIR, RESULTS)`` writes
+Run by ``make_ds_checkpoints.py`` (one DeepSpeed start for both; it puts the repository on the path): ``main(OUT_DIR, RESULTS)`` writes
 one JSON line per (ZeRO stage, precision) into RESULTS."""
 import json
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,9 +15,7 @@ import deepspeed
 import ray.train
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from orchestrator.train import checkpoint, upload  # noqa: E402
+from orchestrator.train import checkpoint, upload
 
 HELD_S = 0.5
 

@@ -34,7 +34,8 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:0] = [here, os.path.dirname(os.path.dirname(here))]  # ds_deferred_save, the repository
     import ds_deferred_save
 
     ds_deferred_save.main(os.path.join(sys.argv[1], "deferred"), os.path.join(sys.argv[1], "deferred.jsonl"))
