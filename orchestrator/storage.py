@@ -8,14 +8,19 @@ errors with exponential backoff.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import functools
+import io
 import logging
 import os
 import posixpath
+import random
 import shutil
 import stat as stat_mod
+import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +31,7 @@ log = logging.getLogger(__name__)
 
 S3_MAX_ATTEMPTS = int(os.environ.get("MPLUG2_S3_MAX_ATTEMPTS", "10"))
 S3_READ_TIMEOUT_S = float(os.environ.get("MPLUG2_S3_READ_TIMEOUT_S", "60"))  # per request, then retried
+S3_READ_CHUNK = 8 << 20  # bytes per ranged GET when an object is read as a stream (open_input)
 
 
 def is_s3(uri: str) -> bool:
@@ -139,13 +145,99 @@ def open_regular(path: str | os.PathLike):
     return os.fdopen(fd, "rb")
 
 
-def open_input(uri: str):
-    """A readable binary stream of one object: pyarrow's S3 input stream (request timeouts and
-    retries of :func:`s3_filesystem`), or :func:`open_regular` for a local path."""
+def open_input(uri: str, buffer_size: int = S3_READ_CHUNK):
+    """A readable binary stream of one object: :class:`S3Object` behind a buffer of ``buffer_size``
+    bytes (one ranged GET per buffer, a body that breaks off read again from where it stopped;
+    smaller, a capped read reads no more than its cap), or :func:`open_regular` for a local path."""
     if is_s3(uri):
         fs, path = filesystem(uri)
-        return fs.open_input_stream(path)
+        return io.BufferedReader(S3Object(fs, path, uri), buffer_size=max(1, min(buffer_size, S3_READ_CHUNK)))
     return open_regular(local_path(uri))
+
+
+class CutShort(OSError):
+    """A read returned fewer bytes than the object had when it was opened."""
+
+
+def is_missing(error: OSError) -> bool:
+    """The storage said the object is not there (pyarrow and boto3 say it in words)."""
+    text = str(error)
+    return isinstance(error, FileNotFoundError) or not isinstance(error, CutShort) and any(
+        m in text for m in ("does not exist", "NoSuchKey", "NO_SUCH_KEY", "Not Found", "404"))
+
+
+def _refused(error: OSError) -> bool:
+    """An answer no retry changes: not there, or access denied."""
+    return is_missing(error) or isinstance(error, PermissionError) or any(
+        m in str(error) for m in ("AccessDenied", "ACCESS_DENIED"))
+
+
+def _backoff(attempt: int) -> float:
+    """Full-jitter exponential backoff before retry ``attempt`` (1, 2, ...), at most 20 s."""
+    return min(20.0, random.random() * 2 ** attempt * 0.1)
+
+
+class S3Object(io.RawIOBase):
+    """One S3 object read front to back through pyarrow's S3 client, each read one ranged GET.
+
+    pyarrow's retry strategy retries a request that fails, not a response body that breaks off
+    mid-way (a connection reset or a truncated body: curl error 56, "Failed to flush response
+    stream"): a clip read so was counted bad, a checkpoint restore failed its run.  Here such a read
+    is asked again from the same offset, after a backoff, up to :data:`S3_MAX_ATTEMPTS` failures in
+    a row; a GET that returns fewer bytes than the size the object had when opened counts as one.
+    pyarrow's input files read exactly what they are asked (a tar read 10 KiB at a time was one GET
+    per 10 KiB): :func:`open_input` puts a buffer of :data:`S3_READ_CHUNK` in front, and a single
+    read here asks for at most that much.  An object not there (or refused) fails at once."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, uri: str) -> None:
+        super().__init__()
+        self.uri = uri
+        self.pos = 0
+        self.file = self._retrying(lambda: fs.open_input_file(path))  # a HEAD: the size
+        self.size = self.file.size()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.size - self.pos, S3_READ_CHUNK)
+        if n <= 0:
+            return 0
+        data = self._retrying(lambda: self._read_exactly(n))
+        b[:n] = data
+        self.pos += n
+        return n
+
+    def readall(self) -> bytes:
+        parts = []
+        while self.pos < self.size:
+            n = min(self.size - self.pos, S3_READ_CHUNK)
+            parts.append(self._retrying(lambda: self._read_exactly(n)))
+            self.pos += n
+        return b"".join(parts)
+
+    def close(self) -> None:
+        if not self.closed and getattr(self, "file", None) is not None:
+            self.file.close()
+        super().close()
+
+    def _read_exactly(self, n: int) -> bytes:
+        data = self.file.read_at(n, self.pos)
+        if len(data) != n:
+            raise CutShort(f"{self.uri}: {len(data)} bytes at offset {self.pos} where the object had {n} more "
+                          "(changed or cut short)")
+        return data
+
+    def _retrying(self, call):
+        for attempt in range(1, S3_MAX_ATTEMPTS + 1):
+            try:
+                return call()
+            except OSError as e:
+                if _refused(e) or attempt == S3_MAX_ATTEMPTS:
+                    raise
+                log.debug("reading %s at offset %d failed (%s); retry %d", self.uri, self.pos, e, attempt)
+                time.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
 
 
 def regular_files(local_dir: str | os.PathLike) -> list[tuple[Path, str]]:
@@ -301,9 +393,6 @@ def _get_object_body(bucket: str, key: str, max_bytes: int | None = None) -> byt
     """GetObject and read its body.  botocore retries the request but not a body that breaks off
     mid-stream (connection reset, truncated response, read timeout): retry those here too, with
     the same attempt budget and exponential backoff; the last error is raised."""
-    import random
-    import time
-
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import (
         IncompleteReadError,
@@ -321,7 +410,7 @@ def _get_object_body(bucket: str, key: str, max_bytes: int | None = None) -> byt
         except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, BotoConnectionError):
             if attempt == S3_MAX_ATTEMPTS:
                 raise
-            time.sleep(min(20.0, random.random() * 2 ** attempt * 0.1))
+            time.sleep(_backoff(attempt))
     raise AssertionError("unreachable")
 
 
@@ -455,6 +544,26 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> int:
             shutil.copyfile(src, dst)
         n += 1
     return n
+
+
+@contextlib.contextmanager
+def local_folder(uri: str) -> Iterator[str]:
+    """A local folder holding the files under ``uri``: the folder itself when it is local, else a
+    temporary download (:func:`download_dir`: boto3 retries a request and reads a body that breaks
+    off mid-way again; pyarrow's ``copy_files``, what Ray's ``Checkpoint.as_directory`` uses,
+    retries neither a body cut short: a restore through S3 faults failed its run so), removed after."""
+    if not is_s3(uri):
+        yield local_path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="mplug2-download-") as d:
+        download_dir(uri, d)
+        yield d
+
+
+def ray_uri(path: str, fs: pafs.FileSystem | None) -> str:
+    """The URI of a path Ray names with its storage filesystem (a ``Checkpoint``'s ``path`` and
+    ``filesystem``): ``s3://`` for an S3 filesystem, the path itself otherwise."""
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 
 
 def stat(uri: str) -> dict[str, Any]:

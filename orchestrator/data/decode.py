@@ -45,17 +45,14 @@ def read_media(uri: str, max_bytes: int | None = None) -> bytes:
     (a NUL byte, ``s3:///x``, a FIFO or device), BadClip('too_large') past ``max_bytes`` (at most
     ``max_bytes + 1`` bytes are read)."""
     try:
-        with storage.open_input(uri) as f:
+        with storage.open_input(uri, storage.S3_READ_CHUNK if max_bytes is None else max_bytes + 1) as f:
             data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     except FileNotFoundError as e:
         raise BadClip("missing", uri, str(e)) from None
     except storage.NotARegularFile as e:
         raise BadClip("bad_uri", uri, str(e)) from None
-    except OSError as e:
-        text = str(e)
-        if "does not exist" in text or "NoSuchKey" in text or "Not Found" in text or "404" in text:
-            raise BadClip("missing", uri, text) from None
-        raise BadClip("read_error", uri, text) from None
+    except OSError as e:  # what storage retries (a body cut short included) it has retried
+        raise BadClip("missing" if storage.is_missing(e) else "read_error", uri, str(e)) from None
     except ValueError as e:  # pyarrow's ArrowInvalid (NUL in a path), a URI without a bucket ...
         raise BadClip("bad_uri", uri, str(e)[:200]) from None
     if max_bytes is not None and len(data) > max_bytes:

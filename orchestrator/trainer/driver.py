@@ -62,13 +62,7 @@ def default_run_name(cfg: RunSpec) -> str:
 
 
 def _checkpoint_uri(checkpoint) -> str | None:
-    if checkpoint is None:
-        return None
-    import pyarrow.fs as pafs
-
-    if isinstance(checkpoint.filesystem, pafs.S3FileSystem):
-        return f"s3://{checkpoint.path}"
-    return checkpoint.path
+    return None if checkpoint is None else storage.ray_uri(checkpoint.path, checkpoint.filesystem)
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -191,3 +192,45 @@ def test_no_clip_silently_dropped(s3_proxy, s3_bucket, monkeypatch, transient):
            Injected.counted(s3_proxy.injected_total(), by="the S3 proxy"), kept + stats["bad"] == len(rows),
            Measured.from_clip_accounting(len(rows), kept, stats["bad"]),
            f"{len(rows)} clips: {kept} decoded, {stats['bad']} counted bad")
+
+
+def test_a_body_cut_short_is_read_again_from_where_it_broke(s3_proxy, s3_bucket, tmp_path):
+    """pyarrow retries a GET that fails, not a body that breaks off mid-way: every GET of a 3 MB clip
+    read through it failed ("curlCode: 56", counted bad as read_error) and a checkpoint restore failed
+    its run. Every GET below is cut short (half the body, then a reset) three times in a row; the
+    clip, a shard read as a stream and a downloaded checkpoint folder come back byte for byte."""
+    import io
+    import tarfile
+
+    from orchestrator.data.sources.wds import iter_samples
+
+    clip = os.urandom(3_000_000)
+    storage.write_bytes(f"{s3_bucket}/cut/clip.mp4", clip)
+    members = {f"{i:03d}.mp4": os.urandom(400_000 + i) for i in range(6)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    storage.write_bytes(f"{s3_bucket}/cut/shard.tar", buf.getvalue())
+    want = _checkpoint_like_dir(tmp_path)
+    storage.upload_dir(tmp_path / "ckpt", f"{s3_bucket}/cut/ckpt")
+
+    s3_proxy.set_faults({"get": FaultSpec(truncate=1.0)})  # max_consecutive=3: the 4th GET of a read goes through
+    assert read_media(f"{s3_bucket}/cut/clip.mp4") == clip
+    assert {f"{k}.mp4": s["mp4"] for k, s in iter_samples(f"{s3_bucket}/cut/shard.tar")} == members
+    with storage.local_folder(f"{s3_bucket}/cut/ckpt") as d:
+        got = {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(d).rglob("*") if p.is_file()}
+    assert got == want
+    assert s3_proxy.injected_total("get") >= 3 * (1 + 1 + len(want)), s3_proxy.stats()
+
+    # read as a stream in small pieces (how tarfile reads), an object is one GET per buffer, not one per piece
+    s3_proxy.set_faults({})
+    gets = s3_proxy.stats()["requests"].get("get", 0)
+    with storage.open_input(f"{s3_bucket}/cut/clip.mp4") as f:
+        assert b"".join(iter(lambda: f.read(10_240), b"")) == clip
+    assert s3_proxy.stats()["requests"]["get"] - gets == 1, s3_proxy.stats()
+    record("S3 bodies cut short (every GET, 3 in a row)", Injected.counted(s3_proxy.injected_total("get"), by="the S3 proxy"),
+           got == want, Measured.not_a_run("reads in the test process: a clip, a shard, a checkpoint folder, bytes compared"),
+           "read again from the offset where each body broke off")
