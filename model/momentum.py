@@ -81,6 +81,12 @@ class Momentum(nn.Module):
             for pname, po in mod.named_parameters():
                 yield enc.get_buffer(pname), po
 
+    def after_step_buffers(self) -> list[torch.Tensor]:
+        """The buffers no forward changes: the momentum encoders' weights, once the EMA runs after
+        each optimizer step (``update_each_forward`` off); none while it runs in the forward.  The
+        queues always change in the forward."""
+        return [] if self.update_each_forward else list(self.encoders.buffers())
+
     @torch.no_grad()
     def copy_from(self, online: dict[str, nn.Module]) -> None:
         for pm, po in self._pairs(online):

@@ -172,6 +172,11 @@ class MPlug2(nn.Module):
         was turned off by a loop that calls it after each optimizer step)."""
         self._need("momentum", "momentum_update").update(self._momentum_sources())
 
+    def after_step_buffers(self) -> list[torch.Tensor]:
+        """The buffers a forward never changes, only a step of the loop (``Momentum.after_step_buffers``):
+        an async checkpoint may copy them while the next forward runs."""
+        return self.momentum.after_step_buffers() if self.momentum is not None else []
+
     def momentum_reset(self) -> None:
         """Copy the online encoders into the momentum encoders (after loading weights)."""
         if self.momentum is not None:

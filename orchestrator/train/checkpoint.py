@@ -309,7 +309,7 @@ class Checkpointer:
             storage.delete_prefix(storage.join(target, META))
         d = tempfile.mkdtemp(prefix="mplug2-ckpt-")
         optimizer = self._held_optimizer()
-        eager = frozenset(b.untyped_storage().data_ptr() for b in self.engine.module.buffers()) if optimizer else frozenset()
+        eager = self._forward_buffers() if optimizer else frozenset()
         try:
             deferred = DeferredWrites.around(self.engine, lambda: save(self.engine, d, client_state, self.rank),
                                              self.uploads.buffers, defer=optimizer is not None, eager=eager)
@@ -322,6 +322,15 @@ class Checkpointer:
                            name, step, client_state, reported)
         if deferred is not None and not deferred.copied.is_set():
             self._hold_update(optimizer, deferred)
+
+    def _forward_buffers(self) -> frozenset:
+        """The storages of the module's buffers a forward may change (queues, running statistics),
+        copied on the step: every buffer but those the module says only a step of the loop changes
+        (``after_step_buffers()``: the momentum encoders' weights, whose EMA runs after the
+        optimizer step, which waits for the copies)."""
+        module = self.engine.module
+        later = {id(b) for b in getattr(module, "after_step_buffers", list)()}
+        return frozenset(b.untyped_storage().data_ptr() for b in module.buffers() if id(b) not in later)
 
     def _held_optimizer(self):
         """The torch optimizer whose next step waits for a save's deferred host copies, or None

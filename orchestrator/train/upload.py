@@ -48,8 +48,8 @@ class HostBuffers:
     A save started with ``defer=True`` copies nothing of a host (CPU) storage into a buffer it
     already has: it records the copy (:meth:`finish` hands them back) for the upload thread to
     make while the next step's forward and backward run; the caller holds the optimizer's next
-    update until they are made (``Checkpointer``).  Storages in ``eager`` (the module's buffers,
-    which a forward may change: queues, running statistics) are copied at once.  The snapshot's
+    update until they are made (``Checkpointer``).  Storages in ``eager`` (the module's buffers a
+    forward may change: queues, running statistics) are copied at once.  The snapshot's
     tensors over the buffers are kept from one save to the next (each save keeps those it used): a
     save of the same state builds none."""
 

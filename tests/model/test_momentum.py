@@ -84,3 +84,25 @@ def test_loop_owned_ema_and_gathered_enqueue():
     assert torch.equal(m.momentum.encoders["vision"].blocks[0].fc1.weight, before)
     assert int(m.momentum.queue_ptr) == 8
     assert m.momentum.idx_queue[0, :8].tolist() == [0, 1, 2, 3, 100, 101, 102, 103]
+
+
+@pytest.mark.parametrize("loop_owned", [True, False])
+def test_after_step_buffers_are_the_ones_a_training_forward_leaves_alone(loop_owned):
+    """An async checkpoint copies ``after_step_buffers()`` while the next forward runs (the optimizer
+    step, after which the loop's EMA runs, waits for the copy): no training forward may change one.
+    With the EMA in the forward (``update_each_forward``, the default) there are none."""
+    torch.manual_seed(0)
+    m = MPlug2(tiny(), "retrieval").train()
+    m.momentum.update_each_forward = not loop_owned
+    later = {id(b) for b in m.after_step_buffers()}
+    assert len(later) == (len(list(m.momentum.encoders.buffers())) if loop_owned else 0)
+    before = {name: b.clone() for name, b in m.named_buffers()}
+    with torch.no_grad():
+        m.vision.blocks[0].fc1.weight.add_(1.0)  # online and momentum weights differ: an EMA would move these
+    frames, ids, mask = batch(b=4)
+    u = m(frames=frames, text_ids=ids, text_mask=mask)
+    O.contrastive_loss(m, u, frames, ids, mask, idx=torch.arange(4))
+    changed = {name for name, b in m.named_buffers() if not torch.equal(b, before[name])}
+    assert "momentum.vision_queue" in changed                       # the queue changes in every forward
+    assert not {name for name, b in m.named_buffers() if id(b) in later} & changed
+    assert loop_owned or any(name.startswith("momentum.encoders.") for name in changed)

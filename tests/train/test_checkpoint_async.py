@@ -169,6 +169,10 @@ class Trained(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1000))
         self.register_buffer("queue", torch.zeros(10))  # changed by the forward, as a contrastive queue is
+        self.register_buffer("ema", torch.zeros(10))  # changed after the optimizer step, as a momentum encoder's weights
+
+    def after_step_buffers(self):
+        return [self.ema]
 
 
 class OptimizedEngine(Engine):
@@ -191,7 +195,8 @@ def test_the_next_update_waits_for_the_saves_host_copies_made_in_the_upload_thre
     the next step's forward and backward run: the module's buffers (a forward changes them) are
     copied at once, and the optimizer's next step waits until the rest is copied.  Without that
     wait the checkpoint would hold the next step's weights; without the eager copy, the queue the
-    forward changed."""
+    forward changed.  A buffer the module says only a step of the loop changes (``after_step_buffers``:
+    the momentum encoders' EMA runs after the optimizer step) is copied in the upload thread too."""
     held, made = threading.Event(), []
     copy_all = upload.copy_all
 
@@ -211,16 +216,17 @@ def test_the_next_update_waits_for_the_saves_host_copies_made_in_the_upload_thre
         assert not saver._copying.copied.is_set() and made == []  # nothing copied on the step path but the queue
         module.queue += 1  # the next forward
         module.w.grad = torch.ones(1000)  # ... and backward
-        stepping = threading.Thread(target=opt.step)
+        stepping = threading.Thread(target=lambda: (opt.step(), module.ema.add_(1)))  # the update, then the EMA
         stepping.start()
         stepping.join(0.3)
         assert stepping.is_alive() and float(module.w.detach().sum()) == 0.0  # the update waits for the copies
         held.set()
         stepping.join(10)
-        assert float(module.w.detach().sum()) == -1000.0 and made == [1] and saver.copy_wait_s > 0.2
+        assert float(module.w.detach().sum()) == -1000.0 and made == [2] and saver.copy_wait_s > 0.2  # w and ema
         saver.drain()
         saved = torch.load(Path(storage.local_path(run_dir), _name(1), "ds", "model.pt"))
         assert float(saved["module"]["w"].sum()) == 0.0 and float(saved["module"]["queue"].sum()) == 0.0
+        assert float(saved["module"]["ema"].sum()) == 0.0
         opt.step()  # no save outstanding: no wait
         assert float(module.w.detach().sum()) == -2000.0
     finally:
