@@ -193,7 +193,7 @@ class S3Object(io.RawIOBase):
         super().__init__()
         self.uri = uri
         self.pos = 0
-        self.file = self._retrying(lambda: fs.open_input_file(path))  # a HEAD: the size
+        self.file = self._retrying(fs.open_input_file, path)  # a HEAD: the size
         self.size = self.file.size()
 
     def readable(self) -> bool:
@@ -203,7 +203,7 @@ class S3Object(io.RawIOBase):
         n = min(len(b), self.size - self.pos, S3_READ_CHUNK)
         if n <= 0:
             return 0
-        data = self._retrying(lambda: self._read_exactly(n))
+        data = self._retrying(self._read_exactly, n)
         b[:n] = data
         self.pos += n
         return n
@@ -212,7 +212,7 @@ class S3Object(io.RawIOBase):
         parts = []
         while self.pos < self.size:
             n = min(self.size - self.pos, S3_READ_CHUNK)
-            parts.append(self._retrying(lambda: self._read_exactly(n)))
+            parts.append(self._retrying(self._read_exactly, n))
             self.pos += n
         return b"".join(parts)
 
@@ -228,10 +228,10 @@ class S3Object(io.RawIOBase):
                           "(changed or cut short)")
         return data
 
-    def _retrying(self, call):
+    def _retrying(self, call, *args):
         for attempt in range(1, S3_MAX_ATTEMPTS + 1):
             try:
-                return call()
+                return call(*args)
             except OSError as e:
                 if _refused(e) or attempt == S3_MAX_ATTEMPTS:
                     raise
