@@ -547,17 +547,115 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> int:
 
 
 @contextlib.contextmanager
-def local_folder(uri: str) -> Iterator[str]:
-    """A local folder holding the files under ``uri``: the folder itself when it is local, else a
-    temporary download (:func:`download_dir`: boto3 retries a request and reads a body that breaks
-    off mid-way again; pyarrow's ``copy_files``, what Ray's ``Checkpoint.as_directory`` uses,
-    retries neither a body cut short: a restore through S3 faults failed its run so), removed after."""
+def local_folder(uri: str, cache_root: str | os.PathLike | None = None) -> Iterator[str]:
+    """A local folder holding the files under ``uri``, read-only for the caller: the folder itself
+    when it is local, else a download shared by the processes of this machine (the ranks of a node
+    resuming from one checkpoint download it once) and removed when the last of them is done.
+
+    The download is :func:`download_dir` (boto3 retries a request and reads a body that breaks off
+    mid-way again; pyarrow's ``copy_files``, which Ray's ``Checkpoint.as_directory`` uses, retries
+    neither a body cut short: a restore through S3 faults failed its run so, and Ray's processes that
+    waited for another's download went on with whatever it left).  A download is named by the
+    endpoint, ``uri`` and a fresh listing of it (every key's size and ETag): a checkpoint name
+    written again by a later attempt is another download.  One process downloads at a time, under
+    an exclusive lock, and marks it complete last; a process that finds no mark downloads again, so
+    one that failed part-way leaves nothing the others use.  Each user holds a shared lock while it
+    reads; the last to leave removes the folder, and a folder left by a killed process is removed by
+    a later call once no one holds it.  The shared folder lives in a directory private to this user
+    (``<tmp>/mplug2-downloads-<uid>``, mode 0700); when that cannot be had, each call downloads into
+    its own temporary folder."""
     if not is_s3(uri):
         yield local_path(uri)
         return
-    with tempfile.TemporaryDirectory(prefix="mplug2-download-") as d:
-        download_dir(uri, d)
-        yield d
+    import hashlib
+    import json
+
+    root = Path(cache_root or tempfile.gettempdir(), f"mplug2-downloads-{os.getuid()}")
+    if not _private_dir(root):
+        log.warning("%s is not a folder private to this user: downloading %s into a folder of its own", root, uri)
+        with tempfile.TemporaryDirectory(prefix="mplug2-download-") as d:
+            download_dir(uri, d)
+            yield d
+        return
+    listing = json.dumps(_listing(uri), sort_keys=True)
+    base = root / hashlib.sha256(f"{_endpoint()}|{normalized(uri)}|{listing}".encode()).hexdigest()[:32]
+    _sweep(root, keep=base.name)
+    folder, done = base.with_suffix(".d"), base.with_suffix(".complete")
+    with open(base.with_suffix(".lock"), "a+b") as lock, open(base.with_suffix(".users"), "a+b") as users:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)  # a download that failed part-way
+                download_dir(uri, folder)
+                folder.mkdir(exist_ok=True)
+                done.touch()
+            fcntl.flock(users, fcntl.LOCK_SH)  # taken under the lock: no one removes the folder now
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        try:
+            yield str(folder)
+        finally:
+            fcntl.flock(users, fcntl.LOCK_UN)
+            _remove_unused(base, lock, users)
+
+
+def _private_dir(root: Path) -> bool:
+    """``root`` exists (made here if not) as a real folder of this user that no one else can write."""
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(root)
+    except OSError:
+        return False
+    return stat_mod.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def _listing(uri: str) -> dict[str, list]:
+    """{key: [size, ETag]} of every object under ``uri`` (one paginated listing)."""
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    out = {}
+    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = [obj["Size"], obj.get("ETag", "")]
+    return out
+
+
+def _remove_unused(base: Path, lock, users) -> bool:
+    """Remove ``base``'s download when no process uses it (``lock`` and ``users``: its open lock
+    files); True when removed.  The two empty lock files stay: a process may hold one open, waiting,
+    and a new file of the same name would let a second process in beside it."""
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        try:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # another process reads it
+        base.with_suffix(".complete").unlink(missing_ok=True)
+        shutil.rmtree(base.with_suffix(".d"), ignore_errors=True)
+        fcntl.flock(users, fcntl.LOCK_UN)
+        return True
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _sweep(root: Path, keep: str) -> None:
+    """Remove the downloads under ``root`` that no process uses (a killed process leaves its own),
+    but ``keep``; a download in progress or in use is left alone."""
+    for folder in root.glob("*.d"):
+        base = folder.with_suffix("")
+        if base.name == keep:
+            continue
+        try:
+            with open(base.with_suffix(".lock"), "a+b") as lock, open(base.with_suffix(".users"), "a+b") as users:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not while another downloads it
+                except BlockingIOError:
+                    continue
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                _remove_unused(base, lock, users)
+        except OSError as e:  # another user's files, a full disk: never fails a restore
+            log.warning("could not clean up download %s: %s", folder, e)
 
 
 def ray_uri(path: str, fs: pafs.FileSystem | None) -> str:

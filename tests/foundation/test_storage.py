@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,80 @@ def test_safe_destination_accepts_ordinary_keys(tmp_path):
     assert storage.safe_destination(tmp_path, "ds/mp_rank_00_model_states.pt") == \
         (tmp_path / "ds" / "mp_rank_00_model_states.pt").resolve()
     assert storage.safe_destination(tmp_path, "a..b/..c") == (tmp_path / "a..b" / "..c").resolve()
+
+
+def test_a_folder_is_downloaded_once_per_machine_and_removed_by_its_last_user(tmp_path, s3_bucket, monkeypatch):
+    """The ranks of a node resuming from one checkpoint: one downloads while the others wait, all read
+    the same folder, and the last to leave removes it; a name written again is another download."""
+    import threading
+    import time
+
+    uri = s3_bucket + "/ckpt/checkpoint_step_00000004"
+    storage.write_bytes(uri + "/ds/model.pt", b"weights-of-step-4")
+    storage.write_bytes(uri + "/mplug2_checkpoint.json", b"{}")
+    downloads, real = [], storage.download_dir
+
+    def counted(src, dst):
+        downloads.append(src)
+        time.sleep(0.3)  # the other ranks arrive while it downloads
+        return real(src, dst)
+
+    monkeypatch.setattr(storage, "download_dir", counted)
+    cache = tmp_path / "cache"
+    seen, entered, leave = [], threading.Barrier(3), threading.Event()
+
+    def rank():
+        with storage.local_folder(uri, cache_root=cache) as d:
+            seen.append((d, (Path(d) / "ds" / "model.pt").read_bytes()))
+            entered.wait(10)
+            leave.wait(10)
+
+    ranks = [threading.Thread(target=rank) for _ in range(3)]
+    for t in ranks:
+        t.start()
+    _until(lambda: len(seen) == 3)
+    assert len(downloads) == 1 and len({d for d, _ in seen}) == 1
+    assert {b for _, b in seen} == {b"weights-of-step-4"}
+    folder = Path(seen[0][0])
+    assert folder.is_dir() and oct(folder.parent.stat().st_mode & 0o777) == oct(0o700)
+    leave.set()
+    for t in ranks:
+        t.join(10)
+    assert not folder.exists()  # the last user removed it
+
+    with storage.local_folder(uri, cache_root=cache) as d:  # written again by a later attempt: downloaded again
+        storage.write_bytes(uri + "/ds/model.pt", b"weights-of-step-4, attempt 2")
+        assert (Path(d) / "ds" / "model.pt").read_bytes() == b"weights-of-step-4"  # what this user holds stays
+        with storage.local_folder(uri, cache_root=cache) as again:
+            assert again != d and (Path(again) / "ds" / "model.pt").read_bytes() == b"weights-of-step-4, attempt 2"
+    assert len(downloads) == 3
+
+
+def test_a_download_left_by_a_killed_process_is_removed_and_a_shared_cache_is_refused(tmp_path, s3_bucket, monkeypatch):
+    storage.write_bytes(s3_bucket + "/a/f.bin", b"a")
+    cache = tmp_path / "cache"
+    root = cache / f"mplug2-downloads-{os.getuid()}"
+    root.mkdir(parents=True, mode=0o700)
+    left = root / "0123abcd.d"  # a killed process's complete download: no lock held on it
+    left.mkdir()
+    (left / "f.bin").write_bytes(b"old")
+    (root / "0123abcd.complete").touch()
+    with storage.local_folder(s3_bucket + "/a", cache_root=cache) as d:
+        assert (Path(d) / "f.bin").read_bytes() == b"a"
+        assert not left.exists()
+    # a cache folder others can write (planted by another user): each call downloads on its own
+    root.chmod(0o777)
+    planted = []
+    with storage.local_folder(s3_bucket + "/a", cache_root=cache) as d:
+        planted.append(d)
+        assert (Path(d) / "f.bin").read_bytes() == b"a" and not d.startswith(str(root))
+    assert not os.path.exists(planted[0])
+
+
+def _until(cond, timeout=10.0):
+    import time
+
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
