@@ -171,6 +171,22 @@ def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
     return frames
 
 
+def _frames_retried(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
+    """:func:`_frames`, once more after an error that is not a :class:`BadClip`: such an error is
+    the decoding machinery's, not the clip's.  CPython 3.11's import lock can raise "RuntimeError:
+    release unlocked lock" when three threads import one module at once (a decode task's runner
+    and Ray's threads, in a fresh worker process): a good clip was counted bad so, twice in the
+    fault-injection run.  A clip whose bytes raise it again is bad (``error``)."""
+    try:
+        return _frames(i, batch, params)
+    except BadClip:
+        raise
+    except Exception as e:
+        log.warning("decoding %s raised %s: %s; decoding it once more", str(batch["media_uri"][i])[:200],
+                    type(e).__name__, str(e)[:200])
+        return _frames(i, batch, params)
+
+
 def redraw_frames(batch: dict[str, np.ndarray], num_frames: int, sampling: str, seed: int,
                   epoch_column: str = "epoch", key_column: str = "sample_key") -> dict[str, np.ndarray]:
     """Cached rows holding more frames than a clip shows (``data.cache_frames``): draw ``num_frames``
@@ -203,7 +219,7 @@ def process_batch(batch: dict[str, np.ndarray], params: ProcessParams) -> dict[s
             keep.append(i)
             continue
         try:
-            frames.append(_frames(i, batch, params))
+            frames.append(_frames_retried(i, batch, params))
             keep.append(i)
         except BadClip as e:
             bad.append((e.reason, e.uri))

@@ -174,6 +174,29 @@ def test_an_unexpected_error_costs_one_clip(tmp_path, monkeypatch):
     quality.release(run)
 
 
+def test_an_error_of_the_decoding_machinery_once_is_decoded_again_not_counted_bad(tmp_path, monkeypatch):
+    """CPython 3.11's import lock raised "RuntimeError: release unlocked lock" in a fresh decode
+    worker of the fault-injection run, and a good clip was counted bad: such an error (not a
+    BadClip) gets the row decoded once more; a second one counts it bad."""
+    from orchestrator.data import process
+    from orchestrator.data.decode import Decoded
+
+    calls: dict[str, int] = {}
+
+    def flaky(data, uri, *a, **k):
+        calls[uri] = calls.get(uri, 0) + 1
+        if calls[uri] == 1 or uri.endswith("always.mp4"):
+            raise RuntimeError("release unlocked lock")
+        return Decoded(np.zeros((2, 24, 32, 3), np.uint8), 2)
+
+    monkeypatch.setattr(process, "decode_media", flaky)
+    run = f"once-{os.getpid()}-{time.time_ns()}"
+    out = process_batch(_batch(["once.mp4", "always.mp4"], [b"\x00" * 10, b"\x00" * 10]), _params(run_name=run))
+    assert out["frames"].shape[0] == 1 and calls == {"once.mp4": 2, "always.mp4": 2}
+    assert _stats_for(run)["by_reason"] == {"error": 1}
+    quality.release(run)
+
+
 def test_local_reads_refuse_what_is_not_a_regular_file(tmp_path):
     fifo = tmp_path / "ann.jsonl"
     os.mkfifo(fifo)

@@ -102,7 +102,7 @@ def test_training_run_through_s3_faults_and_a_worker_kill_loses_nothing(s3_serve
     lines = read_journal(journal)
     measured = Measured.from_journal(lines, split_size=n_split, bad=result["bad"], epochs=EPOCHS)
     assert measured.evidence["ranks"] == WORKERS, measured
-    assert measured.clips_lost == 0, measured           # every clip of every epoch trained or counted bad
+    assert measured.clips_lost == 0, (measured, result)  # every clip of every epoch trained or counted bad (by reason)
     # ... and none twice: the resumed epoch trained exactly the clips the killed one had not
     assert measured.evidence["trained_twice_per_epoch"] == [0] * EPOCHS, measured
     attempts = list(dict.fromkeys(ln["attempt"] for ln in lines if ln["rank"] == 0))
