@@ -173,17 +173,18 @@ def _frames(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
 
 def _frames_retried(i: int, batch: dict, params: ProcessParams) -> np.ndarray:
     """:func:`_frames`, once more after an error that is not a :class:`BadClip`: such an error is
-    the decoding machinery's, not the clip's.  CPython 3.11's import lock can raise "RuntimeError:
-    release unlocked lock" when three threads import one module at once (a decode task's runner
-    and Ray's threads, in a fresh worker process): a good clip was counted bad so, twice in the
-    fault-injection run.  A clip whose bytes raise it again is bad (``error``)."""
+    the reading or decoding machinery's, not a verdict on the clip.  In two full runs of the
+    fault-injection test a fresh decode worker raised "RuntimeError: release unlocked lock" (a
+    threading lock released twice, somewhere under the read or the decode; not reproduced alone)
+    on a good image, and it was counted bad.  A clip that raises again is bad (``error``); the
+    first error is logged with its traceback."""
     try:
         return _frames(i, batch, params)
     except BadClip:
         raise
     except Exception as e:
         log.warning("decoding %s raised %s: %s; decoding it once more", str(batch["media_uri"][i])[:200],
-                    type(e).__name__, str(e)[:200])
+                    type(e).__name__, str(e)[:200], exc_info=True)
         return _frames(i, batch, params)
 
 

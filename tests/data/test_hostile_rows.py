@@ -175,9 +175,9 @@ def test_an_unexpected_error_costs_one_clip(tmp_path, monkeypatch):
 
 
 def test_an_error_of_the_decoding_machinery_once_is_decoded_again_not_counted_bad(tmp_path, monkeypatch):
-    """CPython 3.11's import lock raised "RuntimeError: release unlocked lock" in a fresh decode
-    worker of the fault-injection run, and a good clip was counted bad: such an error (not a
-    BadClip) gets the row decoded once more; a second one counts it bad."""
+    """A fresh decode worker of the fault-injection run raised "RuntimeError: release unlocked lock"
+    on a good clip, and it was counted bad: such an error (not a BadClip) gets the row decoded once
+    more; a second one counts it bad."""
     from orchestrator.data import process
     from orchestrator.data.decode import Decoded
 
