@@ -19,7 +19,6 @@ last line is a JSON object: per path the GETs and the median seconds per shard, 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import socket
@@ -56,14 +55,10 @@ def _moto() -> tuple[subprocess.Popen, str]:
 
 
 def _shard(members: int, size: int) -> tuple[bytes, dict[str, bytes]]:
+    from orchestrator.devtools.synth import tar_bytes
+
     data = {f"{i:04d}.mp4": os.urandom(size) for i in range(members)}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, blob in data.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return buf.getvalue(), data
+    return tar_bytes(list(data.items())), data
 
 
 def read_stream(uri: str) -> dict[str, bytes]:

@@ -159,7 +159,7 @@ class CutShort(OSError):
     """A read returned fewer bytes than the object had when it was opened."""
 
 
-def is_missing(error: OSError) -> bool:
+def is_missing(error: BaseException) -> bool:
     """The storage said the object is not there (pyarrow and boto3 say it in words)."""
     text = str(error)
     return isinstance(error, FileNotFoundError) or not isinstance(error, CutShort) and any(
@@ -658,10 +658,12 @@ def _sweep(root: Path, keep: str) -> None:
             log.warning("could not clean up download %s: %s", folder, e)
 
 
-def ray_uri(path: str, fs: pafs.FileSystem | None) -> str:
-    """The URI of a path Ray names with its storage filesystem (a ``Checkpoint``'s ``path`` and
-    ``filesystem``): ``s3://`` for an S3 filesystem, the path itself otherwise."""
-    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+def checkpoint_uri(checkpoint) -> str | None:
+    """The URI of a Ray ``Checkpoint`` (its ``path`` in its storage ``filesystem``): ``s3://`` on an
+    S3 filesystem, the path itself otherwise; None for None."""
+    if checkpoint is None:
+        return None
+    return f"s3://{checkpoint.path}" if isinstance(checkpoint.filesystem, pafs.S3FileSystem) else checkpoint.path
 
 
 def stat(uri: str) -> dict[str, Any]:

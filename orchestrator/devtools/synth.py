@@ -109,6 +109,19 @@ def render_frames(meta: ClipMeta, spec: ClipSpec, rng: random.Random) -> np.ndar
     return frames
 
 
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A plain tar of ``members`` ((name, bytes), in order), as webdataset shards are."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def encode_h264(frames: np.ndarray, fps: int, gop: int) -> bytes:
     """Encode uint8 [T, H, W, 3] frames as an H.264 MP4 in memory (PyAV + libx264)."""
     import av

@@ -74,7 +74,7 @@ def run_evaluation(cfg: RunSpec, checkpoint: str, split: str = VAL, track: bool 
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     predictions: list[dict[str, Any]] = []
     if result.checkpoint is not None:
-        with storage.local_folder(storage.ray_uri(result.checkpoint.path, result.checkpoint.filesystem)) as d:
+        with storage.local_folder(storage.checkpoint_uri(result.checkpoint)) as d:
             path = os.path.join(d, "predictions.json")
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as f:

@@ -253,7 +253,7 @@ class Checkpointer:
         state, point, tried = None, None, 0
         for candidate in resume_points(latest, self.run_dir):
             tried += 1
-            with storage.local_folder(storage.ray_uri(candidate.path, candidate.filesystem)) as d:
+            with storage.local_folder(storage.checkpoint_uri(candidate)) as d:
                 why = verify(d)
                 if every_rank(why is None, self.world):
                     state = load(self.engine, d, verified=True)

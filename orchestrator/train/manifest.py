@@ -119,7 +119,7 @@ def read_marker(ckpt_uri: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except Exception as e:  # a missing S3 key, a torn marker: not a complete checkpoint
-        if "NoSuchKey" in str(e) or "404" in str(e) or "Not Found" in str(e):
+        if storage.is_missing(e):
             return None
         if isinstance(e, ValueError):
             return {"complete": False, "error": f"unreadable marker ({e})"}

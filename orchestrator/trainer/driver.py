@@ -61,10 +61,6 @@ def default_run_name(cfg: RunSpec) -> str:
     return f"{cfg.workload}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _checkpoint_uri(checkpoint) -> str | None:
-    return None if checkpoint is None else storage.ray_uri(checkpoint.path, checkpoint.filesystem)
-
-
 @dataclasses.dataclass
 class _Run:
     """What the driver settles before Ray starts: names, URIs, the model config."""
@@ -144,7 +140,7 @@ def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: d
         plan.lease_fence.check()  # a run that lost its lease claims no result (LeaseLost)
         status = "FINISHED"
         log.info(summary(r.run_name, result.metrics or console.last, r.cfg.train.max_steps, time.time() - started,
-                         _checkpoint_uri(result.checkpoint), r.export_uri, mlflow_run_id))
+                         storage.checkpoint_uri(result.checkpoint), r.export_uri, mlflow_run_id))
     finally:
         if lease.lost.is_set() or not plan.lease_fence.holds():
             # its MLflow run (found by name), its run-state actors (named) and its folder are the new holder's
@@ -162,7 +158,7 @@ def _run_training(r: _Run, lease: RunLease, datasets: dict | None, extra_tags: d
 def _close_run(r: _Run, mlflow_run_id: str | None, status: str, result, register: str | None) -> TrainOutcome:
     """The end of a run that still holds its lease: the final bad-clip counts, the run's actors
     released, the outcome recorded in MLflow (FAILED too)."""
-    ckpt_uri = _checkpoint_uri(result.checkpoint) if result is not None else None
+    ckpt_uri = storage.checkpoint_uri(result.checkpoint) if result is not None else None
     export_version = resolve_export(r.export_uri)  # <run>/export/step_N, named by the pointer written last
     exported = export_version is not None
     bad_clips = _final_bad_clips(r.run_name)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
+
+from orchestrator.devtools.synth import tar_bytes
 
 STEP = 8  # grey level per frame index: frame t has value STEP * t
 
@@ -41,14 +42,6 @@ def jpeg(h: int = 40, w: int = 60, value: int = 128) -> bytes:
     return buf.getvalue()
 
 
-def make_tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")
@@ -105,13 +98,13 @@ def fixture_root(tmp_path, clip_bytes):
     }
     for name, text in glue.items():
         (ann / name).write_text(text)
-    cc3m = make_tar([("00000/000000001.jpg", jpeg()),
+    cc3m = tar_bytes([("00000/000000001.jpg", jpeg()),
                      ("00000/000000001.json", json.dumps({"caption": "hard rock artist performs", "url": "u",
                                                           "key": "000000001", "status": "success"}).encode()),
                      ("00000/000000001.txt", b"hard rock artist performs")])
     (root / "cc3m").mkdir()
     (root / "cc3m" / "00000.tar").write_bytes(cc3m)
-    webvid = make_tar([("00000034.mp4", clip_bytes),
+    webvid = tar_bytes([("00000034.mp4", clip_bytes),
                        ("00000034.json", json.dumps({"videoid": 1051729318, "page_dir": "095551_095600",
                                                      "duration": "PT00H00M09S", "caption": "Mount saint helens",
                                                      "key": "00000034", "status": "success"}).encode()),

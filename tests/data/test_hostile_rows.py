@@ -26,8 +26,7 @@ from orchestrator.data.process import EMPTY_ROW, ProcessParams, process_batch
 from orchestrator.data.quality import REASONS
 from orchestrator.data.sources import AnnotationError, Context, read_rows
 from orchestrator.data.sources.base import MalformedRow, media_uri
-
-from .conftest import make_tar
+from orchestrator.devtools.synth import tar_bytes
 
 HOSTILE_NAMES = ["a\x00b.mp4", "s3:///x.mp4", "s3://", "../../etc/passwd", "/etc/passwd", "videos/../../x.mp4",
                  "s3://another-bucket/x.mp4", "http://example.com/x.mp4", "a\nb.mp4", "\x7f.mp4", ""]
@@ -241,7 +240,7 @@ def test_an_empty_shard_member_is_counted_and_the_shard_read_once(tmp_path, monk
     from orchestrator.data.pipeline import _expand_shard
 
     shard = tmp_path / "s.tar"
-    shard.write_bytes(make_tar([("000.mp4", b""), ("000.json", b'{"text": "a"}'), ("001.mp4", b""),
+    shard.write_bytes(tar_bytes([("000.mp4", b""), ("000.json", b'{"text": "a"}'), ("001.mp4", b""),
                                 ("001.json", b'{"text": "b"}'), ("002.mp4", b"\x00" * 64),
                                 ("002.json", b'{"text": "c"}')]))
     opened = []

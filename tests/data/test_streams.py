@@ -12,7 +12,8 @@ import torch
 from orchestrator.config import load_config
 from orchestrator.data.config import DataConfig, SourceConfig
 from orchestrator.data.pipeline import HASHED, build_dataset, iter_worker_batches
-from tests.data.conftest import jpeg, make_tar
+from orchestrator.devtools.synth import tar_bytes
+from tests.data.conftest import jpeg
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +28,7 @@ def _webvid_tar(root, clip_bytes, n=3):
         members += [(f"{i:08d}.mp4", clip_bytes),
                     (f"{i:08d}.json", json.dumps({"caption": f"clip number {i}", "key": f"{i:08d}"}).encode())]
     (root / "webvid3").mkdir(exist_ok=True)
-    (root / "webvid3" / "00000.tar").write_bytes(make_tar(members))
+    (root / "webvid3" / "00000.tar").write_bytes(tar_bytes(members))
     return SourceConfig(format="webvid_wds", train=["webvid3"], val=["webvid3"])
 
 

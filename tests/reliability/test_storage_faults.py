@@ -199,21 +199,13 @@ def test_a_body_cut_short_is_read_again_from_where_it_broke(s3_proxy, s3_bucket,
     read through it failed ("curlCode: 56", counted bad as read_error) and a checkpoint restore failed
     its run. Every GET below is cut short (half the body, then a reset) three times in a row; the
     clip, a shard read as a stream and a downloaded checkpoint folder come back byte for byte."""
-    import io
-    import tarfile
-
     from orchestrator.data.sources.wds import iter_samples
+    from orchestrator.devtools.synth import tar_bytes
 
     clip = os.urandom(3_000_000)
     storage.write_bytes(f"{s3_bucket}/cut/clip.mp4", clip)
     members = {f"{i:03d}.mp4": os.urandom(400_000 + i) for i in range(6)}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    storage.write_bytes(f"{s3_bucket}/cut/shard.tar", buf.getvalue())
+    storage.write_bytes(f"{s3_bucket}/cut/shard.tar", tar_bytes(list(members.items())))
     want = _checkpoint_like_dir(tmp_path)
     storage.upload_dir(tmp_path / "ckpt", f"{s3_bucket}/cut/ckpt")
 

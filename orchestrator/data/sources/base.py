@@ -126,7 +126,7 @@ def read_text(uri: str, max_bytes: int | None = None, timeout_s: float | None = 
     except IsADirectoryError:
         raise AnnotationError(f"annotation file {uri} is a folder") from None
     except Exception as e:  # boto's NoSuchKey and friends
-        if "NoSuchKey" in str(e) or "404" in str(e):
+        if storage.is_missing(e):
             raise AnnotationError(f"annotation file not found: {uri}") from None
         raise
     # bytes that are not UTF-8 become lone surrogates, and the rows holding them malformed rows
