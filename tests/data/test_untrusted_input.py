@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import tarfile
 import warnings
 
 import numpy as np
@@ -18,6 +17,7 @@ from orchestrator.data.decode import DecodeSpec, decode_image, decode_video, rea
 from orchestrator.data.quality import BadClip
 from orchestrator.data.sources import AnnotationError, Caps, read_rows, wds
 from orchestrator.data.sources.base import ParseReport
+from orchestrator.devtools.synth import tar_bytes
 
 
 def rows_and_report(tmp_path, fmt, name, text, max_bad_fraction=1.0, caps=Caps()):
@@ -113,18 +113,8 @@ def test_oversized_image_is_refused_before_its_pixels_are_decoded():
     assert e.value.reason == "bad_resolution"
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def _shard(tmp_path, members, name="s.tar", compress=False) -> str:
-    data = _tar(members)
+    data = tar_bytes(members)
     path = tmp_path / name
     path.write_bytes(gzip.compress(data) if compress else data)
     return str(path)
