@@ -4,18 +4,22 @@ One local Ray, one Ray Train worker (``TorchTrainer``, gloo) per preset, a real 
 (fp32, ZeRO 0 or ``--zero-stage``, AdamW: the engine's files carry the weights and both Adam moments) around the
 mPLUG-2 pre-training model of the preset; a step is forward + backward + optimizer step of the
 pre-training objective on two synthetic samples (``benchmarks/model_step.py``'s step), then the
-checkpointer's ``poll`` as the train loop does.  The same worker, with the same engine, measures
+momentum encoders' EMA (``MomentumSync``) and the checkpointer's ``poll``, as the train loop does.  The same worker, with the same engine, measures
 ``--rounds`` saves per mode, alternating ``sync``, ``async`` and ``async_on_step`` (async with its
 host copies made on the step, as before they were deferred; its own checkpointer and host buffers)
 (``orchestrator.train.checkpoint``: the code the loop runs, reporting to Ray Train and writing the
 completion marker), into a local storage folder (``--storage``; Ray Train's run folder).
 
-Per save: the stall, the time of the step that takes the save minus the median of the
-``--plain`` steps before it, plus, for async, the time the next optimizer update waited for the
-state's host copy (``copy_wait_s``: the upload thread makes it while the next forward and backward
-run); for async also the rest of the extra time of the steps after it until its commit (the
-background upload shares the CPU with training), the time from the save to its commit, and the part
-of the save call spent taking the state (``state_copy_s``: the snapshot on the step path).
+Per save: the stall, the time the training thread spends in the checkpoint's code: the save call,
+plus, for async, the time the next optimizer update waited for the state's host copy
+(``copy_wait_s``: the upload thread makes it while the next forward and backward run) and the
+step-boundary polls until the commit (``poll_s``: the commit's marker and report run there).  Also
+``step_delta_s``: the time of the step that takes the save minus the median of the ``--plain`` steps
+before it, plus the copy wait (the stall as the step times show it, with their jitter: tens of
+milliseconds at tiny); for async the rest of the extra time of the steps after it until its commit
+(``overlap_s``: the background upload shares the CPU with training), the time from the save to its
+commit, and the part of the save call spent taking the state (``state_copy_s``: the snapshot on the
+step path).
 Before the rounds the async checkpointer is prepared as the train loop prepares it at its first
 step (``Checkpointer.prepare``: its host buffers allocated in the upload thread; printed: the part
 on the step path and when the buffers were ready); ``--no-prepare`` leaves the allocation to the
@@ -57,6 +61,7 @@ def worker(config: dict) -> None:
     from orchestrator.train.config import TrainConfig
     from orchestrator.train.deepspeed_config import build_deepspeed_config
     from orchestrator.train.extensions import load_cpu_comm_op, use_locked_build_tools
+    from orchestrator.train.momentum_sync import MomentumSync
     from orchestrator.train.optim import build_optimizer
 
     torch.manual_seed(0)
@@ -71,6 +76,7 @@ def worker(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(tcfg, 1), dist_init_required=False)
     frames, ids, mask = make_batch(cfg, 2, config["frames"], length=16)  # 2: matching draws a negative
+    momentum = MomentumSync(engine.module, 1)  # as the loop runs it: the EMA after each optimizer step
     copy_s = [0.0]  # async: the part of the save spent copying the state into host memory
     hold = upload.DeferredWrites.save
 
@@ -91,6 +97,7 @@ def worker(config: dict) -> None:
         t0 = time.perf_counter()
         engine.backward(pretrain_step(engine.module, frames, ids, mask))
         engine.step()
+        momentum.after_micro_batch(True)
         saver.poll()
         return time.perf_counter() - t0
 
@@ -125,18 +132,22 @@ def worker(config: dict) -> None:
             saver.save(saved, {"step": saved}, {"loss": 0.0})
             save_s = time.perf_counter() - saved_at
             took = time.perf_counter() - t0
-            after, committed = [], None
+            after, committed, poll_s = [], None, 0.0
             while saver.uploads is not None and saver.uploads.pending is not None:
                 t1 = time.perf_counter()
                 engine.backward(pretrain_step(engine.module, frames, ids, mask))
                 engine.step()
+                momentum.after_micro_batch(True)
+                t2 = time.perf_counter()
                 committed = saver.poll()
+                poll_s += time.perf_counter() - t2
                 after.append(time.perf_counter() - t1)
             base = statistics.median(plain)
             copy_wait = saver.copy_wait_s - waited  # the next update's wait for the deferred host copies
             row = {"round": r, "mode": mode, "step_s": base, "save_step_s": took, "save_call_s": save_s,
-                   "state_copy_s": copy_s[0], "copy_wait_s": copy_wait,
-                   "stall_s": took - base + copy_wait, "steps_until_commit": len(after),
+                   "state_copy_s": copy_s[0], "copy_wait_s": copy_wait, "poll_s": poll_s,
+                   "stall_s": save_s + copy_wait + poll_s, "step_delta_s": took - base + copy_wait,
+                   "steps_until_commit": len(after),
                    "overlap_s": sum(a - base for a in after) - copy_wait,
                    "commit_after_s": (time.perf_counter() - committed.started) if committed else 0.0}
             kept = Path(run_dir) / f"checkpoint_step_{saved:08d}"
@@ -156,14 +167,16 @@ def worker(config: dict) -> None:
 def save_breakdown(engine, repeats: int = 5) -> dict:
     """Where an async save call's time goes, on the live engine: DeepSpeed's own save path (with a
     checkpoint engine that keeps what it is asked to write and writes nothing), the tensors of that
-    state (count, bytes), one ``copy_`` of each into buffers that exist, the snapshot into reused host
-    buffers (``upload.snapshot``) with its copies made at once, and the one an async save takes, its
-    copies deferred (the step path's part; then the upload thread's copies).  Medians of ``repeats``.  It holds a second
-    copy of the state: small presets only."""
+    state (count, bytes), one ``copy_`` of each into buffers that exist, the snapshot of the whole
+    state into reused host buffers with its copies made at once (``upload.snapshot``: what
+    ``async_on_step`` takes on the step), and an async save's own split (``DeferredWrites.around``
+    with ``defer``, DeepSpeed's save path included: the step path; then ``copy``, the module and
+    optimizer states' walk and the copies, in the upload thread).  Medians of ``repeats``.  It holds
+    a second copy of the state: small presets only."""
     import torch
 
-    from orchestrator.train.checkpoint import save
-    from orchestrator.train.upload import HostBuffers, copy_all, snapshot
+    from orchestrator.train.checkpoint import Checkpointer, save
+    from orchestrator.train.upload import DeferredWrites, HostBuffers, copy_all, snapshot
 
     class Capture:
         def __init__(self, inner):
@@ -200,26 +213,30 @@ def save_breakdown(engine, repeats: int = 5) -> dict:
 
     leaves(cap.states)
     dst = [t.detach().clone() for t in tensors]
-    copies, snaps, walks, deferred, buffers = [], [], [], [], HostBuffers()
-    for _ in range(repeats):
+    copies, snaps, step_path, thread, buffers, held = [], [], [], [], HostBuffers(), HostBuffers()
+    eager = Checkpointer(engine, [], run_dir=None)._forward_buffers()  # as an async save passes them
+    for _ in range(repeats + 1):  # the first allocates the buffers: not counted
         t0 = time.perf_counter()
         for a, b in zip(dst, tensors):
             a.copy_(b)
         copies.append(time.perf_counter() - t0)
-        for defer, into in ((False, snaps), (True, walks)):
-            buffers.start(defer)
+        buffers.start(False)
+        t0 = time.perf_counter()
+        snapshot(cap.states, buffers)
+        snaps.append(time.perf_counter() - t0)
+        copy_all(buffers.finish())
+        with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            snapshot(cap.states, buffers)
-            into.append(time.perf_counter() - t0)
-            pending = buffers.finish()
+            deferred = DeferredWrites.around(engine, lambda: save(engine, d, {}, 0), held, defer=True, eager=eager)
+            step_path.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            copy_all(pending)
-            if defer:
-                deferred.append(time.perf_counter() - t0)
+            deferred.copy()
+            thread.append(time.perf_counter() - t0)
     return {"deepspeed_save_path_s": statistics.median(took), "tensors": len(tensors),
             "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors),
-            "copy_each_tensor_s": statistics.median(copies), "snapshot_s": statistics.median(snaps[1:]),
-            "snapshot_deferred_s": statistics.median(walks[1:]), "deferred_copies_s": statistics.median(deferred[1:])}
+            "copy_each_tensor_s": statistics.median(copies[1:]), "snapshot_s": statistics.median(snaps[1:]),
+            "deferred_step_path_s": statistics.median(step_path[1:]),
+            "deferred_upload_thread_s": statistics.median(thread[1:])}
 
 
 def measure(preset: str, args, storage_root: str) -> dict:
@@ -245,12 +262,16 @@ def measure(preset: str, args, storage_root: str) -> dict:
                 "prepare_s": out["prepare_s"], "buffers_ready_s": out["buffers_ready_s"], "breakdown": out["breakdown"],
                 "step_s": statistics.median(r["step_s"] for r in rows)}
     for m in config["modes"]:
-        out_rows.update({f"{m}_stall_s": med("stall_s", m), f"{m}_save_call_s": med("save_call_s", m)})
+        out_rows.update({f"{m}_stall_s": med("stall_s", m), f"{m}_save_call_s": med("save_call_s", m),
+                         f"{m}_step_delta_s": med("step_delta_s", m)})
         if m != "sync":
-            out_rows.update({f"{m}_{k}": med(k, m) for k in ("overlap_s", "commit_after_s", "state_copy_s", "copy_wait_s")})
+            out_rows.update({f"{m}_{k}": med(k, m) for k in ("overlap_s", "commit_after_s", "state_copy_s", "copy_wait_s",
+                                                             "poll_s")})
             # what the checkpoint costs the steps in all: the stall and what the upload added until the commit
-            out_rows[f"{m}_steps_cost_s"] = statistics.median(r["stall_s"] + r["overlap_s"] for r in rows if r["mode"] == m)
+            out_rows[f"{m}_steps_cost_s"] = statistics.median(r["step_delta_s"] + r["overlap_s"] for r in rows
+                                                              if r["mode"] == m)
     out_rows["async_over_sync"] = out_rows["async_stall_s"] / out_rows["sync_stall_s"]
+    out_rows["async_over_sync_step_delta"] = out_rows["async_step_delta_s"] / out_rows["sync_step_delta_s"]
     if "async_on_step" in config["modes"]:
         out_rows["async_on_step_over_sync"] = out_rows["async_on_step_stall_s"] / out_rows["sync_stall_s"]
     return out_rows
@@ -287,11 +308,13 @@ def main(argv: list[str] | None = None) -> int:
             r = measure(preset, args, root)
             result[preset] = r
             print(f"{preset}: {r['params']:,} params, checkpoint {r['checkpoint_bytes'] / 2**20:,.1f} MiB, "
-                  f"step {r['step_s']:.2f} s; stall sync {r['sync_stall_s']:.2f} s, async {r['async_stall_s']:.2f} s "
-                  f"(async/sync {r['async_over_sync']:.3f}); async: commit {r['async_commit_after_s']:.2f} s after "
+                  f"step {r['step_s']:.2f} s; stall sync {r['sync_stall_s']:.3f} s, async {r['async_stall_s']:.4f} s "
+                  f"(async/sync {r['async_over_sync']:.3f}; as the step times show it: sync {r['sync_step_delta_s']:.3f} "
+                  f"s, async {r['async_step_delta_s']:.3f} s); async: commit {r['async_commit_after_s']:.2f} s after "
                   f"the save, {r['async_overlap_s']:.2f} s added to the steps until then; the save call itself: "
                   f"sync {r['sync_save_call_s']:.3f} s, async {r['async_save_call_s']:.3f} s (of which taking the state "
-                  f"{r['async_state_copy_s']:.3f} s; the next update waited {r['async_copy_wait_s']:.3f} s for its copy); prepare at the first step: {r['prepare_s']:.3f} s on the "
+                  f"{r['async_state_copy_s']:.4f} s; the next update waited {r['async_copy_wait_s']:.4f} s for its copy; "
+                  f"the polls until the commit {r['async_poll_s']:.4f} s); prepare at the first step: {r['prepare_s']:.3f} s on the "
                   f"step, buffers ready {r['buffers_ready_s']:.2f} s after it", flush=True)
             if "async_on_step_over_sync" in r:
                 print(f"{preset}: async with its host copies on the step instead: stall {r['async_on_step_stall_s']:.3f} s "
@@ -302,10 +325,11 @@ def main(argv: list[str] | None = None) -> int:
                 b = r["breakdown"]
                 print(f"{preset}: the async save call's parts: DeepSpeed's save path {b['deepspeed_save_path_s'] * 1e3:.1f} ms, "
                       f"the snapshot of its {b['tensors']:,} tensors ({b['tensor_bytes'] / 2**20:.1f} MiB) "
-                      f"{b['snapshot_s'] * 1e3:.1f} ms with its copies (a copy_ of each tensor alone "
-                      f"{b['copy_each_tensor_s'] * 1e3:.1f} ms); deferred, as the save takes it: "
-                      f"{b['snapshot_deferred_s'] * 1e3:.1f} ms on the step path, then "
-                      f"{b['deferred_copies_s'] * 1e3:.1f} ms of copies in the upload thread", flush=True)
+                      f"{b['snapshot_s'] * 1e3:.1f} ms with its copies at once (a copy_ of each tensor alone "
+                      f"{b['copy_each_tensor_s'] * 1e3:.1f} ms); as an async save takes it: "
+                      f"{b['deferred_step_path_s'] * 1e3:.1f} ms on the step path (DeepSpeed's save path included), "
+                      f"then {b['deferred_upload_thread_s'] * 1e3:.1f} ms in the upload thread (the module and "
+                      f"optimizer states' walk and the copies)", flush=True)
     finally:
         ray.shutdown()
         if args.storage is None:

@@ -309,10 +309,10 @@ class Checkpointer:
             storage.delete_prefix(storage.join(target, META))
         d = tempfile.mkdtemp(prefix="mplug2-ckpt-")
         optimizer = self._held_optimizer()
-        eager = self._forward_buffers() if optimizer else frozenset()
         try:
             deferred = DeferredWrites.around(self.engine, lambda: save(self.engine, d, client_state, self.rank),
-                                             self.uploads.buffers, defer=optimizer is not None, eager=eager)
+                                             self.uploads.buffers, defer=optimizer is not None,
+                                             eager=self._forward_buffers() if optimizer else ())
             for part, value in zip(self.parts, gathered):
                 part.save(d, value)
         except BaseException:
@@ -323,14 +323,14 @@ class Checkpointer:
         if deferred is not None and not deferred.copied.is_set():
             self._hold_update(optimizer, deferred)
 
-    def _forward_buffers(self) -> frozenset:
-        """The storages of the module's buffers a forward may change (queues, running statistics),
-        copied on the step: every buffer but those the module says only a step of the loop changes
+    def _forward_buffers(self) -> list[torch.Tensor]:
+        """The module's buffers a forward may change (queues, running statistics), copied on the
+        step: every buffer but those the module says only a step of the loop changes
         (``after_step_buffers()``: the momentum encoders' weights, whose EMA runs after the
         optimizer step, which waits for the copies)."""
         module = self.engine.module
         later = {id(b) for b in getattr(module, "after_step_buffers", list)()}
-        return frozenset(b.untyped_storage().data_ptr() for b in module.buffers() if id(b) not in later)
+        return [b for b in module.buffers() if id(b) not in later]
 
     def _held_optimizer(self):
         """The torch optimizer whose next step waits for a save's deferred host copies, or None
@@ -374,8 +374,9 @@ class Checkpointer:
             return 0.0
         t0 = time.perf_counter()
         sizer = Sizer()
+        eager = self._forward_buffers() if self._held_optimizer() else ()  # in the order a save takes them
         with tempfile.TemporaryDirectory() as d:
-            DeferredWrites.around(self.engine, lambda: save(self.engine, d, {}, self.rank), sizer)
+            DeferredWrites.around(self.engine, lambda: save(self.engine, d, {}, self.rank), sizer, eager=eager)
         self.uploads.reserve(sizer.sizes)
         return time.perf_counter() - t0
 

@@ -186,6 +186,9 @@ def _snapshot(obj: Any, buffers: HostBuffers, storages: dict) -> Any:
     return copy.deepcopy(obj)
 
 
+LATER_KEYS = ("module", "optimizer", "optimizer_state_dict")  # DeepSpeed's files: the module's and the optimizer's states
+
+
 class DeferredWrites:
     """Stands in for a DeepSpeed engine's ``checkpoint_engine`` during ``save_checkpoint``: what
     DeepSpeed asks it to write is copied in memory (:func:`snapshot`) and written by :meth:`write`
@@ -193,23 +196,39 @@ class DeferredWrites:
     settings).  Everything else is the real checkpoint engine's.  A state that cannot be copied is
     written at once (a warning says so): the save is then as slow as a synchronous one, not wrong.
 
-    With ``defer`` (:meth:`around`) the host copies of the state are made by :meth:`copy`, first
-    thing in the upload thread; :attr:`copied` is set once they are (or failed)."""
+    The walk over a file's state goes in a fixed order on every save (the storages of ``eager``
+    first, then each file's small entries, then its module and optimizer states, :data:`LATER_KEYS`),
+    so each save copies into the buffers the previous one used.  With ``defer`` (:meth:`around`)
+    the module and optimizer states (thousands of tensors, built afresh by each ``state_dict()``
+    call, changed by nothing but the optimizer's next update) are walked, and the host copies made,
+    by :meth:`copy`, first thing in the upload thread: the step path copies only ``eager`` and the
+    small entries.  :attr:`copied` is set once the copies are made (or failed)."""
 
     def __init__(self, inner, buffers: HostBuffers | None = None) -> None:
         self.inner, self.buffers = inner, buffers or HostBuffers()
         self.held: list[tuple[str, Any]] = []
-        self.pending: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []  # the copies still to make
+        self.storages: dict = {}  # this save's storages (over all its files) -> their host copies
+        self.later: list[tuple[dict, str]] = []  # (held state, key): a live module / optimizer state to walk
         self.copied = threading.Event()
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
     def save(self, state_dict, path: str) -> None:
+        mark = len(self.later)
         try:
-            held = snapshot(state_dict, self.buffers)
+            if isinstance(state_dict, dict):
+                held = copy.copy(state_dict)
+                for k, v in state_dict.items():
+                    if k in LATER_KEYS and isinstance(v, dict):
+                        self.later.append((held, k))  # walked by copy()
+                    else:
+                        held[k] = _snapshot(v, self.buffers, self.storages)
+            else:
+                held = snapshot(state_dict, self.buffers, self.storages)
         except Exception as e:  # an object in the state that refuses to be copied
             log.warning("checkpoint file %s written on the step path: its state could not be copied (%s)", path, e)
+            del self.later[mark:]  # this file's states are written live, below
             copy_all(self.buffers.pending)  # what was recorded before it: the file below reads the live state
             self.buffers.pending.clear()
             self.inner.save(state_dict, path)
@@ -217,45 +236,63 @@ class DeferredWrites:
         self.held.append((path, held))
 
     def copy(self) -> None:
-        """The copies the snapshot deferred (none when it copied at once)."""
+        """Walk the module and optimizer states set aside and make the host copies (those a
+        deferred snapshot recorded); a state that cannot be copied is written from the live state
+        here, while the optimizer's next update still waits."""
         try:
-            pending, self.pending = self.pending, []
+            later, self.later = self.later, []
+            failed = None
+            for held, key in later:
+                try:
+                    held[key] = _snapshot(held[key], self.buffers, self.storages)
+                except Exception as e:  # the live state is written below, before the update may run
+                    failed = e
+            pending = self.buffers.finish()
             if pending:
                 copy_all(pending)
+            if failed is not None:
+                log.warning("checkpoint written from the live state before the next update: a module or "
+                            "optimizer state could not be copied (%s)", failed)
+                self._write_held()
         finally:
             self.copied.set()
 
     def write(self) -> None:
         self.copy()
+        self._write_held()
+
+    def _write_held(self) -> None:
         while self.held:
             path, state = self.held.pop(0)
             self.inner.save(state, path)
 
     @classmethod
     def around(cls, engine, save: Callable[[], None], buffers: HostBuffers | None = None, defer: bool = False,
-               eager: frozenset = frozenset()) -> "DeferredWrites | None":
+               eager: list[torch.Tensor] | tuple = ()) -> "DeferredWrites | None":
         """Run ``save`` (the engine's ``save_checkpoint``) with the writes deferred (copies into
         ``buffers``); the holder, or None for an engine without a checkpoint engine (``save`` then
-        wrote its files itself).  ``defer``: the host copies too are left to :meth:`copy` (except
-        those of the storages in ``eager``), and the caller holds the next change of the state
-        until :attr:`copied`; else they are made before this returns."""
+        wrote its files itself).  ``eager``: tensors a forward may change (the module's buffers),
+        copied first and at once.  ``defer``: the module and optimizer states are walked and copied
+        by :meth:`copy` in the upload thread, and the caller holds the next change of the state
+        until :attr:`copied`; else everything is copied before this returns."""
         inner = getattr(engine, "checkpoint_engine", None)
         if inner is None:
             save()
             return None
         deferred = cls(inner, buffers)
-        deferred.buffers.start(defer, eager)
+        deferred.buffers.start(defer, frozenset(t.untyped_storage().data_ptr() for t in eager))
         engine.checkpoint_engine = deferred
         collecting = gc.isenabled()
         gc.disable()  # the snapshot makes thousands of small objects: no collection pass in the middle of it
         try:
+            for t in eager:
+                _snapshot(t, deferred.buffers, deferred.storages)
             save()
         finally:
             if collecting:
                 gc.enable()
             engine.checkpoint_engine = inner
-            deferred.pending = deferred.buffers.finish()
-        if not deferred.pending:  # not deferred, or nothing was (a first save's buffers are new copies)
+        if not defer:
             deferred.copy()
         return deferred
 

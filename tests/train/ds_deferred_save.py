@@ -7,6 +7,7 @@ parameters' data).
 Run by ``make_ds_checkpoints.py`` (one DeepSpeed start for both; it puts the repository on the path): ``main(OUT_DIR, RESULTS)`` writes
 one JSON line per (ZeRO stage, precision) into RESULTS."""
 import json
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ import torch
 from orchestrator.train import checkpoint, upload
 
 HELD_S = 0.5
+MADE: list[tuple[int, bool]] = []  # (copies, made in the upload thread) per copy_all
 
 
 def leaves(obj) -> list:
@@ -61,12 +63,14 @@ def run(out: Path, stage: int, bf16: bool) -> dict:
     step()
     at_save = {k: v.detach().float().clone() for k, v in m.state_dict().items()}
     optimizer_at_save = leaves(eng.optimizer.state_dict())
+    MADE.clear()
     saver.save(2, {"step": 2}, {})
-    deferred = bool(saver._copying is not None and saver._copying.pending)
+    copied_on_step = sum(n for n, upload_thread in MADE if not upload_thread)  # copy_all on this thread
     step()  # at once: its forward changes the buffer, its update the weights
     moved = any(not torch.equal(at_save[k], v.detach().float()) for k, v in m.state_dict().items() if k != "seen")
     saver.drain()
     saver.close()
+    deferred = copied_on_step == 0 and sum(n for n, upload_thread in MADE if upload_thread) > 0
     folder = Path(run_dir, "checkpoint_step_00000002", "ds")
     states = torch.load(next(folder.glob("*model_states.pt")), weights_only=False)
     optim = next(folder.glob("*optim_states.pt"), None)
@@ -87,6 +91,7 @@ def main(out: str, results: str) -> None:
     copy_all = upload.copy_all
 
     def held(pending):  # the upload thread's copies come late: the next step must wait for them
+        MADE.append((len(pending), threading.current_thread().name.startswith("checkpoint-upload")))
         time.sleep(HELD_S)
         copy_all(pending)
 
