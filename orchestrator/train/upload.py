@@ -1,11 +1,12 @@
 """A checkpoint's upload off the training step's critical path (``train.checkpoint_upload: async``).
 
-On the step path a save only takes the DeepSpeed state (:class:`DeferredWrites`: the engine's
-files are serialised later; :func:`snapshot`: the state's tensors pointed at host buffers) and
-writes the parts' small files; one background thread per worker then copies the state into those
-buffers (before the optimizer's next update, which waits for it: ``Checkpointer``; the module's
-buffers, which a forward may change, are copied on the step path), serialises it to a local
-folder, hashes every file and uploads the folder (:class:`BackgroundUpload`).  The thread is
+On the step path a save only runs DeepSpeed's save path, takes the small entries of its files and
+the module's buffers a forward may change (:class:`DeferredWrites`: the engine's files are
+serialised later) and writes the parts' small files; one background thread per worker then walks
+the module and optimizer states (:func:`snapshot`: their tensors pointed at host buffers), copies
+them into those buffers (before the optimizer's next update, which waits for it:
+``Checkpointer``), serialises the state to a local folder, hashes every file and uploads the
+folder (:class:`BackgroundUpload`).  The thread is
 rank-local: it makes no collective call, so it never runs one concurrently with the training
 step's on the same process group.  The agreement that
 every rank's upload is done, and the completion marker after it, are the caller's, on the main
@@ -194,7 +195,9 @@ class DeferredWrites:
     DeepSpeed asks it to write is copied in memory (:func:`snapshot`) and written by :meth:`write`
     later, from any thread, through the engine's own checkpoint engine (its serialisation
     settings).  Everything else is the real checkpoint engine's.  A state that cannot be copied is
-    written at once (a warning says so): the save is then as slow as a synchronous one, not wrong.
+    written from the live state (a warning says so): at once when it is a small entry, by the upload
+    thread before the optimizer's next update may run when it is in the module or optimizer state
+    (only a forward-changed buffer there may then be one forward newer).  Slower, not lost.
 
     The walk over a file's state goes in a fixed order on every save (the storages of ``eager``
     first, then each file's small entries, then its module and optimizer states, :data:`LATER_KEYS`),

@@ -206,14 +206,24 @@ def test_the_next_update_waits_for_the_saves_host_copies_made_in_the_upload_thre
         copy_all(pending)
 
     monkeypatch.setattr(upload, "copy_all", gated)
+    taken, take = [], upload.HostBuffers.copy
+
+    def recorded(self, src, on_cpu=True):  # which thread takes each storage of the state
+        taken.append((src.nbytes(), threading.current_thread() is threading.main_thread()))
+        return take(self, src, on_cpu)
+
+    monkeypatch.setattr(upload.HostBuffers, "copy", recorded)
     run_dir = world.run_dir + "-d"
     saver = checkpoint.Checkpointer(OptimizedEngine(), [], run_dir=run_dir, rank=0, world=1)
     module, opt = saver.engine.module, saver.engine.optimizer.optimizer
     try:
         saver.prepare()
         saver.uploads.buffers.ready.result()
+        taken.clear()
         saver.save(1, {"step": 1}, {})
         assert not saver._copying.copied.is_set() and made == []  # nothing copied on the step path but the queue
+        _until(lambda: len(taken) == 3)  # the module's state (w, ema) is walked in the upload thread
+        assert sorted(taken) == [(40, False), (40, True), (4000, False)], taken  # the queue at once, on the step
         module.queue += 1  # the next forward
         module.w.grad = torch.ones(1000)  # ... and backward
         stepping = threading.Thread(target=lambda: (opt.step(), module.ema.add_(1)))  # the update, then the EMA
@@ -233,6 +243,50 @@ def test_the_next_update_waits_for_the_saves_host_copies_made_in_the_upload_thre
         held.set()
         saver.close()
     assert not opt._optimizer_step_pre_hooks  # close takes its hook off the optimizer
+
+
+class NoCopy:
+    """An object in a state that refuses ``copy.deepcopy`` (and pickles)."""
+
+    def __deepcopy__(self, memo):
+        raise TypeError("this object cannot be copied")
+
+
+@pytest.mark.parametrize("where", ["small entries", "module state"])
+def test_a_state_that_cannot_be_copied_is_written_from_the_live_state_before_the_next_update(world, caplog, where):
+    """The save goes on without a copy: a small entry that refuses it makes the file written on the
+    step path; one in the module's state (walked in the upload thread) makes the upload thread write
+    the file from the live state while the optimizer's next update still waits.  Either way the
+    checkpoint holds the saved step's weights, and a warning says which."""
+    engine = OptimizedEngine()
+
+    def save_checkpoint(directory, tag, client_state):
+        engine.checkpoint_engine.makedirs(os.path.join(directory, tag), exist_ok=True)
+        state = {"module": engine.module.state_dict(), "optimizer": engine.optimizer.optimizer.state_dict(),
+                 **client_state}
+        (state if where == "small entries" else state["module"])["odd"] = NoCopy()
+        engine.checkpoint_engine.save(state, os.path.join(directory, tag, "model.pt"))
+
+    engine.save_checkpoint = save_checkpoint
+    run_dir = world.run_dir + "-e"
+    saver = checkpoint.Checkpointer(engine, [], run_dir=run_dir, rank=0, world=1)
+    module, opt = engine.module, engine.optimizer.optimizer
+    try:
+        saver.prepare()
+        saver.uploads.buffers.ready.result()
+        with caplog.at_level("WARNING"):
+            saver.save(1, {"step": 1}, {})
+            module.w.grad = torch.ones(1000)
+            opt.step()  # at once: it waits for the upload thread's copies (or its live write)
+            saver.drain()
+        assert float(module.w.detach().sum()) == -1000.0
+        saved = torch.load(Path(storage.local_path(run_dir), _name(1), "ds", "model.pt"), weights_only=False)
+        assert float(saved["module"]["w"].sum()) == 0.0 and saved["step"] == 1
+        assert ("written on the step path" if where == "small entries" else
+                "written from the live state before the next update") in caplog.text
+        assert manifest.latest_complete(run_dir)[0].endswith(_name(1))
+    finally:
+        saver.close()
 
 
 def test_a_real_deepspeed_engines_deferred_copies_keep_the_saved_steps_state(ds_checkpoints):
