@@ -312,7 +312,7 @@ class Checkpointer:
         try:
             deferred = DeferredWrites.around(self.engine, lambda: save(self.engine, d, client_state, self.rank),
                                              self.uploads.buffers, defer=optimizer is not None,
-                                             eager=self._forward_buffers() if optimizer else ())
+                                             eager=self._forward_buffers())
             for part, value in zip(self.parts, gathered):
                 part.save(d, value)
         except BaseException:
@@ -324,10 +324,14 @@ class Checkpointer:
             self._hold_update(optimizer, deferred)
 
     def _forward_buffers(self) -> list[torch.Tensor]:
-        """The module's buffers a forward may change (queues, running statistics), copied on the
-        step: every buffer but those the module says only a step of the loop changes
-        (``after_step_buffers()``: the momentum encoders' weights, whose EMA runs after the
-        optimizer step, which waits for the copies)."""
+        """The module's buffers a forward may change (queues, running statistics), copied first and
+        on the step when a save defers the rest: every buffer but those the module says only a
+        step of the loop changes (``after_step_buffers()``: the momentum encoders' weights, whose
+        EMA runs after the optimizer step, which waits for the copies).  None when nothing is
+        deferred (no held optimizer): the save then copies everything at once, in DeepSpeed's
+        order.  ``prepare`` and every save take them alike, so the buffers line up."""
+        if self._held_optimizer() is None:
+            return []
         module = self.engine.module
         later = {id(b) for b in getattr(module, "after_step_buffers", list)()}
         return [b for b in module.buffers() if id(b) not in later]
@@ -374,9 +378,9 @@ class Checkpointer:
             return 0.0
         t0 = time.perf_counter()
         sizer = Sizer()
-        eager = self._forward_buffers() if self._held_optimizer() else ()  # in the order a save takes them
         with tempfile.TemporaryDirectory() as d:
-            DeferredWrites.around(self.engine, lambda: save(self.engine, d, {}, self.rank), sizer, eager=eager)
+            DeferredWrites.around(self.engine, lambda: save(self.engine, d, {}, self.rank), sizer,
+                                  eager=self._forward_buffers())
         self.uploads.reserve(sizer.sizes)
         return time.perf_counter() - t0
 
